@@ -1,0 +1,48 @@
+# zcontrol: every target works on a fresh clone with Python 3.11 and the package registries.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test test-local lint run run-agent bench bench-core bench-bus bench-db bench-agent clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+# The whole suite, including the tests against the real RabbitMQ and PostgreSQL.
+test: $(STAMP)
+	$(BIN)/trial --jobs=2 tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check zcontrol agent tests bench twisted
+
+# A management node in the foreground on the embedded defaults (LocalBus, SQLite under ./var).
+run: $(STAMP)
+	mkdir -p var
+	$(BIN)/twistd --nodaemon --pidfile= zcontrol --data-dir var
+
+# A simulated-hypervisor agent in the foreground.
+run-agent: $(STAMP)
+	$(BIN)/twistd --nodaemon --pidfile= zagent
+
+bench: bench-core bench-bus bench-db bench-agent
+
+bench-core: $(STAMP)
+	$(BIN)/python -m bench.bench_core
+
+bench-bus: $(STAMP)
+	$(BIN)/python -m bench.bench_bus
+
+bench-db: $(STAMP)
+	$(BIN)/python -m bench.bench_db
+
+bench-agent: $(STAMP)
+	$(BIN)/python -m bench.bench_agent
+
+clean:
+	rm -rf $(VENV) _trial_temp* var build *.egg-info
