@@ -1,0 +1,334 @@
+# -*- test-case-name: tests.test_core_chain -*-
+"""
+Chain tasks: per-signature FIFO queues with a bounded number of running tasks, the Twisted
+form of ZStack's C{ThreadFacade.chainSubmit} / C{DispatchQueueImpl}.
+
+A task is a zero-argument callable returning a value, a L{Deferred} or a coroutine. Tasks
+submitted under the same I{signature} (e.g. C{"Vm-<uuid>"}) start in submission order and at
+most C{sync_level} of them run at once; tasks under different signatures are independent. The
+slot a task holds is released when its result fires, whether it succeeds, raises or fails, so
+the queue always moves on (ZStack's C{chain.next()} in C{finally}).
+
+Note [Chain queue bookkeeping]
+==============================
+Each live signature owns a L{_SignatureQueue} (pending deque, running count, level). When a
+signature has nothing pending and nothing running its entry is removed, so a long-lived node
+that sees millions of distinct signatures (one per VM operation) keeps no trace of them.
+
+Starting tasks is a loop guarded by a per-queue C{draining} flag: a task that completes
+synchronously releases its slot from inside the loop, which only sees the flag set and
+returns; the outer loop then starts the next task. So 100k tasks that complete synchronously
+run at constant stack depth (no recursion, no C{RecursionError}).
+
+Cancelled and timed-out pending tasks are marked dead and skipped lazily (O(1) cancel); the
+deque is compacted when dead entries dominate it, so a hung queue cannot accumulate them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Hashable
+
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from zcontrol._defer import maybe_deferred
+from zcontrol.core.errors import SYS, OperationError, error_code, register_codes
+
+__all__ = ["CHAIN_QUEUE_FULL", "ChainTaskQueue"]
+
+log = Logger()
+
+#: C{CHAIN.1000}: a task was refused because its signature already has C{max_pending} tasks
+#: waiting (ZStack's C{exceedMaxPendingCallback}).
+CHAIN_QUEUE_FULL = register_codes(
+    "CHAIN", {1000: "Too many tasks are waiting in a chain-task queue"}
+)[1000]
+
+_PENDING = 0
+_RUNNING = 1
+_FINISHED = 2
+_DEAD = 3  # cancelled or timed out while pending
+
+
+class _Task:
+    """
+    One submitted task and the Deferred its caller holds.
+    """
+
+    __slots__ = ("fn", "result", "state", "inner", "timer", "cancel_requested")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.result: Deferred = None  # type: ignore[assignment]
+        self.state = _PENDING
+        self.inner: Deferred | None = None
+        self.timer: IDelayedCall | None = None
+        self.cancel_requested = False
+
+
+class _SignatureQueue:
+    """
+    The bookkeeping of one live signature.
+    """
+
+    __slots__ = ("signature", "pending", "live_pending", "running", "level", "draining")
+
+    def __init__(self, signature: Hashable, level: int) -> None:
+        self.signature = signature
+        self.pending: deque[_Task] = deque()
+        self.live_pending = 0  # pending entries that are not dead
+        self.running = 0
+        self.level = level
+        self.draining = False
+
+
+class ChainTaskQueue:
+    """
+    Per-signature FIFO task queues with a concurrency level (ZStack's chain tasks).
+
+    @ivar _clock: the L{IReactorTime} used for pending timeouts, or None (no timeouts).
+    """
+
+    def __init__(self, clock: IReactorTime | None = None) -> None:
+        """
+        @param clock: needed only for the C{timeout} argument of L{run}.
+        """
+        self._clock = clock
+        self._queues: dict[Hashable, _SignatureQueue] = {}
+
+    # -- introspection -----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """
+        The number of live signatures (with a task pending or running).
+        """
+        return len(self._queues)
+
+    def pending(self, signature: Hashable) -> int:
+        """
+        How many tasks wait (not yet started) under C{signature}.
+        """
+        q = self._queues.get(signature)
+        return 0 if q is None else q.live_pending
+
+    def running(self, signature: Hashable) -> int:
+        """
+        How many tasks run under C{signature}.
+        """
+        q = self._queues.get(signature)
+        return 0 if q is None else q.running
+
+    def sync_level(self, signature: Hashable) -> int:
+        """
+        The current level of C{signature}'s queue, or 0 when it has no live queue.
+        """
+        q = self._queues.get(signature)
+        return 0 if q is None else q.level
+
+    # -- submission --------------------------------------------------------------------
+
+    def run(
+        self,
+        signature: Hashable,
+        fn: Callable[[], Any],
+        sync_level: int = 1,
+        max_pending: int | None = None,
+        timeout: float | None = None,
+    ) -> Deferred:
+        """
+        Queue C{fn} under C{signature}.
+
+        Tasks of one signature start in FIFO order, at most C{sync_level} at a time; a task
+        submitted with a higher level than the queue has raises the queue's level (as ZStack
+        does) for as long as the queue lives.
+
+        @param signature: any hashable; tasks sharing it are serialised.
+        @param fn: called with no arguments once the task may run; returns a value, a
+            Deferred or a coroutine.
+        @param sync_level: how many tasks of this signature may run at once (>= 1).
+        @param max_pending: when the task would have to wait and this many tasks already
+            wait, refuse it at once with C{CHAIN.1000} (L{CHAIN_QUEUE_FULL}).
+        @param timeout: seconds the task may wait before it starts; if still waiting then,
+            it is dropped with C{SYS.1001}. Requires a clock. The task's own run time is not
+            limited.
+
+        @return: a Deferred firing with the task's result, or failing with its failure.
+            Cancelling it before the task starts drops the task (it never runs) and fails
+            it with an L{OperationError} C{SYS.1017}; cancelling it while the task runs
+            forwards C{cancel()} to the task's own Deferred.
+
+        @raise ValueError: C{sync_level} < 1, C{max_pending} < 0, or a C{timeout} without
+            a clock (programming errors).
+        """
+        if sync_level < 1:
+            raise ValueError(f"sync_level must be >= 1, not {sync_level!r}")
+        if max_pending is not None and max_pending < 0:
+            raise ValueError(f"max_pending must be >= 0, not {max_pending!r}")
+        if timeout is not None and self._clock is None:
+            raise ValueError("a pending timeout needs a ChainTaskQueue built with a clock")
+
+        q = self._queues.get(signature)
+        if q is None:
+            q = self._queues[signature] = _SignatureQueue(signature, sync_level)
+        elif sync_level > q.level:
+            log.info(
+                "chain queue {signature!r}: sync level raised from {old} to {new}",
+                signature=signature,
+                old=q.level,
+                new=sync_level,
+            )
+            q.level = sync_level
+
+        if (
+            max_pending is not None
+            and q.running >= q.level
+            and q.live_pending >= max_pending
+        ):
+            return fail(
+                OperationError(
+                    error_code(
+                        CHAIN_QUEUE_FULL,
+                        f"chain queue {signature!r} already has {q.live_pending} pending "
+                        f"task(s), the limit is {max_pending}",
+                        max_pending=max_pending,
+                        pending=q.live_pending,
+                        signature=str(signature),
+                    )
+                )
+            )
+
+        task = _Task(fn)
+        task.result = Deferred(lambda _d: self._cancel(q, task))
+        q.pending.append(task)
+        q.live_pending += 1
+        if timeout is not None:
+            task.timer = self._clock.callLater(  # type: ignore[union-attr]
+                timeout, self._expire, q, task, timeout
+            )
+        self._drain(q)
+        return task.result
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _drain(self, q: _SignatureQueue) -> None:
+        """
+        Start pending tasks while slots are free, then drop the queue if it is empty.
+        """
+        if q.draining:
+            return  # the loop further up the stack will see the change
+        q.draining = True
+        try:
+            pending = q.pending
+            while pending and q.running < q.level:
+                task = pending.popleft()
+                if task.state == _DEAD:
+                    continue
+                q.live_pending -= 1
+                self._start(q, task)
+        finally:
+            q.draining = False
+        if q.running == 0 and not q.pending and self._queues.get(q.signature) is q:
+            del self._queues[q.signature]
+
+    def _start(self, q: _SignatureQueue, task: _Task) -> None:
+        if task.timer is not None:
+            if task.timer.active():
+                task.timer.cancel()
+            task.timer = None
+        task.state = _RUNNING
+        q.running += 1
+        inner = maybe_deferred(task.fn)
+        task.fn = None  # type: ignore[assignment]
+        if task.state == _RUNNING:  # not finished synchronously by a re-entrant cancel
+            task.inner = inner
+        inner.addBoth(self._finished, q, task)
+
+    def _finished(self, result: Any, q: _SignatureQueue, task: _Task) -> None:
+        task.state = _FINISHED
+        task.inner = None
+        q.running -= 1
+        d = task.result
+        if not d.called:
+            if isinstance(result, Failure):
+                if task.cancel_requested and result.check(CancelledError):
+                    result = Failure(
+                        OperationError.of(
+                            SYS.CANCEL, f"chain task of {q.signature!r} cancelled while running"
+                        )
+                    )
+                d.errback(result)
+            else:
+                d.callback(result)
+        elif isinstance(result, Failure) and not result.check(CancelledError):
+            # The caller gave up (cancel) before the task ended: keep the error visible.
+            log.failure(
+                "chain task of {signature!r} failed after its caller cancelled it",
+                failure=result,
+                signature=q.signature,
+            )
+        self._drain(q)
+        return None
+
+    def _cancel(self, q: _SignatureQueue, task: _Task) -> None:
+        """
+        Canceller of the caller's Deferred.
+        """
+        if task.state == _PENDING:
+            self._drop(q, task)
+            task.result.errback(
+                OperationError.of(
+                    SYS.CANCEL,
+                    f"chain task of {q.signature!r} cancelled before it started",
+                )
+            )
+        elif task.state == _RUNNING:
+            task.cancel_requested = True
+            if task.inner is not None:
+                task.inner.cancel()
+            if not task.result.called:
+                # The task's Deferred ignored the cancel: the caller is answered now, the
+                # slot stays held until the task really ends.
+                task.result.errback(
+                    OperationError.of(
+                        SYS.CANCEL,
+                        f"chain task of {q.signature!r} cancelled while running; its slot is "
+                        "held until it ends",
+                    )
+                )
+
+    def _expire(self, q: _SignatureQueue, task: _Task, timeout: float) -> None:
+        task.timer = None
+        if task.state != _PENDING:
+            return
+        self._drop(q, task)
+        task.result.errback(
+            OperationError.of(
+                SYS.TIMEOUT,
+                f"chain task of {q.signature!r} waited more than {timeout}s to start",
+                timeout=timeout,
+            )
+        )
+
+    def _drop(self, q: _SignatureQueue, task: _Task) -> None:
+        """
+        Mark a pending task dead; compact the deque when dead entries dominate it.
+        """
+        task.state = _DEAD
+        task.fn = None  # type: ignore[assignment]
+        if task.timer is not None:
+            if task.timer.active():
+                task.timer.cancel()
+            task.timer = None
+        q.live_pending -= 1
+        dead = len(q.pending) - q.live_pending
+        if dead > 64 and dead > q.live_pending:
+            if not q.draining:
+                q.pending = deque(t for t in q.pending if t.state != _DEAD)
+        if q.running == 0 and q.live_pending == 0 and not q.draining:
+            # Cannot normally happen (a waiting task implies busy slots), but never leak.
+            q.pending.clear()
+            if self._queues.get(q.signature) is q:
+                del self._queues[q.signature]
