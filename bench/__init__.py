@@ -1,0 +1,1 @@
+"""zcontrol benchmarks: each module prints one JSON object as its last line."""
