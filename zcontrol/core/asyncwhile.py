@@ -200,7 +200,8 @@ def retry(
     Call C{fn()} until it succeeds, at most C{times} times (ZStack's C{makeRetryWhile}).
 
     @param delay: seconds between attempts, or C{delay(attempt)} for attempt 1, 2, ... (e.g.
-        exponential backoff). A positive delay needs C{clock}.
+        exponential backoff). A positive or callable delay needs C{clock}; with no delay
+        the attempts follow each other at once (in a loop, not recursively).
     @param retry_on: C{retry_on(error_code)} says whether an error is worth another attempt;
         when it says no, the call fails at once with that error unchanged. Default: retry
         every error.
@@ -208,7 +209,7 @@ def retry(
         L{OperationError} C{SYS.1006} "gave up after N attempts" whose cause is the last
         attempt's ErrorCode (C{opaque["attempts"]} = N). Cancelling it cancels the attempt
         in flight or the pending delay, and fails it with C{SYS.1017}.
-    @raise ValueError: C{times} < 1, or a positive delay without a clock.
+    @raise ValueError: C{times} < 1, or a positive or callable delay without a clock.
     """
     if times < 1:
         raise ValueError(f"times must be >= 1, not {times!r}")
