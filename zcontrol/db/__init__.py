@@ -1,0 +1,53 @@
+# -*- test-case-name: tests.test_db_contract -*-
+"""
+Persistence: one L{IStore} interface, two backends (embedded SQLite, PostgreSQL), the
+resource catalogue and the API query language.
+
+Open a store with L{open_store}, then C{start()} it (connect, migrate) and C{stop()} it
+(drain, close) from the node's service::
+
+    store = open_store("sqlite:///var/zcontrol.db", reactor)
+    store = open_store("postgresql://postgres@127.0.0.1:5432/zcontrol", reactor, pool_size=4)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from zcontrol.db._store import QueryResult
+from zcontrol.db.interfaces import DB, IStore
+from zcontrol.db.query import RESOURCES, Condition, Query
+
+__all__ = ["DB", "RESOURCES", "Condition", "IStore", "Query", "QueryResult", "open_store"]
+
+
+def open_store(url: str, reactor: Any, **options: Any) -> IStore:
+    """
+    Build (not start) the store for C{url}.
+
+    @param url: C{sqlite:///abs/path.db}, C{sqlite://:memory:} (one connection) or
+        C{postgresql://user@host:port/dbname} (C{postgres://} too; any libpq URI).
+    @param reactor: the reactor (injected, never the global one).
+    @param options: C{pool_size} (threads and connections, 1..16; default 2 for SQLite, 4
+        for PostgreSQL); C{busy_timeout_ms} for SQLite; C{connect_timeout} for PostgreSQL.
+    @raise ValueError: an unknown scheme or a relative SQLite path.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        rest = url[len("sqlite://"):]
+        if rest in (":memory:", "/:memory:"):
+            from zcontrol.db.sqlite import SQLiteStore
+
+            options.setdefault("pool_size", 1)
+            return SQLiteStore(":memory:", reactor, **options)
+        if not rest.startswith("/"):
+            raise ValueError(f"an SQLite URL needs an absolute path (sqlite:///abs/path.db): {url!r}")
+        from zcontrol.db.sqlite import SQLiteStore
+
+        return SQLiteStore(rest, reactor, **options)
+    if scheme in ("postgresql", "postgres"):
+        from zcontrol.db.postgres import PostgresStore
+
+        return PostgresStore(url, reactor, **options)
+    raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}")

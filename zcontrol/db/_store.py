@@ -1,0 +1,950 @@
+# -*- test-case-name: tests.test_db_contract -*-
+"""
+The store shared by both backends: an L{adbapi.ConnectionPool} with a few threads, and the
+C{*_thd} functions that run in those threads.
+
+Note [threads]: every psycopg2/sqlite3 call happens in a C{*_thd} function, on a pool thread,
+through a L{Db} wrapper; cursors are opened and closed inside one L{Db.execute} and never
+leave the thread. The reactor side only builds arguments and maps failures. The C{*_thd}
+functions are plain synchronous functions of a L{Db}: the property tests call them directly
+from several threads, each with its own connection, to race them for real.
+
+Note [autocommit]: connections run in autocommit mode, so that a single-statement operation
+(a reservation, a compare-and-swap, an insert) is one round trip rather than three
+(BEGIN, statement, COMMIT). The few multi-statement operations open an explicit transaction
+with L{Db.transaction} (C{BEGIN IMMEDIATE} on SQLite, so that writers queue on the busy
+timeout instead of failing to upgrade a read lock).
+
+Note [reconnect]: adbapi's own C{cp_reconnect} only notices a dead connection when an
+operation fails on it, and logs the failed rollback as an error. Here a pooled connection
+is checked before each operation (a closed socket, or data waiting on an idle connection,
+which is how PostgreSQL announces C{pg_terminate_backend} and shutdowns); a dead one is
+replaced at once, so a later operation succeeds. An operation that was in flight when the
+connection died fails with C{SYS.1016} and its connection is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import json
+import re
+from typing import Any, Callable, Iterator, Sequence
+
+import attrs
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from zcontrol._defer import DeferWaiter, async_to_deferred
+from zcontrol.core.errors import SYS, ErrorCode, OperationError, error_code
+from zcontrol.db.interfaces import DB, IStore
+from zcontrol.db.query import (
+    CompiledQuery,
+    Query,
+    Resource,
+    compile_query,
+    ip_to_long,
+    resource,
+)
+
+__all__ = ["AdbapiStore", "Db", "Dialect", "QueryResult", "load_migrations"]
+
+log = Logger()
+
+
+@attrs.frozen
+class QueryResult:
+    """
+    The answer to a query.
+
+    @ivar inventories: the rows (API dicts), empty for a count-only query.
+    @ivar total: the number of matching rows when a count was asked, else None.
+    """
+
+    inventories: list[dict[str, Any]]
+    total: int | None = None
+
+
+class Dialect:
+    """
+    What differs between the backends. Subclassed in L{zcontrol.db.sqlite} and
+    L{zcontrol.db.postgres}.
+    """
+
+    name: str = "?"
+    dbapi_name: str = "?"
+
+    def connect_args(self) -> tuple[tuple, dict]:
+        """
+        Positional and keyword arguments of the DB-API C{connect}.
+        """
+        raise NotImplementedError
+
+    def openfun(self, raw: Any) -> None:
+        """
+        Prepare a fresh connection (autocommit, PRAGMAs). Runs in the pool thread.
+        """
+
+    def open_raw(self) -> Any:
+        """
+        A new prepared connection, outside any pool (for migrations tools and tests).
+        """
+        import importlib
+
+        args, kw = self.connect_args()
+        raw = importlib.import_module(self.dbapi_name).connect(*args, **kw)
+        self.openfun(raw)
+        return raw
+
+    def prepare(self, sql: str) -> str:
+        return sql
+
+    def begin_sql(self, write: bool) -> str:
+        return "BEGIN"
+
+    def lock_migrations(self, db: Db) -> None:
+        """
+        Serialise concurrent migrations (inside the migration transaction).
+        """
+
+    def alive(self, raw: Any) -> bool:
+        """
+        Whether an idle pooled connection is still usable (cheap, never blocks).
+        """
+        return True
+
+    def broken(self, raw: Any, exc: BaseException) -> bool:
+        """
+        Whether C{exc}, raised while using C{raw}, left the connection unusable.
+        """
+        return False
+
+    def map_error(self, exc: BaseException) -> ErrorCode | None:
+        """
+        The ErrorCode for a driver exception, or None when it is not one.
+        """
+        return None
+
+
+class Db:
+    """
+    A connection seen from a C{*_thd} function: runs statements with C{?} placeholders and
+    returns plain tuples. Lives in one thread.
+    """
+
+    def __init__(self, raw: Any, dialect: Dialect):
+        self.raw = raw
+        self.dialect = dialect
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> tuple[int, list[tuple] | None]:
+        """
+        Run one statement: (rowcount, rows or None when it returns no rows).
+        """
+        cur = self.raw.cursor()
+        try:
+            cur.execute(self.dialect.prepare(sql), tuple(params))
+            rows = cur.fetchall() if cur.description is not None else None
+            return cur.rowcount, rows
+        finally:
+            cur.close()
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        return self.execute(sql, params)[1] or []
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
+        rows = self.all(sql, params)
+        return rows[0] if rows else None
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self.execute(sql, params)[0]
+
+    @contextlib.contextmanager
+    def transaction(self, write: bool = True) -> Iterator[Db]:
+        """
+        An explicit transaction: committed when the block ends, rolled back when it raises.
+        """
+        self.run(self.dialect.begin_sql(write))
+        try:
+            yield self
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.run("ROLLBACK")
+            raise
+        self.run("COMMIT")
+
+
+# Migrations ------------------------------------------------------------------------------------
+
+_MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+?)(?:\.(sqlite|postgresql))?\.sql$")
+
+
+@attrs.frozen
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+def split_sql(text: str) -> tuple[str, ...]:
+    """
+    Split a migration file into statements: comment lines dropped, split on C{;} at the end
+    of a line.
+    """
+    lines = [ln for ln in text.splitlines() if not ln.strip().startswith("--")]
+    body = "\n".join(lines)
+    return tuple(s.strip() for s in re.split(r";\s*$", body, flags=re.M) if s.strip())
+
+
+def load_migrations(backend: str, directory: Any = None) -> list[Migration]:
+    """
+    The migrations for C{backend}, in version order. C{NNNN_name.sql} applies to both;
+    C{NNNN_name.sqlite.sql} / C{NNNN_name.postgresql.sql} to one backend only (and replace
+    the common file of that version).
+    """
+    if directory is None:
+        directory = importlib.resources.files("zcontrol.db") / "migrations"
+    found: dict[int, tuple[bool, Migration]] = {}
+    for entry in directory.iterdir():
+        m = _MIGRATION_RE.match(entry.name)
+        if m is None:
+            continue
+        version, name, only = int(m.group(1)), m.group(2), m.group(3)
+        if only is not None and only != backend:
+            continue
+        mig = Migration(version, name, split_sql(entry.read_text(encoding="utf-8")))
+        specific = only is not None
+        if version in found and found[version][0] and not specific:
+            continue
+        if version in found and found[version][0] == specific:
+            raise ValueError(f"two migrations with version {version}")
+        found[version] = (specific, mig)
+    return [found[v][1] for v in sorted(found)]
+
+
+_VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_versions ("
+    " version INTEGER PRIMARY KEY,"
+    " name VARCHAR(255) NOT NULL,"
+    " applied_at DOUBLE PRECISION NOT NULL)"
+)
+
+
+def migrate_thd(db: Db, migrations: Sequence[Migration], now: float) -> int:
+    """
+    Apply the pending migrations in one transaction and record them in C{schema_versions}.
+
+    @return: the schema version.
+    @raise OperationError: C{DB.1006} when the database is at a newer version than known.
+    """
+    known = max((m.version for m in migrations), default=0)
+    with db.transaction(write=True):
+        db.dialect.lock_migrations(db)
+        db.run(_VERSION_TABLE)
+        current = db.one("SELECT MAX(version) FROM schema_versions")[0] or 0
+        if current > known:
+            raise OperationError.of(
+                DB.SCHEMA_TOO_NEW,
+                f"the database schema is at version {current} but this zcontrol only knows "
+                f"versions up to {known}: upgrade zcontrol (or point it at another database); "
+                "refusing to start",
+                database_version=current,
+                known_version=known,
+            )
+        for m in migrations:
+            if m.version <= current:
+                continue
+            log.info("applying schema migration {version} {name}", version=m.version, name=m.name)
+            for stmt in m.statements:
+                db.run(stmt)
+            db.run(
+                "INSERT INTO schema_versions (version, name, applied_at) VALUES (?, ?, ?)",
+                (m.version, m.name, now),
+            )
+            current = m.version
+    return current
+
+
+# Thread-side operations ------------------------------------------------------------------------
+
+
+def _cols(res: Resource) -> str:
+    return ", ".join(f.column for f in res.fields.values())
+
+
+def _row(res: Resource, row: Sequence[Any]) -> dict[str, Any]:
+    return res.from_row(tuple(res.fields), row)
+
+
+def _not_found(res: Resource, uuid: Any) -> OperationError:
+    return OperationError.of(
+        SYS.RESOURCE_NOT_FOUND, f"no {res.name} with uuid {uuid!r}", resource=res.name, uuid=uuid
+    )
+
+
+def _amount(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OperationError.of(
+            SYS.INVALID_ARGUMENT_ERROR, f"{name} must be a non-negative integer, not {value!r}"
+        )
+    return value
+
+
+def insert_thd(db: Db, resource_name: str, values: dict, now: float) -> dict:
+    """
+    Insert a row; see L{IStore.insert}.
+    """
+    res = resource(resource_name)
+    values = dict(values)
+    if not values.get("uuid"):
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, f"a new {res.name} needs a uuid")
+    if res.has_dates:
+        values.setdefault("createDate", now)
+        values.setdefault("lastOpDate", now)
+    if res.name == "ipRange":
+        # The integer forms the allocator works on, derived from the dotted addresses.
+        for text, number in (("startIp", "startIpInLong"), ("endIp", "endIpInLong")):
+            if values.get(text) is not None:
+                values.setdefault(number, ip_to_long(values[text]))
+    row = res.to_row(values)
+    sql = (
+        f"INSERT INTO {res.table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})"
+        f" RETURNING {_cols(res)}"
+    )
+    return _row(res, db.all(sql, tuple(row.values()))[0])
+
+
+def get_thd(db: Db, resource_name: str, uuid: str) -> dict | None:
+    """
+    One row by uuid, or None.
+    """
+    res = resource(resource_name)
+    r = db.one(f"SELECT {_cols(res)} FROM {res.table} WHERE uuid = ?", (uuid,))
+    return None if r is None else _row(res, r)
+
+
+def update_thd(
+    db: Db, resource_name: str, uuid: str, changes: dict, expected: dict | None, now: float
+) -> dict:
+    """
+    A (conditional) single-statement update; see L{IStore.update}.
+    """
+    res = resource(resource_name)
+    changes = dict(changes)
+    if "uuid" in changes:
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, "the uuid of a row cannot change")
+    if res.has_dates:
+        changes.setdefault("lastOpDate", now)
+    if not changes:
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, "nothing to update")
+    sets = res.to_row(changes)
+    where = ["uuid = ?"]
+    params: list[Any] = list(sets.values()) + [uuid]
+    for name, want in (expected or {}).items():
+        f = res.field(name)
+        if isinstance(want, (list, tuple, set, frozenset)):
+            want = list(want)
+            if not want:
+                raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, f"no expected {name}")
+            where.append(f"{f.column} IN ({', '.join('?' for _ in want)})")
+            params.extend(f.to_db(w) for w in want)
+        elif want is None:
+            where.append(f"{f.column} IS NULL")
+        else:
+            where.append(f"{f.column} = ?")
+            params.append(f.to_db(want))
+    sql = (
+        f"UPDATE {res.table} SET {', '.join(f'{c} = ?' for c in sets)}"
+        f" WHERE {' AND '.join(where)} RETURNING {_cols(res)}"
+    )
+    rows = db.all(sql, params)
+    if rows:
+        return _row(res, rows[0])
+    current = get_thd(db, resource_name, uuid)
+    if current is None:
+        raise _not_found(res, uuid)
+    actual = {name: current[name] for name in (expected or {})}
+    expected_desc = ", ".join(
+        f"{k} {'/'.join(map(str, v)) if isinstance(v, (list, tuple, set, frozenset)) else v}"
+        for k, v in (expected or {}).items()
+    )
+    actual_desc = ", ".join(f"{k} {v}" for k, v in actual.items())
+    raise OperationError.of(
+        SYS.CHANGE_RESOURCE_STATE_ERROR,
+        f"{res.name} {uuid}: expected {expected_desc} but it is {actual_desc}",
+        resource=res.name,
+        uuid=uuid,
+        expected={
+            k: (sorted(v) if isinstance(v, (set, frozenset)) else list(v))
+            if isinstance(v, (list, tuple, set, frozenset))
+            else v
+            for k, v in (expected or {}).items()
+        },
+        actual=actual,
+    )
+
+
+def delete_thd(db: Db, resource_name: str, uuid: str) -> bool:
+    """
+    Delete one row by uuid: whether there was one.
+    """
+    res = resource(resource_name)
+    return db.run(f"DELETE FROM {res.table} WHERE uuid = ?", (uuid,)) > 0
+
+
+def query_thd(db: Db, resource_name: str, query: Query) -> QueryResult:
+    """
+    Run an API query; see L{zcontrol.db.query}.
+    """
+    cq: CompiledQuery = compile_query(resource_name, query)
+    if cq.select is not None and cq.count is not None:
+        with db.transaction(write=False):
+            rows = db.all(cq.select, cq.select_params)
+            total = db.one(cq.count, cq.count_params)[0]
+    elif cq.select is not None:
+        rows, total = db.all(cq.select, cq.select_params), None
+    else:
+        rows, total = [], db.one(cq.count, cq.count_params)[0]
+    return QueryResult(
+        inventories=[cq.resource.from_row(cq.names, r) for r in rows],
+        total=None if total is None else int(total),
+    )
+
+
+_HOST = resource("host")
+_PS = resource("primaryStorage")
+_USED_IP = resource("usedIp")
+
+
+def reserve_host_capacity_thd(db: Db, host_uuid: str, cpu: int, memory: int, now: float) -> dict:
+    """
+    Take cpu and memory from a host in one conditional UPDATE.
+    """
+    cpu, memory = _amount("cpu", cpu), _amount("memory", memory)
+    rows = db.all(
+        "UPDATE hosts SET available_cpu_capacity = available_cpu_capacity - ?,"
+        " available_memory_capacity = available_memory_capacity - ?, last_op_date = ?"
+        " WHERE uuid = ? AND available_cpu_capacity >= ? AND available_memory_capacity >= ?"
+        f" RETURNING {_cols(_HOST)}",
+        (cpu, memory, now, host_uuid, cpu, memory),
+    )
+    if rows:
+        return _row(_HOST, rows[0])
+    r = db.one(
+        "SELECT available_cpu_capacity, available_memory_capacity FROM hosts WHERE uuid = ?",
+        (host_uuid,),
+    )
+    if r is None:
+        raise _not_found(_HOST, host_uuid)
+    raise OperationError.of(
+        DB.HOST_CAPACITY,
+        f"host {host_uuid} has {r[0]} CPU and {r[1]} memory available;"
+        f" {cpu} CPU and {memory} memory were asked",
+        host_uuid=host_uuid,
+        availableCpu=int(r[0]),
+        availableMemory=int(r[1]),
+        cpu=cpu,
+        memory=memory,
+    )
+
+
+def release_host_capacity_thd(db: Db, host_uuid: str, cpu: int, memory: int, now: float) -> dict:
+    """
+    Give cpu and memory back to a host in one conditional UPDATE (never above the total).
+    """
+    cpu, memory = _amount("cpu", cpu), _amount("memory", memory)
+    rows = db.all(
+        "UPDATE hosts SET available_cpu_capacity = available_cpu_capacity + ?,"
+        " available_memory_capacity = available_memory_capacity + ?, last_op_date = ?"
+        " WHERE uuid = ? AND available_cpu_capacity + ? <= total_cpu_capacity"
+        " AND available_memory_capacity + ? <= total_memory_capacity"
+        f" RETURNING {_cols(_HOST)}",
+        (cpu, memory, now, host_uuid, cpu, memory),
+    )
+    if rows:
+        return _row(_HOST, rows[0])
+    if get_thd(db, "host", host_uuid) is None:
+        raise _not_found(_HOST, host_uuid)
+    raise OperationError.of(
+        DB.CONSTRAINT,
+        f"releasing {cpu} CPU and {memory} memory would raise host {host_uuid} above its total",
+        host_uuid=host_uuid,
+        cpu=cpu,
+        memory=memory,
+    )
+
+
+def set_host_capacity_thd(
+    db: Db, host_uuid: str, total_cpu: int, total_memory: int, cpu_num: int | None, now: float
+) -> dict:
+    """
+    New totals keeping what is reserved, in one UPDATE (the CHECK constraints refuse totals
+    below the reservations).
+    """
+    total_cpu, total_memory = _amount("total_cpu", total_cpu), _amount("total_memory", total_memory)
+    extra, params = "", [total_cpu, total_cpu, total_memory, total_memory, now]
+    if cpu_num is not None:
+        extra = ", cpu_num = ?"
+        params.append(_amount("cpu_num", cpu_num))
+    rows = db.all(
+        "UPDATE hosts SET"
+        " available_cpu_capacity = ? - (total_cpu_capacity - available_cpu_capacity),"
+        " total_cpu_capacity = ?,"
+        " available_memory_capacity = ? - (total_memory_capacity - available_memory_capacity),"
+        f" total_memory_capacity = ?, last_op_date = ?{extra}"
+        f" WHERE uuid = ? RETURNING {_cols(_HOST)}",
+        params + [host_uuid],
+    )
+    if not rows:
+        raise _not_found(_HOST, host_uuid)
+    return _row(_HOST, rows[0])
+
+
+def reserve_primary_storage_thd(db: Db, ps_uuid: str, size: int, now: float) -> dict:
+    """
+    Take bytes from a primary storage in one conditional UPDATE.
+    """
+    size = _amount("size", size)
+    rows = db.all(
+        "UPDATE primary_storages SET available_capacity = available_capacity - ?,"
+        " last_op_date = ? WHERE uuid = ? AND available_capacity >= ?"
+        f" RETURNING {_cols(_PS)}",
+        (size, now, ps_uuid, size),
+    )
+    if rows:
+        return _row(_PS, rows[0])
+    r = db.one("SELECT available_capacity FROM primary_storages WHERE uuid = ?", (ps_uuid,))
+    if r is None:
+        raise _not_found(_PS, ps_uuid)
+    raise OperationError.of(
+        DB.STORAGE_CAPACITY,
+        f"primary storage {ps_uuid} has {r[0]} bytes available; {size} were asked",
+        primary_storage_uuid=ps_uuid,
+        availableCapacity=int(r[0]),
+        size=size,
+    )
+
+
+def release_primary_storage_thd(db: Db, ps_uuid: str, size: int, now: float) -> dict:
+    """
+    Give bytes back to a primary storage (never above the total).
+    """
+    size = _amount("size", size)
+    rows = db.all(
+        "UPDATE primary_storages SET available_capacity = available_capacity + ?,"
+        " last_op_date = ? WHERE uuid = ? AND available_capacity + ? <= total_capacity"
+        f" RETURNING {_cols(_PS)}",
+        (size, now, ps_uuid, size),
+    )
+    if rows:
+        return _row(_PS, rows[0])
+    if get_thd(db, "primaryStorage", ps_uuid) is None:
+        raise _not_found(_PS, ps_uuid)
+    raise OperationError.of(
+        DB.CONSTRAINT,
+        f"releasing {size} bytes would raise primary storage {ps_uuid} above its total",
+        primary_storage_uuid=ps_uuid,
+        size=size,
+    )
+
+
+# The lowest free addresses of an L3: the start of each range when it is free, and the
+# address after each used one when it is free and inside a range. Index lookups only
+# (used_ips has a unique index on (l3_network_uuid, ip_in_long)).
+_FREE_IPS = (
+    "SELECT r.uuid, r.start_ip_in_long AS cand, r.netmask, r.gateway FROM ip_ranges r"
+    " WHERE r.l3_network_uuid = ? AND NOT EXISTS (SELECT 1 FROM used_ips u"
+    "  WHERE u.l3_network_uuid = r.l3_network_uuid AND u.ip_in_long = r.start_ip_in_long)"
+    " UNION ALL"
+    " SELECT r.uuid, u.ip_in_long + 1 AS cand, r.netmask, r.gateway"
+    " FROM used_ips u JOIN ip_ranges r ON r.l3_network_uuid = u.l3_network_uuid"
+    "  AND u.ip_in_long + 1 >= r.start_ip_in_long AND u.ip_in_long + 1 <= r.end_ip_in_long"
+    " WHERE u.l3_network_uuid = ? AND NOT EXISTS (SELECT 1 FROM used_ips u2"
+    "  WHERE u2.l3_network_uuid = u.l3_network_uuid AND u2.ip_in_long = u.ip_in_long + 1)"
+    " ORDER BY cand LIMIT 8"
+)
+
+_INSERT_IP = (
+    "INSERT INTO used_ips (uuid, ip_range_uuid, l3_network_uuid, ip, ip_in_long, netmask,"
+    " gateway, create_date, last_op_date) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (l3_network_uuid, ip_in_long) DO NOTHING"
+    f" RETURNING {_cols(_USED_IP)}"
+)
+
+_IP_ATTEMPTS = 200
+
+
+def _long_to_ip(n: int) -> str:
+    import ipaddress
+
+    return str(ipaddress.IPv4Address(int(n)))
+
+
+def allocate_ip_thd(
+    db: Db, l3_uuid: str, ip: str | None, uuid: str | None, now: float
+) -> dict:
+    """
+    Take a free address of an L3 network: each attempt is one C{INSERT ... ON CONFLICT DO
+    NOTHING} on the (L3, address) unique key, so concurrent callers never share an address;
+    a caller that loses a race tries the next candidate.
+    """
+    import uuid as uuidlib
+
+    uuid = uuid or uuidlib.uuid4().hex
+    if ip is not None:
+        n = ip_to_long(ip)
+        rng = db.one(
+            "SELECT uuid, netmask, gateway FROM ip_ranges WHERE l3_network_uuid = ?"
+            " AND start_ip_in_long <= ? AND end_ip_in_long >= ? ORDER BY uuid LIMIT 1",
+            (l3_uuid, n, n),
+        )
+        if rng is None:
+            raise OperationError.of(
+                SYS.INVALID_ARGUMENT_ERROR,
+                f"{ip} is in no IP range of L3 network {l3_uuid}",
+                l3_network_uuid=l3_uuid,
+                ip=ip,
+            )
+        rows = db.all(_INSERT_IP, (uuid, rng[0], l3_uuid, _long_to_ip(n), n, rng[1], rng[2],
+                                   now, now))
+        if not rows:
+            raise OperationError.of(
+                DB.DUPLICATE, f"{ip} is already allocated in L3 network {l3_uuid}",
+                l3_network_uuid=l3_uuid, ip=ip,
+            )
+        return _row(_USED_IP, rows[0])
+    attempts = 0
+    while attempts < _IP_ATTEMPTS:
+        candidates = db.all(_FREE_IPS, (l3_uuid, l3_uuid))
+        if not candidates:
+            if db.one("SELECT uuid FROM l3_networks WHERE uuid = ?", (l3_uuid,)) is None:
+                raise _not_found(resource("l3Network"), l3_uuid)
+            raise OperationError.of(
+                DB.NO_FREE_IP, f"no free IP left in L3 network {l3_uuid}", l3_network_uuid=l3_uuid
+            )
+        for range_uuid, n, netmask, gateway in candidates:
+            attempts += 1
+            rows = db.all(_INSERT_IP, (uuid, range_uuid, l3_uuid, _long_to_ip(n), int(n),
+                                       netmask, gateway, now, now))
+            if rows:
+                return _row(_USED_IP, rows[0])
+    raise OperationError.of(
+        DB.NO_FREE_IP,
+        f"gave up allocating an IP in L3 network {l3_uuid} after {attempts} lost races",
+        l3_network_uuid=l3_uuid,
+    )
+
+
+def free_ip_thd(db: Db, used_ip_uuid: str) -> None:
+    """
+    Give an address back (one DELETE).
+    """
+    if db.run("DELETE FROM used_ips WHERE uuid = ?", (used_ip_uuid,)) == 0:
+        raise _not_found(_USED_IP, used_ip_uuid)
+
+
+def change_vm_state_thd(
+    db: Db, vm_uuid: str, expected: Any, new: str, changes: dict | None, now: float
+) -> dict:
+    """
+    The VM state compare-and-swap: one C{UPDATE ... WHERE uuid = ? AND state IN (...)}.
+    """
+    values = dict(changes or {})
+    values["state"] = new
+    return update_thd(db, "vmInstance", vm_uuid, values, {"state": expected}, now)
+
+
+def running_jobs_thd(db: Db, node_uuid: str) -> list[dict]:
+    res = resource("job")
+    return [
+        _row(res, r)
+        for r in db.all(
+            f"SELECT {_cols(res)} FROM jobs WHERE management_node_uuid = ? AND state = ?"
+            " ORDER BY create_date, uuid",
+            (node_uuid, "Running"),
+        )
+    ]
+
+
+def heartbeat_thd(
+    db: Db, uuid: str, hostname: str, port: int | None, state: str, now: float
+) -> dict:
+    """
+    Insert or refresh a management node row in one upsert.
+    """
+    res = resource("managementNode")
+    row = res.to_row({"uuid": uuid, "hostname": hostname, "port": port, "state": state})
+    rows = db.all(
+        "INSERT INTO management_nodes (uuid, hostname, port, state, heartbeat, join_date)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (uuid) DO UPDATE SET"
+        " hostname = excluded.hostname, port = excluded.port, state = excluded.state,"
+        f" heartbeat = excluded.heartbeat RETURNING {_cols(res)}",
+        (row["uuid"], row["hostname"], row["port"], row["state"], now, now),
+    )
+    return _row(res, rows[0])
+
+
+def live_nodes_thd(db: Db, oldest: float) -> list[dict]:
+    res = resource("managementNode")
+    return [
+        _row(res, r)
+        for r in db.all(
+            f"SELECT {_cols(res)} FROM management_nodes WHERE heartbeat >= ? ORDER BY uuid",
+            (oldest,),
+        )
+    ]
+
+
+def _call_thd(conn: _PooledConnection, dialect: Dialect, fn: Callable, args: tuple) -> Any:
+    raw = conn._connection
+    try:
+        return fn(Db(raw, dialect), *args)
+    except BaseException as e:
+        if dialect.broken(raw, e):
+            conn.drop()
+        raise
+
+
+class _PooledConnection(adbapi.Connection):
+    """
+    adbapi's per-operation connection wrapper, checking the pooled connection before use
+    and leaving transactions to L{Db.transaction} (see Note [reconnect]).
+    """
+
+    def reconnect(self) -> None:
+        pool = self._pool
+        if self._connection is not None:
+            pool.disconnect(self._connection)
+        raw = pool.connect()
+        if not pool.dialect.alive(raw):
+            log.info("replacing a dead {backend} connection", backend=pool.dialect.name)
+            pool.disconnect(raw)
+            raw = pool.connect()
+        self._connection = raw
+
+    def drop(self) -> None:
+        if self._connection is not None:
+            raw, self._connection = self._connection, None
+            with contextlib.suppress(Exception):
+                self._pool.disconnect(raw)
+
+    def commit(self) -> None:
+        # Autocommit: explicit transactions are committed by Db.transaction.
+        pass
+
+    def rollback(self) -> None:
+        # Nothing is ever left open (Db.transaction rolls back); a broken connection was
+        # already dropped by _call_thd.
+        pass
+
+
+class _Pool(adbapi.ConnectionPool):
+    connectionFactory = _PooledConnection
+
+    def __init__(self, dialect: Dialect, reactor: Any, size: int):
+        self.dialect = dialect
+        args, kw = dialect.connect_args()
+        super().__init__(
+            dialect.dbapi_name,
+            *args,
+            cp_min=1,
+            cp_max=size,
+            cp_noisy=False,
+            cp_openfun=dialect.openfun,
+            cp_reactor=reactor,
+            **kw,
+        )
+
+    def _close(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+@implementer(IStore)
+class AdbapiStore:
+    """
+    The store over an L{adbapi.ConnectionPool} of C{pool_size} threads (see L{IStore}).
+    """
+
+    def __init__(self, dialect: Dialect, reactor: Any, pool_size: int):
+        if not 1 <= pool_size <= 16:
+            raise ValueError(f"pool_size must be between 1 and 16, not {pool_size}")
+        self.dialect = dialect
+        self.backend = dialect.name
+        self.pool_size = pool_size
+        self.schema_version: int | None = None
+        self._reactor = reactor
+        self._pool: _Pool | None = None
+        self._stopping = False
+        self._waiter = DeferWaiter()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.backend} pool={self.pool_size}>"
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return float(self._reactor.seconds())
+
+    def _map(self, f: Failure) -> Failure:
+        if isinstance(f.value, OperationError):
+            return f
+        err = self.dialect.map_error(f.value)
+        if err is None:
+            log.failure("unexpected store failure", f)
+            err = error_code(SYS.INTERNAL, f"{type(f.value).__name__}: {f.value}")
+        return Failure(OperationError(err))
+
+    def _raw_run(self, fn: Callable, *args: Any) -> Deferred:
+        assert self._pool is not None
+        d = self._pool.runWithConnection(_call_thd, self.dialect, fn, args)
+        d.addErrback(self._map)
+        return self._waiter.add(d)
+
+    def _run(self, fn: Callable, *args: Any) -> Deferred:
+        if self._pool is None or self._stopping:
+            return fail(OperationError.of(SYS.NOT_READY_ERROR, f"the {self.backend} store is not running"))
+        return self._raw_run(fn, *args)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @async_to_deferred
+    async def start(self) -> int:
+        if self._pool is not None:
+            raise OperationError.of(SYS.OPERATION_ERROR, "the store is already started")
+        self._stopping = False
+        self._pool = _Pool(self.dialect, self._reactor, self.pool_size)
+        if not self._pool.running:
+            self._pool.start()
+        try:
+            version = await self._raw_run(
+                migrate_thd, load_migrations(self.dialect.name), self._now()
+            )
+        except BaseException:
+            pool, self._pool = self._pool, None
+            pool.close()
+            raise
+        self.schema_version = version
+        log.info("{backend} store ready at schema version {version}", backend=self.backend,
+                 version=version)
+        return version
+
+    @async_to_deferred
+    async def stop(self) -> None:
+        if self._pool is None:
+            return
+        self._stopping = True
+        await self._waiter.wait()
+        pool, self._pool = self._pool, None
+        pool.close()
+
+    # -- CRUD ------------------------------------------------------------------------------
+
+    def insert(self, resource: str, values: dict) -> Deferred:
+        return self._run(insert_thd, resource, dict(values), self._now())
+
+    def get(self, resource: str, uuid: str) -> Deferred:
+        return self._run(get_thd, resource, uuid)
+
+    def update(self, resource: str, uuid: str, changes: dict, expected: dict | None = None
+               ) -> Deferred:
+        return self._run(update_thd, resource, uuid, dict(changes),
+                         None if expected is None else dict(expected), self._now())
+
+    def delete(self, resource: str, uuid: str) -> Deferred:
+        return self._run(delete_thd, resource, uuid)
+
+    def query(self, resource: str, query: Query) -> Deferred:
+        return self._run(query_thd, resource, query)
+
+    # -- hosts and storage -----------------------------------------------------------------
+
+    def add_host(self, values: dict) -> Deferred:
+        values = dict(values)
+        values.setdefault("availableCpuCapacity", values.get("totalCpuCapacity", 0))
+        values.setdefault("availableMemoryCapacity", values.get("totalMemoryCapacity", 0))
+        return self.insert("host", values)
+
+    def update_host_status(self, host_uuid: str, status: str, expected: Any = None) -> Deferred:
+        return self.update("host", host_uuid, {"status": status},
+                           None if expected is None else {"status": expected})
+
+    def set_host_capacity(self, host_uuid: str, total_cpu: int, total_memory: int,
+                          cpu_num: int | None = None) -> Deferred:
+        return self._run(set_host_capacity_thd, host_uuid, total_cpu, total_memory, cpu_num,
+                         self._now())
+
+    def reserve_host_capacity(self, host_uuid: str, cpu: int, memory: int) -> Deferred:
+        return self._run(reserve_host_capacity_thd, host_uuid, cpu, memory, self._now())
+
+    def release_host_capacity(self, host_uuid: str, cpu: int, memory: int) -> Deferred:
+        return self._run(release_host_capacity_thd, host_uuid, cpu, memory, self._now())
+
+    def reserve_primary_storage_capacity(self, primary_storage_uuid: str, size: int) -> Deferred:
+        return self._run(reserve_primary_storage_thd, primary_storage_uuid, size, self._now())
+
+    def release_primary_storage_capacity(self, primary_storage_uuid: str, size: int) -> Deferred:
+        return self._run(release_primary_storage_thd, primary_storage_uuid, size, self._now())
+
+    # -- IPs and VM state ------------------------------------------------------------------
+
+    def allocate_ip(self, l3_network_uuid: str, ip: str | None = None, uuid: str | None = None
+                    ) -> Deferred:
+        return self._run(allocate_ip_thd, l3_network_uuid, ip, uuid, self._now())
+
+    def free_ip(self, used_ip_uuid: str) -> Deferred:
+        return self._run(free_ip_thd, used_ip_uuid)
+
+    def change_vm_state(self, vm_uuid: str, expected: Any, new: str,
+                        changes: dict | None = None) -> Deferred:
+        return self._run(change_vm_state_thd, vm_uuid, expected, new, changes, self._now())
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def create_job(self, uuid: str, api_name: str, api_message: Any, management_node_uuid: str,
+                   resource_uuid: str | None = None, account_uuid: str | None = None
+                   ) -> Deferred:
+        return self.insert("job", {
+            "uuid": uuid,
+            "apiName": api_name,
+            "apiMessage": api_message,
+            "managementNodeUuid": management_node_uuid,
+            "resourceUuid": resource_uuid,
+            "accountUuid": account_uuid,
+            "state": "Running",
+        })
+
+    def finish_job(self, uuid: str, result: Any = None, error: ErrorCode | None = None
+                   ) -> Deferred:
+        now = self._now()
+        changes: dict[str, Any] = {"finishDate": now}
+        if error is not None:
+            if not isinstance(error, ErrorCode):
+                return fail(OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
+                                              f"a job error is an ErrorCode, not {error!r}"))
+            changes.update(state="Failed", error=error.to_dict())
+        else:
+            changes.update(state="Succeeded", result=result)
+        try:
+            json.dumps(changes.get("result"))
+        except (TypeError, ValueError) as e:
+            return fail(OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
+                                          f"a job result must be JSON-serialisable: {e}"))
+        return self.update("job", uuid, changes, {"state": "Running"})
+
+    def running_jobs(self, management_node_uuid: str) -> Deferred:
+        return self._run(running_jobs_thd, management_node_uuid)
+
+    # -- management nodes ------------------------------------------------------------------
+
+    def heartbeat(self, uuid: str, hostname: str, port: int | None = None,
+                  state: str = "RUNNING") -> Deferred:
+        return self._run(heartbeat_thd, uuid, hostname, port, state, self._now())
+
+    def live_management_nodes(self, max_age: float) -> Deferred:
+        return self._run(live_nodes_thd, self._now() - float(max_age))
+
+    def delete_management_node(self, uuid: str) -> Deferred:
+        return self.delete("managementNode", uuid)

@@ -1,0 +1,273 @@
+# -*- test-case-name: tests.test_db_contract -*-
+"""
+The store: one interface, two backends (L{zcontrol.db.sqlite}, L{zcontrol.db.postgres}), held
+to one contract suite (C{tests/test_db_contract.py}).
+
+Rows are plain dicts keyed by the API field names of L{zcontrol.db.query.RESOURCES}
+(C{"uuid"}, C{"clusterUuid"}, C{"availableCpuCapacity"}, ...). Every method returns a
+L{Deferred}; every failure is an L{zcontrol.core.errors.OperationError} whose C{.error} is an
+L{ErrorCode}. Codes common to every method:
+
+  - C{SYS.1007} (invalid argument): unknown resource or field (the whitelist), a value of
+    the wrong type, a malformed query;
+  - C{SYS.1016} (I/O error): the database connection failed or was lost while the operation
+    was in flight (the pool reconnects by itself: a later call can succeed);
+  - C{SYS.1010} (not ready): the store is not started, or is stopping;
+  - C{DB.1000} a uniqueness constraint was violated, C{DB.1001} a foreign key was violated (a
+    referenced row is missing, or a row is still referenced), C{DB.1002} a check or not-null
+    constraint was violated (e.g. capacity above its total).
+
+Atomicity: each mutating method is one SQL statement, or one transaction that two concurrent
+callers cannot both win, on both backends.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+from zcontrol.core.errors import register_codes
+
+__all__ = ["DB", "IStore"]
+
+
+class DB:
+    """
+    The store's domain error codes (C{DB.<n>}).
+    """
+
+    _codes = register_codes(
+        "DB",
+        {
+            1000: "A resource with the same unique key already exists",
+            1001: "A referenced resource does not exist, or the resource is still referenced",
+            1002: "A value violates a database constraint",
+            1003: "Not enough CPU or memory left on the host",
+            1004: "Not enough capacity left on the primary storage",
+            1005: "No free IP address left in the L3 network",
+            1006: "The database schema is newer than this management node knows",
+        },
+    )
+    DUPLICATE = _codes[1000]
+    REFERENCE = _codes[1001]
+    CONSTRAINT = _codes[1002]
+    HOST_CAPACITY = _codes[1003]
+    STORAGE_CAPACITY = _codes[1004]
+    NO_FREE_IP = _codes[1005]
+    SCHEMA_TOO_NEW = _codes[1006]
+
+
+class IStore(Interface):
+    """
+    Persistence for the management node: resources, atomic allocation, jobs and management
+    node heartbeats.
+    """
+
+    backend = Attribute("C{'sqlite'} or C{'postgresql'}.")
+    pool_size = Attribute("The number of OS threads (and connections) the store uses.")
+    schema_version = Attribute("The schema version after L{start}, else None.")
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start():
+        """
+        Connect and apply the pending migrations (idempotent; concurrent starts are
+        serialised by the database).
+
+        @return: Deferred firing with the schema version once the store is usable; fails
+            with C{DB.1006} when the database holds a newer schema than this code knows (the
+            node must not start), C{SYS.1016} when the database is unreachable.
+        """
+
+    def stop():
+        """
+        Refuse new operations (C{SYS.1010}), wait for those in flight, close the pool.
+
+        @return: Deferred firing with None.
+        """
+
+    # -- generic CRUD over the whitelist ---------------------------------------------------
+
+    def insert(resource, values):
+        """
+        Insert one row. C{values} must hold C{uuid}; C{createDate}/C{lastOpDate} default
+        to now.
+
+        @param resource: API resource name, e.g. C{"zone"}.
+        @param values: API field -> value.
+        @return: Deferred firing with the stored row (defaults filled in); fails with
+            C{DB.1000}, C{DB.1001}, C{DB.1002} or C{SYS.1007}.
+        """
+
+    def get(resource, uuid):
+        """
+        @return: Deferred firing with the row, or None when there is no such row.
+        """
+
+    def update(resource, uuid, changes, expected=None):
+        """
+        Change fields of one row; with C{expected} (field -> value, or field -> list of
+        acceptable values) only if the row still has those values: a compare-and-swap done
+        in one conditional C{UPDATE}. C{lastOpDate} is set to now.
+
+        @return: Deferred firing with the updated row; fails with C{SYS.1003} when the row
+            does not exist, C{SYS.1005} when C{expected} does not hold (opaque C{expected}
+            and C{actual} name both values), or a constraint code.
+        """
+
+    def delete(resource, uuid):
+        """
+        @return: Deferred firing with True if a row was deleted, False if there was none;
+            fails with C{DB.1001} while other rows still reference it.
+        """
+
+    def query(resource, query):
+        """
+        Run an API query (L{zcontrol.db.query.Query}).
+
+        @return: Deferred firing with a L{zcontrol.db.QueryResult} (C{inventories}: list of
+            rows restricted to C{query.fields}; C{total}: the count when C{count} or
+            C{reply_with_count} was asked, else None); fails with C{SYS.1007} on anything
+            outside the language or the whitelist.
+        """
+
+    # -- hosts -----------------------------------------------------------------------------
+
+    def add_host(values):
+        """
+        Insert a host; C{availableCpuCapacity}/C{availableMemoryCapacity} default to the
+        totals.
+
+        @return: Deferred firing with the host row (fails as L{insert}).
+        """
+
+    def update_host_status(host_uuid, status, expected=None):
+        """
+        Set the host's connection status (C{Connecting}/C{Connected}/C{Disconnected}), only
+        from C{expected} (a status or a list of them) when given.
+
+        @return: Deferred firing with the host row; C{SYS.1003}, C{SYS.1005} as L{update}.
+        """
+
+    def set_host_capacity(host_uuid, total_cpu, total_memory, cpu_num=None):
+        """
+        Set the host's totals (as its agent reports them) keeping what is reserved:
+        C{available = new total - (old total - old available)}, in one statement.
+
+        @return: Deferred firing with the host row; C{DB.1002} if the new totals are below
+            what is reserved, C{SYS.1003} for an unknown host.
+        """
+
+    def reserve_host_capacity(host_uuid, cpu, memory):
+        """
+        Atomically take C{cpu} and C{memory} from the host's available capacity, both or
+        neither.
+
+        @return: Deferred firing with the host row after the reservation; fails with
+            C{DB.1003} when either is short (opaque C{availableCpu}, C{availableMemory}),
+            C{SYS.1003} for an unknown host, C{SYS.1007} for negative amounts.
+        """
+
+    def release_host_capacity(host_uuid, cpu, memory):
+        """
+        Atomically give C{cpu} and C{memory} back.
+
+        @return: Deferred firing with the host row; C{DB.1002} if that would raise the
+            available capacity above the total (nothing is changed), C{SYS.1003}.
+        """
+
+    # -- primary storage -------------------------------------------------------------------
+
+    def reserve_primary_storage_capacity(primary_storage_uuid, size):
+        """
+        Atomically take C{size} bytes from the primary storage's available capacity.
+
+        @return: Deferred firing with the storage row; C{DB.1004} when short, C{SYS.1003}.
+        """
+
+    def release_primary_storage_capacity(primary_storage_uuid, size):
+        """
+        Atomically give C{size} bytes back.
+
+        @return: Deferred firing with the storage row; C{DB.1002} if that would exceed the
+            total, C{SYS.1003}.
+        """
+
+    # -- IP addresses ----------------------------------------------------------------------
+
+    def allocate_ip(l3_network_uuid, ip=None, uuid=None):
+        """
+        Take a free IP of the L3 network's ranges (the lowest free one, or exactly C{ip}),
+        recorded as a C{usedIp} row. Two concurrent callers never get the same address (a
+        unique key on the L3 and the address).
+
+        @return: Deferred firing with the usedIp row (C{uuid}, C{ip}, C{ipInLong},
+            C{ipRangeUuid}, C{l3NetworkUuid}, C{netmask}, C{gateway}); fails with
+            C{DB.1005} when no address is free, C{DB.1000} when C{ip} is already taken,
+            C{SYS.1007} when C{ip} is not in any range of the network.
+        """
+
+    def free_ip(used_ip_uuid):
+        """
+        Give an allocated IP back.
+
+        @return: Deferred firing with None; C{SYS.1003} if it is not allocated (freeing twice
+            fails), C{DB.1001} while a VM NIC still uses it.
+        """
+
+    # -- VM state --------------------------------------------------------------------------
+
+    def change_vm_state(vm_uuid, expected, new, changes=None):
+        """
+        Compare-and-swap the VM's state: C{expected} (a state or a list of states) -> C{new},
+        with optional extra field C{changes} in the same statement (e.g. C{hostUuid}).
+
+        @return: Deferred firing with the VM row; fails with C{SYS.1005} naming the expected
+            and actual states (opaque C{expected}, C{actual}) when another caller won,
+            C{SYS.1003} for an unknown VM.
+        """
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def create_job(uuid, api_name, api_message, management_node_uuid, resource_uuid=None,
+                   account_uuid=None):
+        """
+        Record a long task as a C{Running} job owned by C{management_node_uuid}.
+
+        @param api_message: the API message, JSON-serialisable.
+        @return: Deferred firing with the job row; C{DB.1000} if the uuid exists.
+        """
+
+    def finish_job(uuid, result=None, error=None):
+        """
+        Move a C{Running} job to C{Succeeded} (with C{result}, JSON-serialisable) or, when
+        C{error} (an L{ErrorCode}) is given, to C{Failed}; sets C{finishDate}.
+
+        @return: Deferred firing with the job row; C{SYS.1005} if the job is not running,
+            C{SYS.1003} if unknown.
+        """
+
+    def running_jobs(management_node_uuid):
+        """
+        @return: Deferred firing with the list of C{Running} job rows owned by that node,
+            oldest first (what a restarted node must finish or fail).
+        """
+
+    # -- management nodes ------------------------------------------------------------------
+
+    def heartbeat(uuid, hostname, port=None, state="RUNNING"):
+        """
+        Insert or refresh the management node's row with C{heartbeat} = now (one upsert).
+
+        @return: Deferred firing with the node row.
+        """
+
+    def live_management_nodes(max_age):
+        """
+        @return: Deferred firing with the rows whose heartbeat is at most C{max_age} seconds
+            old, ordered by uuid (the input of the consistent-hash ring).
+        """
+
+    def delete_management_node(uuid):
+        """
+        @return: Deferred firing with True if a row was deleted.
+        """

@@ -1,0 +1,111 @@
+# -*- test-case-name: tests.test_db_contract -*-
+"""
+The PostgreSQL backend: psycopg2 in the threads of an L{adbapi.ConnectionPool}, connections
+in autocommit mode (single statements are one round trip; see L{zcontrol.db._store}).
+
+A dead connection (C{pg_terminate_backend}, a server restart) is noticed before it is used
+(PostgreSQL writes a FATAL notice on the socket before closing it) and replaced; an operation
+in flight when it dies fails with C{SYS.1016}.
+"""
+
+from __future__ import annotations
+
+import select
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+from zcontrol.core.errors import SYS, ErrorCode, error_code
+from zcontrol.db._store import AdbapiStore, Db, Dialect
+from zcontrol.db.interfaces import DB
+
+__all__ = ["PostgresDialect", "PostgresStore"]
+
+DEFAULT_POOL_SIZE = 4
+
+# An arbitrary constant: the advisory lock that serialises schema migrations.
+_MIGRATION_LOCK = 0x7A636F6E
+
+
+class PostgresDialect(Dialect):
+    """
+    PostgreSQL specifics.
+
+    @ivar dsn: a libpq connection string or URI (C{postgresql://user@host:port/dbname}).
+    """
+
+    name = "postgresql"
+    dbapi_name = "psycopg2"
+
+    def __init__(self, dsn: str, connect_timeout: int = 5):
+        self.dsn = dsn
+        self.connect_timeout = connect_timeout
+
+    def connect_args(self) -> tuple[tuple, dict]:
+        return (self.dsn,), {
+            "connect_timeout": self.connect_timeout,
+            "application_name": "zcontrol",
+        }
+
+    def openfun(self, raw: Any) -> None:
+        raw.autocommit = True
+
+    def prepare(self, sql: str) -> str:
+        # Note [placeholders] in zcontrol.db.query: our SQL never holds a literal ? or %.
+        return sql.replace("?", "%s")
+
+    def begin_sql(self, write: bool) -> str:
+        return "BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
+    def lock_migrations(self, db: Db) -> None:
+        db.all("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+
+    def alive(self, raw: Any) -> bool:
+        if raw.closed:
+            return False
+        status = raw.get_transaction_status()
+        if status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            return False
+        # An idle connection has nothing to read unless the server said goodbye
+        # (FATAL: terminating connection) or closed the socket. We never LISTEN.
+        try:
+            poller = select.poll()
+            poller.register(raw.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+            return not poller.poll(0)
+        except (OSError, ValueError, psycopg2.Error):
+            return False
+
+    def broken(self, raw: Any, exc: BaseException) -> bool:
+        if raw is None or raw.closed:
+            return True
+        if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+            return True
+        return raw.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+    def map_error(self, exc: BaseException) -> ErrorCode | None:
+        if not isinstance(exc, psycopg2.Error):
+            return None
+        text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        code = getattr(exc, "pgcode", None)
+        if isinstance(exc, psycopg2.IntegrityError):
+            if code == "23505":
+                return error_code(DB.DUPLICATE, text)
+            if code == "23503":
+                return error_code(DB.REFERENCE, text)
+            return error_code(DB.CONSTRAINT, text)
+        if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+            return error_code(SYS.IO_ERROR, f"postgresql: {text}", pgcode=code)
+        if isinstance(exc, psycopg2.DataError):
+            return error_code(SYS.INVALID_ARGUMENT_ERROR, text, pgcode=code)
+        return error_code(SYS.INTERNAL, f"postgresql: {type(exc).__name__}: {text}", pgcode=code)
+
+
+class PostgresStore(AdbapiStore):
+    """
+    The store on PostgreSQL (see L{zcontrol.db.interfaces.IStore}).
+    """
+
+    def __init__(self, dsn: str, reactor: Any, pool_size: int = DEFAULT_POOL_SIZE,
+                 connect_timeout: int = 5):
+        super().__init__(PostgresDialect(dsn, connect_timeout), reactor, pool_size)
