@@ -1,0 +1,136 @@
+"""
+Shared fixtures of the db tests: a fresh PostgreSQL database per test (created through a
+psycopg2 connection to the C{postgres} database, in a thread; dropped at the end), a temp
+SQLite file, and a small seeded topology.
+
+PostgreSQL is at 127.0.0.1:5432 (trust, user postgres), or C{ZCONTROL_TEST_PG} (a libpq URI
+of the server's C{postgres} database). When it is missing the tests FAIL: they never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any
+
+import psycopg2
+from twisted.internet import defer, threads
+
+from zcontrol.core.errors import OperationError
+
+PG_ADMIN_DSN = os.environ.get("ZCONTROL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def pg_dsn(dbname: str) -> str:
+    base, _, _ = PG_ADMIN_DSN.rpartition("/")
+    return f"{base}/{dbname}"
+
+
+def pg_admin(sql: str, params: tuple = ()) -> list[tuple]:
+    """
+    Run one statement on the server's C{postgres} database (blocking: call it in a thread
+    or from a synchronous test).
+    """
+    conn = psycopg2.connect(PG_ADMIN_DSN, connect_timeout=5)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def pg_create_database_sync() -> str:
+    """
+    Create C{zcontrol_test_<pid>_<hex>} and return its name.
+    """
+    name = f"zcontrol_test_{os.getpid()}_{secrets.token_hex(4)}"
+    pg_admin(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def pg_drop_database_sync(name: str) -> None:
+    assert name.startswith("zcontrol_test_")
+    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pg_terminate_sync(name: str) -> int:
+    """
+    C{pg_terminate_backend} every connection to database C{name} (from another connection).
+    """
+    rows = pg_admin(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = %s AND pid <> pg_backend_pid()",
+        (name,),
+    )
+    return len(rows)
+
+
+class SQLiteStoreFactory:
+    """
+    Mixin for trial TestCases: stores on a temp SQLite file.
+    """
+
+    backend = "sqlite"
+
+    def setUp_database(self) -> Any:
+        self.db_path = os.path.abspath(self.mktemp() + ".db")
+        os.makedirs(os.path.dirname(self.db_path), exist_ok=True)
+        return defer.succeed(None)
+
+    def tearDown_database(self) -> Any:
+        return defer.succeed(None)
+
+    def store_url(self) -> str:
+        return f"sqlite://{self.db_path}"
+
+
+class PostgresStoreFactory:
+    """
+    Mixin for trial TestCases: stores on a fresh PostgreSQL database per test.
+    """
+
+    backend = "postgresql"
+
+    def setUp_database(self) -> Any:
+        d = threads.deferToThread(pg_create_database_sync)
+
+        def created(name: str) -> None:
+            self.db_name = name
+
+        return d.addCallback(created)
+
+    def tearDown_database(self) -> Any:
+        return threads.deferToThread(pg_drop_database_sync, self.db_name)
+
+    def store_url(self) -> str:
+        return pg_dsn(self.db_name)
+
+
+TOPOLOGY = {
+    "zone": {"uuid": "zone-1", "name": "zone1"},
+    "cluster": {"uuid": "cluster-1", "name": "cluster1", "zoneUuid": "zone-1",
+                "hypervisorType": "KVM"},
+    "host": {"uuid": "host-1", "name": "host1", "zoneUuid": "zone-1", "clusterUuid": "cluster-1",
+             "managementIp": "192.168.0.1", "hypervisorType": "KVM", "cpuNum": 8,
+             "totalCpuCapacity": 16, "totalMemoryCapacity": 1024},
+    "primaryStorage": {"uuid": "ps-1", "name": "ps1", "zoneUuid": "zone-1",
+                       "url": "/var/ps", "type": "LocalStorage", "totalCapacity": 1000,
+                       "availableCapacity": 1000},
+    "l2Network": {"uuid": "l2-1", "name": "l2", "zoneUuid": "zone-1",
+                  "physicalInterface": "eth0"},
+    "l3Network": {"uuid": "l3-1", "name": "l3", "l2NetworkUuid": "l2-1", "zoneUuid": "zone-1"},
+    "ipRange": {"uuid": "range-1", "l3NetworkUuid": "l3-1", "startIp": "10.0.0.10",
+                "endIp": "10.0.0.14", "netmask": "255.255.255.0", "gateway": "10.0.0.1"},
+    "vmInstance": {"uuid": "vm-1", "name": "vm1", "cpuNum": 1, "memorySize": 64},
+}
+
+
+def error_of(failure_or_exc: Any) -> Any:
+    """
+    The ErrorCode an OperationError failure carries (fails the test when it carries none).
+    """
+    exc = getattr(failure_or_exc, "value", failure_or_exc)
+    assert isinstance(exc, OperationError), f"not an OperationError: {exc!r}"
+    return exc.error

@@ -1,0 +1,548 @@
+"""
+The store contract: one suite, run against SQLite (a temp file) and the real PostgreSQL (a
+fresh database per test). PostgreSQL missing is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from tests.db_support import (
+    TOPOLOGY,
+    PostgresStoreFactory,
+    SQLiteStoreFactory,
+    error_of,
+)
+from zcontrol._defer import async_to_deferred
+from zcontrol.core.errors import SYS, OperationError, error_code
+from zcontrol.db import DB, IStore, Query, open_store
+from zcontrol.db._store import Db
+
+ORDER = ["zone", "cluster", "host", "primaryStorage", "l2Network", "l3Network", "ipRange",
+         "vmInstance"]
+
+
+class StoreContractMixin:
+    """
+    Behaviour every L{IStore} must have. Mixed with a store factory and a trial TestCase.
+    """
+
+    @async_to_deferred
+    async def setUp(self) -> None:
+        await self.setUp_database()
+        self.stores: list[Any] = []
+        self.store = await self.open()
+
+    @async_to_deferred
+    async def tearDown(self) -> None:
+        for s in self.stores:
+            await s.stop()
+        await self.tearDown_database()
+
+    async def open(self, start: bool = True, **options: Any) -> Any:
+        options.setdefault("pool_size", 4)
+        s = open_store(self.store_url(), reactor, **options)
+        self.stores.append(s)
+        if start:
+            await s.start()
+        return s
+
+    async def seed(self, *names: str) -> None:
+        for name in ORDER:
+            if name in names or not names:
+                values = TOPOLOGY[name]
+                if name == "host":
+                    await self.store.add_host(values)
+                else:
+                    await self.store.insert(name, values)
+
+    async def failure(self, d: defer.Deferred, code: str) -> Any:
+        try:
+            result = await d
+        except OperationError as e:
+            self.assertEqual(e.error.code, code, str(e.error))
+            return e.error
+        self.fail(f"expected {code}, got the result {result!r}")
+
+    def raw(self, fn: Any, *args: Any) -> defer.Deferred:
+        """
+        Run a C{*_thd}-style function on the store's pool (test-only back door).
+        """
+        return self.store._run(fn, *args)
+
+    # -- lifecycle and migrations ----------------------------------------------------------
+
+    @async_to_deferred
+    async def test_provides_interface(self) -> None:
+        """
+        The store provides L{IStore}, is at schema version 1 and stays within its thread
+        budget.
+        """
+        self.assertTrue(verifyObject(IStore, self.store))
+        self.assertEqual(self.store.schema_version, 1)
+        self.assertEqual(self.store.backend, self.backend)
+        self.assertLessEqual(self.store.pool_size, 16)
+
+    @async_to_deferred
+    async def test_migrations_idempotent(self) -> None:
+        """
+        Starting a second store on the same database applies nothing and records each
+        version once.
+        """
+        other = await self.open()
+        self.assertEqual(other.schema_version, 1)
+        rows = await self.raw(lambda db: db.all("SELECT version, name FROM schema_versions"))
+        self.assertEqual([tuple(r) for r in rows], [(1, "initial")])
+
+    @async_to_deferred
+    async def test_newer_schema_refused(self) -> None:
+        """
+        A database at a newer schema version than known makes start fail with DB.1006 and a
+        message that says why; the store is left unstarted.
+        """
+        await self.raw(lambda db: db.run(
+            "INSERT INTO schema_versions (version, name, applied_at) VALUES (?, ?, ?)",
+            (999, "future", 0.0)))
+        other = await self.open(start=False)
+        err = await self.failure(other.start(), DB.SCHEMA_TOO_NEW)
+        self.assertIn("999", err.details)
+        self.assertIn("refusing to start", err.details)
+        self.assertIsNone(other.schema_version)
+        await self.failure(other.get("zone", "x"), SYS.NOT_READY_ERROR)
+
+    @async_to_deferred
+    async def test_stop_drains(self) -> None:
+        """
+        Operations in flight when stop is called complete; later ones fail with SYS.1010.
+        """
+        await self.seed("zone")
+        pending = [self.store.get("zone", "zone-1") for _ in range(20)]
+        await self.store.stop()
+        results = await defer.gatherResults(pending)
+        self.assertEqual([r["name"] for r in results], ["zone1"] * 20)
+        await self.failure(self.store.get("zone", "zone-1"), SYS.NOT_READY_ERROR)
+
+    # -- CRUD ------------------------------------------------------------------------------
+
+    @async_to_deferred
+    async def test_crud(self) -> None:
+        """
+        insert returns the stored row with defaults, get reads it, update changes it and
+        bumps lastOpDate, delete removes it once.
+        """
+        row = await self.store.insert("zone", {"uuid": "z", "name": "n", "description": "d"})
+        self.assertEqual(row["state"], "Enabled")
+        self.assertEqual(row["createDate"], row["lastOpDate"])
+        self.assertEqual(await self.store.get("zone", "z"), row)
+        updated = await self.store.update("zone", "z", {"state": "Disabled"})
+        self.assertEqual(updated["state"], "Disabled")
+        self.assertGreaterEqual(updated["lastOpDate"], row["lastOpDate"])
+        self.assertTrue(await self.store.delete("zone", "z"))
+        self.assertFalse(await self.store.delete("zone", "z"))
+        self.assertIsNone(await self.store.get("zone", "z"))
+
+    @async_to_deferred
+    async def test_types_round_trip(self) -> None:
+        """
+        Booleans, integers, floats and JSON fields come back as the same Python values on
+        both backends.
+        """
+        await self.store.insert("image", {"uuid": "i", "name": "img", "system": True,
+                                          "size": 2**40})
+        img = await self.store.get("image", "i")
+        self.assertIs(img["system"], True)
+        self.assertEqual(img["size"], 2**40)
+        job = await self.store.create_job("j", "APICreateZoneMsg", {"name": "z", "n": [1, 2]},
+                                          "node-1")
+        self.assertEqual(job["apiMessage"], {"name": "z", "n": [1, 2]})
+
+    @async_to_deferred
+    async def test_constraint_violations_are_error_codes(self) -> None:
+        """
+        Unique, foreign-key, check and not-null violations become DB.1000/1001/1002, never a
+        crash; the store keeps working afterwards.
+        """
+        await self.seed("zone", "cluster")
+        await self.failure(self.store.insert("zone", {"uuid": "z2", "name": "zone1"}),
+                           DB.DUPLICATE)
+        await self.failure(self.store.insert("zone", {"uuid": "zone-1", "name": "other"}),
+                           DB.DUPLICATE)
+        await self.failure(self.store.insert("cluster", {
+            "uuid": "c2", "name": "c", "zoneUuid": "nope", "hypervisorType": "KVM"}),
+            DB.REFERENCE)
+        await self.failure(self.store.delete("zone", "zone-1"), DB.REFERENCE)
+        await self.failure(self.store.insert("zone", {"uuid": "z3", "name": "z3",
+                                                      "state": "Bogus"}), DB.CONSTRAINT)
+        await self.failure(self.store.insert("cluster", {"uuid": "c3", "zoneUuid": "zone-1",
+                                                         "hypervisorType": "KVM"}),
+                           DB.CONSTRAINT)
+        await self.failure(self.store.add_host(dict(
+            TOPOLOGY["host"], availableCpuCapacity=17)), DB.CONSTRAINT)
+        self.assertEqual((await self.store.get("zone", "zone-1"))["name"], "zone1")
+
+    @async_to_deferred
+    async def test_whitelist(self) -> None:
+        """
+        Unknown resources and fields, and values of the wrong type, are SYS.1007.
+        """
+        await self.failure(self.store.insert("nope", {"uuid": "x"}), SYS.INVALID_ARGUMENT_ERROR)
+        await self.failure(self.store.insert("zone", {"uuid": "x", "name": "x", "evil": 1}),
+                           SYS.INVALID_ARGUMENT_ERROR)
+        await self.failure(self.store.insert("zone", {"name": "x"}), SYS.INVALID_ARGUMENT_ERROR)
+        await self.failure(self.store.insert("host", {"uuid": "x", "cpuNum": "many"}),
+                           SYS.INVALID_ARGUMENT_ERROR)
+        await self.failure(self.store.update("zone", "x", {"uuid": "y"}),
+                           SYS.INVALID_ARGUMENT_ERROR)
+
+    @async_to_deferred
+    async def test_update_compare_and_swap(self) -> None:
+        """
+        update with expected values changes the row only when they hold; otherwise
+        SYS.1005 names the expected and actual values. Unknown rows are SYS.1003.
+        """
+        await self.seed("zone", "cluster", "host")
+        row = await self.store.update_host_status("host-1", "Connected", expected="Connecting")
+        self.assertEqual(row["status"], "Connected")
+        err = await self.failure(
+            self.store.update_host_status("host-1", "Connected", expected="Connecting"),
+            SYS.CHANGE_RESOURCE_STATE_ERROR)
+        self.assertEqual(err.opaque["expected"], {"status": "Connecting"})
+        self.assertEqual(err.opaque["actual"], {"status": "Connected"})
+        row = await self.store.update_host_status(
+            "host-1", "Disconnected", expected=["Connecting", "Connected"])
+        self.assertEqual(row["status"], "Disconnected")
+        await self.failure(self.store.update_host_status("nope", "Connected"),
+                           SYS.RESOURCE_NOT_FOUND)
+
+    # -- host capacity ---------------------------------------------------------------------
+
+    @async_to_deferred
+    async def test_host_capacity(self) -> None:
+        """
+        Reservations take CPU and memory together or not at all; releases give them back
+        but never above the totals.
+        """
+        await self.seed("zone", "cluster", "host")
+        row = await self.store.reserve_host_capacity("host-1", 10, 1000)
+        self.assertEqual((row["availableCpuCapacity"], row["availableMemoryCapacity"]), (6, 24))
+        err = await self.failure(self.store.reserve_host_capacity("host-1", 1, 100),
+                                 DB.HOST_CAPACITY)
+        self.assertEqual(err.opaque["availableMemory"], 24)
+        host = await self.store.get("host", "host-1")
+        self.assertEqual(host["availableCpuCapacity"], 6)
+        await self.failure(self.store.release_host_capacity("host-1", 11, 0), DB.CONSTRAINT)
+        row = await self.store.release_host_capacity("host-1", 10, 1000)
+        self.assertEqual((row["availableCpuCapacity"], row["availableMemoryCapacity"]),
+                         (16, 1024))
+        await self.failure(self.store.reserve_host_capacity("nope", 1, 1), SYS.RESOURCE_NOT_FOUND)
+        await self.failure(self.store.reserve_host_capacity("host-1", -1, 1),
+                           SYS.INVALID_ARGUMENT_ERROR)
+
+    @async_to_deferred
+    async def test_concurrent_reservations(self) -> None:
+        """
+        40 concurrent reservations of 1 CPU on a 16-CPU host: exactly 16 win, the rest get
+        DB.1003, and nothing goes negative.
+        """
+        await self.seed("zone", "cluster", "host")
+        results = await defer.DeferredList(
+            [self.store.reserve_host_capacity("host-1", 1, 1) for _ in range(40)],
+            consumeErrors=True)
+        won = [r for ok, r in results if ok]
+        lost = [error_of(r).code for ok, r in results if not ok]
+        self.assertEqual(len(won), 16)
+        self.assertEqual(set(lost), {DB.HOST_CAPACITY})
+        host = await self.store.get("host", "host-1")
+        self.assertEqual((host["availableCpuCapacity"], host["availableMemoryCapacity"]),
+                         (0, 1024 - 16))
+
+    @async_to_deferred
+    async def test_set_host_capacity(self) -> None:
+        """
+        New totals keep what is reserved; totals below the reservations are refused.
+        """
+        await self.seed("zone", "cluster", "host")
+        await self.store.reserve_host_capacity("host-1", 4, 100)
+        row = await self.store.set_host_capacity("host-1", 32, 2048, cpu_num=16)
+        self.assertEqual((row["totalCpuCapacity"], row["availableCpuCapacity"], row["cpuNum"]),
+                         (32, 28, 16))
+        self.assertEqual(row["availableMemoryCapacity"], 1948)
+        await self.failure(self.store.set_host_capacity("host-1", 3, 2048), DB.CONSTRAINT)
+        await self.failure(self.store.set_host_capacity("nope", 3, 3), SYS.RESOURCE_NOT_FOUND)
+
+    @async_to_deferred
+    async def test_primary_storage_capacity(self) -> None:
+        """
+        Primary storage bytes are reserved atomically (25 concurrent 100-byte reservations on
+        1000 bytes: 10 win) and released up to the total only.
+        """
+        await self.seed("zone", "primaryStorage")
+        results = await defer.DeferredList(
+            [self.store.reserve_primary_storage_capacity("ps-1", 100) for _ in range(25)],
+            consumeErrors=True)
+        self.assertEqual(sum(ok for ok, _ in results), 10)
+        self.assertEqual({error_of(r).code for ok, r in results if not ok},
+                         {DB.STORAGE_CAPACITY})
+        await self.failure(self.store.release_primary_storage_capacity("ps-1", 1001),
+                           DB.CONSTRAINT)
+        row = await self.store.release_primary_storage_capacity("ps-1", 1000)
+        self.assertEqual(row["availableCapacity"], 1000)
+        await self.failure(self.store.reserve_primary_storage_capacity("nope", 1),
+                           SYS.RESOURCE_NOT_FOUND)
+
+    # -- IP addresses ----------------------------------------------------------------------
+
+    @async_to_deferred
+    async def test_ip_allocation(self) -> None:
+        """
+        Addresses come lowest first from the L3's ranges; a full network is DB.1005; a freed
+        address is reused; a specific address can be taken once; freeing twice is SYS.1003.
+        """
+        await self.seed("zone", "l2Network", "l3Network", "ipRange")
+        got = [await self.store.allocate_ip("l3-1") for _ in range(5)]
+        self.assertEqual([g["ip"] for g in got], [f"10.0.0.{n}" for n in range(10, 15)])
+        self.assertEqual(got[0]["gateway"], "10.0.0.1")
+        self.assertEqual(got[0]["ipRangeUuid"], "range-1")
+        await self.failure(self.store.allocate_ip("l3-1"), DB.NO_FREE_IP)
+        await self.store.free_ip(got[2]["uuid"])
+        await self.failure(self.store.free_ip(got[2]["uuid"]), SYS.RESOURCE_NOT_FOUND)
+        self.assertEqual((await self.store.allocate_ip("l3-1"))["ip"], "10.0.0.12")
+        await self.store.free_ip(got[4]["uuid"])
+        await self.failure(self.store.allocate_ip("l3-1", ip="10.0.0.13"), DB.DUPLICATE)
+        row = await self.store.allocate_ip("l3-1", ip="10.0.0.14", uuid="mine")
+        self.assertEqual((row["uuid"], row["ipInLong"]), ("mine", 0x0A00000E))
+        await self.failure(self.store.allocate_ip("l3-1", ip="10.0.0.99"),
+                           SYS.INVALID_ARGUMENT_ERROR)
+        await self.failure(self.store.allocate_ip("l3-1", ip="not-an-ip"),
+                           SYS.INVALID_ARGUMENT_ERROR)
+        await self.failure(self.store.allocate_ip("nope"), SYS.RESOURCE_NOT_FOUND)
+
+    @async_to_deferred
+    async def test_ip_allocation_several_ranges(self) -> None:
+        """
+        Allocation walks every range of the L3 network.
+        """
+        await self.seed("zone", "l2Network", "l3Network", "ipRange")
+        await self.store.insert("ipRange", {
+            "uuid": "range-2", "l3NetworkUuid": "l3-1", "startIp": "10.0.1.1",
+            "endIp": "10.0.1.2", "netmask": "255.255.255.0", "gateway": "10.0.1.254"})
+        ips = [(await self.store.allocate_ip("l3-1"))["ip"] for _ in range(7)]
+        self.assertEqual(ips[-2:], ["10.0.1.1", "10.0.1.2"])
+        await self.failure(self.store.allocate_ip("l3-1"), DB.NO_FREE_IP)
+
+    @async_to_deferred
+    async def test_concurrent_ip_allocation(self) -> None:
+        """
+        20 concurrent allocations on a 5-address network: 5 distinct addresses, 15 DB.1005.
+        """
+        await self.seed("zone", "l2Network", "l3Network", "ipRange")
+        results = await defer.DeferredList(
+            [self.store.allocate_ip("l3-1") for _ in range(20)], consumeErrors=True)
+        ips = [r["ip"] for ok, r in results if ok]
+        self.assertEqual(sorted(ips), [f"10.0.0.{n}" for n in range(10, 15)])
+        self.assertEqual({error_of(r).code for ok, r in results if not ok}, {DB.NO_FREE_IP})
+
+    @async_to_deferred
+    async def test_ip_in_use_by_nic(self) -> None:
+        """
+        An IP a VM NIC still uses cannot be freed (DB.1001); after the NIC goes it can.
+        """
+        await self.seed()
+        ip = await self.store.allocate_ip("l3-1")
+        await self.store.insert("vmNic", {"uuid": "nic", "vmInstanceUuid": "vm-1",
+                                          "l3NetworkUuid": "l3-1", "usedIpUuid": ip["uuid"],
+                                          "ip": ip["ip"], "mac": "fa:16:3e:00:00:01",
+                                          "deviceId": 0})
+        await self.failure(self.store.free_ip(ip["uuid"]), DB.REFERENCE)
+        await self.store.delete("vmNic", "nic")
+        await self.store.free_ip(ip["uuid"])
+
+    # -- VM state --------------------------------------------------------------------------
+
+    @async_to_deferred
+    async def test_vm_state_cas(self) -> None:
+        """
+        The VM state moves only from the expected state; ten concurrent Created -> Starting
+        swaps have exactly one winner, and each loser's SYS.1005 names both states.
+        """
+        await self.seed()
+        results = await defer.DeferredList(
+            [self.store.change_vm_state("vm-1", "Created", "Starting",
+                                        {"hostUuid": "host-1"}) for _ in range(10)],
+            consumeErrors=True)
+        self.assertEqual(sum(ok for ok, _ in results), 1)
+        for ok, r in results:
+            if not ok:
+                err = error_of(r)
+                self.assertEqual(err.code, SYS.CHANGE_RESOURCE_STATE_ERROR)
+                self.assertIn("expected state Created", err.details)
+                self.assertIn("it is state Starting", err.details)
+                self.assertEqual(err.opaque["actual"], {"state": "Starting"})
+        vm = await self.store.change_vm_state("vm-1", ["Starting", "Stopping"], "Running")
+        self.assertEqual((vm["state"], vm["hostUuid"]), ("Running", "host-1"))
+        await self.failure(self.store.change_vm_state("nope", "Created", "Starting"),
+                           SYS.RESOURCE_NOT_FOUND)
+        await self.failure(self.store.change_vm_state("vm-1", "Running", "Bogus"),
+                           DB.CONSTRAINT)
+
+    # -- jobs and management nodes ---------------------------------------------------------
+
+    @async_to_deferred
+    async def test_jobs(self) -> None:
+        """
+        Jobs are created Running, listed per owner node, and finished once with a result or
+        an ErrorCode.
+        """
+        for n, owner in enumerate(["node-1", "node-1", "node-2"]):
+            await self.store.create_job(f"job-{n}", "APIStartVmInstanceMsg", {"n": n}, owner,
+                                        resource_uuid="vm-1")
+        running = await self.store.running_jobs("node-1")
+        self.assertEqual([j["uuid"] for j in running], ["job-0", "job-1"])
+        done = await self.store.finish_job("job-0", result={"inventory": {"uuid": "vm-1"}})
+        self.assertEqual((done["state"], done["result"]), ("Succeeded", {"inventory": {"uuid": "vm-1"}}))
+        self.assertIsNotNone(done["finishDate"])
+        err = error_code(SYS.TIMEOUT, "agent did not answer")
+        failed = await self.store.finish_job("job-1", error=err)
+        self.assertEqual(failed["state"], "Failed")
+        self.assertEqual(failed["error"], err.to_dict())
+        await self.failure(self.store.finish_job("job-1", result=1),
+                           SYS.CHANGE_RESOURCE_STATE_ERROR)
+        self.assertEqual(await self.store.running_jobs("node-1"), [])
+        await self.failure(self.store.create_job("job-2", "x", {}, "node-1"), DB.DUPLICATE)
+
+    @async_to_deferred
+    async def test_management_nodes(self) -> None:
+        """
+        Heartbeats upsert the node row; only nodes with a recent heartbeat are live; a node
+        can be deleted.
+        """
+        first = await self.store.heartbeat("mn-b", "host-b", 8080, state="JOINING")
+        again = await self.store.heartbeat("mn-b", "host-b", 8080)
+        self.assertEqual(again["state"], "RUNNING")
+        self.assertEqual(again["joinDate"], first["joinDate"])
+        self.assertGreaterEqual(again["heartbeat"], first["heartbeat"])
+        await self.store.heartbeat("mn-a", "host-a")
+        await self.store.update("managementNode", "mn-a",
+                                {"heartbeat": again["heartbeat"] - 100})
+        live = await self.store.live_management_nodes(30)
+        self.assertEqual([n["uuid"] for n in live], ["mn-b"])
+        live = await self.store.live_management_nodes(1000)
+        self.assertEqual([n["uuid"] for n in live], ["mn-a", "mn-b"])
+        self.assertTrue(await self.store.delete_management_node("mn-a"))
+        self.assertEqual([n["uuid"] for n in await self.store.live_management_nodes(1000)],
+                         ["mn-b"])
+
+    # -- queries ---------------------------------------------------------------------------
+
+    @async_to_deferred
+    async def test_query(self) -> None:
+        """
+        Every operator, sort, paging, count and fields give the same answers on both
+        backends; LIKE is case-sensitive on both.
+        """
+        await self.seed("zone", "cluster")
+        for n in range(6):
+            await self.store.add_host(dict(
+                TOPOLOGY["host"], uuid=f"h{n}", name=f"Host-{n}" if n % 2 else f"host-{n}",
+                managementIp=f"10.1.0.{n}", totalCpuCapacity=n,
+                description=None if n < 3 else "rack"))
+
+        async def uuids(*conds: str, **kw: Any) -> list[str]:
+            r = await self.store.query("host", Query(conditions=conds, **kw))
+            return [h["uuid"] for h in r.inventories]
+
+        self.assertEqual(await uuids("totalCpuCapacity>3"), ["h4", "h5"])
+        self.assertEqual(await uuids("totalCpuCapacity>=3"), ["h3", "h4", "h5"])
+        self.assertEqual(await uuids("totalCpuCapacity<1"), ["h0"])
+        self.assertEqual(await uuids("totalCpuCapacity<=1"), ["h0", "h1"])
+        self.assertEqual(await uuids("totalCpuCapacity=2"), ["h2"])
+        self.assertEqual(await uuids("totalCpuCapacity!=2", "totalCpuCapacity<4"),
+                         ["h0", "h1", "h3"])
+        self.assertEqual(await uuids("uuid?=h1,h3,zz"), ["h1", "h3"])
+        self.assertEqual(await uuids("uuid!?=h1,h3"), ["h0", "h2", "h4", "h5"])
+        self.assertEqual(await uuids("name~=host-%"), ["h0", "h2", "h4"])
+        self.assertEqual(await uuids("name!~=host-%"), ["h1", "h3", "h5"])
+        self.assertEqual(await uuids("description is null"), ["h0", "h1", "h2"])
+        self.assertEqual(await uuids("description not null"), ["h3", "h4", "h5"])
+        self.assertEqual(await uuids(sort="-totalCpuCapacity", limit=2), ["h5", "h4"])
+        self.assertEqual(await uuids(sort="+totalCpuCapacity", limit=2, start=1), ["h1", "h2"])
+        r = await self.store.query("host", Query(count=True, conditions=["totalCpuCapacity>0"]))
+        self.assertEqual((r.inventories, r.total), ([], 5))
+        r = await self.store.query("host", Query(reply_with_count=True, limit=1,
+                                                 fields=["uuid", "name"]))
+        self.assertEqual((r.inventories, r.total), ([{"uuid": "h0", "name": "host-0"}], 6))
+
+    @async_to_deferred
+    async def test_query_injection(self) -> None:
+        """
+        Injection attempts through names, sort and fields are SYS.1007; through values they
+        are plain values. The tables are intact afterwards.
+        """
+        await self.seed("zone")
+        for q in (
+            Query(conditions=["name=x' OR '1'='1"]),
+            Query(conditions=["name=zone1'; DROP TABLE zones; --"]),
+            Query(conditions=["uuid?=zone-1') OR ('1'='1"]),
+        ):
+            r = await self.store.query("zone", q)
+            self.assertEqual(r.inventories, [])
+        for q in (
+            Query(conditions=["name OR 1=1 --=x"]),
+            Query(conditions=["(select 1)=1"]),
+            Query(conditions=["name;DROP TABLE zones=1"]),
+            Query(sort="name; DROP TABLE zones"),
+            Query(sort="name DESC"),
+            Query(fields=["uuid", "(SELECT password FROM accounts)"]),
+            Query(limit="1; DROP TABLE zones"),
+        ):
+            await self.failure(self.store.query("zone", q), SYS.INVALID_ARGUMENT_ERROR)
+        await self.failure(self.store.query("zones; DROP TABLE zones", Query()),
+                           SYS.INVALID_ARGUMENT_ERROR)
+        self.assertEqual(len((await self.store.query("zone", Query())).inventories), 1)
+
+    @async_to_deferred
+    async def test_thread_functions_run_on_plain_connections(self) -> None:
+        """
+        The C{*_thd} functions are synchronous functions of a L{Db}: the pool runs them, and
+        so can a plain connection (what the property tests use).
+        """
+        await self.seed("zone")
+        rows = await self.raw(lambda db: (isinstance(db, Db), db.all(
+            "SELECT name FROM zones WHERE uuid = ?", ("zone-1",))))
+        self.assertEqual((rows[0], [tuple(r) for r in rows[1]]), (True, [("zone1",)]))
+
+
+class SQLiteContractTests(SQLiteStoreFactory, StoreContractMixin, unittest.TestCase):
+    """
+    The contract on SQLite (temp file, WAL).
+    """
+
+
+class PostgresContractTests(PostgresStoreFactory, StoreContractMixin, unittest.TestCase):
+    """
+    The contract on the real PostgreSQL (fresh database per test).
+    """
+
+
+class OpenStoreTests(unittest.SynchronousTestCase):
+    """
+    The URL factory.
+    """
+
+    def test_urls(self) -> None:
+        """
+        sqlite and postgresql URLs pick the backend; bad URLs are refused.
+        """
+        s = open_store("sqlite:///tmp/x.db", reactor)
+        self.assertEqual((s.backend, s.dialect.path), ("sqlite", "/tmp/x.db"))
+        m = open_store("sqlite://:memory:", reactor)
+        self.assertEqual((m.dialect.path, m.pool_size), (":memory:", 1))
+        p = open_store("postgresql://postgres@127.0.0.1:5432/db", reactor, pool_size=3)
+        self.assertEqual((p.backend, p.pool_size), ("postgresql", 3))
+        self.assertRaises(ValueError, open_store, "sqlite://relative.db", reactor)
+        self.assertRaises(ValueError, open_store, "mysql://x/y", reactor)
+        self.assertRaises(ValueError, open_store, "sqlite:///x.db", reactor, pool_size=17)
