@@ -1,0 +1,203 @@
+"""
+LocalBus: the bus contract in both delivery modes, plus what only an in-process bus can show
+synchronously (property tests on a Clock, the timer wheel, memory bookkeeping).
+"""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.bus_contract import SERVICE, BusContractMixin, ContractEcho, ContractEchoReply, echo
+from zcontrol.bus.local import LocalBroker, LocalBus
+from zcontrol.bus.message import registry
+from zcontrol.core.errors import SYS
+
+
+class LocalBusFactory:
+    copy = False
+
+    async def make_buses(self, count, clock, registries=None):
+        broker = LocalBroker(reactor)
+        buses = []
+        for i in range(count):
+            reg = (registries[i] if registries else None) or registry
+            bus = LocalBus(clock, node_id=f"node-{i}", broker=broker, scheduler=reactor,
+                           registry=reg, copy=self.copy)
+            await bus.start()
+            self.addCleanup(bus.stop)
+            buses.append(bus)
+        return buses
+
+    async def kill_node(self, bus):
+        bus._running = False
+        bus._broker.leave(bus)
+
+
+class LocalBusContractTests(LocalBusFactory, BusContractMixin, TestCase):
+    """
+    The contract, objects passed as they are.
+    """
+
+
+class LocalBusCopyContractTests(LocalBusFactory, BusContractMixin, TestCase):
+    """
+    The contract, every message encoded and decoded on the way.
+    """
+
+    copy = True
+
+
+def pump(clock: Clock) -> None:
+    """
+    Run everything due now on C{clock} (deliveries are C{callLater(0)} batches).
+    """
+    while any(c.getTime() <= clock.seconds() for c in clock.getDelayedCalls()):
+        clock.advance(0)
+
+
+def make_bus(**kw) -> tuple[LocalBus, Clock]:
+    clock = Clock()
+    bus = LocalBus(clock, **kw)
+    bus.start()
+    return bus, clock
+
+
+class LocalBusSyncTests(SynchronousTestCase):
+    """
+    LocalBus driven by a Clock alone.
+    """
+
+    def test_timers_are_shared(self):
+        """
+        Sends whose deadlines fall in one timer tick share one delayed call, and the
+        bookkeeping is empty once they are answered.
+        """
+        bus, clock = make_bus()
+        held = []
+        bus.register_service(SERVICE, lambda m: held.append(Deferred()) or held[-1])
+        ds = [bus.send(ContractEcho(service_id=SERVICE), timeout=30) for _ in range(1000)]
+        pump(clock)
+        self.assertEqual(len(held), 1000)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        for h in held:
+            h.callback(ContractEchoReply(text="x"))
+        pump(clock)
+        self.assertTrue(all(self.successResultOf(d).success for d in ds))
+        self.assertEqual(len(bus._pending), 0)
+        self.assertEqual(bus._pending._buckets, {})
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_timeout_never_early(self):
+        """
+        A timeout fires after its deadline, at most one tick late.
+        """
+        bus, clock = make_bus(timer_resolution=0.05)
+        bus.register_service(SERVICE, lambda m: Deferred())
+        d = bus.send(ContractEcho(service_id=SERVICE), timeout=1.23)
+        pump(clock)
+        clock.advance(1.229)
+        self.assertNoResult(d)
+        clock.advance(0.05)
+        self.assertEqual(self.successResultOf(d).error.code, SYS.TIMEOUT)
+
+    def test_expired_deadline_is_not_handled(self):
+        """
+        A message whose deadline passed before delivery is skipped (its sender already got
+        a timeout), not handled.
+        """
+        bus, clock = make_bus()
+        calls = []
+        bus.register_service(SERVICE, lambda m: calls.append(m))
+        d = bus.send(ContractEcho(service_id=SERVICE), timeout=0)
+        self.assertEqual(self.successResultOf(d).error.code, SYS.TIMEOUT)
+        pump(clock)
+        self.assertEqual(calls, [])
+
+    def test_no_recursion_in_stepping(self):
+        """
+        100,000 stepping sends answered at once do not recurse.
+        """
+        bus, clock = make_bus()
+        count = []
+        d = bus.send_stepping(
+            (ContractEcho(service_id="nobody") for _ in range(100_000)), 10,
+            lambda m, r: count.append(r.error.code))
+        while not d.called:
+            pump(clock)
+        self.assertEqual(len(count), 100_000)
+        self.assertEqual(set(count), {SYS.NO_ROUTE_ERROR})
+
+    def test_send_refuses_plain_message(self):
+        """
+        send() of a fire-and-forget message is a clear SYS.1007 failure.
+        """
+        from tests.bus_contract import ContractNote
+
+        bus, _ = make_bus()
+        f = self.failureResultOf(bus.send(ContractNote(service_id=SERVICE)))
+        self.assertEqual(f.value.error.code, SYS.INVALID_ARGUMENT_ERROR)
+
+    def test_strict_decoding_in_copy_mode(self):
+        """
+        In copy mode an ill-typed field is answered SYS.1007 by the receiving side.
+        """
+        bus, clock = make_bus(copy=True)
+        bus.register_service(SERVICE, echo(bus))
+        d = bus.send(ContractEcho(service_id=SERVICE, text=12))
+        pump(clock)
+        reply = self.successResultOf(d)
+        self.assertEqual(reply.error.code, SYS.INVALID_ARGUMENT_ERROR)
+        self.assertIn("ContractEcho.text must be a str", reply.error.details)
+
+    @given(
+        n=st.integers(0, 60),
+        parallelism=st.integers(1, 8),
+        seed=st.integers(0, 2**32 - 1),
+        failing=st.sets(st.integers(0, 59)),
+    )
+    def test_stepping_property(self, n, parallelism, seed, failing):
+        """
+        Whatever order replies come back in, send_stepping never has more than
+        C{parallelism} in flight and answers every message exactly once.
+        """
+        bus, clock = make_bus()
+        rnd = random.Random(seed)
+        held: list[tuple[ContractEcho, Deferred]] = []
+        peak = [0]
+
+        def handler(msg):
+            d = Deferred()
+            held.append((msg, d))
+            peak[0] = max(peak[0], len(held))
+            return d
+
+        bus.register_service(SERVICE, handler)
+        answers: dict[int, int] = {}
+
+        def on_reply(msg, reply):
+            answers[msg.count] = answers.get(msg.count, 0) + 1
+            if msg.count in failing:
+                raise RuntimeError("on_reply bug")
+
+        done = bus.send_stepping(
+            (ContractEcho(service_id=SERVICE, count=i) for i in range(n)), parallelism,
+            on_reply)
+        pump(clock)
+        while held:
+            msg, d = held.pop(rnd.randrange(len(held)))
+            if msg.count % 3 == 0:
+                d.errback(ValueError("handler failure"))
+            else:
+                d.callback(ContractEchoReply())
+            pump(clock)
+        self.successResultOf(done)
+        self.assertLessEqual(peak[0], parallelism)
+        self.assertEqual(answers, {i: 1 for i in range(n)})
+        self.flushLoggedErrors(ValueError, RuntimeError)

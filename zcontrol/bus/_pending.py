@@ -1,0 +1,204 @@
+# -*- test-case-name: tests.test_bus_local -*-
+"""
+The sender side shared by every bus: the table of sends waiting for a reply, their timeouts,
+and deadline propagation.
+
+Note [timer wheel]: a bus with tens of thousands of sends outstanding must not pay one
+C{callLater} (a heap entry and a DelayedCall object, ~300 bytes, plus O(log n) heap work) per
+send. Deadlines are rounded up to a tick (C{resolution}, 50 ms by default) and the sends of one
+tick share one C{callLater}; a completed send leaves its bucket at once, and an emptied bucket
+cancels its timer. A timeout therefore fires up to one tick late, never early.
+
+Note [deadline propagation]: while a handler runs, the deadline of the message it handles is
+in a context variable. C{Deferred.fromCoroutine} runs a coroutine in a copy of the context it
+was created in, so an C{async def} handler's child sends see the parent's deadline at every
+step; code written with explicit callbacks that fire later should pass C{timeout=} itself.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from zcontrol.bus.message import NeedReplyMessage, Reply
+from zcontrol.core.errors import SYS, ErrorCode, error_code
+
+__all__ = ["PendingTable", "current_deadline", "deadline_scope"]
+
+log = Logger()
+
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "zcontrol_bus_deadline", default=None
+)
+
+
+def current_deadline() -> float | None:
+    """
+    The deadline of the message being handled in this context, or None.
+    """
+    return _deadline.get()
+
+
+def deadline_scope(deadline: float | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """
+    Call C{fn(*args)} with C{deadline} as the current deadline.
+    """
+    token = _deadline.set(deadline)
+    try:
+        return fn(*args)
+    finally:
+        _deadline.reset(token)
+
+
+class _Envelope:
+    __slots__ = ("d", "msg_id", "name", "timeout", "target", "tick")
+
+    def __init__(self, d: Deferred, msg_id: str, name: str, timeout: float, target: str | None,
+                 tick: int):
+        self.d = d
+        self.msg_id = msg_id
+        self.name = name
+        self.timeout = timeout
+        self.target = target
+        self.tick = tick
+
+
+class PendingTable:
+    """
+    Sends waiting for a reply. Each gets exactly one answer: the reply, a timeout, a cancel,
+    or a node failure, whichever comes first; later ones are dropped (and logged).
+    """
+
+    def __init__(self, clock: Any, default_timeout: float = 1800.0, resolution: float = 0.05):
+        self._clock = clock
+        self.default_timeout = default_timeout
+        self.resolution = resolution
+        self._pending: dict[str, _Envelope] = {}
+        self._buckets: dict[int, dict[str, _Envelope]] = {}
+        self._timers: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, msg_id: str) -> bool:
+        return msg_id in self._pending
+
+    def prepare(self, msg: NeedReplyMessage, timeout: float | None) -> float:
+        """
+        Resolve the message's timeout and deadline (own timeout, capped by the parent's
+        deadline) and write them into the message. Returns the time left.
+        """
+        now = self._clock.seconds()
+        if timeout is None:
+            timeout = msg.timeout if msg.timeout is not None else self.default_timeout
+        deadline = now + timeout
+        parent = _deadline.get()
+        if parent is not None and parent < deadline:
+            deadline = parent
+        msg.deadline = deadline
+        msg.timeout = deadline - now
+        msg.created_at = now
+        return msg.timeout
+
+    def add(self, msg: NeedReplyMessage, target: str | None = None) -> Deferred[Reply]:
+        """
+        Wait for the reply to C{msg} (already L{prepare}d).
+        """
+        d: Deferred[Reply] = Deferred(self._cancel)
+        left = msg.deadline - self._clock.seconds()
+        if left <= 0:
+            d.callback(self._timeout_reply(msg.id, msg.describe(), msg.timeout or 0.0))
+            return d
+        tick = math.ceil(msg.deadline / self.resolution)
+        env = _Envelope(d, msg.id, msg.describe(), msg.timeout, target, tick)
+        d._zenv = env  # type: ignore[attr-defined]
+        self._pending[msg.id] = env
+        bucket = self._buckets.get(tick)
+        if bucket is None:
+            bucket = self._buckets[tick] = {}
+            self._timers[tick] = self._clock.callLater(
+                max(0.0, tick * self.resolution - self._clock.seconds()), self._expire, tick
+            )
+        bucket[msg.id] = env
+        return d
+
+    def _remove(self, env: _Envelope) -> None:
+        del self._pending[env.msg_id]
+        bucket = self._buckets.get(env.tick)
+        if bucket is not None:
+            bucket.pop(env.msg_id, None)
+            if not bucket:
+                del self._buckets[env.tick]
+                timer = self._timers.pop(env.tick, None)
+                if timer is not None and timer.active():
+                    timer.cancel()
+
+    def complete(self, reply: Reply) -> bool:
+        """
+        Deliver C{reply} to its waiter. False (and a log line) for a late or unknown reply.
+        """
+        env = self._pending.get(reply.correlation_id)
+        if env is None:
+            log.info(
+                "dropping a reply for no waiting message (late, duplicate or unknown): "
+                "{correlation_id}",
+                correlation_id=reply.correlation_id,
+            )
+            return False
+        self._remove(env)
+        env.d.callback(reply)
+        return True
+
+    def fail(self, msg_id: str, error: ErrorCode) -> bool:
+        """
+        Answer one waiter with an error reply.
+        """
+        env = self._pending.get(msg_id)
+        if env is None:
+            return False
+        self._remove(env)
+        env.d.callback(Reply.failure(error, msg_id))
+        return True
+
+    def fail_target(self, target: str, error: ErrorCode) -> int:
+        """
+        Answer every waiter whose message went to node C{target} (it left) with C{error}.
+        """
+        ids = [e.msg_id for e in self._pending.values() if e.target == target]
+        for msg_id in ids:
+            self.fail(msg_id, error)
+        return len(ids)
+
+    def fail_all(self, error: ErrorCode) -> int:
+        ids = list(self._pending)
+        for msg_id in ids:
+            self.fail(msg_id, error)
+        return len(ids)
+
+    def _timeout_reply(self, msg_id: str, name: str, timeout: float) -> Reply:
+        return Reply.failure(
+            error_code(SYS.TIMEOUT, f"{name} timeout after {timeout:g} seconds",
+                       message_id=msg_id),
+            msg_id,
+        )
+
+    def _expire(self, tick: int) -> None:
+        self._timers.pop(tick, None)
+        bucket = self._buckets.pop(tick, None) or {}
+        for env in bucket.values():
+            del self._pending[env.msg_id]
+        for env in bucket.values():
+            log.warn("{name} timeout after {timeout:g} seconds", name=env.name,
+                     timeout=env.timeout)
+            env.d.callback(self._timeout_reply(env.msg_id, env.name, env.timeout))
+
+    def _cancel(self, d: Deferred) -> None:
+        env = getattr(d, "_zenv", None)
+        if env is not None and self._pending.get(env.msg_id) is env:
+            self._remove(env)
+            d.callback(Reply.failure(error_code(SYS.CANCEL, f"{env.name} was cancelled"),
+                                     env.msg_id))
