@@ -350,7 +350,7 @@ def parse_condition(text: str) -> Condition:
         return Condition(m.group("name"), m.group("nullop"))
     op, value = m.group("op"), m.group("value")
     if op in _LIST_OPS:
-        return Condition(m.group("name"), op, value.split(","))
+        return Condition(m.group("name"), op, value.split(",") if value else [])
     return Condition(m.group("name"), op, value)
 
 
