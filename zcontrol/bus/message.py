@@ -279,8 +279,8 @@ class Registry:
         """
         The JSON bytes of a registered message, reply or event.
         """
-        name = type(obj).type_name
-        if self._types.get(name) is not type(obj):
+        name = getattr(type(obj), "type_name", None)
+        if name is None or self._types.get(name) is not type(obj):
             raise ValueError(f"{type(obj).__name__} is not a registered message type")
         body = {f.name: _encode_value(getattr(obj, f.name)) for f in attrs.fields(type(obj))}
         return json.dumps({name: body}, separators=(",", ":")).encode("utf-8")
