@@ -58,19 +58,34 @@ class DeferWaiter:
     def __init__(self) -> None:
         self._waiting: set[Deferred] = set()
         self._idle: list[Deferred] = []
+        self._busy = 0
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + self._busy
+
+    def enter(self) -> None:
+        """
+        Count a piece of work that has no Deferred yet (a handler being called, which may
+        re-enter the caller before it returns); pair with L{leave}.
+        """
+        self._busy += 1
+
+    def leave(self) -> None:
+        self._busy -= 1
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not self._waiting and not self._busy:
+            idle, self._idle = self._idle, []
+            for w in idle:
+                w.callback(None)
 
     def add(self, d: Deferred[T]) -> Deferred[T]:
         self._waiting.add(d)
 
         def done(result: Any) -> Any:
             self._waiting.discard(d)
-            if not self._waiting:
-                idle, self._idle = self._idle, []
-                for w in idle:
-                    w.callback(None)
+            self._maybe_idle()
             return result
 
         d.addBoth(done)
@@ -80,7 +95,7 @@ class DeferWaiter:
         """
         A Deferred that fires once nothing is in flight.
         """
-        if not self._waiting:
+        if not self._waiting and not self._busy:
             return succeed(None)
         w: Deferred[None] = Deferred()
         self._idle.append(w)

@@ -189,7 +189,14 @@ class LocalBus:
                 error_code(SYS.CANCEL, f"the bus of management node {self.node_id} stopped")
             )
 
-        return d.addBoth(drained).addCallback(left)
+        def after_queued(_: Any) -> Deferred[None]:
+            # Replies the drained handlers queued are delivered before the waiters left
+            # are answered.
+            flushed: Deferred[None] = Deferred()
+            self._queue.put(lambda: (left(None), flushed.callback(None)))
+            return flushed
+
+        return d.addBoth(drained).addCallback(after_queued)
 
     # services
 
@@ -282,9 +289,13 @@ class LocalBus:
             log.warn("skipping {message}: its deadline passed before it was handled",
                      message=msg.describe())
             return
-        d = call_handler(handler, msg, msg.service_id, lambda r: self.reply(msg, r))
-        if d is not None:
-            self._inflight.add(d)
+        self._inflight.enter()
+        try:
+            d = call_handler(handler, msg, msg.service_id, lambda r: self.reply(msg, r))
+            if d is not None:
+                self._inflight.add(d)
+        finally:
+            self._inflight.leave()
 
     def reply(self, request: NeedReplyMessage, reply: Reply) -> None:
         reply.correlation_id = request.id

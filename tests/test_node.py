@@ -1,0 +1,240 @@
+"""
+The management node's service tree, configuration and twistd plugins.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from twisted.application.service import IServiceMaker, Service
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.bus_contract import SERVICE, ContractEcho, ContractEchoReply
+from zcontrol.config import ConfigError, load_config
+from zcontrol.core.errors import SYS
+from zcontrol.node import HeartbeatService, OrderedMultiService, make_node
+from zcontrol.tap import Options
+
+
+class Recorder(Service):
+    def __init__(self, name, events, start=None, stop=None):
+        self.setName(name)
+        self.events = events
+        self._start = start
+        self._stop = stop
+
+    def startService(self):
+        Service.startService(self)
+        self.events.append(("start", self.name))
+        return self._start if self._start is not None else succeed(None)
+
+    def stopService(self):
+        Service.stopService(self)
+        self.events.append(("stop", self.name))
+        return self._stop if self._stop is not None else succeed(None)
+
+
+class OrderedMultiServiceTests(SynchronousTestCase):
+    def test_start_in_order_stop_in_reverse(self):
+        """
+        A child starts only once the previous one is up; stop goes in reverse and waits
+        for each child.
+        """
+        events = []
+        slow_start, slow_stop = Deferred(), Deferred()
+        root = OrderedMultiService()
+        Recorder("store", events, start=slow_start).setServiceParent(root)
+        Recorder("bus", events, stop=slow_stop).setServiceParent(root)
+        Recorder("http", events).setServiceParent(root)
+        d = root.startService()
+        self.assertEqual(events, [("start", "store")])
+        slow_start.callback(None)
+        self.successResultOf(d)
+        self.assertEqual(events[1:], [("start", "bus"), ("start", "http")])
+        stopped = root.stopService()
+        self.assertEqual(events[3:], [("stop", "http"), ("stop", "bus")])
+        self.assertNoResult(stopped)
+        slow_stop.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(events[5:], [("stop", "store")])
+
+    def test_start_failure_stops_what_started(self):
+        """
+        When a child fails to start, the children already up are stopped and the failure
+        is reported.
+        """
+        events, failures = [], []
+        root = OrderedMultiService(on_start_failure=failures.append)
+        Recorder("store", events).setServiceParent(root)
+        Recorder("bus", events, start=fail(RuntimeError("no broker"))).setServiceParent(root)
+        Recorder("http", events).setServiceParent(root)
+        self.failureResultOf(root.startService(), RuntimeError)
+        self.assertEqual(events, [("start", "store"), ("start", "bus"), ("stop", "store")])
+        self.assertEqual(len(failures), 1)
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_stop_during_start(self):
+        """
+        A stop that comes while a child is still starting waits for it, then stops what
+        is up.
+        """
+        events = []
+        slow = Deferred()
+        root = OrderedMultiService()
+        Recorder("store", events, start=slow).setServiceParent(root)
+        root.startService()
+        stopped = root.stopService()
+        self.assertNoResult(stopped)
+        slow.callback(None)
+        self.successResultOf(stopped)
+        self.assertIn(("stop", "store"), events)
+
+
+class FakeStore:
+    def __init__(self):
+        self.beats = []
+        self.deleted = []
+
+    def heartbeat(self, uuid, hostname, port=None, state="RUNNING"):
+        self.beats.append(uuid)
+        return succeed(None)
+
+    def delete_management_node(self, uuid):
+        self.deleted.append(uuid)
+        return succeed(None)
+
+
+class HeartbeatTests(SynchronousTestCase):
+    def test_beats_and_leaves(self):
+        """
+        The heartbeat writes the node's row at start and every interval, and deletes it on
+        stop.
+        """
+        store, clock = FakeStore(), Clock()
+        svc = HeartbeatService(store, "mn-1", clock, interval=5)
+        self.successResultOf(svc.startService())
+        clock.advance(5)
+        clock.advance(5)
+        self.assertEqual(store.beats, ["mn-1"] * 3)
+        self.successResultOf(svc.stopService())
+        self.assertEqual(store.deleted, ["mn-1"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class ConfigTests(SynchronousTestCase):
+    def write(self, text):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_defaults(self):
+        """
+        Without a file or options: LocalBus, SQLite under ./var, HTTP on 8080.
+        """
+        c = load_config()
+        self.assertEqual(c.bus.backend, "local")
+        self.assertTrue(c.store.url.startswith("sqlite:///"))
+        self.assertTrue(c.store.url.endswith(os.path.join("var", "zcontrol.db")))
+        self.assertEqual((c.http.port, c.http.backlog), (8080, 1024))
+
+    def test_file_then_options(self):
+        """
+        Options override the file, which overrides the defaults.
+        """
+        path = self.write('[bus]\nbackend = "amqp"\nmessage_timeout = 60\n'
+                          '[http]\nport = 9000\n[node]\nid = "mn-a"\n')
+        c = load_config(path, {"http": {"port": 9100, "interface": None}})
+        self.assertEqual((c.bus.backend, c.bus.message_timeout, c.http.port, c.node_id),
+                         ("amqp", 60.0, 9100, "mn-a"))
+
+    def test_bad_config(self):
+        """
+        Unknown keys, bad types, bad values and unreadable files are clear errors.
+        """
+        for text, fragment in [
+            ("[bus]\nbakend = 1\n", "unknown config key bus.bakend"),
+            ("[http]\nport = \"x\"\n", "http.port must be a int"),
+            ("[bus]\nbackend = \"zeromq\"\n", "bus.backend must be 'local' or 'amqp'"),
+            ("[nope]\na = 1\n", "unknown config section [nope]"),
+            ("not toml ===", "not valid TOML"),
+        ]:
+            e = self.assertRaises(ConfigError, load_config, self.write(text))
+            self.assertIn(fragment, str(e))
+        e = self.assertRaises(ConfigError, load_config, "/nonexistent/zc.toml")
+        self.assertIn("cannot read config file", str(e))
+
+    def test_options(self):
+        """
+        twistd options build the config tree; a bad value is a usage error.
+        """
+        o = Options()
+        o.parseOptions(["--bus", "local", "--http-port", "0", "--data-dir", "/tmp/zc"])
+        self.assertEqual(o["config_tree"].http.port, 0)
+        self.assertEqual(o["config_tree"].data_dir, "/tmp/zc")
+        self.assertRaises(UsageError, Options().parseOptions, ["--bus", "carrier-pigeon"])
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugins_found(self):
+        """
+        twistd finds both plugins, and each names a module with Options and makeService.
+        """
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertIn("zcontrol", makers)
+        self.assertIn("zagent", makers)
+        for name in ("zcontrol", "zagent"):
+            self.assertTrue(makers[name].options)
+
+    def test_twistd_help(self):
+        """
+        C{twistd zcontrol --help} lists the options.
+        """
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        out = subprocess.run([twistd, "zcontrol", "--help"], capture_output=True, text=True,
+                             timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        for opt in ("--db", "--bus", "--amqp-url", "--http-port", "--config"):
+            self.assertIn(opt, out.stdout)
+
+
+class NodeTests(TestCase):
+    """
+    A whole node on the embedded defaults, on the real reactor.
+    """
+
+    async def test_node_runs_and_drains(self):
+        """
+        The node starts store, heartbeat and bus in order, serves messages, and a stop
+        waits for a handler in flight before answering.
+        """
+        data = os.path.abspath(self.mktemp())
+        config = load_config(None, {"node": {"id": "mn-test", "data_dir": data},
+                                    "http": {"port": 0}})
+        node = make_node(config, reactor)
+        await node.startService()
+        self.assertEqual([s.name for s in node], ["store", "heartbeat", "bus"])
+        live = await node.store.live_management_nodes(60)
+        self.assertIn("mn-test", [n["uuid"] if isinstance(n, dict) else n for n in live])
+
+        started, release = Deferred(), Deferred()
+        node.bus.register_service(SERVICE, lambda m: started.callback(None) or release)
+        reply_d = node.bus.send(ContractEcho(service_id=SERVICE))
+        await started
+        stopped = []
+        stopping = node.stopService().addCallback(stopped.append)
+        self.assertEqual(stopped, [])
+        release.callback(ContractEchoReply(text="drained"))
+        reply = await reply_d
+        self.assertTrue(reply.success, reply.error)
+        self.assertEqual(reply.text, "drained")
+        await stopping
+        late = await node.bus.send(ContractEcho(service_id=SERVICE))
+        self.assertEqual(late.error.code, SYS.MANAGEMENT_NODE_UNAVAILABLE_ERROR)

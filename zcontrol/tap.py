@@ -1,0 +1,77 @@
+# -*- test-case-name: tests.test_node -*-
+"""
+C{twistd zcontrol}: options and C{makeService}. This is the only module that imports the
+global reactor, and only inside L{makeService}.
+"""
+
+from __future__ import annotations
+
+from twisted.python import usage
+
+from zcontrol import __version__
+from zcontrol.config import ConfigError, load_config
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    """
+    Options of a management node. Each one overrides the config file, which overrides the
+    defaults (LocalBus, SQLite under the data directory, HTTP on 127.0.0.1:8080).
+    """
+
+    synopsis = "[options]"
+    longdesc = ("Run a zcontrol management node. With no options it runs on the embedded "
+                "defaults: the in-process bus and SQLite under ./var.")
+
+    optParameters = [
+        ["config", "c", None, "TOML config file (see zcontrol.config)."],
+        ["node-id", None, None, "This management node's id (default: a fresh uuid)."],
+        ["data-dir", "d", None, "Directory for the embedded SQLite store (default: ./var)."],
+        ["db", None, None, "Store URL: sqlite:///abs/path.db or "
+                           "postgresql://user@host:port/dbname."],
+        ["bus", None, None, "Bus backend: local (in-process, default) or amqp (RabbitMQ)."],
+        ["amqp-url", None, None, "RabbitMQ URL (default amqp://guest:guest@127.0.0.1:5672/)."],
+        ["http-port", "p", None, "HTTP port for the API and agent callbacks (default 8080; "
+                                 "0 = any).", int],
+        ["http-interface", None, None, "HTTP interface (default 127.0.0.1)."],
+        ["public-url", None, None, "Base URL agents use to call back (default from the "
+                                   "interface and port)."],
+        ["message-timeout", None, None, "Default bus message timeout in seconds (1800).",
+         float],
+    ]
+
+    def opt_version(self) -> None:
+        """
+        Print zcontrol's version and exit.
+        """
+        print(f"zcontrol {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        try:
+            self["config_tree"] = load_config(self["config"], {
+                "node": {"id": self["node-id"], "data_dir": self["data-dir"]},
+                "store": {"url": self["db"]},
+                "bus": {"backend": self["bus"], "amqp_url": self["amqp-url"],
+                        "message_timeout": self["message-timeout"]},
+                "http": {"port": self["http-port"], "interface": self["http-interface"],
+                         "public_url": self["public-url"]},
+            })
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options):
+    """
+    The management node's root service, for twistd.
+    """
+    from twisted.internet import reactor
+
+    from zcontrol.node import make_node
+
+    def give_up(_reason):
+        if reactor.running:
+            reactor.stop()
+
+    return make_node(options["config_tree"], reactor, on_start_failure=give_up)
