@@ -303,14 +303,15 @@ class StoreContractMixin:
         address is reused; a specific address can be taken once; freeing twice is SYS.1003.
         """
         await self.seed("zone", "l2Network", "l3Network", "ipRange")
-        got = [await self.store.allocate_ip("l3-1") for _ in range(5)]
+        got = [await self.store.allocate_ip("l3-1", strategy="first") for _ in range(5)]
         self.assertEqual([g["ip"] for g in got], [f"10.0.0.{n}" for n in range(10, 15)])
         self.assertEqual(got[0]["gateway"], "10.0.0.1")
         self.assertEqual(got[0]["ipRangeUuid"], "range-1")
         await self.failure(self.store.allocate_ip("l3-1"), DB.NO_FREE_IP)
         await self.store.free_ip(got[2]["uuid"])
         await self.failure(self.store.free_ip(got[2]["uuid"]), SYS.RESOURCE_NOT_FOUND)
-        self.assertEqual((await self.store.allocate_ip("l3-1"))["ip"], "10.0.0.12")
+        self.assertEqual((await self.store.allocate_ip("l3-1", strategy="first"))["ip"],
+                         "10.0.0.12")
         await self.store.free_ip(got[4]["uuid"])
         await self.failure(self.store.allocate_ip("l3-1", ip="10.0.0.13"), DB.DUPLICATE)
         row = await self.store.allocate_ip("l3-1", ip="10.0.0.14", uuid="mine")
@@ -330,8 +331,21 @@ class StoreContractMixin:
         await self.store.insert("ipRange", {
             "uuid": "range-2", "l3NetworkUuid": "l3-1", "startIp": "10.0.1.1",
             "endIp": "10.0.1.2", "netmask": "255.255.255.0", "gateway": "10.0.1.254"})
-        ips = [(await self.store.allocate_ip("l3-1"))["ip"] for _ in range(7)]
+        ips = [(await self.store.allocate_ip("l3-1", strategy="first"))["ip"] for _ in range(7)]
         self.assertEqual(ips[-2:], ["10.0.1.1", "10.0.1.2"])
+        await self.failure(self.store.allocate_ip("l3-1"), DB.NO_FREE_IP)
+        await self.failure(self.store.allocate_ip("l3-1", strategy="best"),
+                           SYS.INVALID_ARGUMENT_ERROR)
+
+    @async_to_deferred
+    async def test_ip_allocation_random(self) -> None:
+        """
+        The random strategy (the default) hands out every address of the ranges exactly
+        once and then reports the network full.
+        """
+        await self.seed("zone", "l2Network", "l3Network", "ipRange")
+        ips = [(await self.store.allocate_ip("l3-1"))["ip"] for _ in range(5)]
+        self.assertEqual(sorted(ips), [f"10.0.0.{n}" for n in range(10, 15)])
         await self.failure(self.store.allocate_ip("l3-1"), DB.NO_FREE_IP)
 
     @async_to_deferred

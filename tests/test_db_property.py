@@ -50,8 +50,8 @@ TRANSITIONS = [
 OPS = st.one_of(
     st.tuples(st.just("reserve"), st.integers(0, 4), st.integers(0, 400)),
     st.tuples(st.just("release"), st.integers(0, 50)),
-    st.tuples(st.just("alloc")),
-    st.tuples(st.just("alloc")),
+    st.tuples(st.just("alloc"), st.sampled_from(["random", "first"])),
+    st.tuples(st.just("alloc"), st.sampled_from(["random", "first"])),
     st.tuples(st.just("free"), st.integers(0, 50)),
     st.tuples(st.just("free_again"), st.integers(0, 50)),
     st.tuples(st.just("cas"), st.sampled_from(TRANSITIONS)),
@@ -151,7 +151,8 @@ class StoreMachine(RuleBasedStateMachine):
                     db, self.host, c, m, 1.0))
                 kinds.append(("release", (cpu, mem)))
             elif kind == "alloc":
-                calls.append(lambda db: thd.allocate_ip_thd(db, self.l3, None, None, 1.0))
+                calls.append(lambda db, s=op[1]: thd.allocate_ip_thd(
+                    db, self.l3, None, None, 1.0, s))
                 kinds.append(("alloc", None))
             elif kind == "free" and self.held:
                 uuid = sorted(self.held)[op[1] % len(self.held)]

@@ -582,15 +582,32 @@ def _long_to_ip(n: int) -> str:
     return str(ipaddress.IPv4Address(int(n)))
 
 
+IP_STRATEGIES = ("random", "first")
+_RANDOM_PROBES = 4
+
+
 def allocate_ip_thd(
-    db: Db, l3_uuid: str, ip: str | None, uuid: str | None, now: float
+    db: Db, l3_uuid: str, ip: str | None, uuid: str | None, now: float,
+    strategy: str = "random",
 ) -> dict:
     """
     Take a free address of an L3 network: each attempt is one C{INSERT ... ON CONFLICT DO
     NOTHING} on the (L3, address) unique key, so concurrent callers never share an address;
-    a caller that loses a race tries the next candidate.
+    a caller that loses a race tries another candidate.
+
+    Strategies (ZStack's C{RandomIpAllocatorStrategy} and
+    C{FirstAvailableIpAllocatorStrategy}): C{"first"} takes the lowest free address (a gap
+    search whose cost grows with the addresses in use); C{"random"} probes a few random
+    addresses of the ranges first (constant cost while the network is not nearly full) and
+    falls back to the gap search, so a full network is still reported exactly.
     """
+    import random
     import uuid as uuidlib
+
+    if strategy not in IP_STRATEGIES:
+        raise OperationError.of(
+            SYS.INVALID_ARGUMENT_ERROR, f"unknown IP allocator strategy {strategy!r}"
+        )
 
     uuid = uuid or uuidlib.uuid4().hex
     if ip is not None:
@@ -615,6 +632,25 @@ def allocate_ip_thd(
                 l3_network_uuid=l3_uuid, ip=ip,
             )
         return _row(_USED_IP, rows[0])
+    if strategy == "random":
+        ranges = db.all(
+            "SELECT uuid, start_ip_in_long, end_ip_in_long, netmask, gateway FROM ip_ranges"
+            " WHERE l3_network_uuid = ? ORDER BY uuid",
+            (l3_uuid,),
+        )
+        size = sum(int(r[2]) - int(r[1]) + 1 for r in ranges)
+        for _ in range(_RANDOM_PROBES if size else 0):
+            k = random.randrange(size)
+            for rng in ranges:
+                width = int(rng[2]) - int(rng[1]) + 1
+                if k < width:
+                    break
+                k -= width
+            n = int(rng[1]) + k
+            rows = db.all(_INSERT_IP, (uuid, rng[0], l3_uuid, _long_to_ip(n), n, rng[3], rng[4],
+                                       now, now))
+            if rows:
+                return _row(_USED_IP, rows[0])
     attempts = 0
     while attempts < _IP_ATTEMPTS:
         candidates = db.all(_FREE_IPS, (l3_uuid, l3_uuid))
@@ -890,9 +926,9 @@ class AdbapiStore:
 
     # -- IPs and VM state ------------------------------------------------------------------
 
-    def allocate_ip(self, l3_network_uuid: str, ip: str | None = None, uuid: str | None = None
-                    ) -> Deferred:
-        return self._run(allocate_ip_thd, l3_network_uuid, ip, uuid, self._now())
+    def allocate_ip(self, l3_network_uuid: str, ip: str | None = None, uuid: str | None = None,
+                    strategy: str = "random") -> Deferred:
+        return self._run(allocate_ip_thd, l3_network_uuid, ip, uuid, self._now(), strategy)
 
     def free_ip(self, used_ip_uuid: str) -> Deferred:
         return self._run(free_ip_thd, used_ip_uuid)

@@ -194,16 +194,18 @@ class IStore(Interface):
 
     # -- IP addresses ----------------------------------------------------------------------
 
-    def allocate_ip(l3_network_uuid, ip=None, uuid=None):
+    def allocate_ip(l3_network_uuid, ip=None, uuid=None, strategy="random"):
         """
-        Take a free IP of the L3 network's ranges (the lowest free one, or exactly C{ip}),
-        recorded as a C{usedIp} row. Two concurrent callers never get the same address (a
-        unique key on the L3 and the address).
+        Take a free IP of the L3 network's ranges, recorded as a C{usedIp} row: exactly
+        C{ip} when given, else a random free one (C{strategy="random"}, ZStack's default,
+        constant cost) or the lowest free one (C{strategy="first"}). Two concurrent callers
+        never get the same address (a unique key on the L3 and the address).
 
         @return: Deferred firing with the usedIp row (C{uuid}, C{ip}, C{ipInLong},
             C{ipRangeUuid}, C{l3NetworkUuid}, C{netmask}, C{gateway}); fails with
             C{DB.1005} when no address is free, C{DB.1000} when C{ip} is already taken,
-            C{SYS.1007} when C{ip} is not in any range of the network.
+            C{SYS.1007} when C{ip} is not in any range of the network (or the strategy is
+            unknown), C{SYS.1003} for an unknown network.
         """
 
     def free_ip(used_ip_uuid):
