@@ -1,0 +1,438 @@
+# -*- test-case-name: tests.test_agent_app -*-
+"""
+The agent framework: a klein app serving many hosts, the synchronous host URIs (echo,
+connect, ping) and the asynchronous command pattern, with plugins supplying the commands.
+
+Asynchronous URIs
+=================
+A command POSTed without a C{taskuuid} or C{callbackurl} header gets C{400}; a body that does
+not decode gets C{400}; a host that was never connected (no callback secret) gets C{409}. Else
+the agent answers C{200} with an empty body at once, runs the plugin's handler, and POSTs the
+response (a L{Response}; a handler failure becomes C{success=false} with the error text) to the
+callback URL with the same C{taskuuid}, signed with the host's secret. A task uuid seen before
+is answered C{200} and ignored; task uuids are remembered for L{TaskMemory.ttl} seconds and at
+most L{TaskMemory.max_size} of them (oldest forgotten first), so memory stays bounded.
+
+The callback is retried with exponential backoff (L{CallbackPolicy}) until the management node
+acknowledges it with a 2xx, answers a 4xx other than 408/429 (it will never accept it: unknown,
+expired or already completed task, bad signature), or the attempts run out.
+
+Synchronous URIs (echo, connect, ping) are answered inline and refuse a C{taskuuid} (as
+ZStack's agents do).
+
+Faults (simulation)
+===================
+L{Faults} makes a share of accepted commands never call back, or makes the host crash right
+after accepting (the host forgets its VMs, its secret and its work; nothing calls back).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Iterable, Mapping
+
+import attrs
+from klein import Klein
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface
+
+from agent import protocol
+from agent.hypervisor.interfaces import HostBackends, HypervisorError
+from agent.protocol import (
+    CALLBACK_URL_HEADER,
+    COMMANDS,
+    CONNECT_PATH,
+    ECHO_PATH,
+    PING_PATH,
+    SIGNATURE_HEADER,
+    TASK_UUID_HEADER,
+    CommandDef,
+    Message,
+    ProtocolError,
+    Response,
+)
+
+__all__ = [
+    "AgentApp",
+    "CallbackPolicy",
+    "Faults",
+    "HostState",
+    "IAgentPlugin",
+    "TaskMemory",
+]
+
+log = Logger()
+
+_TASK = TASK_UUID_HEADER.encode("ascii")
+_CALLBACK = CALLBACK_URL_HEADER.encode("ascii")
+_JSON = b"application/json"
+
+#: A plugin's command handler: (host, decoded command) -> Response or Deferred[Response].
+Handler = Callable[["HostState", Message], Any]
+
+
+class IAgentPlugin(Interface):
+    """
+    A set of commands an agent serves (KVM, console proxy, virtual router).
+    """
+
+    name = Attribute("the plugin's name, as given to --plugins")
+
+    def handlers():
+        """
+        @return: a mapping of command path (a key of L{agent.protocol.COMMANDS}) to a handler
+            called with the L{HostState} and the decoded command, returning the response or a
+            Deferred firing with it. A failure becomes C{success=false}.
+        """
+
+
+@attrs.define
+class HostState:
+    """
+    One host served by this agent process.
+
+    @ivar key: its address (the C{<host id>} of C{/hosts/<host id>/...}).
+    @ivar backends: its hypervisor, console proxy and virtual router.
+    @ivar host_uuid: the uuid given at connect (None before).
+    @ivar secret: the callback secret given at connect (None before).
+    @ivar send_command_url: where agent-initiated commands go.
+    """
+
+    key: str
+    backends: HostBackends
+    host_uuid: str | None = None
+    secret: str | None = None
+    send_command_url: str | None = None
+
+
+class TaskMemory:
+    """
+    The task uuids seen recently, bounded in time and count.
+    """
+
+    def __init__(self, clock: Any, ttl: float = 3600.0, max_size: int = 200_000) -> None:
+        self._clock = clock
+        self.ttl = ttl
+        self.max_size = max_size
+        self._seen: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def seen(self, taskuuid: str) -> bool:
+        """
+        Whether C{taskuuid} was seen before; remembers it if not.
+        """
+        now = self._clock.seconds()
+        seen = self._seen
+        # Insertion order is expiry order (one ttl): drop expired ones from the front.
+        while seen:
+            oldest = next(iter(seen))
+            if seen[oldest] > now:
+                break
+            del seen[oldest]
+        if taskuuid in seen:
+            return True
+        seen[taskuuid] = now + self.ttl
+        if len(seen) > self.max_size:
+            del seen[next(iter(seen))]
+        return False
+
+
+@attrs.frozen
+class CallbackPolicy:
+    """
+    How callbacks are POSTed.
+
+    @ivar max_attempts: attempts before giving up (ZStack's agents retry 15 times).
+    @ivar initial_delay: the first backoff, seconds.
+    @ivar max_delay: the backoff cap.
+    @ivar factor: backoff growth per attempt.
+    @ivar jitter: up to this fraction of each delay is added at random.
+    @ivar timeout: the timeout of one POST.
+    @ivar concurrency: callbacks POSTed at once (the pool should keep this many connections).
+    """
+
+    max_attempts: int = 15
+    initial_delay: float = 0.5
+    max_delay: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.2
+    timeout: float = 30.0
+    concurrency: int = 1000
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """
+        The backoff before attempt C{attempt + 1} (C{attempt} >= 1).
+        """
+        base = min(self.max_delay, self.initial_delay * self.factor ** (attempt - 1))
+        return base * (1.0 + self.jitter * rng.random())
+
+
+@attrs.frozen
+class Faults:
+    """
+    Simulated faults of accepted asynchronous commands.
+
+    @ivar never_callback_rate: probability that a command does its work but never calls back.
+    @ivar crash_after_accept_rate: probability that the host crashes right after accepting.
+    """
+
+    never_callback_rate: float = 0.0
+    crash_after_accept_rate: float = 0.0
+
+
+def _error_text(reason: Failure) -> str:
+    if reason.check(HypervisorError, ProtocolError):
+        return str(reason.value)
+    return f"{type(reason.value).__name__}: {reason.value}"
+
+
+class AgentApp:
+    """
+    The agent: a klein app serving C{host_count} hosts under C{/hosts/<i>/} (and host C{0}
+    unprefixed), with the commands of C{plugins}.
+
+    @ivar app: the klein app; C{app.resource()} is what a site serves.
+    """
+
+    app = Klein()
+
+    def __init__(
+        self,
+        clock: Any,
+        http: Any,
+        backend_factory: Callable[[str], HostBackends],
+        plugins: Iterable[Any],
+        host_count: int = 1,
+        faults: Faults = Faults(),
+        policy: CallbackPolicy = CallbackPolicy(),
+        rng: random.Random | None = None,
+        tasks: TaskMemory | None = None,
+        reset_host: Callable[[str], None] | None = None,
+    ) -> None:
+        """
+        @param clock: an C{IReactorTime} for backoff and POST timeouts.
+        @param http: a treq C{HTTPClient} (see L{agent.http.make_http_client}) for callbacks.
+        @param backend_factory: host key -> its L{HostBackends}.
+        @param plugins: L{IAgentPlugin} providers.
+        @param reset_host: called with a host key when that host crashes (a simulated fault),
+            so that the backend forgets it.
+        """
+        self._clock = clock
+        self._http = http
+        self._backend_factory = backend_factory
+        self._host_count = host_count
+        self._faults = faults
+        self._policy = policy
+        self._rng = rng if rng is not None else random.Random()
+        self.tasks = tasks if tasks is not None else TaskMemory(clock)
+        self._reset_host = reset_host
+        self._hosts: dict[str, HostState] = {}
+        self._sem = DeferredSemaphore(policy.concurrency)
+        self.plugins = list(plugins)
+        self._handlers: dict[str, tuple[CommandDef, Handler]] = {
+            ECHO_PATH: (COMMANDS[ECHO_PATH], self._echo),
+            CONNECT_PATH: (COMMANDS[CONNECT_PATH], self._connect),
+            PING_PATH: (COMMANDS[PING_PATH], self._ping),
+        }
+        for plugin in self.plugins:
+            for path, handler in plugin.handlers().items():
+                if path in self._handlers:
+                    raise ValueError(f"two plugins serve {path}")
+                self._handlers[path] = (COMMANDS[path], handler)
+        #: Counters for observation and tests.
+        self.stats = {"accepted": 0, "duplicates": 0, "callbacks": 0, "callback_failures": 0}
+
+    @property
+    def paths(self) -> list[str]:
+        """
+        The command paths served.
+        """
+        return sorted(self._handlers)
+
+    # --- hosts ----------------------------------------------------------------------------
+
+    def host(self, key: str) -> HostState | None:
+        """
+        The state of host C{key} (created on first use), or None if there is no such host.
+        """
+        state = self._hosts.get(key)
+        if state is None:
+            if not key.isdigit() or int(key) >= self._host_count or str(int(key)) != key:
+                return None
+            state = self._hosts[key] = HostState(key, self._backend_factory(key))
+        return state
+
+    def crash_host(self, key: str) -> None:
+        """
+        Simulate a crash of host C{key}: it forgets its VMs, its connection (secret, uuid) and
+        the work in progress, which never calls back.
+        """
+        self._hosts.pop(key, None)
+        if self._reset_host is not None:
+            self._reset_host(key)
+
+    # --- routes ---------------------------------------------------------------------------
+
+    @app.route("/hosts/<string:host>/<path:command>", methods=["POST"])
+    def _hosted(self, request: Any, host: str, command: str) -> Any:
+        return self._dispatch(request, host, "/" + command)
+
+    @app.route("/<path:command>", methods=["POST"])
+    def _single(self, request: Any, command: str) -> Any:
+        return self._dispatch(request, "0", "/" + command)
+
+    def _dispatch(self, request: Any, key: str, path: str) -> Any:
+        host = self.host(key)
+        if host is None:
+            request.setResponseCode(404)
+            return f"no host {key} here".encode()
+        entry = self._handlers.get(path)
+        if entry is None:
+            request.setResponseCode(404)
+            return f"no command {path}".encode()
+        definition, handler = entry
+        headers = request.requestHeaders
+        taskuuids = headers.getRawHeaders(_TASK)
+        if definition.sync:
+            if taskuuids:
+                request.setResponseCode(400)
+                return f"{path} is synchronous: no taskuuid".encode()
+            try:
+                cmd = definition.cmd_type.from_json(request.content.read())
+            except ProtocolError as e:
+                request.setResponseCode(400)
+                return str(e).encode()
+            d = self._handle(definition, handler, host, cmd)
+            request.setHeader(b"content-type", _JSON)
+            return d.addCallback(lambda rsp: rsp.to_json())
+        if not taskuuids or not taskuuids[0]:
+            request.setResponseCode(400)
+            return b"taskuuid header missing"
+        callbacks = headers.getRawHeaders(_CALLBACK)
+        if not callbacks or not callbacks[0]:
+            request.setResponseCode(400)
+            return b"callbackurl header missing"
+        taskuuid = taskuuids[0].decode("utf-8", "replace")
+        try:
+            cmd = definition.cmd_type.from_json(request.content.read())
+        except ProtocolError as e:
+            request.setResponseCode(400)
+            return str(e).encode()
+        if host.secret is None:
+            request.setResponseCode(409)
+            return f"host {key} is not connected".encode()
+        if self.tasks.seen(taskuuid):
+            self.stats["duplicates"] += 1
+            return b""
+        self.stats["accepted"] += 1
+        self._accepted(definition, handler, host, taskuuid, callbacks[0].decode("utf-8"), cmd)
+        return b""
+
+    # --- the asynchronous pattern ---------------------------------------------------------
+
+    def _accepted(self, definition: CommandDef, handler: Handler, host: HostState,
+                  taskuuid: str, callback_url: str, cmd: Message) -> None:
+        faults = self._faults
+        if faults.crash_after_accept_rate and self._rng.random() < faults.crash_after_accept_rate:
+            log.info("simulated crash of host {key} after accepting {task}", key=host.key,
+                     task=taskuuid)
+            self.crash_host(host.key)
+            return
+        silent = bool(faults.never_callback_rate) and (
+            self._rng.random() < faults.never_callback_rate
+        )
+        secret = host.secret
+        d = self._handle(definition, handler, host, cmd)
+        if silent:
+            d.addErrback(lambda f: None)
+            return
+        d.addCallback(self._send_result, host, taskuuid, callback_url, secret)
+        d.addErrback(
+            lambda f: log.failure("callback of {task} failed", f, task=taskuuid)
+        )
+
+    def _handle(self, definition: CommandDef, handler: Handler, host: HostState,
+                cmd: Message) -> Deferred[Response]:
+        try:
+            result = handler(host, cmd)
+        except Exception:
+            result = fail()
+        if not isinstance(result, Deferred):
+            result = succeed(result)
+
+        def failed(reason: Failure) -> Response:
+            if not reason.check(HypervisorError, ProtocolError):
+                log.failure("{path} failed on host {key}", reason, path=definition.path,
+                            key=host.key)
+            return definition.rsp_type(success=False, error=_error_text(reason))
+
+        return result.addErrback(failed)
+
+    def _send_result(self, rsp: Response, host: HostState, taskuuid: str, url: str,
+                     secret: str) -> Deferred[bool] | None:
+        if self._hosts.get(host.key) is not host:
+            return None  # the host crashed meanwhile: its work is lost
+        body = rsp.to_json()
+        headers = {
+            _TASK: [taskuuid.encode("utf-8")],
+            SIGNATURE_HEADER.encode("ascii"): [
+                protocol.sign(secret, taskuuid, body).encode("ascii")
+            ],
+            b"content-type": [_JSON],
+        }
+        return self._post(url, body, headers, taskuuid, 1)
+
+    def _post(self, url: str, body: bytes, headers: Mapping, taskuuid: str,
+              attempt: int) -> Deferred[bool]:
+        policy = self._policy
+        # The semaphore bounds POSTs in flight, not backoff sleeps.
+        d = self._sem.run(self._http.post, url, data=body, headers=headers,
+                          timeout=policy.timeout, reactor=self._clock,
+                          allow_redirects=False, unbuffered=True)
+
+        def answered(response: Any) -> Any:
+            code = response.code
+            if 200 <= code < 300:
+                self.stats["callbacks"] += 1
+                return True
+            if 400 <= code < 500 and code not in (408, 429):
+                self.stats["callback_failures"] += 1
+                log.warn("callback {task} refused with {code}; not retrying", task=taskuuid,
+                         code=code)
+                return False
+            return retry(f"HTTP {code}")
+
+        def errored(reason: Failure) -> Any:
+            return retry(f"{type(reason.value).__name__}: {reason.value}")
+
+        def retry(why: str) -> Any:
+            if attempt >= policy.max_attempts:
+                self.stats["callback_failures"] += 1
+                log.warn("callback {task} to {url} given up after {n} attempts: {why}",
+                         task=taskuuid, url=url, n=attempt, why=why)
+                return False
+            delay = policy.delay(attempt, self._rng)
+            return deferLater(self._clock, delay, self._post, url, body, headers, taskuuid,
+                              attempt + 1)
+
+        return d.addCallbacks(answered, errored)
+
+    # --- synchronous host URIs ------------------------------------------------------------
+
+    def _echo(self, host: HostState, cmd: Message) -> Response:
+        return protocol.EchoRsp()
+
+    def _connect(self, host: HostState, cmd: protocol.ConnectCmd) -> Response:
+        host.host_uuid = cmd.host_uuid
+        host.secret = cmd.callback_secret
+        host.send_command_url = cmd.send_command_url
+        log.info("host {key} connected as {uuid}", key=host.key, uuid=cmd.host_uuid)
+        return protocol.ConnectRsp()
+
+    def _ping(self, host: HostState, cmd: protocol.PingCmd) -> Response:
+        return protocol.PingRsp(host_uuid=host.host_uuid)

@@ -1,0 +1,105 @@
+# -*- test-case-name: tests.test_agent_app -*-
+"""
+HTTP plumbing shared by the agent and the management node's agent client: a treq client over
+a deliberately sized connection pool, a body producer that writes at once, and a quiet site.
+
+Note [sizing]: Twisted's defaults collapse under the callback pattern (shared/STACK_NOTES.md):
+treq's module-level pool keeps 2 persistent connections per host, so with 1,000 commands in
+flight 998 connections are opened and closed per wave; C{listenTCP}'s backlog of 50 overflows
+and SYN retransmits add seconds. Both sides therefore build their own
+L{HTTPConnectionPool} with C{maxPersistentPerHost} of the expected concurrency and listen with a
+backlog of 1,024 (somaxconn permitting). The pool does not bound concurrency: callers bound it
+with a semaphore of the same size, so that the pool never opens more connections than it keeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+__all__ = ["BytesProducer", "JSONRequest", "QuietSite", "make_http_client", "make_pool"]
+
+DEFAULT_POOL_SIZE = 1000
+DEFAULT_BACKLOG = 1024
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A body producer for a byte string that writes it in one go. treq's default adapter wraps
+    bytes in a C{FileBodyProducer}, which goes through a cooperator and costs reactor turns on
+    every request.
+    """
+
+    __slots__ = ("_body", "length")
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body) if body is not None else UNKNOWN_LENGTH
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def make_pool(reactor: Any, max_persistent: int = DEFAULT_POOL_SIZE,
+              cached_timeout: float = 240.0) -> HTTPConnectionPool:
+    """
+    A persistent connection pool keeping up to C{max_persistent} idle connections per
+    endpoint (scheme, host, port).
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max_persistent
+    pool.cachedConnectionTimeout = cached_timeout
+    pool.retryAutomatically = True
+    return pool
+
+
+def make_http_client(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float = 10.0):
+    """
+    A treq C{HTTPClient} over C{pool} that sends byte bodies with L{BytesProducer}.
+    """
+    from treq.client import HTTPClient
+
+    agent = Agent(reactor, pool=pool, connectTimeout=connect_timeout)
+    return HTTPClient(agent, data_to_body_producer=BytesProducer)
+
+
+class JSONRequest(Request):
+    """
+    A request that never parses its body as an HTML form: commands and callbacks are JSON, and
+    form parsing costs an C{email.message} parse of the C{Content-Type} on every POST.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(*args, **kwargs)
+
+
+class QuietSite(Site):
+    """
+    A site for JSON endpoints: no access-log line per request (a line per callback is a cost
+    at thousands per second; failures are logged by the handlers) and no form parsing
+    (L{JSONRequest}).
+    """
+
+    noisy = False
+    requestFactory = JSONRequest
+
+    def log(self, request: Any) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""Hypervisor, console proxy and virtual router backends of the agent (interfaces and the simulator)."""

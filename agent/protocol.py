@@ -1,0 +1,786 @@
+# -*- test-case-name: tests.test_agent_protocol -*-
+"""
+The wire contract between the management node and its agents, defined once and imported by
+both sides (the management node's C{zcontrol.agentclient} and the agent's L{agent.app}).
+
+Transport
+=========
+The management node POSTs a JSON command to C{<host base URL><path>}. Asynchronous commands
+carry two headers: C{taskuuid} (a fresh uuid per call) and C{callbackurl}. The agent answers
+C{200} with an empty body at once ("accepted"), does the work, then POSTs the JSON response to
+C{callbackurl} with the same C{taskuuid} header and a signature header (see L{sign}).
+Synchronous commands (L{ECHO_PATH}, L{CONNECT_PATH}, L{PING_PATH}) carry no C{taskuuid} and
+are answered inline with the JSON response.
+
+Addressing many hosts
+=====================
+One agent process simulates many hosts. A host is addressed by a path prefix on one port:
+C{http://<agent ip>:<port>/hosts/<host id>} is that host's I{base URL}, and a command path is
+appended to it (C{.../hosts/17/vm/start}). A host id is the simulated host's index
+(C{0 .. N-1}). The management node only ever sees base URLs (L{host_base_url}), so a real
+one-host agent (base URL C{http://<ip>:7070}, unprefixed paths) and a simulated host look the
+same to it.
+
+Note [why a path prefix]: thousands of hosts behind one port share one TCP endpoint, so the
+management node keeps B{one} connection pool per management-node/agent-process pair, whose
+size it controls, instead of thousands of pools of a few connections each (a port range), and
+it needs no DNS or C{Host} header tricks (virtual hosts). One listening socket also means one
+listen backlog to size (see L{agent.tap}).
+
+Authentication
+==============
+At C{/host/connect} the management node generates a per-host secret and sends it in
+L{ConnectCmd.callback_secret}; the agent keeps it per host. Every callback carries
+C{HMAC-SHA256(secret, taskuuid + "\\n" + body)} in hex in the L{SIGNATURE_HEADER}. The
+signature binds the task uuid, so a callback captured for one task cannot complete another;
+a callback replayed after its task completed finds no pending task.
+
+Encoding
+========
+Commands and responses are frozen attrs classes (L{Message}) with snake_case attributes and
+camelCase JSON names (ZStack's dialect: C{vmInstanceUuid}). Decoding is strict: unknown
+fields, missing required fields and wrong types raise L{ProtocolError}. Every response field
+has a default, so that C{Rsp(success=False, error="...")} is always a valid response of any
+type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import types
+import typing
+from typing import Any, ClassVar, Mapping, TypeVar, Union
+
+import attrs
+
+__all__ = [
+    "CALLBACK_URL_HEADER",
+    "COMMANDS",
+    "COMMAND_PATH_HEADER",
+    "CONNECT_PATH",
+    "CommandDef",
+    "ECHO_PATH",
+    "HOSTS_PREFIX",
+    "Message",
+    "PING_PATH",
+    "ProtocolError",
+    "Response",
+    "SIGNATURE_HEADER",
+    "TASK_UUID_HEADER",
+    "VmState",
+    "command_for",
+    "host_base_url",
+    "sign",
+    "verify",
+]
+
+#: Header naming the task; the same value comes back on the callback.
+TASK_UUID_HEADER = "taskuuid"
+#: Header carrying the URL the agent POSTs the result to.
+CALLBACK_URL_HEADER = "callbackurl"
+#: Header carrying the hex HMAC-SHA256 of a callback (see L{sign}).
+SIGNATURE_HEADER = "x-zcontrol-signature"
+#: Header naming the management-node path an agent-initiated command is for.
+COMMAND_PATH_HEADER = "commandpath"
+#: Header naming the resource a command is about (informative).
+RESOURCE_UUID_HEADER = "X-Resource-UUID"
+
+#: Path prefix addressing one of the hosts an agent process serves.
+HOSTS_PREFIX = "/hosts/"
+
+M = TypeVar("M", bound="Message")
+
+
+class ProtocolError(ValueError):
+    """
+    A message does not match the contract (bad JSON, unknown or missing field, wrong type).
+    """
+
+
+def host_base_url(agent_url: str, host_id: str | int | None = None) -> str:
+    """
+    The base URL of one host of the agent at C{agent_url} (C{http://ip:port}); with no
+    C{host_id}, the agent's own unprefixed base URL (a one-host agent).
+    """
+    base = agent_url.rstrip("/")
+    if host_id is None:
+        return base
+    return f"{base}{HOSTS_PREFIX}{host_id}"
+
+
+def sign(secret: str, taskuuid: str, body: bytes) -> str:
+    """
+    The signature of a callback: hex HMAC-SHA256 keyed by the host's secret over the task uuid,
+    a newline and the body.
+    """
+    return hmac.new(
+        secret.encode("utf-8"), taskuuid.encode("utf-8") + b"\n" + body, hashlib.sha256
+    ).hexdigest()
+
+
+def verify(secret: str, taskuuid: str, body: bytes, signature: str | bytes | None) -> bool:
+    """
+    Whether C{signature} is the signature of (C{taskuuid}, C{body}) under C{secret}, compared
+    in constant time.
+    """
+    if not signature:
+        return False
+    if isinstance(signature, str):
+        signature = signature.encode("ascii", "replace")
+    expected = sign(secret, taskuuid, body).encode("ascii")
+    return hmac.compare_digest(expected, signature)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _decode_value(tp: Any, value: Any, where: str) -> Any:
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ProtocolError(f"{where}: null is not allowed")
+        (inner,) = [a for a in args if a is not type(None)]
+        return _decode_value(inner, value, where)
+    if tp is bool:
+        if type(value) is not bool:
+            raise ProtocolError(f"{where}: expected a boolean, got {type(value).__name__}")
+        return value
+    if tp is int:
+        if type(value) is not int:
+            raise ProtocolError(f"{where}: expected an integer, got {type(value).__name__}")
+        return value
+    if tp is float:
+        if type(value) not in (int, float):
+            raise ProtocolError(f"{where}: expected a number, got {type(value).__name__}")
+        return float(value)
+    if tp is str:
+        if type(value) is not str:
+            raise ProtocolError(f"{where}: expected a string, got {type(value).__name__}")
+        return value
+    if origin is list:
+        if type(value) is not list:
+            raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
+        (inner,) = typing.get_args(tp)
+        return [_decode_value(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if type(value) is not dict:
+            raise ProtocolError(f"{where}: expected an object, got {type(value).__name__}")
+        _, inner = typing.get_args(tp)
+        return {k: _decode_value(inner, v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and issubclass(tp, Message):
+        return tp._decode(value, where)
+    raise TypeError(f"unsupported wire type {tp!r} at {where}")  # pragma: no cover
+
+
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, Message):
+        return value.to_dict()
+    if isinstance(value, list):
+        return [_encode_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _encode_value(v) for k, v in value.items()}
+    return value
+
+
+@attrs.frozen(kw_only=True)
+class Message:
+    """
+    Base of every command, response and nested value on the wire. Subclasses are declared
+    with L{message}.
+    """
+
+    _wire: ClassVar[tuple[tuple[str, str, Any, bool], ...]] = ()
+    _by_wire: ClassVar[dict[str, tuple[str, Any]]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """
+        The JSON-ready dict with camelCase keys.
+        """
+        out = {}
+        for attr, wire, _tp, _required in self._wire:
+            out[wire] = _encode_value(getattr(self, attr))
+        return out
+
+    def to_json(self) -> bytes:
+        """
+        The UTF-8 JSON encoding.
+        """
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def _decode(cls: type[M], data: Any, where: str) -> M:
+        if type(data) is not dict:
+            raise ProtocolError(f"{where}: expected an object, got {type(data).__name__}")
+        by_wire = cls._by_wire
+        kwargs = {}
+        for key, value in data.items():
+            spec = by_wire.get(key)
+            if spec is None:
+                raise ProtocolError(f"{where}: unknown field {key!r}")
+            attr, tp = spec
+            kwargs[attr] = _decode_value(tp, value, f"{where}.{key}")
+        for attr, wire, _tp, required in cls._wire:
+            if required and attr not in kwargs:
+                raise ProtocolError(f"{where}: missing field {wire!r}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_dict(cls: type[M], data: Mapping[str, Any]) -> M:
+        """
+        Decode strictly from a JSON object.
+
+        @raise ProtocolError: the data does not match the contract.
+        """
+        return cls._decode(data, cls.__name__)
+
+    @classmethod
+    def from_json(cls: type[M], body: bytes | str) -> M:
+        """
+        Decode strictly from JSON text.
+
+        @raise ProtocolError: not JSON, or not this message.
+        """
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ProtocolError(f"{cls.__name__}: malformed JSON: {e}") from None
+        return cls._decode(data, cls.__name__)
+
+
+def message(cls: type[M]) -> type[M]:
+    """
+    Declare a wire message: make C{cls} a frozen, keyword-only attrs class and compute its
+    wire field table (camelCase names, resolved types, which fields are required).
+    """
+    cls = attrs.frozen(kw_only=True)(cls)
+    attrs.resolve_types(cls)
+    table = []
+    for f in attrs.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        table.append((f.name, _camel(f.name), f.type, f.default is attrs.NOTHING))
+    cls._wire = tuple(table)
+    cls._by_wire = {wire: (attr, tp) for attr, wire, tp, _ in table}
+    response_base = globals().get("Response")
+    if response_base is not None and issubclass(cls, response_base):
+        required = [wire for _a, wire, _t, req in table if req]
+        if required:
+            raise TypeError(f"every field of response {cls.__name__} needs a default: {required}")
+    return cls
+
+
+class VmState:
+    """
+    VM states as the hypervisor reports them (ZStack's C{VmInstanceState} names).
+    """
+
+    RUNNING = "Running"
+    STOPPED = "Stopped"
+    UNKNOWN = "Unknown"
+
+
+# --- shared values ---------------------------------------------------------------------------
+
+
+@message
+class NicTO(Message):
+    """A VM NIC."""
+
+    mac: str
+    ip: str | None = None
+    netmask: str | None = None
+    gateway: str | None = None
+    bridge_name: str | None = None
+    device_id: int = 0
+    l3_network_uuid: str | None = None
+
+
+@message
+class Response(Message):
+    """
+    Base of every agent response (ZStack's C{AgentResponse}).
+    """
+
+    success: bool = True
+    error: str | None = None
+
+
+# --- host (the framework's synchronous URIs and the KVM host commands) -----------------------
+
+
+@message
+class EchoCmd(Message):
+    """C{/host/echo}: is the agent up? (sync)"""
+
+
+@message
+class EchoRsp(Response):
+    """Answer to L{EchoCmd}."""
+
+
+@message
+class ConnectCmd(Message):
+    """
+    C{/host/connect} (sync): the management node takes the host over.
+
+    @ivar callback_secret: the per-host secret that signs this host's callbacks from now on.
+    """
+
+    host_uuid: str
+    callback_secret: str
+    send_command_url: str | None = None
+    version: str | None = None
+
+
+@message
+class ConnectRsp(Response):
+    """Answer to L{ConnectCmd}."""
+
+    libvirt_version: str | None = None
+    qemu_version: str | None = None
+
+
+@message
+class PingCmd(Message):
+    """C{/host/ping} (sync)."""
+
+    host_uuid: str
+
+
+@message
+class PingRsp(Response):
+    """
+    Answer to L{PingCmd}: the host uuid the agent was connected with (None before any
+    connect); a mismatch means the management node must reconnect.
+    """
+
+    host_uuid: str | None = None
+
+
+@message
+class HostCapacityCmd(Message):
+    """C{/host/capacity}."""
+
+
+@message
+class HostCapacityRsp(Response):
+    """Total and used CPU and memory (bytes)."""
+
+    cpu_num: int = 0
+    cpu_speed: int = 0
+    total_memory: int = 0
+    used_cpu: int = 0
+    used_memory: int = 0
+
+
+@message
+class HostFactCmd(Message):
+    """C{/host/fact}."""
+
+
+@message
+class HostFactRsp(Response):
+    """Facts that become system tags."""
+
+    hypervisor_type: str | None = None
+    os_distribution: str | None = None
+    os_version: str | None = None
+    os_release: str | None = None
+    qemu_version: str | None = None
+    libvirt_version: str | None = None
+    cpu_model_name: str | None = None
+
+
+# --- VMs -------------------------------------------------------------------------------------
+
+
+@message
+class StartVmCmd(Message):
+    """C{/vm/start}: create (if new) and start a VM."""
+
+    vm_instance_uuid: str
+    vm_name: str | None = None
+    cpu_num: int
+    memory_size: int
+    nics: list[NicTO] = attrs.Factory(list)
+    root_volume_install_path: str | None = None
+    boot_dev: list[str] = attrs.Factory(lambda: ["hd"])
+
+
+@message
+class StartVmRsp(Response):
+    """Answer to L{StartVmCmd}."""
+
+    vnc_port: int | None = None
+
+
+@message
+class StopVmCmd(Message):
+    """C{/vm/stop}."""
+
+    uuid: str
+    type: str = "grace"
+    timeout: int = 60
+
+
+@message
+class StopVmRsp(Response):
+    """Answer to L{StopVmCmd}."""
+
+
+@message
+class RebootVmCmd(Message):
+    """C{/vm/reboot}."""
+
+    uuid: str
+    timeout: int = 60
+
+
+@message
+class RebootVmRsp(Response):
+    """Answer to L{RebootVmCmd}."""
+
+
+@message
+class DestroyVmCmd(Message):
+    """C{/vm/destroy} (idempotent: destroying an unknown VM succeeds)."""
+
+    uuid: str
+
+
+@message
+class DestroyVmRsp(Response):
+    """Answer to L{DestroyVmCmd}."""
+
+
+@message
+class MigrateVmCmd(Message):
+    """C{/vm/migrate}: live-migrate a running VM to another host (by its agent base URL)."""
+
+    vm_uuid: str
+    dest_host_address: str
+
+
+@message
+class MigrateVmRsp(Response):
+    """Answer to L{MigrateVmCmd}."""
+
+
+@message
+class AttachNicCmd(Message):
+    """C{/vm/attachnic}."""
+
+    vm_uuid: str
+    nic: NicTO
+
+
+@message
+class AttachNicRsp(Response):
+    """Answer to L{AttachNicCmd}."""
+
+
+@message
+class DetachNicCmd(Message):
+    """C{/vm/detachnic}."""
+
+    vm_uuid: str
+    nic: NicTO
+
+
+@message
+class DetachNicRsp(Response):
+    """Answer to L{DetachNicCmd}."""
+
+
+@message
+class VmSyncCmd(Message):
+    """C{/vm/vmsync}: the state of every VM on the host."""
+
+
+@message
+class VmSyncRsp(Response):
+    """VM uuid to state (L{VmState})."""
+
+    states: dict[str, str] = attrs.Factory(dict)
+
+
+@message
+class CheckVmStateCmd(Message):
+    """C{/vm/checkstate}: the state of some VMs (unknown ones are reported C{Stopped})."""
+
+    vm_uuids: list[str]
+
+
+@message
+class CheckVmStateRsp(Response):
+    """VM uuid to state."""
+
+    states: dict[str, str] = attrs.Factory(dict)
+
+
+@message
+class GetVncPortCmd(Message):
+    """C{/vm/getvncport}."""
+
+    vm_uuid: str
+
+
+@message
+class GetVncPortRsp(Response):
+    """The VNC port of a running VM."""
+
+    port: int | None = None
+    protocol: str = "vnc"
+
+
+# --- agent -> management node ----------------------------------------------------------------
+
+
+@message
+class ReportVmStateCmd(Message):
+    """
+    C{/kvm/reportvmstate}: the agent tells the management node a VM changed state on its own;
+    POSTed to the C{sendCommandUrl} given at connect with the L{COMMAND_PATH_HEADER}.
+    """
+
+    host_uuid: str
+    vm_uuid: str
+    vm_state: str
+
+
+# --- console proxy ---------------------------------------------------------------------------
+
+
+@message
+class EstablishProxyCmd(Message):
+    """C{/console/establish}: proxy a VM's console, reached with a one-time token."""
+
+    vm_uuid: str
+    target_hostname: str
+    target_port: int
+    token: str
+    proxy_hostname: str | None = None
+
+
+@message
+class EstablishProxyRsp(Response):
+    """The proxy's address and the URL a browser opens."""
+
+    proxy_port: int | None = None
+    url: str | None = None
+
+
+@message
+class CheckProxyCmd(Message):
+    """C{/console/check}: is a console proxy still there?"""
+
+    token: str
+
+
+@message
+class CheckProxyRsp(Response):
+    """Answer to L{CheckProxyCmd}."""
+
+    available: bool = False
+
+
+@message
+class DeleteProxyCmd(Message):
+    """C{/console/delete} (idempotent)."""
+
+    token: str
+
+
+@message
+class DeleteProxyRsp(Response):
+    """Answer to L{DeleteProxyCmd}."""
+
+
+# --- virtual router --------------------------------------------------------------------------
+
+
+@message
+class VRouterNic(Message):
+    """A virtual router NIC."""
+
+    mac: str
+    ip: str
+    netmask: str
+    gateway: str | None = None
+    category: str = "Private"
+
+
+@message
+class InitVRouterCmd(Message):
+    """C{/vrouter/init}."""
+
+    vrouter_uuid: str
+    management_nic_mac: str | None = None
+
+
+@message
+class InitVRouterRsp(Response):
+    """Answer to L{InitVRouterCmd}."""
+
+
+@message
+class ConfigureNicCmd(Message):
+    """C{/vrouter/configurenic}."""
+
+    vrouter_uuid: str
+    nics: list[VRouterNic]
+
+
+@message
+class ConfigureNicRsp(Response):
+    """Answer to L{ConfigureNicCmd}."""
+
+
+@message
+class SNATInfo(Message):
+    """One source-NAT rule."""
+
+    private_nic_mac: str
+    private_nic_ip: str
+    public_ip: str
+    public_nic_mac: str
+    snat_netmask: str
+
+
+@message
+class SetSNATCmd(Message):
+    """C{/vrouter/setsnat}."""
+
+    vrouter_uuid: str
+    snat: SNATInfo
+
+
+@message
+class SetSNATRsp(Response):
+    """Answer to L{SetSNATCmd}."""
+
+
+@message
+class DhcpInfo(Message):
+    """One DHCP entry."""
+
+    ip: str
+    mac: str
+    netmask: str
+    gateway: str | None = None
+    hostname: str | None = None
+    dns: list[str] = attrs.Factory(list)
+
+
+@message
+class AddDhcpEntryCmd(Message):
+    """C{/vrouter/adddhcp}."""
+
+    vrouter_uuid: str
+    dhcp_entries: list[DhcpInfo]
+    rebuild: bool = False
+
+
+@message
+class AddDhcpEntryRsp(Response):
+    """Answer to L{AddDhcpEntryCmd}."""
+
+
+@message
+class FirewallRule(Message):
+    """One firewall rule."""
+
+    action: str
+    protocol: str = "all"
+    source_ip: str | None = None
+    dest_ip: str | None = None
+    dest_port: str | None = None
+
+
+@message
+class RefreshFirewallCmd(Message):
+    """C{/vrouter/refreshfirewall}: replace the whole rule set."""
+
+    vrouter_uuid: str
+    rules: list[FirewallRule]
+
+
+@message
+class RefreshFirewallRsp(Response):
+    """Answer to L{RefreshFirewallCmd}."""
+
+
+# --- the command table -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class CommandDef:
+    """
+    One command of the contract.
+
+    @ivar path: the path under a host's base URL.
+    @ivar cmd_type: the request body type.
+    @ivar rsp_type: the response type (inline for sync commands, the callback body otherwise).
+    @ivar sync: answered inline (no C{taskuuid}) rather than by callback.
+    """
+
+    path: str
+    cmd_type: type[Message]
+    rsp_type: type[Response]
+    sync: bool = False
+
+
+ECHO_PATH = "/host/echo"
+CONNECT_PATH = "/host/connect"
+PING_PATH = "/host/ping"
+
+_DEFS = [
+    CommandDef(ECHO_PATH, EchoCmd, EchoRsp, sync=True),
+    CommandDef(CONNECT_PATH, ConnectCmd, ConnectRsp, sync=True),
+    CommandDef(PING_PATH, PingCmd, PingRsp, sync=True),
+    CommandDef("/host/capacity", HostCapacityCmd, HostCapacityRsp),
+    CommandDef("/host/fact", HostFactCmd, HostFactRsp),
+    CommandDef("/vm/start", StartVmCmd, StartVmRsp),
+    CommandDef("/vm/stop", StopVmCmd, StopVmRsp),
+    CommandDef("/vm/reboot", RebootVmCmd, RebootVmRsp),
+    CommandDef("/vm/destroy", DestroyVmCmd, DestroyVmRsp),
+    CommandDef("/vm/migrate", MigrateVmCmd, MigrateVmRsp),
+    CommandDef("/vm/attachnic", AttachNicCmd, AttachNicRsp),
+    CommandDef("/vm/detachnic", DetachNicCmd, DetachNicRsp),
+    CommandDef("/vm/vmsync", VmSyncCmd, VmSyncRsp),
+    CommandDef("/vm/checkstate", CheckVmStateCmd, CheckVmStateRsp),
+    CommandDef("/vm/getvncport", GetVncPortCmd, GetVncPortRsp),
+    CommandDef("/console/establish", EstablishProxyCmd, EstablishProxyRsp),
+    CommandDef("/console/check", CheckProxyCmd, CheckProxyRsp),
+    CommandDef("/console/delete", DeleteProxyCmd, DeleteProxyRsp),
+    CommandDef("/vrouter/init", InitVRouterCmd, InitVRouterRsp),
+    CommandDef("/vrouter/configurenic", ConfigureNicCmd, ConfigureNicRsp),
+    CommandDef("/vrouter/setsnat", SetSNATCmd, SetSNATRsp),
+    CommandDef("/vrouter/adddhcp", AddDhcpEntryCmd, AddDhcpEntryRsp),
+    CommandDef("/vrouter/refreshfirewall", RefreshFirewallCmd, RefreshFirewallRsp),
+]
+
+#: Every command of the contract by path.
+COMMANDS: dict[str, CommandDef] = {d.path: d for d in _DEFS}
+_BY_TYPE: dict[type, CommandDef] = {d.cmd_type: d for d in _DEFS}
+
+#: Paths of agent-initiated commands (agent -> management node) and their body types.
+REPORTS: dict[str, type[Message]] = {"/kvm/reportvmstate": ReportVmStateCmd}
+
+
+def command_for(cmd: Message) -> CommandDef:
+    """
+    The definition of the command C{cmd} is an instance of.
+
+    @raise KeyError: C{cmd} is not a command of the contract.
+    """
+    return _BY_TYPE[type(cmd)]

@@ -1,0 +1,179 @@
+# -*- test-case-name: tests.test_agent_tap -*-
+"""
+C{twistd zagent}: one agent process serving many simulated hosts.
+
+The only place in C{agent/} that imports the global reactor is L{makeService}.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+from typing import Any
+
+from twisted.application import internet, service
+from twisted.python import usage
+
+from agent.app import AgentApp, CallbackPolicy, Faults, TaskMemory
+from agent.http import DEFAULT_BACKLOG, DEFAULT_POOL_SIZE, QuietSite, make_http_client, make_pool
+from agent.hypervisor.simulator import SimulatedCluster, SimulatorConfig, parse_latency
+
+__all__ = ["Options", "PLUGINS", "build_agent", "makeService"]
+
+#: Plugin name -> (dotted class path, description).
+PLUGINS: dict[str, tuple[str, str]] = {
+    "kvm": ("agent.kvm.KvmPlugin", "KVM host: /host/capacity, /host/fact, /vm/*"),
+    "console": ("agent.console.ConsolePlugin", "console proxy: /console/*"),
+    "vrouter": ("agent.vrouter.VRouterPlugin", "virtual router: /vrouter/*"),
+}
+
+
+def _rate(value: str) -> float:
+    rate = float(value)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"a rate is between 0 and 1: {value}")
+    return rate
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise ValueError(f"must be at least 1: {value}")
+    return n
+
+
+class Options(usage.Options):
+    """
+    Options of C{twistd zagent}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Runs a zcontrol agent serving --hosts simulated hosts on one port. Host <i> "
+        "(0 <= i < hosts) is addressed by the path prefix /hosts/<i>/ (host 0 also without "
+        "prefix): its base URL is http://<ip>:<port>/hosts/<i>. Plugins: "
+        + "; ".join(f"{name} ({desc})" for name, (_, desc) in PLUGINS.items())
+        + ". Framework URIs on every host: /host/echo, /host/connect, /host/ping (synchronous)."
+        " Latency: --latency PATH=DIST, repeatable, DIST one of const:S, uniform:A,B, "
+        "normal:MU,SIGMA, exp:MEAN (seconds); PATH '*' is the default, e.g. "
+        "--latency '*=const:0' --latency /vm/start=uniform:1,5."
+    )
+
+    optParameters = [
+        ["port", "p", 7070, "TCP port to listen on (0: any).", int],
+        ["interface", "i", "127.0.0.1", "Interface to listen on."],
+        ["backlog", None, DEFAULT_BACKLOG, "listen() backlog (Twisted's default of 50 "
+         "overflows under callback load).", _positive],
+        ["hosts", "n", 1, "Number of simulated hosts served by this process.", _positive],
+        ["plugins", None, "kvm,console,vrouter",
+         "Comma-separated plugins: " + ", ".join(PLUGINS) + "."],
+        ["error-rate", None, 0.0, "Probability that a simulated operation fails.", _rate],
+        ["never-callback-rate", None, 0.0,
+         "Probability that an accepted command never calls back.", _rate],
+        ["crash-after-accept-rate", None, 0.0,
+         "Probability that a host crashes (forgets everything) right after accepting.", _rate],
+        ["cpu", None, 32, "CPUs per simulated host.", _positive],
+        ["memory", None, 128, "GiB of memory per simulated host.", _positive],
+        ["callback-pool", None, DEFAULT_POOL_SIZE,
+         "Persistent connections kept per management node for callbacks.", _positive],
+        ["callback-concurrency", None, DEFAULT_POOL_SIZE, "Callbacks POSTed at once.",
+         _positive],
+        ["callback-attempts", None, 15, "Attempts to deliver a callback.", _positive],
+        ["callback-timeout", None, 30.0, "Timeout of one callback POST, seconds.", float],
+        ["task-memory", None, 3600.0, "Seconds a task uuid is remembered for deduplication.",
+         float],
+        ["seed", None, None, "Random seed (latency and fault draws).", int],
+    ]
+
+    optFlags = [
+        ["gc-freeze", None, "gc.freeze() after start-up and raise GC thresholds "
+         "(large pending tables are dominated by the cyclic GC)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["latency"] = {}
+
+    def opt_latency(self, value: str) -> None:
+        """
+        PATH=DIST: latency of a command (repeatable); PATH '*' is the default.
+        """
+        path, sep, dist = value.partition("=")
+        if not sep:
+            raise usage.UsageError(f"--latency takes PATH=DIST, not {value!r}")
+        try:
+            self["latency"][path.strip()] = parse_latency(dist)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def postOptions(self) -> None:
+        names = [n.strip() for n in self["plugins"].split(",") if n.strip()]
+        unknown = [n for n in names if n not in PLUGINS]
+        if unknown:
+            raise usage.UsageError(f"unknown plugin(s) {unknown}; known: {list(PLUGINS)}")
+        self["plugins"] = names
+
+
+def build_agent(options: Options, reactor: Any) -> AgentApp:
+    """
+    The L{AgentApp} described by C{options}, on C{reactor}.
+    """
+    from twisted.python.reflect import namedAny
+
+    rng = random.Random(options["seed"])
+    config = SimulatorConfig(
+        clock=reactor,
+        rng=rng,
+        latency=dict(options["latency"]),
+        error_rate=options["error-rate"],
+        cpu_num=options["cpu"],
+        memory=options["memory"] * 1024**3,
+    )
+    cluster = SimulatedCluster(config)
+    pool = make_pool(reactor, options["callback-pool"])
+    policy = CallbackPolicy(
+        max_attempts=options["callback-attempts"],
+        timeout=options["callback-timeout"],
+        concurrency=options["callback-concurrency"],
+    )
+    return AgentApp(
+        clock=reactor,
+        http=make_http_client(reactor, pool),
+        backend_factory=cluster.backends,
+        plugins=[namedAny(PLUGINS[name][0])() for name in options["plugins"]],
+        host_count=options["hosts"],
+        faults=Faults(
+            never_callback_rate=options["never-callback-rate"],
+            crash_after_accept_rate=options["crash-after-accept-rate"],
+        ),
+        policy=policy,
+        rng=rng,
+        tasks=TaskMemory(reactor, ttl=options["task-memory"]),
+        reset_host=cluster.reset,
+    )
+
+
+class _GCFreeze(service.Service):
+    def startService(self) -> None:
+        super().startService()
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(100_000, 50, 100)
+
+
+def makeService(options: Options) -> service.IService:
+    """
+    The agent service: a TCP server with the configured backlog serving the agent's site.
+    """
+    from twisted.internet import reactor
+
+    agent = build_agent(options, reactor)
+    site = QuietSite(agent.app.resource())
+    top = service.MultiService()
+    server = internet.TCPServer(
+        options["port"], site, backlog=options["backlog"], interface=options["interface"]
+    )
+    server.setServiceParent(top)
+    if options["gc-freeze"]:
+        _GCFreeze().setServiceParent(top)
+    return top

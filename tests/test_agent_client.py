@@ -1,0 +1,421 @@
+"""
+The management side's agent client and callback endpoint, in memory: a recording HTTP client
+or StubTreq, and task.Clock for timeouts and deadlines.
+"""
+
+from __future__ import annotations
+
+import json
+
+from treq.testing import StubTreq
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
+from zope.interface.verify import verifyObject
+
+from agent import protocol as p
+from agent.hypervisor.simulator import parse_latency
+from tests.agent_fakes import CALLBACK_URL, InMemoryPair, RecordingHTTP, base
+from zcontrol.agentclient import AgentClient, CallbackEndpoint, IAgentClient
+from zcontrol.core.errors import SYS, OperationError, from_failure
+
+SECRET = "s3cret"
+
+
+def connected_client(clock: Clock, http: RecordingHTTP, timeout: float = 30.0) -> AgentClient:
+    client = AgentClient(clock, http, CALLBACK_URL, default_timeout=timeout)
+    client._secrets[base(0)] = SECRET
+    return client
+
+
+class ClientTests(SynchronousTestCase):
+    """
+    AgentClient against a recording HTTP client.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.http = RecordingHTTP()
+        self.client = connected_client(self.clock, self.http)
+
+    def callback(self, taskuuid: str, rsp: p.Response, secret: str = SECRET) -> tuple[int, str]:
+        body = rsp.to_json()
+        return self.client.complete(taskuuid, body, p.sign(secret, taskuuid, body))
+
+    def test_provides_interface(self) -> None:
+        """
+        AgentClient provides IAgentClient.
+        """
+        self.assertTrue(verifyObject(IAgentClient, self.client))
+
+    def test_async_call_headers(self) -> None:
+        """
+        An asynchronous command is POSTed to base URL + path with a taskuuid and the callback
+        URL, and stays pending after the agent's 200.
+        """
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        [post] = self.http.posts
+        self.assertEqual(post.url, base(0) + "/host/capacity")
+        self.assertEqual(post.header("callbackurl"), CALLBACK_URL)
+        taskuuid = post.header("taskuuid")
+        self.assertTrue(taskuuid)
+        post.answer(200)
+        self.assertNoResult(d)
+        self.assertTrue(self.client.is_pending(taskuuid))
+
+    def test_callback_completes_once(self) -> None:
+        """
+        A signed callback completes the call with the decoded response (200); the same callback
+        again gets 404 and changes nothing.
+        """
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        post = self.http.posts[0]
+        post.answer(200)
+        taskuuid = post.header("taskuuid")
+        rsp = p.HostCapacityRsp(cpu_num=8)
+        self.assertEqual(self.callback(taskuuid, rsp), (200, ""))
+        self.assertEqual(self.successResultOf(d), rsp)
+        self.assertEqual(self.callback(taskuuid, rsp)[0], 404)
+        self.assertEqual(len(self.client), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_callback_before_accept(self) -> None:
+        """
+        A callback that overtakes the agent's 200 completes the call; the late 200 is ignored.
+        """
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        post = self.http.posts[0]
+        self.assertEqual(self.callback(post.header("taskuuid"), p.HostCapacityRsp())[0], 200)
+        post.answer(200)
+        self.assertIsInstance(self.successResultOf(d), p.HostCapacityRsp)
+
+    def test_timeout(self) -> None:
+        """
+        No callback: the call fails with SYS.1001 naming the URL, the pending entry is gone,
+        and a late callback gets 404.
+        """
+        d = self.client.call(base(0), p.StartVmCmd(vm_instance_uuid="v", cpu_num=1,
+                                                   memory_size=1), timeout=10)
+        post = self.http.posts[0]
+        post.answer(200)
+        self.clock.advance(9.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        err = self.failureResultOf(d, OperationError).value.error
+        self.assertEqual(err.code, SYS.TIMEOUT)
+        self.assertIn(base(0) + "/vm/start", err.details)
+        self.assertEqual(len(self.client), 0)
+        self.assertEqual(self.callback(post.header("taskuuid"), p.StartVmRsp())[0], 404)
+
+    def test_timeout_cancels_unanswered_accept(self) -> None:
+        """
+        A timeout while the accept POST is unanswered cancels that POST too.
+        """
+        d = self.client.call(base(0), p.HostCapacityCmd(), timeout=5)
+        post = self.http.posts[0]
+        self.clock.advance(5)
+        self.assertEqual(self.failureResultOf(d, OperationError).value.error.code, SYS.TIMEOUT)
+        self.assertTrue(post.result.called)
+
+    def test_deadline_caps_timeout(self) -> None:
+        """
+        The caller's deadline (absolute, on the client's clock) caps the timeout.
+        """
+        self.clock.advance(100)
+        d = self.client.call(base(0), p.HostCapacityCmd(), timeout=60, deadline=103)
+        self.http.posts[0].answer(200)
+        self.clock.advance(3)
+        self.assertEqual(self.failureResultOf(d, OperationError).value.error.code, SYS.TIMEOUT)
+
+    def test_deadline_passed(self) -> None:
+        """
+        A deadline already passed fails at once with SYS.1001, sending nothing.
+        """
+        self.clock.advance(100)
+        d = self.client.call(base(0), p.HostCapacityCmd(), deadline=99)
+        self.assertEqual(self.failureResultOf(d, OperationError).value.error.code, SYS.TIMEOUT)
+        self.assertEqual(self.http.posts, [])
+
+    def test_non_2xx_accept(self) -> None:
+        """
+        A non-2xx answer to the command fails it with SYS.1015 and the status.
+        """
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        self.http.posts[0].answer(409, b"host 0 is not connected")
+        err = self.failureResultOf(d, OperationError).value.error
+        self.assertEqual(err.code, SYS.HTTP_ERROR)
+        self.assertEqual(err.opaque["status"], 409)
+        self.assertIn("not connected", err.details)
+        self.assertEqual(len(self.client), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_connection_refused(self) -> None:
+        """
+        A connection error fails the call with SYS.1016.
+        """
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        self.http.posts[0].result.errback(Failure(ConnectionRefusedError()))
+        err = self.failureResultOf(d, OperationError).value.error
+        self.assertEqual(err.code, SYS.IO_ERROR)
+        self.assertEqual(len(self.client), 0)
+
+    def test_broken_exchange_retried_once(self) -> None:
+        """
+        An exchange that broke before any answer (a stale pooled connection) is resent once
+        with the same taskuuid; a second break fails with SYS.1015.
+        """
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        first = self.http.posts[0]
+        first.result.errback(Failure(ResponseNeverReceived([Failure(Exception("reset"))])))
+        self.assertEqual(len(self.http.posts), 2)
+        second = self.http.posts[1]
+        self.assertEqual(second.header("taskuuid"), first.header("taskuuid"))
+        second.result.errback(Failure(ResponseNeverReceived([Failure(Exception("reset"))])))
+        self.assertEqual(self.failureResultOf(d, OperationError).value.error.code,
+                         SYS.HTTP_ERROR)
+
+    def test_not_connected(self) -> None:
+        """
+        An asynchronous command to a host with no agreed secret fails without being sent.
+        """
+        d = self.client.call(base(1), p.HostCapacityCmd())
+        self.failureResultOf(d, OperationError)
+        self.assertEqual(self.http.posts, [])
+
+    def test_not_a_command(self) -> None:
+        """
+        A message that is not a command of the contract is refused.
+        """
+        d = self.client.call(base(0), p.NicTO(mac="m"))
+        self.assertEqual(self.failureResultOf(d, OperationError).value.error.code,
+                         SYS.INVALID_ARGUMENT_ERROR)
+
+    def test_cancel(self) -> None:
+        """
+        Cancelling a call fails it with SYS.1017 and forgets the task.
+        """
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        post = self.http.posts[0]
+        post.answer(200)
+        d.cancel()
+        self.assertEqual(from_failure(self.failureResultOf(d)).code, SYS.CANCEL)
+        self.assertEqual(len(self.client), 0)
+        self.assertEqual(self.callback(post.header("taskuuid"), p.HostCapacityRsp())[0], 404)
+
+    def test_agent_failure(self) -> None:
+        """
+        A response with success=false fails the call with SYS.1006 carrying the agent's error,
+        unless the caller asks for the response.
+        """
+        d = self.client.call(base(0), p.RebootVmCmd(uuid="v"))
+        d2 = self.client.call(base(0), p.RebootVmCmd(uuid="v"), raise_on_failure=False)
+        for post in self.http.posts:
+            post.answer(200)
+            self.callback(post.header("taskuuid"),
+                          p.RebootVmRsp(success=False, error="VM v is Stopped"))
+        err = self.failureResultOf(d, OperationError).value.error
+        self.assertEqual(err.code, SYS.OPERATION_ERROR)
+        self.assertIn("VM v is Stopped", err.details)
+        self.assertFalse(self.successResultOf(d2).success)
+
+    def test_forged_callback(self) -> None:
+        """
+        A callback signed with another secret, or not signed, gets 403 and the task stays
+        pending.
+        """
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        taskuuid = self.http.posts[0].header("taskuuid")
+        body = p.HostCapacityRsp().to_json()
+        self.assertEqual(self.client.complete(taskuuid, body, None)[0], 403)
+        self.assertEqual(
+            self.client.complete(taskuuid, body, p.sign("other", taskuuid, body))[0], 403
+        )
+        self.assertEqual(self.client.complete(taskuuid, body, "zz")[0], 403)
+        self.assertNoResult(d)
+        self.assertTrue(self.client.is_pending(taskuuid))
+
+    def test_replay_on_other_task(self) -> None:
+        """
+        A genuine callback of one task replayed under another task's uuid gets 403: the
+        signature binds the task uuid.
+        """
+        d1 = self.client.call(base(0), p.HostCapacityCmd())
+        d2 = self.client.call(base(0), p.HostCapacityCmd())
+        t1, t2 = (post.header("taskuuid") for post in self.http.posts)
+        body = p.HostCapacityRsp(cpu_num=1).to_json()
+        signature = p.sign(SECRET, t1, body)
+        self.assertEqual(self.client.complete(t2, body, signature)[0], 403)
+        self.assertEqual(self.client.complete(t1, body, signature)[0], 200)
+        self.assertEqual(self.client.complete(t1, body, signature)[0], 404)
+        self.successResultOf(d1)
+        self.assertNoResult(d2)
+        d2.cancel()
+        self.failureResultOf(d2)
+
+    def test_malformed_json(self) -> None:
+        """
+        A body that is not JSON gets 400 and completes nothing.
+        """
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        taskuuid = self.http.posts[0].header("taskuuid")
+        body = b"{not json"
+        self.assertEqual(self.client.complete(taskuuid, body, p.sign(SECRET, taskuuid, body))[0],
+                         400)
+        self.assertNoResult(d)
+        self.assertEqual(self.client.complete(None, b"{}", None)[0], 400)
+        d.cancel()
+        self.failureResultOf(d)
+
+    def test_signed_but_wrong_type(self) -> None:
+        """
+        A signed callback whose body is not the command's response gets 400 and fails the call
+        with SYS.1015.
+        """
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        taskuuid = self.http.posts[0].header("taskuuid")
+        body = json.dumps({"cpuNum": "eight"}).encode()
+        self.assertEqual(self.client.complete(taskuuid, body, p.sign(SECRET, taskuuid, body))[0],
+                         400)
+        self.assertEqual(self.failureResultOf(d, OperationError).value.error.code,
+                         SYS.HTTP_ERROR)
+
+    def test_sync_call(self) -> None:
+        """
+        A synchronous command is POSTed without taskuuid and answered inline.
+        """
+        d = self.client.call(base(3), p.PingCmd(host_uuid="h"))
+        [post] = self.http.posts
+        self.assertIsNone(post.header("taskuuid"))
+        post.answer(200, p.PingRsp(host_uuid="h").to_json())
+        self.assertEqual(self.successResultOf(d).host_uuid, "h")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_sync_timeout(self) -> None:
+        """
+        A synchronous command unanswered within its timeout fails with SYS.1001.
+        """
+        d = self.client.call(base(3), p.EchoCmd(), timeout=2)
+        self.clock.advance(2)
+        self.assertEqual(self.failureResultOf(d, OperationError).value.error.code, SYS.TIMEOUT)
+
+    def test_sync_errors(self) -> None:
+        """
+        A synchronous command answered non-2xx fails with SYS.1015, one refused with SYS.1016.
+        """
+        d1 = self.client.call(base(3), p.EchoCmd())
+        d2 = self.client.call(base(3), p.EchoCmd())
+        self.http.posts[0].answer(404, b"no host 3 here")
+        self.http.posts[1].result.errback(Failure(ConnectionRefusedError()))
+        self.assertEqual(self.failureResultOf(d1, OperationError).value.error.code,
+                         SYS.HTTP_ERROR)
+        self.assertEqual(self.failureResultOf(d2, OperationError).value.error.code, SYS.IO_ERROR)
+
+    def test_connect_agrees_secret(self) -> None:
+        """
+        connect sends a fresh secret and uses it for the host's callbacks once connected.
+        """
+        d = self.client.connect(base(2), "host-2")
+        [post] = self.http.posts
+        cmd = p.ConnectCmd.from_json(post.data)
+        self.assertEqual(cmd.host_uuid, "host-2")
+        self.assertEqual(len(cmd.callback_secret), 64)
+        self.assertIsNone(self.client.secret_for(base(2)))
+        post.answer(200, p.ConnectRsp().to_json())
+        self.successResultOf(d)
+        self.assertEqual(self.client.secret_for(base(2)), cmd.callback_secret)
+        self.client.forget(base(2))
+        self.assertIsNone(self.client.secret_for(base(2)))
+
+
+class EndpointTests(SynchronousTestCase):
+    """
+    The klein callback endpoint, through StubTreq.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.http = RecordingHTTP()
+        self.client = connected_client(self.clock, self.http)
+        self.stub = StubTreq(CallbackEndpoint(self.client).resource())
+
+    def post(self, headers: dict, body: bytes) -> int:
+        response = self.successResultOf(
+            self.stub.post("http://mn/zstack/asyncrest/callback", data=body, headers=headers)
+        )
+        return response.code
+
+    def test_statuses(self) -> None:
+        """
+        400 without taskuuid, 404 unknown, 403 unsigned, 200 once, then 404.
+        """
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        taskuuid = self.http.posts[0].header("taskuuid")
+        body = p.HostCapacityRsp(cpu_num=4).to_json()
+        signature = p.sign(SECRET, taskuuid, body)
+        self.assertEqual(self.post({}, body), 400)
+        self.assertEqual(self.post({"taskuuid": "nope", p.SIGNATURE_HEADER: signature}, body),
+                         404)
+        self.assertEqual(self.post({"taskuuid": taskuuid}, body), 403)
+        self.assertEqual(self.post({"taskuuid": taskuuid}, b"]"), 400)
+        good = {"taskuuid": taskuuid, p.SIGNATURE_HEADER: signature}
+        self.assertEqual(self.post(good, body), 200)
+        self.assertEqual(self.successResultOf(d).cpu_num, 4)
+        self.assertEqual(self.post(good, body), 404)
+
+    def test_get_not_allowed(self) -> None:
+        """
+        Only POST is served.
+        """
+        response = self.successResultOf(self.stub.get("http://mn/zstack/asyncrest/callback"))
+        self.assertEqual(response.code, 405)
+
+
+class InMemoryEndToEndTests(SynchronousTestCase):
+    """
+    The real client against the real agent, both through StubTreq.
+    """
+
+    def test_connect_then_command(self) -> None:
+        """
+        After connect, an asynchronous command completes through a signed callback.
+        """
+        pair = InMemoryPair()
+        self.successResultOf(pair.client.connect(base(1), "host-1"))
+        d = pair.client.call(base(1), p.StartVmCmd(vm_instance_uuid="vm", cpu_num=2,
+                                                   memory_size=1024))
+        pair.flush()
+        self.assertEqual(self.successResultOf(d).vnc_port, 5900)
+        ping = self.successResultOf(pair.client.call(base(1), p.PingCmd(host_uuid="host-1")))
+        self.assertEqual(ping.host_uuid, "host-1")
+        self.assertEqual(pair.agent.stats["callbacks"], 1)
+        self.assertEqual(pair.client_clock.getDelayedCalls(), [])
+        self.assertEqual(pair.agent_clock.getDelayedCalls(), [])
+
+    def test_command_across_reconnect(self) -> None:
+        """
+        A command in flight when the host is reconnected (new secret) still completes: both
+        sides use the secret of the moment it was sent.
+        """
+        pair = InMemoryPair(latency={"*": parse_latency("const:5")})
+        self.successResultOf(pair.client.connect(base(0), "h"))
+        old = pair.client.secret_for(base(0))
+        d = pair.client.call(base(0), p.HostCapacityCmd(), timeout=30)
+        self.successResultOf(pair.client.connect(base(0), "h"))
+        self.assertNotEqual(pair.client.secret_for(base(0)), old)
+        pair.agent_clock.advance(5)
+        pair.flush()
+        self.successResultOf(d)
+
+    def test_agent_refusal(self) -> None:
+        """
+        What the simulator refuses comes back as SYS.1006 with its reason.
+        """
+        pair = InMemoryPair()
+        self.successResultOf(pair.client.connect(base(0), "h"))
+        d = pair.client.call(base(0), p.GetVncPortCmd(vm_uuid="ghost"))
+        pair.flush()
+        err = self.failureResultOf(d, OperationError).value.error
+        self.assertEqual(err.code, SYS.OPERATION_ERROR)
+        self.assertIn("ghost", err.details)

@@ -1,0 +1,54 @@
+# -*- test-case-name: tests.test_agent_client -*-
+"""
+The management node's view of agents.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+__all__ = ["IAgentClient"]
+
+
+class IAgentClient(Interface):
+    """
+    Sends commands of the L{agent.protocol} contract to agents and completes them when their
+    callbacks arrive.
+    """
+
+    callback_url = Attribute("the URL agents POST results to (the callback endpoint)")
+
+    def connect(base_url, host_uuid, send_command_url=None, timeout=None, deadline=None):
+        """
+        C{/host/connect} the host at C{base_url} (its agent base URL, e.g.
+        C{http://10.0.0.5:7070} or C{http://127.0.0.1:7070/hosts/17}): generate a fresh
+        callback secret, send it, and on success use it to authenticate that host's callbacks
+        (any older secret is dropped, so callbacks of commands sent before fail with 403).
+
+        @return: a Deferred firing with the L{agent.protocol.ConnectRsp}; it fails with an
+            L{OperationError} as L{call} does.
+        """
+
+    def call(base_url, cmd, timeout=None, deadline=None, raise_on_failure=True):
+        """
+        Send C{cmd} (a command of the contract; its type chooses the path) to the host at
+        C{base_url}. Synchronous commands are answered inline; asynchronous ones complete when
+        the agent's signed callback arrives.
+
+        @param timeout: seconds (default: the client's default timeout).
+        @param deadline: an absolute time on the client's clock (the deadline of the message
+            that caused the call); the call times out at the earlier of the two.
+        @param raise_on_failure: fail (C{SYS.1006}, the agent's error as details) when the
+            response says C{success=false}; otherwise fire with it.
+        @return: a Deferred firing with the decoded response (the command's response type).
+            It fails with an L{OperationError} carrying C{SYS.1001} (timeout, naming the URL;
+            the pending entry is gone), C{SYS.1015} (the agent answered a non-2xx status, or an
+            HTTP exchange broke, or the callback was malformed), C{SYS.1016} (could not connect),
+            C{SYS.1006} (the agent reported a failure) or C{SYS.1017} (cancelled). Cancelling it
+            forgets the task.
+        """
+
+    def forget(base_url):
+        """
+        Drop the callback secret of C{base_url} (e.g. the host was deleted or disconnected).
+        """
