@@ -246,6 +246,37 @@ class AgentApp:
                 self._handlers[path] = (COMMANDS[path], handler)
         #: Counters for observation and tests.
         self.stats = {"accepted": 0, "duplicates": 0, "callbacks": 0, "callback_failures": 0}
+        self._in_flight: set[Deferred] = set()
+        self._idle: list[Deferred] = []
+
+    def __len__(self) -> int:
+        """
+        The number of accepted commands whose callback is not delivered (or given up) yet.
+        """
+        return len(self._in_flight)
+
+    def drain(self) -> Deferred[None]:
+        """
+        A Deferred that fires once no accepted command is working or calling back (for a
+        clean stop; commands that never call back by simulated fault do not count).
+        """
+        if not self._in_flight:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
+
+    def _track(self, d: Deferred) -> None:
+        self._in_flight.add(d)
+
+        def done(result: Any) -> None:
+            self._in_flight.discard(d)
+            if not self._in_flight:
+                idle, self._idle = self._idle, []
+                for w in idle:
+                    w.callback(None)
+
+        d.addBoth(done)
 
     @property
     def paths(self) -> list[str]:
@@ -355,6 +386,7 @@ class AgentApp:
         d.addErrback(
             lambda f: log.failure("callback of {task} failed", f, task=taskuuid)
         )
+        self._track(d)
 
     def _handle(self, definition: CommandDef, handler: Handler, host: HostState,
                 cmd: Message) -> Deferred[Response]:
