@@ -17,13 +17,19 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+)
+from twisted.web.error import SchemeNotSupported
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-__all__ = ["BytesProducer", "JSONRequest", "QuietSite", "make_http_client", "make_pool"]
+__all__ = ["BytesProducer", "CachingEndpointFactory", "JSONRequest", "QuietSite", "make_http_client", "make_pool"]
 
 DEFAULT_POOL_SIZE = 1000
 DEFAULT_BACKLOG = 1024
@@ -70,13 +76,48 @@ def make_pool(reactor: Any, max_persistent: int = DEFAULT_POOL_SIZE,
     return pool
 
 
+@implementer(IAgentEndpointFactory)
+class CachingEndpointFactory:
+    """
+    Endpoints for C{http} and C{https} URIs, built once per (scheme, host, port). The standard
+    factory builds a C{HostnameEndpoint} (with an IDNA encoding of the host) on every request;
+    a management node talks to a bounded set of agents, and an agent to a few management nodes.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float | None = None,
+                 max_entries: int = 100_000) -> None:
+        self._reactor = reactor
+        self._connect_timeout = connect_timeout
+        self._policy = BrowserLikePolicyForHTTPS()
+        self._max_entries = max_entries
+        self._cache: dict[tuple[bytes, bytes, int], Any] = {}
+
+    def endpointForURI(self, uri: Any) -> Any:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is not None:
+            return endpoint
+        kwargs = {} if self._connect_timeout is None else {"timeout": self._connect_timeout}
+        endpoint = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port, **kwargs)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
+        elif uri.scheme != b"http":
+            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+        if len(self._cache) < self._max_entries:
+            self._cache[key] = endpoint
+        return endpoint
+
+
 def make_http_client(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float = 10.0):
     """
-    A treq C{HTTPClient} over C{pool} that sends byte bodies with L{BytesProducer}.
+    A treq C{HTTPClient} over C{pool} (endpoints cached by L{CachingEndpointFactory}) that
+    sends byte bodies with L{BytesProducer}.
     """
     from treq.client import HTTPClient
 
-    agent = Agent(reactor, pool=pool, connectTimeout=connect_timeout)
+    agent = Agent.usingEndpointFactory(
+        reactor, CachingEndpointFactory(reactor, connect_timeout), pool=pool
+    )
     return HTTPClient(agent, data_to_body_producer=BytesProducer)
 
 
