@@ -111,6 +111,15 @@ class BusContractMixin:
         reply = await bus.send(ContractEcho(service_id="contract-barrier"))
         self.assertTrue(reply.success, reply.error)
 
+    async def serve(self, bus, service_id, handler):
+        """
+        Register a service and wait until peers can reach it (a bus over a remote broker
+        returns a Deferred for that; an in-process bus returns None).
+        """
+        d = bus.register_service(service_id, handler)
+        if isinstance(d, Deferred):
+            await d
+
     async def one_bus(self):
         self.clock = Clock()
         (bus,) = await self.make_buses(1, self.clock)
@@ -418,7 +427,7 @@ class BusContractMixin:
         self.clock = Clock()
         buses = await self.make_buses(3, self.clock)
         for b in buses:
-            b.register_service(SERVICE, echo(b))
+            await self.serve(b, SERVICE, echo(b))
         owners = {b.owner_of(f"vm-{i}") for b in buses for i in range(60)}
         self.assertEqual(owners, {b.node_id for b in buses})
         for i in range(60):
@@ -457,7 +466,7 @@ class BusContractMixin:
 
         extended.register(StrangerMsg)
         a, b = await self.make_buses(2, self.clock, registries=[extended, None])
-        b.register_service(SERVICE, echo(b))
+        await self.serve(b, SERVICE, echo(b))
         key = uuid_owned_by(a, b.node_id)
         reply = await a.send(StrangerMsg(service_id=SERVICE, resource_uuid=key))
         self.assertEqual(reply.error.code, SYS.UNKNOWN_MESSAGE_ERROR)
@@ -471,8 +480,8 @@ class BusContractMixin:
         a, b = await self.make_buses(2, self.clock)
         started, never = Deferred(), Deferred()
         self.addCleanup(lambda: never.called or never.callback(None))
-        b.register_service(SERVICE, lambda m: started.callback(m) or never)
-        a.register_service(SERVICE, echo(a))
+        await self.serve(b, SERVICE, lambda m: started.callback(m) or never)
+        await self.serve(a, SERVICE, echo(a))
         key = uuid_owned_by(a, b.node_id)
         d = a.send(ContractEcho(service_id=SERVICE, resource_uuid=key))
         await started
@@ -491,7 +500,7 @@ class BusContractMixin:
         self.clock = Clock()
         a, b = await self.make_buses(2, self.clock)
         started, release = Deferred(), Deferred()
-        b.register_service(SERVICE, lambda m: started.callback(m) or release)
+        await self.serve(b, SERVICE, lambda m: started.callback(m) or release)
         key = uuid_owned_by(a, b.node_id)
         d = a.send(ContractEcho(service_id=SERVICE, resource_uuid=key))
         await started

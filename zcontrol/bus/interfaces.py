@@ -66,6 +66,9 @@ class IBus(Interface):
         coroutine firing with one, or None to reply later with L{reply}. Raising (or
         failing) with an L{OperationError} answers with its ErrorCode; any other exception
         answers C{SYS.1000}. A handler bug never stops the bus.
+
+        @return: None, or (a bus on a remote broker) a Deferred firing with None once peers
+            can reach the service.
         """
 
     def unregister_service(service_id):
