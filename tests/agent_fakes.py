@@ -113,16 +113,16 @@ def base(i: int = 0) -> str:
 class InMemoryPair:
     """
     An agent and an agent client talking through StubTreq in both directions, each on its own
-    Clock.
+    Clock unless one is given for both.
     """
 
     def __init__(self, host_count: int = 4, faults: Faults = Faults(),
                  policy: CallbackPolicy = CallbackPolicy(), default_timeout: float = 60.0,
-                 **config: Any) -> None:
+                 clock: Clock | None = None, **config: Any) -> None:
         from zcontrol.agentclient import AgentClient, CallbackEndpoint
 
-        self.agent_clock = Clock()
-        self.client_clock = Clock()
+        self.agent_clock = clock if clock is not None else Clock()
+        self.client_clock = clock if clock is not None else Clock()
         self.to_endpoint = _LateStub()
         self.agent, self.cluster = make_agent(self.to_endpoint, self.agent_clock, host_count,
                                               faults, policy, **config)

@@ -1,0 +1,429 @@
+"""
+The host service, deterministically: LocalBus and the in-memory agent pair on one task.Clock,
+and an in-memory store fake holding the few store methods the host service uses (the real
+stores are exercised against the same calls by the integration test in
+C{tests/test_host_integration.py}).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from agent import protocol as p
+from agent.hypervisor.simulator import parse_latency
+from tests.agent_fakes import InMemoryPair, base
+from zcontrol.bus.local import LocalBus
+from zcontrol.core.errors import SYS, OperationError
+from zcontrol.db.query import Query, parse_condition
+from zcontrol.services.host import (
+    HOST,
+    SERVICE_ID,
+    AddHostMsg,
+    HostConfig,
+    HostService,
+    HostStatusChangedEvent,
+    IHostService,
+    PingHostMsg,
+    VmStateChangedOnHostEvent,
+    agent_base_url,
+)
+
+
+class FakeStore:
+    """
+    The host-related part of IStore, in memory.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, dict[str, Any]]] = {"host": {}, "vmInstance": {}}
+
+    def add_host(self, values: dict[str, Any]) -> Deferred:
+        row = {"status": "Connecting", "state": "Enabled", "cpuNum": 0, "totalCpuCapacity": 0,
+               "availableCpuCapacity": 0, "totalMemoryCapacity": 0,
+               "availableMemoryCapacity": 0, **values}
+        if row["uuid"] in self.rows["host"]:
+            return fail(OperationError.of("DB.1000", "duplicate"))
+        self.rows["host"][row["uuid"]] = row
+        return succeed(dict(row))
+
+    def get(self, resource: str, uuid: str) -> Deferred:
+        row = self.rows[resource].get(uuid)
+        return succeed(None if row is None else dict(row))
+
+    def delete(self, resource: str, uuid: str) -> Deferred:
+        return succeed(self.rows[resource].pop(uuid, None) is not None)
+
+    def update_host_status(self, uuid: str, status: str, expected: Any = None) -> Deferred:
+        row = self.rows["host"].get(uuid)
+        if row is None:
+            return fail(OperationError.of(SYS.RESOURCE_NOT_FOUND, uuid))
+        allowed = [expected] if isinstance(expected, str) else expected
+        if allowed is not None and row["status"] not in allowed:
+            return fail(OperationError.of(SYS.CHANGE_RESOURCE_STATE_ERROR, uuid))
+        row["status"] = status
+        return succeed(dict(row))
+
+    def set_host_capacity(self, uuid: str, total_cpu: int, total_memory: int,
+                          cpu_num: int | None = None) -> Deferred:
+        row = self.rows["host"][uuid]
+        reserved_cpu = row["totalCpuCapacity"] - row["availableCpuCapacity"]
+        reserved_mem = row["totalMemoryCapacity"] - row["availableMemoryCapacity"]
+        row.update(totalCpuCapacity=total_cpu, availableCpuCapacity=total_cpu - reserved_cpu,
+                   totalMemoryCapacity=total_memory,
+                   availableMemoryCapacity=total_memory - reserved_mem)
+        if cpu_num is not None:
+            row["cpuNum"] = cpu_num
+        return succeed(dict(row))
+
+    def query(self, resource: str, query: Query) -> Deferred:
+        rows = list(self.rows[resource].values())
+        for text in query.conditions:
+            cond = parse_condition(text)
+            rows = [r for r in rows if r.get(cond.name) == cond.value]
+        rows.sort(key=lambda r: r["uuid"])
+        rows = rows[query.start:query.start + query.limit]
+        if query.fields:
+            rows = [{f: r.get(f) for f in query.fields} for r in rows]
+
+        class Result:
+            inventories = copy.deepcopy(rows)
+
+        return succeed(Result())
+
+    def change_vm_state(self, vm_uuid: str, expected: Any, new: str,
+                        changes: Any = None) -> Deferred:
+        row = self.rows["vmInstance"].get(vm_uuid)
+        if row is None:
+            return fail(OperationError.of(SYS.RESOURCE_NOT_FOUND, vm_uuid))
+        allowed = [expected] if isinstance(expected, str) else expected
+        if row["state"] not in allowed:
+            return fail(OperationError.of(SYS.CHANGE_RESOURCE_STATE_ERROR, vm_uuid))
+        row["state"] = new
+        return succeed(dict(row))
+
+
+class DownHTTP:
+    """
+    An HTTP client whose every POST is refused (the agent is down).
+    """
+
+    def post(self, *args: Any, **kwargs: Any) -> Deferred:
+        return fail(ConnectionRefusedError())
+
+
+class HostServiceTestCase(SynchronousTestCase):
+    """
+    One clock, one LocalBus, the fake store, an in-memory agent with 8 hosts.
+    """
+
+    config = HostConfig(ping_interval=60, ping_timeout=5, max_ping_failures=3,
+                        connect_timeout=10, echo_interval=1, echo_timeout=2,
+                        command_timeout=30, vm_sync_on_ping=False)
+    latency: dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pair = InMemoryPair(host_count=8, clock=self.clock, latency=dict(self.latency))
+        self.bus = LocalBus(self.clock, node_id="mn-1")
+        self.bus.start()
+        self.store = FakeStore()
+        self.service = HostService(self.clock, self.bus, self.store, self.pair.client,
+                                   self.config)
+        self.service.start(track=False)
+        self.events: list[Any] = []
+        self.bus.subscribe("host.#", self.events.append)
+
+    def pump(self, seconds: float = 0.0) -> None:
+        """
+        Run the clock (bus deliveries are scheduled on it) and flush the HTTP stubs.
+        """
+        for _ in range(20):
+            self.pair.flush()
+            self.clock.advance(0)
+        if seconds:
+            self.clock.advance(seconds)
+            for _ in range(20):
+                self.pair.flush()
+                self.clock.advance(0)
+
+    def add(self, i: int, name: str | None = None) -> Any:
+        d = self.bus.send(AddHostMsg(service_id=SERVICE_ID, name=name or f"host-{i}",
+                                     zone_uuid="z", cluster_uuid="c", uuid=f"h{i}",
+                                     management_ip=base(i)))
+        self.pump()
+        return d
+
+    def statuses(self) -> list[tuple[str, str | None, str]]:
+        return [(e.host_uuid, e.old_status, e.new_status) for e in self.events
+                if isinstance(e, HostStatusChangedEvent)]
+
+
+class AddConnectTests(HostServiceTestCase):
+    """
+    Adding and connecting hosts.
+    """
+
+    def test_interface(self) -> None:
+        """
+        HostService provides IHostService.
+        """
+        self.assertTrue(verifyObject(IHostService, self.service))
+
+    def test_add_host(self) -> None:
+        """
+        An added host ends Connected with its capacity in the store, its facts known, a
+        callback secret agreed, and a status event.
+        """
+        reply = self.successResultOf(self.add(1))
+        self.assertTrue(reply.success, reply.error)
+        row = self.store.rows["host"]["h1"]
+        self.assertEqual(row["status"], "Connected")
+        self.assertEqual((row["cpuNum"], row["totalCpuCapacity"]), (32, 32))
+        self.assertEqual(row["totalMemoryCapacity"], 128 * 1024**3)
+        self.assertEqual(reply.inventory["status"], "Connected")
+        self.assertEqual(self.service.facts("h1").hypervisor_type, "KVM")
+        self.assertIsNotNone(self.pair.client.secret_for(base(1)))
+        self.assertEqual(self.statuses(), [("h1", "Connecting", "Connected")])
+
+    def test_add_unreachable_host(self) -> None:
+        """
+        A host whose agent never answers echo is removed again: HOST.1000 wrapping the
+        connect failure.
+        """
+        d = self.bus.send(AddHostMsg(service_id=SERVICE_ID, name="x", zone_uuid="z",
+                                     cluster_uuid="c", uuid="hx",
+                                     management_ip=base(99)))
+        for _ in range(15):
+            self.pump(1)
+        reply = self.successResultOf(d)
+        self.assertFalse(reply.success)
+        self.assertEqual(reply.error.code, HOST.ADD_ERROR)
+        self.assertTrue(reply.error.has_code(HOST.CONNECT_ERROR))
+        self.assertNotIn("hx", self.store.rows["host"])
+
+    def test_echo_until_up(self) -> None:
+        """
+        The connect echoes until the agent answers, then proceeds.
+        """
+        client = self.pair.client
+        real = client._http
+        client._http = DownHTTP()
+        d = self.add(2)
+        self.pump(1)
+        self.pump(1)
+        self.assertNoResult(d)
+        client._http = real
+        self.pump(1)
+        self.assertTrue(self.successResultOf(d).success)
+
+    def test_duplicate_add(self) -> None:
+        """
+        Adding a host uuid twice fails with HOST.1000.
+        """
+        self.successResultOf(self.add(1))
+        reply = self.successResultOf(self.add(1))
+        self.assertEqual(reply.error.code, HOST.ADD_ERROR)
+
+    def test_management_ip_forms(self) -> None:
+        """
+        A URL is the agent base URL; a bare IP gets the agent port.
+        """
+        self.assertEqual(agent_base_url("http://a:1/hosts/2/", 7070), "http://a:1/hosts/2")
+        self.assertEqual(agent_base_url("10.0.0.5", 7070), "http://10.0.0.5:7070")
+
+
+class PingTests(HostServiceTestCase):
+    """
+    Pings, disconnection and reconnection.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.successResultOf(self.add(1))
+        del self.events[:]
+
+    def ping(self) -> Any:
+        d = self.bus.send(PingHostMsg(service_id=SERVICE_ID, host_uuid="h1",
+                                      resource_uuid="h1"))
+        self.pump()
+        return self.successResultOf(d)
+
+    def test_ping_ok(self) -> None:
+        """
+        A ping of a healthy host replies connected.
+        """
+        reply = self.ping()
+        self.assertTrue(reply.connected)
+        self.assertEqual(self.statuses(), [])
+
+    def test_disconnect_after_n_failures_then_reconnect(self) -> None:
+        """
+        Three failed pings make the host Disconnected (an event), and the automatic reconnect
+        fails while the agent is down; once it is back, the next ping reconnects it.
+        """
+        client = self.pair.client
+        real = client._http
+        client._http = DownHTTP()
+        self.assertTrue(self.ping().connected)
+        self.assertTrue(self.ping().connected)
+        reply = self.ping()
+        self.assertFalse(reply.connected)
+        for _ in range(15):
+            self.pump(1)
+        self.assertEqual(self.store.rows["host"]["h1"]["status"], "Disconnected")
+        self.assertEqual(self.statuses()[0], ("h1", "Connected", "Disconnected"))
+        client._http = real
+        self.ping()
+        self.pump()
+        self.assertEqual(self.store.rows["host"]["h1"]["status"], "Connected")
+
+    def test_other_uuid_forces_reconnect(self) -> None:
+        """
+        A ping answered without our host uuid (the agent restarted) forces a reconnect,
+        with a new secret.
+        """
+        old = self.pair.client.secret_for(base(1))
+        self.pair.agent.crash_host("1")
+        self.ping()
+        self.pump()
+        self.assertEqual(self.store.rows["host"]["h1"]["status"], "Connected")
+        self.assertNotEqual(self.pair.client.secret_for(base(1)), old)
+        self.assertEqual(self.statuses(), [("h1", "Connected", "Connecting"),
+                                           ("h1", "Connecting", "Connected")])
+
+    def test_track_once(self) -> None:
+        """
+        The tracker pings every host this node owns, with a parallelism bound.
+        """
+        for i in (2, 3, 4):
+            self.successResultOf(self.add(i))
+        d = self.service.track_once()
+        self.pump()
+        self.assertEqual(self.successResultOf(d), 4)
+
+    def test_periodic_tracking(self) -> None:
+        """
+        Started with tracking, the service pings on its interval; stop ends it.
+        """
+        self.service.stop()
+        service = HostService(self.clock, self.bus, self.store, self.pair.client, self.config)
+        service.start()
+        client = self.pair.client
+        client._http = DownHTTP()
+        for _ in range(3):
+            self.pump(60)
+        for _ in range(15):  # the automatic reconnect fails too
+            self.pump(1)
+        self.assertEqual(self.store.rows["host"]["h1"]["status"], "Disconnected")
+        self.assertIn(("h1", "Connected", "Disconnected"), self.statuses())
+        d = service.stop()
+        for _ in range(15):
+            self.pump(1)
+        self.successResultOf(d)
+
+
+class CommandTests(HostServiceTestCase):
+    """
+    Commands through the host's chain.
+    """
+
+    latency = {"*": parse_latency("const:1")}
+
+    def test_chain_bounds_commands_per_host(self) -> None:
+        """
+        At most host_sync_level (10) commands are in flight to one host; the rest wait.
+        """
+        reply_d = self.add(1)
+        for _ in range(5):
+            self.pump(1)
+        self.assertTrue(self.successResultOf(reply_d).success)
+        accepted = self.pair.agent.stats["accepted"]
+        calls = [self.service.call("h1", p.HostCapacityCmd()) for _ in range(15)]
+        self.pump()
+        self.assertEqual(self.pair.agent.stats["accepted"] - accepted, 10)
+        self.pump(1)
+        self.assertEqual(self.pair.agent.stats["accepted"] - accepted, 15)
+        self.pump(1)
+        for d in calls:
+            self.assertTrue(self.successResultOf(d).success)
+
+    def test_not_connected(self) -> None:
+        """
+        A command to a host that is not Connected fails with HOST.1002; to an unknown host
+        with HOST.1003.
+        """
+        self.store.rows["host"]["hz"] = {"uuid": "hz", "status": "Disconnected",
+                                         "managementIp": base(5)}
+        self.assertEqual(
+            self.failureResultOf(self.service.call("hz", p.HostCapacityCmd()),
+                                 OperationError).value.error.code, HOST.NOT_CONNECTED)
+        self.assertEqual(
+            self.failureResultOf(self.service.call("nope", p.HostCapacityCmd()),
+                                 OperationError).value.error.code, HOST.NOT_FOUND)
+
+
+class VmSyncTests(HostServiceTestCase):
+    """
+    VM state reconciliation.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.successResultOf(self.add(1))
+        hv = self.pair.cluster.backends("1").hypervisor
+        from agent.hypervisor.interfaces import VmSpec
+
+        self.successResultOf(hv.start_vm(VmSpec(uuid="vm-a", name=None, cpu_num=1,
+                                                memory_size=1)))
+        vms = self.store.rows["vmInstance"]
+        vms["vm-a"] = {"uuid": "vm-a", "hostUuid": "h1", "state": "Stopped"}
+        vms["vm-b"] = {"uuid": "vm-b", "hostUuid": "h1", "state": "Running"}
+        vms["vm-c"] = {"uuid": "vm-c", "hostUuid": "h1", "state": "Starting"}
+        del self.events[:]
+
+    def test_sync(self) -> None:
+        """
+        The store follows the host for stable states; a VM in an operation is left alone.
+        """
+        d = self.service.sync_vms("h1")
+        self.pump()
+        self.assertEqual(self.successResultOf(d), 2)
+        vms = self.store.rows["vmInstance"]
+        self.assertEqual({u: v["state"] for u, v in vms.items()},
+                         {"vm-a": "Running", "vm-b": "Stopped", "vm-c": "Starting"})
+        changes = {(e.vm_uuid, e.from_state, e.to_state) for e in self.events
+                   if isinstance(e, VmStateChangedOnHostEvent)}
+        self.assertEqual(changes, {("vm-a", "Stopped", "Running"),
+                                   ("vm-b", "Running", "Stopped")})
+
+    def test_sync_on_ping(self) -> None:
+        """
+        With vm_sync_on_ping, a successful ping reconciles the VMs.
+        """
+        self.service.config = HostConfig(vm_sync_on_ping=True)
+        self.successResultOf(self.service.ping("h1"))
+        self.pump()
+        self.assertEqual(self.store.rows["vmInstance"]["vm-a"]["state"], "Running")
+
+    def test_report(self) -> None:
+        """
+        An agent's VM state report changes the store once; unknown VMs are ignored.
+        """
+        cmd = p.ReportVmStateCmd(host_uuid="h1", vm_uuid="vm-b", vm_state="Stopped")
+        self.assertTrue(self.successResultOf(self.service.report_vm_state(cmd)))
+        self.assertFalse(self.successResultOf(self.service.report_vm_state(cmd)))
+        ghost = p.ReportVmStateCmd(host_uuid="h1", vm_uuid="ghost", vm_state="Stopped")
+        self.assertFalse(self.successResultOf(self.service.report_vm_state(ghost)))
+
+    def test_unknown_message(self) -> None:
+        """
+        The handler refuses messages it does not know.
+        """
+        self.assertRaises(OperationError, self.service.handle, object())

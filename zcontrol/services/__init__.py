@@ -1,0 +1,1 @@
+"""zcontrol services: one package per resource, talking to each other only through the bus."""

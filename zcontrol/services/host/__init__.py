@@ -1,0 +1,34 @@
+"""
+The host service: KVM hosts' lifecycle (add, connect, ping, reconnect) and VM-state
+reconciliation, on the bus.
+"""
+
+from zcontrol.services.host.interfaces import IHostService
+from zcontrol.services.host.messages import (
+    HOST,
+    SERVICE_ID,
+    AddHostMsg,
+    ConnectHostMsg,
+    HostReply,
+    HostStatusChangedEvent,
+    PingHostMsg,
+    PingHostReply,
+    VmStateChangedOnHostEvent,
+)
+from zcontrol.services.host.service import HostConfig, HostService, agent_base_url
+
+__all__ = [
+    "HOST",
+    "SERVICE_ID",
+    "AddHostMsg",
+    "ConnectHostMsg",
+    "HostConfig",
+    "HostReply",
+    "HostService",
+    "HostStatusChangedEvent",
+    "IHostService",
+    "PingHostMsg",
+    "PingHostReply",
+    "VmStateChangedOnHostEvent",
+    "agent_base_url",
+]

@@ -1,0 +1,148 @@
+# -*- test-case-name: tests.test_host_service -*-
+"""
+The host service's bus messages and events.
+
+A host's C{managementIp} holds its agent's base URL (C{http://10.0.0.5:7070}, or
+C{http://127.0.0.1:7070/hosts/17} for a simulated host of a many-host agent); a bare IP or
+host name means C{http://<ip>:<agent port>}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import attrs
+
+from zcontrol.bus.message import Event, NeedReplyMessage, Reply, registry
+from zcontrol.core.errors import register_codes
+
+__all__ = [
+    "HOST",
+    "SERVICE_ID",
+    "AddHostMsg",
+    "ConnectHostMsg",
+    "HostReply",
+    "HostStatusChangedEvent",
+    "PingHostMsg",
+    "PingHostReply",
+    "VmStateChangedOnHostEvent",
+]
+
+#: The bus service id of the host service.
+SERVICE_ID = "host"
+
+
+class HOST:
+    """
+    The host service's error codes.
+    """
+
+    _codes = register_codes(
+        "HOST",
+        {
+            1000: "Unable to add the host",
+            1001: "Unable to connect the host",
+            1002: "The host is not connected",
+            1003: "No such host",
+        },
+    )
+    ADD_ERROR = _codes[1000]
+    CONNECT_ERROR = _codes[1001]
+    NOT_CONNECTED = _codes[1002]
+    NOT_FOUND = _codes[1003]
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class HostReply(Reply):
+    """
+    A reply carrying the host's inventory (its store row).
+    """
+
+    inventory: dict[str, Any] | None = None
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class AddHostMsg(NeedReplyMessage):
+    """
+    Add a KVM host and connect it; if it cannot be connected it is removed again (as ZStack
+    does) and the reply fails with C{HOST.1000}.
+    """
+
+    reply_type: ClassVar[type[Reply]] = HostReply
+
+    name: str
+    zone_uuid: str
+    cluster_uuid: str
+    management_ip: str
+    uuid: str | None = None
+    description: str | None = None
+    hypervisor_type: str = "KVM"
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class ConnectHostMsg(NeedReplyMessage):
+    """
+    (Re)connect a host: echo until its agent is up, connect (new callback secret), read its
+    facts and capacity into the store, mark it Connected.
+    """
+
+    reply_type: ClassVar[type[Reply]] = HostReply
+
+    host_uuid: str
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class PingHostReply(Reply):
+    """
+    The outcome of a ping: whether the host is connected after it.
+    """
+
+    connected: bool = False
+    status: str | None = None
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class PingHostMsg(NeedReplyMessage):
+    """
+    Ping one host (the tracker sends these with a parallelism bound).
+    """
+
+    reply_type: ClassVar[type[Reply]] = PingHostReply
+
+    host_uuid: str
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class HostStatusChangedEvent(Event):
+    """
+    A host's connection status changed.
+    """
+
+    topic: ClassVar[str] = "host.status"
+
+    host_uuid: str
+    old_status: str | None
+    new_status: str
+    reason: str | None = None
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class VmStateChangedOnHostEvent(Event):
+    """
+    A VM's state on a host differs from the store's (reported by the agent or found by a VM
+    sync); C{from_state} is the store's state before the change.
+    """
+
+    topic: ClassVar[str] = "host.vmstate"
+
+    host_uuid: str
+    vm_uuid: str
+    from_state: str | None
+    to_state: str

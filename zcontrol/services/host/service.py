@@ -1,0 +1,425 @@
+# -*- test-case-name: tests.test_host_service -*-
+"""
+The host service: add, connect, ping, reconnect and VM-state reconciliation of KVM hosts, on
+the bus, with hosts in the store and commands through the agent client.
+
+Lifecycle (ZStack's C{KVMHost} and C{HostTrackImpl})
+=====================================================
+ - B{add}: insert the host C{Connecting}, connect it; if that fails, delete it again and fail
+   with C{HOST.1000}.
+ - B{connect}: C{Connecting}; echo the agent until it answers (at most C{connect_timeout});
+   C{/host/connect} with a fresh callback secret; C{/host/fact} and C{/host/capacity}; the
+   capacity into the store (totals, keeping what is reserved); C{Connected}. A failure leaves
+   the host C{Disconnected} (C{HOST.1001} wrapping the cause).
+ - B{track}: every C{ping_interval} seconds, the hosts this node owns (the bus's hash ring)
+   are pinged with at most C{ping_parallelism} pings in flight (C{send_stepping}). A ping
+   that fails C{max_ping_failures} times in a row makes a Connected host C{Disconnected} and,
+   with C{auto_reconnect}, starts a reconnect. A ping answered with another host uuid (the
+   agent restarted or was taken over) forces a reconnect; so does a successful ping of a
+   Disconnected host. With C{vm_sync_on_ping}, a successful ping is followed by a VM sync.
+ - B{VM states}: the VM sync (C{/vm/vmsync}) and the agent's C{/kvm/reportvmstate} are
+   reconciled against the store: a VM whose stable state differs is compare-and-swapped to
+   what the host says and a L{VmStateChangedOnHostEvent} is published.
+
+Note [chain tasks per host]: commands to one host go through the chain-task queue under
+C{host-<uuid>} with C{host_sync_level} (ZStack: 10) slots, so no host gets more than that many
+commands in flight however many VM operations target it; connect and ping are serialised per
+host under C{host-connect-<uuid>} so two reconnects never interleave.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from agent import protocol as p
+from zcontrol._defer import DeferWaiter, async_to_deferred
+from zcontrol.bus.message import Reply
+from zcontrol.core.chain import ChainTaskQueue
+from zcontrol.core.errors import SYS, OperationError, error_code, from_failure
+from zcontrol.db.query import Query
+from zcontrol.services.host.interfaces import IHostService
+from zcontrol.services.host.messages import (
+    HOST,
+    SERVICE_ID,
+    AddHostMsg,
+    ConnectHostMsg,
+    HostReply,
+    HostStatusChangedEvent,
+    PingHostMsg,
+    PingHostReply,
+    VmStateChangedOnHostEvent,
+)
+
+__all__ = ["HostConfig", "HostService"]
+
+log = Logger()
+
+CONNECTING, CONNECTED, DISCONNECTED = "Connecting", "Connected", "Disconnected"
+#: VM states the agent reports and the sync reconciles (transitional states are left alone:
+#: an operation in progress owns them).
+_STABLE = {"Running", "Stopped", "Unknown"}
+
+
+@attrs.frozen
+class HostConfig:
+    """
+    Host service settings (ZStack's C{host.xml} global config where it has one).
+    """
+
+    ping_interval: float = 60.0
+    ping_timeout: float = 10.0
+    ping_parallelism: int = 100
+    max_ping_failures: int = 3
+    auto_reconnect: bool = True
+    vm_sync_on_ping: bool = True
+    connect_timeout: float = 300.0
+    echo_interval: float = 2.0
+    echo_timeout: float = 5.0
+    command_timeout: float = 300.0
+    host_sync_level: int = 10
+    agent_port: int = 7070
+    send_command_url: str | None = None
+    page_size: int = 1000
+
+
+def agent_base_url(management_ip: str, agent_port: int) -> str:
+    """
+    The agent base URL of a host whose C{managementIp} is C{management_ip}.
+    """
+    if "://" in management_ip:
+        return management_ip.rstrip("/")
+    return f"http://{management_ip}:{agent_port}"
+
+
+@implementer(IHostService)
+class HostService:
+    """
+    The host service on one management node.
+    """
+
+    def __init__(self, clock: Any, bus: Any, store: Any, agents: Any,
+                 config: HostConfig = HostConfig(), queue: ChainTaskQueue | None = None) -> None:
+        self._clock = clock
+        self._bus = bus
+        self._store = store
+        self._agents = agents
+        self.config = config
+        self._queue = queue if queue is not None else ChainTaskQueue(clock)
+        self._failures: dict[str, int] = {}
+        self._facts: dict[str, p.HostFactRsp] = {}
+        self._waiter = DeferWaiter()
+        self._tracker: LoopingCall | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self, track: bool = True) -> None:
+        """
+        Serve the C{host} service on the bus and (with C{track}) start the periodic ping.
+        """
+        self._bus.register_service(SERVICE_ID, self.handle)
+        if track:
+            self._tracker = LoopingCall(self._track_once)
+            self._tracker.clock = self._clock
+            self._tracker.start(self.config.ping_interval, now=False).addErrback(
+                lambda f: log.failure("host tracker stopped", f)
+            )
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop tracking and serving, and wait for the work in flight (reconnects, tracks).
+        """
+        if self._tracker is not None and self._tracker.running:
+            self._tracker.stop()
+        self._bus.unregister_service(SERVICE_ID)
+        return self._waiter.wait()
+
+    def facts(self, host_uuid: str) -> p.HostFactRsp | None:
+        """
+        The facts the host reported at its last connect (the store has no system tags yet).
+        """
+        return self._facts.get(host_uuid)
+
+    # --- bus ------------------------------------------------------------------------------
+
+    def handle(self, msg: Any) -> Any:
+        """
+        The bus handler of the C{host} service.
+        """
+        if isinstance(msg, PingHostMsg):
+            return self.ping(msg.host_uuid).addCallback(
+                lambda row: PingHostReply(connected=row["status"] == CONNECTED,
+                                          status=row["status"])
+            )
+        if isinstance(msg, ConnectHostMsg):
+            return self.connect(msg.host_uuid).addCallback(
+                lambda row: HostReply(inventory=row)
+            )
+        if isinstance(msg, AddHostMsg):
+            return self.add_host(msg).addCallback(lambda row: HostReply(inventory=row))
+        raise OperationError.of(SYS.UNKNOWN_MESSAGE_ERROR,
+                                f"the host service does not handle {type(msg).__name__}")
+
+    # --- helpers --------------------------------------------------------------------------
+
+    async def _host(self, host_uuid: str) -> dict[str, Any]:
+        row = await self._store.get("host", host_uuid)
+        if row is None:
+            raise OperationError.of(HOST.NOT_FOUND, f"no host {host_uuid}", hostUuid=host_uuid)
+        return row
+
+    def _base(self, row: dict[str, Any]) -> str:
+        return agent_base_url(row["managementIp"], self.config.agent_port)
+
+    async def _set_status(self, row: dict[str, Any], status: str, reason: str | None = None,
+                          expected: Any = None) -> dict[str, Any]:
+        old = row["status"]
+        new_row = await self._store.update_host_status(row["uuid"], status, expected)
+        if old != status:
+            log.info("host {uuid} {old} -> {new}: {reason}", uuid=row["uuid"], old=old,
+                     new=status, reason=reason)
+            await self._bus.publish(HostStatusChangedEvent(
+                host_uuid=row["uuid"], old_status=old, new_status=status, reason=reason))
+        return new_row
+
+    def _background(self, d: Deferred, what: str) -> None:
+        d.addErrback(lambda f: log.error("{what} failed: {error}", what=what,
+                                         error=str(from_failure(f))))
+        self._waiter.add(d)
+
+    # --- commands -------------------------------------------------------------------------
+
+    def call(self, host_uuid: str, cmd: p.Message, timeout: float | None = None,
+             deadline: float | None = None) -> Deferred[Any]:
+        """
+        Send C{cmd} to the host's agent through the host's chain (at most C{host_sync_level}
+        commands in flight to one host). The timeout runs from when the command is sent;
+        C{deadline} (absolute, on the clock) bounds both the wait in the chain and the call.
+
+        @return: a Deferred firing with the agent's response; fails as
+            L{zcontrol.agentclient.IAgentClient.call}, or with C{HOST.1002} when the host is
+            not Connected, C{HOST.1003} when unknown.
+        """
+
+        async def run() -> Any:
+            row = await self._host(host_uuid)
+            if row["status"] != CONNECTED:
+                raise OperationError.of(HOST.NOT_CONNECTED,
+                                        f"host {host_uuid} is {row['status']}",
+                                        hostUuid=host_uuid)
+            return await self._agents.call(
+                self._base(row), cmd, timeout=timeout or self.config.command_timeout,
+                deadline=deadline)
+
+        wait = None
+        if deadline is not None:
+            wait = max(0.0, deadline - self._clock.seconds())
+        return self._queue.run(f"host-{host_uuid}", lambda: Deferred.fromCoroutine(run()),
+                               sync_level=self.config.host_sync_level, timeout=wait)
+
+    # --- add and connect ------------------------------------------------------------------
+
+    @async_to_deferred
+    async def add_host(self, msg: AddHostMsg) -> dict[str, Any]:
+        """
+        Insert the host and connect it; remove it again if it cannot be connected.
+
+        @return: a Deferred firing with the host row, Connected; fails with C{HOST.1000}
+            wrapping the cause.
+        """
+        host_uuid = msg.uuid or uuidlib.uuid4().hex
+        try:
+            await self._store.add_host({
+                "uuid": host_uuid, "name": msg.name, "description": msg.description,
+                "zoneUuid": msg.zone_uuid, "clusterUuid": msg.cluster_uuid,
+                "managementIp": msg.management_ip, "hypervisorType": msg.hypervisor_type,
+                "status": CONNECTING,
+            })
+        except OperationError as e:
+            raise OperationError(error_code(HOST.ADD_ERROR, f"cannot add host {msg.name}",
+                                            e.error)) from None
+        try:
+            return await self.connect(host_uuid)
+        except OperationError as e:
+            await self._store.delete("host", host_uuid)
+            self._agents.forget(agent_base_url(msg.management_ip, self.config.agent_port))
+            raise OperationError(error_code(HOST.ADD_ERROR, f"cannot add host {msg.name}",
+                                            e.error)) from None
+
+    def connect(self, host_uuid: str) -> Deferred[dict[str, Any]]:
+        """
+        (Re)connect the host (serialised per host with pings).
+
+        @return: a Deferred firing with the host row, Connected; fails with C{HOST.1001}
+            wrapping the cause (the host is then Disconnected), or C{HOST.1003}.
+        """
+        return self._queue.run(f"host-connect-{host_uuid}",
+                               lambda: Deferred.fromCoroutine(self._connect(host_uuid)))
+
+    async def _connect(self, host_uuid: str) -> dict[str, Any]:
+        row = await self._host(host_uuid)
+        base = self._base(row)
+        row = await self._set_status(row, CONNECTING, "connecting")
+        try:
+            await self._echo_until_up(base)
+            await self._agents.connect(base, host_uuid, self.config.send_command_url,
+                                       timeout=self.config.echo_timeout * 2)
+            fact = await self._agents.call(base, p.HostFactCmd(),
+                                           timeout=self.config.command_timeout)
+            capacity = await self._agents.call(base, p.HostCapacityCmd(),
+                                               timeout=self.config.command_timeout)
+            await self._store.set_host_capacity(host_uuid, capacity.cpu_num,
+                                                capacity.total_memory, capacity.cpu_num)
+        except OperationError as e:
+            await self._set_status(row, DISCONNECTED, str(e.error))
+            raise OperationError(error_code(HOST.CONNECT_ERROR,
+                                            f"cannot connect host {host_uuid} at {base}",
+                                            e.error, hostUuid=host_uuid)) from None
+        self._facts[host_uuid] = fact
+        self._failures[host_uuid] = 0
+        return await self._set_status(row, CONNECTED, "connected")
+
+    async def _echo_until_up(self, base: str) -> None:
+        give_up = self._clock.seconds() + self.config.connect_timeout
+        while True:
+            try:
+                await self._agents.call(base, p.EchoCmd(), timeout=self.config.echo_timeout)
+                return
+            except OperationError as e:
+                if self._clock.seconds() + self.config.echo_interval >= give_up:
+                    raise OperationError(error_code(
+                        SYS.TIMEOUT, f"agent at {base} did not answer echo within "
+                        f"{self.config.connect_timeout:g}s", e.error)) from None
+            await deferLater(self._clock, self.config.echo_interval, lambda: None)
+
+    # --- ping -----------------------------------------------------------------------------
+
+    def ping(self, host_uuid: str) -> Deferred[dict[str, Any]]:
+        """
+        Ping the host once and act on the outcome (see the module docstring).
+
+        @return: a Deferred firing with the host row after the ping.
+        """
+        return self._queue.run(f"host-connect-{host_uuid}",
+                               lambda: Deferred.fromCoroutine(self._ping(host_uuid)))
+
+    async def _ping(self, host_uuid: str) -> dict[str, Any]:
+        row = await self._host(host_uuid)
+        if row["status"] == CONNECTING:
+            return row
+        base = self._base(row)
+        try:
+            rsp = await self._agents.call(base, p.PingCmd(host_uuid=host_uuid),
+                                          timeout=self.config.ping_timeout)
+        except OperationError as e:
+            failures = self._failures.get(host_uuid, 0) + 1
+            self._failures[host_uuid] = failures
+            log.info("ping of host {uuid} failed ({n}): {error}", uuid=host_uuid, n=failures,
+                     error=str(e.error))
+            if failures >= self.config.max_ping_failures and row["status"] == CONNECTED:
+                try:
+                    row = await self._set_status(row, DISCONNECTED,
+                                                 f"{failures} pings failed: {e.error}",
+                                                 expected=CONNECTED)
+                except OperationError:
+                    return await self._host(host_uuid)
+                if self.config.auto_reconnect:
+                    self._reconnect_later(host_uuid)
+            return row
+        self._failures[host_uuid] = 0
+        if rsp.host_uuid != host_uuid:
+            log.info("host {uuid}: agent answered as {other}; reconnecting", uuid=host_uuid,
+                     other=rsp.host_uuid)
+            self._reconnect_later(host_uuid)
+        elif row["status"] == DISCONNECTED:
+            self._reconnect_later(host_uuid)
+        elif self.config.vm_sync_on_ping:
+            self._background(self.sync_vms(host_uuid), f"VM sync of host {host_uuid}")
+        return row
+
+    def _reconnect_later(self, host_uuid: str) -> None:
+        # Queued behind the current ping in the host's connect chain.
+        self._background(self.connect(host_uuid), f"reconnect of host {host_uuid}")
+
+    @async_to_deferred
+    async def track_once(self) -> int:
+        """
+        Ping every host this node owns, at most C{ping_parallelism} at a time.
+
+        @return: a Deferred firing with the number of hosts pinged.
+        """
+        uuids: list[str] = []
+        start = 0
+        while True:
+            page = await self._store.query("host", Query(
+                fields=["uuid"], sort="uuid", limit=self.config.page_size, start=start))
+            uuids.extend(r["uuid"] for r in page.inventories)
+            if len(page.inventories) < self.config.page_size:
+                break
+            start += self.config.page_size
+        mine = [u for u in uuids if self._bus.owner_of(u) == self._bus.node_id]
+        messages = (PingHostMsg(service_id=SERVICE_ID, resource_uuid=u, host_uuid=u,
+                                timeout=self.config.ping_timeout * 3) for u in mine)
+
+        def on_reply(msg: PingHostMsg, reply: Reply) -> None:
+            if not reply.success:
+                log.info("ping of {uuid}: {error}", uuid=msg.host_uuid, error=str(reply.error))
+
+        await self._bus.send_stepping(messages, self.config.ping_parallelism, on_reply)
+        return len(mine)
+
+    def _track_once(self) -> None:
+        self._background(self.track_once(), "host tracking")
+
+    # --- VM states ------------------------------------------------------------------------
+
+    @async_to_deferred
+    async def sync_vms(self, host_uuid: str) -> int:
+        """
+        Reconcile the store's VMs on the host with the host's own list (C{/vm/vmsync}).
+
+        @return: a Deferred firing with the number of VMs whose state was changed.
+        """
+        rsp = await self.call(host_uuid, p.VmSyncCmd(), timeout=self.config.ping_timeout * 3)
+        page = await self._store.query("vmInstance", Query(
+            conditions=[f"hostUuid={host_uuid}"], fields=["uuid", "state"],
+            limit=100_000))
+        changed = 0
+        for vm in page.inventories:
+            actual = rsp.states.get(vm["uuid"], "Stopped")
+            if await self._reconcile(host_uuid, vm["uuid"], vm["state"], actual):
+                changed += 1
+        return changed
+
+    @async_to_deferred
+    async def report_vm_state(self, cmd: p.ReportVmStateCmd) -> bool:
+        """
+        Handle the agent's C{/kvm/reportvmstate}.
+
+        @return: a Deferred firing with whether the store was changed.
+        """
+        vm = await self._store.get("vmInstance", cmd.vm_uuid)
+        if vm is None or vm.get("hostUuid") != cmd.host_uuid:
+            log.info("host {host} reports unknown VM {vm} as {state}", host=cmd.host_uuid,
+                     vm=cmd.vm_uuid, state=cmd.vm_state)
+            return False
+        return await self._reconcile(cmd.host_uuid, cmd.vm_uuid, vm["state"], cmd.vm_state)
+
+    async def _reconcile(self, host_uuid: str, vm_uuid: str, known: str, actual: str) -> bool:
+        if known == actual or known not in _STABLE or actual not in _STABLE:
+            return False
+        try:
+            await self._store.change_vm_state(vm_uuid, known, actual)
+        except OperationError as e:
+            if e.error.code in (SYS.CHANGE_RESOURCE_STATE_ERROR, SYS.RESOURCE_NOT_FOUND):
+                return False  # an operation changed it meanwhile: it wins
+            raise
+        await self._bus.publish(VmStateChangedOnHostEvent(
+            host_uuid=host_uuid, vm_uuid=vm_uuid, from_state=known, to_state=actual))
+        return True
