@@ -1,0 +1,80 @@
+"""
+The host service against the real pieces: a SQLite store, the LocalBus, the real agent client
+and a real agent over loopback HTTP, on the real reactor.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import defer, reactor
+
+from agent import protocol as p
+from agent.hypervisor.interfaces import VmSpec
+from tests.test_agent_loopback import LoopbackTestCase
+from zcontrol.bus.local import LocalBus
+from zcontrol.db.sqlite import SQLiteStore
+from zcontrol.services.host import SERVICE_ID, AddHostMsg, HostConfig, HostService, PingHostMsg
+
+
+class HostIntegrationTests(LoopbackTestCase):
+    """
+    Add, sync and reconnect a host of a real agent, recorded in SQLite.
+    """
+
+    def setUp(self) -> defer.Deferred:
+        super().setUp()
+        path = os.path.abspath(self.mktemp() + ".db")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.store = SQLiteStore(path, reactor)
+        self.bus = LocalBus(reactor, node_id="mn-1")
+        self.service = HostService(reactor, self.bus, self.store, self.client,
+                                   HostConfig(echo_interval=0.05, connect_timeout=5,
+                                              vm_sync_on_ping=False))
+
+        async def start() -> None:
+            await self.store.start()
+            await self.bus.start()
+            self.service.start(track=False)
+            await self.store.insert("zone", {"uuid": "z", "name": "zone"})
+            await self.store.insert("cluster", {"uuid": "c", "name": "cluster", "zoneUuid": "z",
+                                                "hypervisorType": "KVM"})
+
+        async def stop() -> None:
+            await self.service.stop()
+            await self.bus.stop()
+            await self.store.stop()
+
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(stop()))
+        return defer.Deferred.fromCoroutine(start())
+
+    def test_lifecycle(self) -> defer.Deferred:
+        """
+        The added host is Connected with the agent's capacity in SQLite; the VM sync fixes a
+        stale VM state; a restarted agent (ping with no uuid) is reconnected.
+        """
+
+        async def go() -> None:
+            reply = await self.bus.send(AddHostMsg(
+                service_id=SERVICE_ID, name="h", zone_uuid="z", cluster_uuid="c", uuid="h5",
+                management_ip=self.base(5)))
+            self.assertTrue(reply.success, reply.error)
+            row = await self.store.get("host", "h5")
+            self.assertEqual((row["status"], row["totalCpuCapacity"]), ("Connected", 32))
+            await self.store.insert("vmInstance", {
+                "uuid": "vm-1", "name": "vm", "cpuNum": 1, "memorySize": 64, "hostUuid": "h5",
+                "state": "Stopped"})
+            hv = self.agent._hosts["5"].backends.hypervisor
+            await hv.start_vm(VmSpec(uuid="vm-1", name=None, cpu_num=1, memory_size=64))
+            self.assertEqual(await self.service.sync_vms("h5"), 1)
+            self.assertEqual((await self.store.get("vmInstance", "vm-1"))["state"], "Running")
+            self.agent.crash_host("5")
+            ping = await self.bus.send(PingHostMsg(service_id=SERVICE_ID, host_uuid="h5",
+                                                   resource_uuid="h5"))
+            self.assertTrue(ping.success, ping.error)
+            await self.service._waiter.wait()
+            self.assertEqual((await self.store.get("host", "h5"))["status"], "Connected")
+            rsp = await self.service.call("h5", p.PingCmd(host_uuid="h5"))
+            self.assertEqual(rsp.host_uuid, "h5")
+
+        return defer.Deferred.fromCoroutine(go())
