@@ -260,7 +260,10 @@ class AMQPBus:
 
         def failed(reason: Failure) -> Deferred:
             service, self._service = self._service, None
-            d2 = service.stopService()
+            # stopService() cannot run inside ClientService's own callback (automat
+            # refuses re-entrance): leave it to the next reactor turn.
+            d2: Deferred[None] = Deferred()
+            self._reactor.callLater(0, lambda: service.stopService().chainDeferred(d2))
 
             def raise_(_: Any) -> None:
                 raise OperationError(error_code(
