@@ -29,6 +29,7 @@ after accepting (the host forgets its VMs, its secret and its work; nothing call
 from __future__ import annotations
 
 import random
+import uuid
 from typing import Any, Callable, Iterable, Mapping
 
 import attrs
@@ -269,12 +270,13 @@ class AgentApp:
     def _track(self, d: Deferred) -> None:
         self._in_flight.add(d)
 
-        def done(result: Any) -> None:
+        def done(result: Any) -> Any:
             self._in_flight.discard(d)
             if not self._in_flight:
                 idle, self._idle = self._idle, []
                 for w in idle:
                     w.callback(None)
+            return result
 
         d.addBoth(done)
 
@@ -453,6 +455,45 @@ class AgentApp:
                               attempt + 1)
 
         return d.addCallbacks(answered, errored)
+
+    # --- agent-initiated commands --------------------------------------------------------
+
+    def report(self, key: str, path: str, cmd: Message) -> Deferred[bool]:
+        """
+        POST an agent-initiated command (a path of L{agent.protocol.REPORTS}) for host C{key}
+        to the management node's C{sendCommandUrl}, signed, retried as callbacks are.
+
+        @return: a Deferred firing with whether the management node acknowledged it (False,
+            without sending, if the host is not connected or has no C{sendCommandUrl}).
+        """
+        host = self._hosts.get(key)
+        if host is None or host.secret is None or not host.send_command_url:
+            return succeed(False)
+        taskuuid = uuid.uuid4().hex
+        body = cmd.to_json()
+        headers = {
+            _TASK: [taskuuid.encode("ascii")],
+            protocol.COMMAND_PATH_HEADER.encode("ascii"): [path.encode("utf-8")],
+            protocol.RESOURCE_UUID_HEADER.encode("ascii"): [host.host_uuid.encode("utf-8")],
+            SIGNATURE_HEADER.encode("ascii"): [
+                protocol.sign(host.secret, taskuuid, body).encode("ascii")
+            ],
+            b"content-type": [_JSON],
+        }
+        d = self._post(host.send_command_url, body, headers, taskuuid, 1)
+        self._track(d)
+        return d
+
+    def report_vm_state(self, key: str, vm_uuid: str, state: str) -> Deferred[bool]:
+        """
+        Tell the management node that a VM of host C{key} changed state on its own
+        (C{/kvm/reportvmstate}).
+        """
+        host = self._hosts.get(key)
+        if host is None or host.host_uuid is None:
+            return succeed(False)
+        return self.report(key, protocol.REPORT_VM_STATE_PATH, protocol.ReportVmStateCmd(
+            host_uuid=host.host_uuid, vm_uuid=vm_uuid, vm_state=state))
 
     # --- synchronous host URIs ------------------------------------------------------------
 

@@ -65,6 +65,9 @@ __all__ = [
     "HOSTS_PREFIX",
     "Message",
     "PING_PATH",
+    "REPORTS",
+    "REPORT_VM_STATE_PATH",
+    "RESOURCE_UUID_HEADER",
     "ProtocolError",
     "Response",
     "SIGNATURE_HEADER",
@@ -773,8 +776,12 @@ _DEFS = [
 COMMANDS: dict[str, CommandDef] = {d.path: d for d in _DEFS}
 _BY_TYPE: dict[type, CommandDef] = {d.cmd_type: d for d in _DEFS}
 
-#: Paths of agent-initiated commands (agent -> management node) and their body types.
-REPORTS: dict[str, type[Message]] = {"/kvm/reportvmstate": ReportVmStateCmd}
+#: Paths of agent-initiated commands (agent -> management node) and their body types. The
+#: agent POSTs them to the C{sendCommandUrl} it got at connect, with the path in the
+#: L{COMMAND_PATH_HEADER}, its host uuid in the L{RESOURCE_UUID_HEADER}, a fresh
+#: L{TASK_UUID_HEADER} and the signature of (that task uuid, body) under the host's secret.
+REPORT_VM_STATE_PATH = "/kvm/reportvmstate"
+REPORTS: dict[str, type[Message]] = {REPORT_VM_STATE_PATH: ReportVmStateCmd}
 
 
 def command_for(cmd: Message) -> CommandDef:

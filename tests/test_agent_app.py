@@ -266,6 +266,39 @@ class AsyncUriTests(AgentTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 
+class ReportTests(AgentTestCase):
+    """
+    Agent-initiated commands (C{/kvm/reportvmstate}).
+    """
+
+    def test_report_vm_state(self) -> None:
+        """
+        A report goes to the sendCommandUrl with the command path, the host uuid and a
+        signature over a fresh task uuid and the body; it is retried until acknowledged.
+        """
+        d = self.agent.report_vm_state("0", "vm-1", "Stopped")
+        [post] = self.http.posts
+        self.assertEqual(post.url, "http://mn/asyncrest/sendcommand")
+        self.assertEqual(post.header(p.COMMAND_PATH_HEADER), p.REPORT_VM_STATE_PATH)
+        self.assertEqual(post.header(p.RESOURCE_UUID_HEADER), "host-0")
+        taskuuid = post.header("taskuuid")
+        self.assertTrue(p.verify(SECRET, taskuuid, post.data, post.header(p.SIGNATURE_HEADER)))
+        cmd = p.ReportVmStateCmd.from_json(post.data)
+        self.assertEqual((cmd.host_uuid, cmd.vm_uuid, cmd.vm_state),
+                         ("host-0", "vm-1", "Stopped"))
+        post.answer(503)
+        self.clock.advance(1)
+        self.http.posts[1].answer(200)
+        self.assertTrue(self.successResultOf(d))
+
+    def test_not_connected(self) -> None:
+        """
+        A host that was never connected reports nothing.
+        """
+        self.assertFalse(self.successResultOf(self.agent.report_vm_state("2", "vm", "Stopped")))
+        self.assertEqual(self.http.posts, [])
+
+
 class CallbackRetryTests(AgentTestCase):
     """
     Callbacks are retried with backoff until acknowledged, refused or out of attempts.

@@ -364,6 +364,45 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d).cpu_num, 4)
         self.assertEqual(self.post(good, body), 404)
 
+    def report(self, host_uuid: str, body: bytes, secret: str = SECRET,
+               path: str = p.REPORT_VM_STATE_PATH, signed: bool = True) -> int:
+        headers = {p.COMMAND_PATH_HEADER: path, p.RESOURCE_UUID_HEADER: host_uuid,
+                   "taskuuid": "r1"}
+        if signed:
+            headers[p.SIGNATURE_HEADER] = p.sign(secret, "r1", body)
+        response = self.successResultOf(self.stub.post(
+            "http://mn/zstack/asyncrest/sendcommand", data=body, headers=headers))
+        return response.code
+
+    def test_reports(self) -> None:
+        """
+        Agent-initiated commands: 404 for an unhandled path, 403 unless signed with the named
+        host's secret (or if the body names another host), 400 for a bad body, 500 when the
+        handler fails, else 200 and the handler gets the decoded command.
+        """
+        endpoint = CallbackEndpoint(self.client)
+        self.stub = StubTreq(endpoint.resource())
+        self.client._base_of_host["host-0"] = base(0)
+        got: list = []
+        cmd = p.ReportVmStateCmd(host_uuid="host-0", vm_uuid="v", vm_state="Stopped")
+        body = cmd.to_json()
+        self.assertEqual(self.report("host-0", body), 404)
+        endpoint.on_report(p.REPORT_VM_STATE_PATH, got.append)
+        self.assertRaises(ValueError, endpoint.on_report, "/nope", got.append)
+        self.assertEqual(self.report("host-0", body, signed=False), 403)
+        self.assertEqual(self.report("host-0", body, secret="other"), 403)
+        self.assertEqual(self.report("host-9", body), 403)
+        self.assertEqual(self.report("host-0", b'{"vmUuid": 1}'), 400)
+        other = p.ReportVmStateCmd(host_uuid="host-1", vm_uuid="v", vm_state="Stopped")
+        self.assertEqual(self.report("host-0", other.to_json()), 403)
+        self.assertEqual(self.report("host-0", body), 200)
+        self.assertEqual(got, [cmd])
+        endpoint.on_report(p.REPORT_VM_STATE_PATH, lambda c: 1 / 0)
+        self.assertEqual(self.report("host-0", body), 500)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.client.forget(base(0))
+        self.assertEqual(self.report("host-0", body), 403)
+
     def test_get_not_allowed(self) -> None:
         """
         Only POST is served.

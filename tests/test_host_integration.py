@@ -12,6 +12,7 @@ from twisted.internet import defer, reactor
 from agent import protocol as p
 from agent.hypervisor.interfaces import VmSpec
 from tests.test_agent_loopback import LoopbackTestCase
+from zcontrol.agentclient import SEND_COMMAND_PATH
 from zcontrol.bus.local import LocalBus
 from zcontrol.db.sqlite import SQLiteStore
 from zcontrol.services.host import SERVICE_ID, AddHostMsg, HostConfig, HostService, PingHostMsg
@@ -28,9 +29,14 @@ class HostIntegrationTests(LoopbackTestCase):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.store = SQLiteStore(path, reactor)
         self.bus = LocalBus(reactor, node_id="mn-1")
+        send_command_url = self.client.callback_url.replace(self.endpoint.path,
+                                                            SEND_COMMAND_PATH)
         self.service = HostService(reactor, self.bus, self.store, self.client,
                                    HostConfig(echo_interval=0.05, connect_timeout=5,
-                                              vm_sync_on_ping=False))
+                                              vm_sync_on_ping=False,
+                                              send_command_url=send_command_url))
+        for path, handler in self.service.report_handlers().items():
+            self.endpoint.on_report(path, handler)
 
         async def start() -> None:
             await self.store.start()
@@ -51,7 +57,8 @@ class HostIntegrationTests(LoopbackTestCase):
     def test_lifecycle(self) -> defer.Deferred:
         """
         The added host is Connected with the agent's capacity in SQLite; the VM sync fixes a
-        stale VM state; a restarted agent (ping with no uuid) is reconnected.
+        stale VM state; the agent's signed VM state report reaches the store; a restarted
+        agent (ping with no uuid) is reconnected.
         """
 
         async def go() -> None:
@@ -68,6 +75,9 @@ class HostIntegrationTests(LoopbackTestCase):
             await hv.start_vm(VmSpec(uuid="vm-1", name=None, cpu_num=1, memory_size=64))
             self.assertEqual(await self.service.sync_vms("h5"), 1)
             self.assertEqual((await self.store.get("vmInstance", "vm-1"))["state"], "Running")
+            # The agent reports that the VM stopped on its own.
+            self.assertTrue(await self.agent.report_vm_state("5", "vm-1", "Stopped"))
+            self.assertEqual((await self.store.get("vmInstance", "vm-1"))["state"], "Stopped")
             self.agent.crash_host("5")
             ping = await self.bus.send(PingHostMsg(service_id=SERVICE_ID, host_uuid="h5",
                                                    resource_uuid="h5"))

@@ -7,6 +7,7 @@ L{listen_callback}).
 from zcontrol.agentclient.client import AgentClient
 from zcontrol.agentclient.endpoint import (
     CALLBACK_PATH,
+    SEND_COMMAND_PATH,
     CallbackEndpoint,
     callback_site,
     listen_callback,
@@ -16,6 +17,7 @@ from zcontrol.agentclient.interfaces import IAgentClient
 __all__ = [
     "AgentClient",
     "CALLBACK_PATH",
+    "SEND_COMMAND_PATH",
     "CallbackEndpoint",
     "IAgentClient",
     "callback_site",

@@ -110,6 +110,7 @@ class AgentClient:
         self._sem = DeferredSemaphore(max_in_flight)
         self._pending: dict[str, _Pending] = {}
         self._secrets: dict[str, str] = {}
+        self._base_of_host: dict[str, str] = {}
         self._pool: Any = None
         #: Counters for observation and tests.
         self.stats = {"sent": 0, "completed": 0, "timeouts": 0, "rejected": 0}
@@ -155,6 +156,21 @@ class AgentClient:
 
     def forget(self, base_url: str) -> None:
         self._secrets.pop(base_url, None)
+        for host_uuid, base in list(self._base_of_host.items()):
+            if base == base_url:
+                del self._base_of_host[host_uuid]
+
+    def verify_report(self, host_uuid: str | None, taskuuid: str | None, body: bytes,
+                      signature: str | bytes | None) -> bool:
+        """
+        Whether an agent-initiated command claiming to come from C{host_uuid} is signed with
+        the secret agreed with that host at its last connect.
+        """
+        if not host_uuid or not taskuuid:
+            return False
+        base = self._base_of_host.get(host_uuid)
+        secret = None if base is None else self._secrets.get(base)
+        return secret is not None and protocol.verify(secret, taskuuid, body, signature)
 
     def connect(self, base_url: str, host_uuid: str, send_command_url: str | None = None,
                 timeout: float | None = None, deadline: float | None = None,
@@ -165,6 +181,7 @@ class AgentClient:
 
         def connected(rsp: protocol.ConnectRsp) -> protocol.ConnectRsp:
             self._secrets[base_url] = secret
+            self._base_of_host[host_uuid] = base_url
             return rsp
 
         return self.call(base_url, cmd, timeout=timeout, deadline=deadline).addCallback(

@@ -6,24 +6,49 @@ C{400} without a C{taskuuid} header or with a body that is not JSON; C{404} for 
 expired or already completed task; C{403} for a missing or bad signature (or a signature made
 for another task: a replay); C{200} when the task completed, exactly once (see
 L{AgentClient.complete}).
+
+Agent-initiated commands (C{/kvm/reportvmstate}) arrive at L{SEND_COMMAND_PATH}: 404 for a
+command path nobody handles, 403 unless signed with the secret of the host named in
+C{X-Resource-UUID}, 400 for a body that is not the command, 500 if the handler fails (the agent
+retries), else 200.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from klein import Klein
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 
 from agent.http import DEFAULT_BACKLOG, QuietSite
-from agent.protocol import SIGNATURE_HEADER, TASK_UUID_HEADER
+from agent.protocol import (
+    COMMAND_PATH_HEADER,
+    REPORTS,
+    RESOURCE_UUID_HEADER,
+    SIGNATURE_HEADER,
+    TASK_UUID_HEADER,
+    ProtocolError,
+)
 from zcontrol.agentclient.client import AgentClient
 
-__all__ = ["CALLBACK_PATH", "CallbackEndpoint", "callback_site", "listen_callback"]
+__all__ = [
+    "CALLBACK_PATH",
+    "SEND_COMMAND_PATH",
+    "CallbackEndpoint",
+    "callback_site",
+    "listen_callback",
+]
 
 #: ZStack's callback path (C{http://<mn ip>:8080/zstack/asyncrest/callback}).
 CALLBACK_PATH = "/zstack/asyncrest/callback"
+#: ZStack's path for agent-initiated commands (the C{sendCommandUrl} given at connect).
+SEND_COMMAND_PATH = "/zstack/asyncrest/sendcommand"
+
+log = Logger()
 
 _TASK = TASK_UUID_HEADER.encode("ascii")
 _SIGNATURE = SIGNATURE_HEADER.encode("ascii")
@@ -36,11 +61,57 @@ class CallbackEndpoint:
     @ivar app: the klein app with one route, C{POST <path>}.
     """
 
-    def __init__(self, client: AgentClient, path: str = CALLBACK_PATH) -> None:
+    def __init__(self, client: AgentClient, path: str = CALLBACK_PATH,
+                 send_command_path: str = SEND_COMMAND_PATH) -> None:
         self.client = client
         self.path = path
+        self.send_command_path = send_command_path
+        self._reports: dict[str, Callable[[Any], Any]] = {}
         self.app = Klein()
         self.app.route(path, methods=["POST"])(self._callback)
+        self.app.route(send_command_path, methods=["POST"])(self._send_command)
+
+    def on_report(self, command_path: str, handler: Callable[[Any], Any]) -> None:
+        """
+        Handle agent-initiated commands of C{command_path} (a key of
+        L{agent.protocol.REPORTS}) with C{handler(cmd)}, returning a value or a Deferred.
+        """
+        if command_path not in REPORTS:
+            raise ValueError(f"{command_path} is not an agent-initiated command")
+        self._reports[command_path] = handler
+
+    def _send_command(self, request: Any) -> Any:
+        headers = request.requestHeaders
+
+        def first(name: str) -> str | None:
+            values = headers.getRawHeaders(name.encode("ascii"))
+            return values[0].decode("utf-8", "replace") if values else None
+
+        path = first(COMMAND_PATH_HEADER)
+        handler = self._reports.get(path or "")
+        if handler is None:
+            request.setResponseCode(404)
+            return f"no handler for command path {path!r}".encode()
+        body = request.content.read()
+        if not self.client.verify_report(first(RESOURCE_UUID_HEADER), first(TASK_UUID_HEADER),
+                                         body, first(SIGNATURE_HEADER)):
+            request.setResponseCode(403)
+            return b"bad or missing signature"
+        try:
+            cmd = REPORTS[path].from_json(body)
+        except ProtocolError as e:
+            request.setResponseCode(400)
+            return str(e).encode()
+        if getattr(cmd, "host_uuid", None) not in (None, first(RESOURCE_UUID_HEADER)):
+            request.setResponseCode(403)
+            return b"the command names another host"
+
+        def failed(reason: Failure) -> bytes:
+            log.failure("handler of {path} failed", reason, path=path)
+            request.setResponseCode(500)
+            return b"handler failed"
+
+        return maybeDeferred(handler, cmd).addCallbacks(lambda _: b"", failed)
 
     def resource(self) -> IResource:
         """

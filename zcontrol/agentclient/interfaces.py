@@ -48,6 +48,12 @@ class IAgentClient(Interface):
             forgets the task.
         """
 
+    def verify_report(host_uuid, taskuuid, body, signature):
+        """
+        Whether an agent-initiated command claiming to come from C{host_uuid} is signed (over
+        C{taskuuid} and C{body}) with the secret agreed with that host at its last connect.
+        """
+
     def forget(base_url):
         """
         Drop the callback secret of C{base_url} (e.g. the host was deleted or disconnected).

@@ -140,6 +140,13 @@ class HostService:
         self._bus.unregister_service(SERVICE_ID)
         return self._waiter.wait()
 
+    def report_handlers(self) -> dict[str, Any]:
+        """
+        The agent-initiated commands this service handles, for
+        L{zcontrol.agentclient.CallbackEndpoint.on_report}.
+        """
+        return {p.REPORT_VM_STATE_PATH: self.report_vm_state}
+
     def facts(self, host_uuid: str) -> p.HostFactRsp | None:
         """
         The facts the host reported at its last connect (the store has no system tags yet).
