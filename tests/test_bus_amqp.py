@@ -347,6 +347,45 @@ class AMQPBusTests(AMQPBusFactory, TestCase):
         self.assertEqual(reply.error.code, SYS.UNDELIVERABLE_ERROR)
         self.assertIn("expired", reply.error.details)
 
+    async def test_broker_nack(self):
+        """
+        Publisher confirms: a request or a post the broker refuses (nack: its queue is full
+        and rejects publishes) is answered SYS.1011 at once instead of vanishing.
+        """
+        self.clock = Clock()
+        (bus,) = await self.make_buses(1, self.clock)
+        topo = bus.topology
+        admin = await Admin.connect()
+        self.addCleanup(admin.close)
+        q = topo.service_queue("full", bus.node_id)
+        await admin.ch.queue_declare(queue=q, arguments={
+            "x-max-length": 0, "x-overflow": "reject-publish"})
+        await admin.ch.queue_bind(queue=q, exchange=topo.p2p,
+                                  routing_key=topo.service_key("full", bus.node_id))
+        self.addCleanup(lambda: admin.ch.queue_delete(queue=q))
+        reply = await bus.send(ContractEcho(service_id="full"))
+        self.assertEqual(reply.error.code, SYS.UNDELIVERABLE_ERROR)
+        self.assertIn("nack", reply.error.details)
+        with self.assertRaises(Exception) as e:
+            await bus.post(ContractNote(service_id="full"))
+        self.assertEqual(e.exception.error.code, SYS.UNDELIVERABLE_ERROR)
+
+    async def test_basic_return(self):
+        """
+        With no queue even behind the alternate exchange, the broker returns a mandatory
+        message: a waiting send gets SYS.1011, a post fails with it.
+        """
+        self.clock = Clock()
+        (bus,) = await self.make_buses(1, self.clock)
+        admin = await Admin.connect()
+        self.addCleanup(admin.close)
+        await admin.ch.queue_delete(queue=bus.topology.no_route_queue)
+        reply = await bus.send(ContractEcho(service_id="nobody"))
+        self.assertEqual(reply.error.code, SYS.UNDELIVERABLE_ERROR)
+        with self.assertRaises(Exception) as e:
+            await bus.post(ContractNote(service_id="nobody"))
+        self.assertEqual(e.exception.error.code, SYS.UNDELIVERABLE_ERROR)
+
     async def test_post_and_publish_confirmed(self):
         """
         post() and publish() fire once the broker confirmed them.
