@@ -41,10 +41,28 @@ def pg_admin(sql: str, params: tuple = ()) -> list[tuple]:
         conn.close()
 
 
+def _drop_orphans() -> None:
+    # Databases left by test processes that died before their cleanup (same machine only).
+    for (name,) in pg_admin(
+        "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", ("zcontrol_test_",)
+    ):
+        pid = name.split("_")[2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+_orphans_dropped = False
+
+
 def pg_create_database_sync() -> str:
     """
-    Create C{zcontrol_test_<pid>_<hex>} and return its name.
+    Create C{zcontrol_test_<pid>_<hex>} and return its name (dropping, the first time,
+    databases of test processes that no longer exist).
     """
+    global _orphans_dropped
+    if not _orphans_dropped:
+        _orphans_dropped = True
+        _drop_orphans()
     name = f"zcontrol_test_{os.getpid()}_{secrets.token_hex(4)}"
     pg_admin(f'CREATE DATABASE "{name}"')
     return name

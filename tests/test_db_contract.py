@@ -429,6 +429,36 @@ class StoreContractMixin:
         await self.failure(self.store.create_job("job-2", "x", {}, "node-1"), DB.DUPLICATE)
 
     @async_to_deferred
+    async def test_claim_jobs(self) -> None:
+        """
+        A node takes over the running jobs of a dead one in one statement: two concurrent
+        claimers split them, never share one; finished jobs stay where they are.
+        """
+        for n in range(6):
+            await self.store.create_job(f"job-{n}", "APIStartVmInstanceMsg", {}, "dead")
+        await self.store.finish_job("job-5", result=None)
+        claims = await defer.gatherResults([
+            self.store.claim_jobs("dead", "mn-1"), self.store.claim_jobs("dead", "mn-2")])
+        uuids = [j["uuid"] for claim in claims for j in claim]
+        self.assertEqual(sorted(uuids), [f"job-{n}" for n in range(5)])
+        self.assertTrue(all(j["managementNodeUuid"] == "mn-1" for j in claims[0]))
+        self.assertTrue(all(j["managementNodeUuid"] == "mn-2" for j in claims[1]))
+        self.assertEqual(await self.store.running_jobs("dead"), [])
+        owned = len(await self.store.running_jobs("mn-1")) + len(
+            await self.store.running_jobs("mn-2"))
+        self.assertEqual(owned, 5)
+        self.assertEqual((await self.store.get("job", "job-5"))["managementNodeUuid"], "dead")
+
+    @async_to_deferred
+    async def test_thread_budget(self) -> None:
+        """
+        However many operations are in flight, the store uses at most pool_size threads.
+        """
+        await self.seed("zone")
+        await defer.gatherResults([self.store.get("zone", "zone-1") for _ in range(200)])
+        self.assertLessEqual(len(self.store._pool.threadpool.threads), self.store.pool_size)
+
+    @async_to_deferred
     async def test_management_nodes(self) -> None:
         """
         Heartbeats upsert the node row; only nodes with a recent heartbeat are live; a node
@@ -540,6 +570,25 @@ class PostgresContractTests(PostgresStoreFactory, StoreContractMixin, unittest.T
     """
     The contract on the real PostgreSQL (fresh database per test).
     """
+
+
+class MemoryStoreTests(unittest.TestCase):
+    """
+    The in-memory SQLite store (one connection).
+    """
+
+    @async_to_deferred
+    async def test_memory(self) -> None:
+        """
+        sqlite://:memory: migrates and stores rows on its single connection.
+        """
+        store = open_store("sqlite://:memory:", reactor)
+        await store.start()
+        try:
+            await store.insert("zone", dict(TOPOLOGY["zone"]))
+            self.assertEqual((await store.get("zone", "zone-1"))["name"], "zone1")
+        finally:
+            await store.stop()
 
 
 class OpenStoreTests(unittest.SynchronousTestCase):

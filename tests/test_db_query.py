@@ -18,6 +18,7 @@ from zcontrol.db.query import (
     compile_query,
     ip_to_long,
     parse_condition,
+    query_from_params,
     resource,
 )
 
@@ -193,3 +194,34 @@ class CatalogueTests(SynchronousTestCase):
         self.assertEqual(ip_to_long("10.0.0.1"), 0x0A000001)
         for bad in ["10.0.0", "::1", "x", None]:
             self.assertRaises(OperationError, ip_to_long, bad)
+
+
+class FromParamsTests(SynchronousTestCase):
+    """
+    REST query parameters to a L{Query}.
+    """
+
+    def test_params(self) -> None:
+        """
+        q (repeated), limit, start, count, replyWithCount, sort and fields are read as the
+        REST API sends them; a form-decoded '+' (a space) in sort means ascending.
+        """
+        q = query_from_params({"q": ["state=Running", "cpuNum>1"], "limit": "5", "start": ["2"],
+                               "replyWithCount": "true", "sort": " createDate",
+                               "fields": "uuid,name"})
+        self.assertEqual(q.conditions, (Condition("state", "=", "Running"),
+                                        Condition("cpuNum", ">", "1")))
+        self.assertEqual((q.limit, q.start, q.count, q.reply_with_count, q.sort, q.fields),
+                         (5, 2, False, True, "+createDate", ("uuid", "name")))
+        self.assertEqual(query_from_params({"condition": "name=x", "count": "true"}).count, True)
+        self.assertEqual(query_from_params({}), Query())
+
+    def test_bad_params(self) -> None:
+        """
+        Unknown parameters, repeated single values and bad flags are SYS.1007.
+        """
+        for params in [{"evil": "1"}, {"limit": ["1", "2"]}, {"count": "yes"},
+                       {"limit": "x"}, {"q": "bad"}]:
+            with self.assertRaises(OperationError) as c:
+                query_from_params(params)
+            self.assertEqual(c.exception.error.code, SYS.INVALID_ARGUMENT_ERROR)

@@ -17,9 +17,18 @@ from urllib.parse import urlsplit
 
 from zcontrol.db._store import QueryResult
 from zcontrol.db.interfaces import DB, IStore
-from zcontrol.db.query import RESOURCES, Condition, Query
+from zcontrol.db.query import RESOURCES, Condition, Query, query_from_params
 
-__all__ = ["DB", "RESOURCES", "Condition", "IStore", "Query", "QueryResult", "open_store"]
+__all__ = [
+    "DB",
+    "RESOURCES",
+    "Condition",
+    "IStore",
+    "Query",
+    "QueryResult",
+    "open_store",
+    "query_from_params",
+]
 
 
 def open_store(url: str, reactor: Any, **options: Any) -> IStore:

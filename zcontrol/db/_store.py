@@ -714,6 +714,23 @@ def running_jobs_thd(db: Db, node_uuid: str) -> list[dict]:
     ]
 
 
+def claim_jobs_thd(db: Db, from_node: str, to_node: str, now: float) -> list[dict]:
+    """
+    Move every running job of C{from_node} to C{to_node} in one UPDATE: two claimers never
+    get the same job.
+    """
+    res = resource("job")
+    return [
+        _row(res, r)
+        for r in db.all(
+            "UPDATE jobs SET management_node_uuid = ?, last_op_date = ?"
+            " WHERE management_node_uuid = ? AND state = ?"
+            f" RETURNING {_cols(res)}",
+            (to_node, now, from_node, "Running"),
+        )
+    ]
+
+
 def heartbeat_thd(
     db: Db, uuid: str, hostname: str, port: int | None, state: str, now: float
 ) -> dict:
@@ -984,6 +1001,9 @@ class AdbapiStore:
 
     def running_jobs(self, management_node_uuid: str) -> Deferred:
         return self._run(running_jobs_thd, management_node_uuid)
+
+    def claim_jobs(self, from_node_uuid: str, to_node_uuid: str) -> Deferred:
+        return self._run(claim_jobs_thd, from_node_uuid, to_node_uuid, self._now())
 
     # -- management nodes ------------------------------------------------------------------
 

@@ -105,9 +105,9 @@ class IStore(Interface):
 
     def update(resource, uuid, changes, expected=None):
         """
-        Change fields of one row; with C{expected} (field -> value, or field -> list of
-        acceptable values) only if the row still has those values: a compare-and-swap done
-        in one conditional C{UPDATE}. C{lastOpDate} is set to now.
+        Change fields of one row; with C{expected} (field -> value, field -> list of
+        acceptable values, or field -> None for NULL) only if the row still has those values:
+        a compare-and-swap done in one conditional C{UPDATE}. C{lastOpDate} is set to now.
 
         @return: Deferred firing with the updated row; fails with C{SYS.1003} when the row
             does not exist, C{SYS.1005} when C{expected} does not hold (opaque C{expected}
@@ -252,6 +252,14 @@ class IStore(Interface):
         """
         @return: Deferred firing with the list of C{Running} job rows owned by that node,
             oldest first (what a restarted node must finish or fail).
+        """
+
+    def claim_jobs(from_node_uuid, to_node_uuid):
+        """
+        Take over every C{Running} job of a (dead) node in one statement, so that two nodes
+        never both claim the same job.
+
+        @return: Deferred firing with the claimed job rows (now owned by C{to_node_uuid}).
         """
 
     # -- management nodes ------------------------------------------------------------------

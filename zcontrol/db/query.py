@@ -40,6 +40,7 @@ __all__ = [
     "compile_query",
     "ip_to_long",
     "parse_condition",
+    "query_from_params",
     "resource",
 ]
 
@@ -505,3 +506,63 @@ def compile_query(res: Resource | str, query: Query) -> CompiledQuery:
         count_params=tuple(params),
         names=names,
     )
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise _bad(f"{name} must be true or false, not {value!r}")
+
+
+def _single(name: str, value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise _bad(f"{name} given {len(value)} times")
+        return value[0]
+    return value
+
+
+def query_from_params(params: Mapping[str, Any]) -> Query:
+    """
+    A L{Query} from the parameters of a REST query (ZStack's C{GET /v1/<resources>}): C{q}
+    (one condition or a list; C{condition} is the older name), C{limit}, C{start},
+    C{count}, C{replyWithCount}, C{sort} (C{[+|-]field}; a leading space, which is what a
+    form-decoded C{+} becomes, means ascending) and C{fields} (comma-separated). Values
+    may be strings or lists of strings (as C{request.args} gives them, decoded). Anything
+    else is C{SYS.1007}.
+    """
+    known = {"q", "condition", "limit", "start", "count", "replyWithCount", "sort", "fields"}
+    unknown = set(params) - known
+    if unknown:
+        raise _bad(f"unknown query parameters: {', '.join(sorted(map(str, unknown)))}")
+    conditions: list[Any] = []
+    for key in ("q", "condition"):
+        value = params.get(key)
+        if value is None:
+            continue
+        conditions.extend(value if isinstance(value, (list, tuple)) else [value])
+    kw: dict[str, Any] = {"conditions": tuple(parse_condition(c) for c in conditions)}
+    if "limit" in params:
+        kw["limit"] = _int("limit", _single("limit", params["limit"]), 0, MAX_LIMIT)
+    if "start" in params:
+        kw["start"] = _int("start", _single("start", params["start"]), 0, 2**62)
+    if "count" in params:
+        kw["count"] = _flag("count", _single("count", params["count"]))
+    if "replyWithCount" in params:
+        kw["reply_with_count"] = _flag("replyWithCount",
+                                       _single("replyWithCount", params["replyWithCount"]))
+    if "sort" in params:
+        sort = _single("sort", params["sort"])
+        if not isinstance(sort, str):
+            raise _bad(f"bad sort {sort!r}")
+        if sort[:1] == " ":
+            sort = "+" + sort.lstrip(" ")
+        kw["sort"] = sort
+    if "fields" in params:
+        fields = params["fields"]
+        if isinstance(fields, str):
+            fields = [fields]
+        kw["fields"] = tuple(f.strip() for item in fields for f in str(item).split(",") if f.strip())
+    return Query(**kw)
