@@ -132,6 +132,33 @@ class PostgresFaultTests(PostgresStoreFactory, unittest.TestCase):
         await self.use_every_connection()
 
 
+class StatementTimeoutTests(PostgresStoreFactory, unittest.TestCase):
+    """
+    The statement timeout bounds every wait in PostgreSQL.
+    """
+
+    @async_to_deferred
+    async def test_statement_timeout(self) -> None:
+        """
+        A statement that runs longer than statement_timeout_ms fails with SYS.1001; the
+        store keeps working.
+        """
+        await self.setUp_database()
+        store = open_store(self.store_url(), reactor, pool_size=1, statement_timeout_ms=100)
+        await store.start()
+        try:
+            try:
+                await store._run(lambda db: db.all("SELECT pg_sleep(5)"))
+            except Exception as e:
+                self.assertEqual(error_of(e).code, SYS.TIMEOUT)
+            else:
+                self.fail("the slow statement succeeded")
+            self.assertIsNone(await store.get("zone", "x"))
+        finally:
+            await store.stop()
+            await self.tearDown_database()
+
+
 class UnreachableTests(unittest.TestCase):
     """
     A server that is not there.

@@ -39,7 +39,9 @@ def open_store(url: str, reactor: Any, **options: Any) -> IStore:
         C{postgresql://user@host:port/dbname} (C{postgres://} too; any libpq URI).
     @param reactor: the reactor (injected, never the global one).
     @param options: C{pool_size} (threads and connections, 1..16; default 2 for SQLite, 4
-        for PostgreSQL); C{busy_timeout_ms} for SQLite; C{connect_timeout} for PostgreSQL.
+        for PostgreSQL); C{busy_timeout_ms} for SQLite; C{connect_timeout} (s) and
+        C{statement_timeout_ms} (a statement running longer fails with C{SYS.1001}) for
+        PostgreSQL.
     @raise ValueError: an unknown scheme or a relative SQLite path.
     """
     scheme = urlsplit(url).scheme

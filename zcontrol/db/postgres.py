@@ -38,14 +38,22 @@ class PostgresDialect(Dialect):
     name = "postgresql"
     dbapi_name = "psycopg2"
 
-    def __init__(self, dsn: str, connect_timeout: int = 5):
+    def __init__(self, dsn: str, connect_timeout: int = 5, statement_timeout_ms: int = 60_000):
         self.dsn = dsn
         self.connect_timeout = connect_timeout
+        self.statement_timeout_ms = statement_timeout_ms
 
     def connect_args(self) -> tuple[tuple, dict]:
+        # Every wait has a bound: connecting, each statement (lock waits included), and a
+        # peer that vanished without closing (TCP keepalives).
         return (self.dsn,), {
             "connect_timeout": self.connect_timeout,
             "application_name": "zcontrol",
+            "options": f"-c statement_timeout={int(self.statement_timeout_ms)}",
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
         }
 
     def openfun(self, raw: Any) -> None:
@@ -94,6 +102,8 @@ class PostgresDialect(Dialect):
             if code == "23503":
                 return error_code(DB.REFERENCE, text)
             return error_code(DB.CONSTRAINT, text)
+        if code == "57014":
+            return error_code(SYS.TIMEOUT, f"postgresql: {text}", pgcode=code)
         if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
             return error_code(SYS.IO_ERROR, f"postgresql: {text}", pgcode=code)
         if isinstance(exc, psycopg2.DataError):
@@ -107,5 +117,6 @@ class PostgresStore(AdbapiStore):
     """
 
     def __init__(self, dsn: str, reactor: Any, pool_size: int = DEFAULT_POOL_SIZE,
-                 connect_timeout: int = 5):
-        super().__init__(PostgresDialect(dsn, connect_timeout), reactor, pool_size)
+                 connect_timeout: int = 5, statement_timeout_ms: int = 60_000):
+        super().__init__(PostgresDialect(dsn, connect_timeout, statement_timeout_ms), reactor,
+                         pool_size)
