@@ -683,7 +683,11 @@ class AMQPBus:
         if self._proto is None:
             return fail(OperationError.of(
                 SYS.IO_ERROR, f"management node {self.node_id} is not connected to RabbitMQ"))
-        body = self.registry.encode(message)
+        try:
+            body = self.registry.encode(message)
+        except Exception as e:
+            return fail(OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
+                                          f"cannot encode {message.describe()}: {e}"))
         d: Deferred[None] = Deferred()
         self._publish(self.topology.p2p,
                       self.topology.service_key(message.service_id, target), body,
@@ -857,7 +861,11 @@ class AMQPBus:
         if self._proto is None:
             return fail(OperationError.of(
                 SYS.IO_ERROR, f"management node {self.node_id} is not connected to RabbitMQ"))
-        body = self.registry.encode(event)
+        try:
+            body = self.registry.encode(event)
+        except Exception as e:
+            return fail(OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
+                                          f"cannot encode event {event.id}: {e}"))
         d: Deferred[None] = Deferred()
         self._publish(self.topology.broadcast, type(event).topic, body, (EVENT, d, event.id),
                       kind=EVENT, message_id=event.id, expiration=self._ttl(None))
