@@ -416,6 +416,11 @@ class AMQPBus:
                                     nowait=True)
                 ch.queue_delete(queue=topo.event_queue(self.node_id), nowait=True)
                 await ch.queue_delete(queue=topo.reply_queue(self.node_id))
+                # a clean AMQP close, so that the broker does not log a lost client
+                ch0 = await proto.channel(0)
+                closing = ch0.connection_close(reply_code=200, reply_text="bus stopping")
+                closing.addTimeout(2, self._reactor)
+                await closing
             except Exception:
                 log.failure("cleaning up the queues of {node} failed", node=self.node_id)
         self._proto = None
