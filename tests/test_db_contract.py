@@ -602,6 +602,7 @@ class OpenStoreTests(unittest.SynchronousTestCase):
         """
         s = open_store("sqlite:///tmp/x.db", reactor)
         self.assertEqual((s.backend, s.dialect.path), ("sqlite", "/tmp/x.db"))
+        self.assertEqual(open_store("sqlite:////tmp/x.db", reactor).dialect.path, "/tmp/x.db")
         m = open_store("sqlite://:memory:", reactor)
         self.assertEqual((m.dialect.path, m.pool_size), (":memory:", 1))
         p = open_store("postgresql://postgres@127.0.0.1:5432/db", reactor, pool_size=3)

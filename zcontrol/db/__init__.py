@@ -56,7 +56,8 @@ def open_store(url: str, reactor: Any, **options: Any) -> IStore:
             raise ValueError(f"an SQLite URL needs an absolute path (sqlite:///abs/path.db): {url!r}")
         from zcontrol.db.sqlite import SQLiteStore
 
-        return SQLiteStore(rest, reactor, **options)
+        # sqlite:////abs/path (four slashes, as some tools write it) is the same file.
+        return SQLiteStore("/" + rest.lstrip("/"), reactor, **options)
     if scheme in ("postgresql", "postgres"):
         from zcontrol.db.postgres import PostgresStore
 
