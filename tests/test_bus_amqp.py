@@ -419,7 +419,7 @@ class AMQPBusTests(AMQPBusFactory, TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         reply = await d
         self.assertEqual(reply.error.code, SYS.IO_ERROR)
-        await a._service.whenConnected()
+        await a.when_connected()
         again = await a.send(ContractEcho(service_id="echo", text="back"))
         self.assertEqual(again.text, "back")
         key = uuid_owned_by(b, a.node_id)
@@ -430,6 +430,27 @@ class AMQPBusTests(AMQPBusFactory, TestCase):
         await b.publish(ContractVmStateChanged(vm_uuid="after"))
         await got_event
         self.assertEqual(events, ["after"])
+
+    async def test_channel_closed_by_broker(self):
+        """
+        A channel error (here a publish to an exchange that is gone) makes the bus start
+        afresh: the waiting send is answered, the topology is declared again, sends work.
+        """
+        self.clock = Clock()
+        (bus,) = await self.make_buses(1, self.clock)
+        await bus.register_service("echo", echo(bus))
+        started, never = Deferred(), Deferred()
+        self.addCleanup(lambda: never.called or never.callback(None))
+        await bus.register_service(SERVICE, lambda m: started.callback(m) or never)
+        d = bus.send(ContractEcho(service_id=SERVICE))
+        await started
+        bus._publish("no-such-exchange", "x", b"{}", kind="msg")
+        reply = await d
+        self.assertEqual(reply.error.code, SYS.IO_ERROR)
+        await bus.when_connected()
+        again = await bus.send(ContractEcho(service_id="echo", text="back"))
+        self.assertEqual(again.text, "back")
+        self.flushLoggedErrors()
 
     async def pid_of(self, bus):
         for _ in range(50):

@@ -300,6 +300,16 @@ class BusProtocol(AMQClient):
             code, text, exchange, rkey = asm.args
             self.handler.amqp_return(ch, code, text, exchange, rkey, asm.props, body)
 
+    def channel_failed(self, channel: Any, reason: Any) -> None:
+        """
+        The broker closed a channel (a declaration it refused, a publish to a missing
+        exchange): the bus uses one channel, so start afresh with a new connection.
+        """
+        log.error("the broker closed AMQP channel {id}: {reason}", id=channel.id,
+                  reason=reason.getErrorMessage())
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     def connectionLost(self, reason: Any) -> None:
         handler, self.handler = self.handler, None
         try:

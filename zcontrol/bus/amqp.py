@@ -161,6 +161,12 @@ class AMQPBus:
         node owns and serves, as ZStack's later bus does.
     @param retry_policy: reconnection delays, C{attempt -> seconds}.
     @param start_attempts: connection attempts before L{start} fails with C{SYS.1016}.
+    @param amqp_heartbeat: AMQP heartbeat (seconds, 0 = off), so that a dead peer or a
+        silent network drop is noticed and the connection re-established.
+    @param connection_name: the C{connection_name} client property (RabbitMQ shows it);
+        C{zcontrol-bus-<node id>} by default.
+    @param prefetch: unacknowledged deliveries per consumer (deliveries are acknowledged
+        as soon as they are decoded and dispatched, batched per read).
     """
 
     def __init__(
@@ -188,7 +194,7 @@ class AMQPBus:
         drain_timeout: float = 30.0,
         retry_policy: Callable[[int], float] | None = None,
         start_attempts: int = 5,
-        amqp_heartbeat: int = 0,
+        amqp_heartbeat: int = 30,
         connection_name: str | None = None,
     ):
         self.node_id = node_id or new_id()
@@ -478,6 +484,24 @@ class AMQPBus:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._member_waiters.append((count, d))
+        return d
+
+    @property
+    def connected(self) -> bool:
+        """
+        Whether the bus has a ready connection to the broker now.
+        """
+        return self._proto is not None
+
+    def when_connected(self) -> Deferred[None]:
+        """
+        A Deferred firing once the bus has a ready connection (its topology declared and
+        its consumers back); at once if it has one.
+        """
+        if self._proto is not None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._ready_waiters.append(d)
         return d
 
     def when_heard(self, node_id: str) -> Deferred[None]:
