@@ -307,10 +307,11 @@ class AMQPBus:
         ch.basic_consume(queue=rq, consumer_tag="reply", no_ack=True, nowait=True)
         eq = topo.event_queue(self.node_id)
         await ch.queue_declare(queue=eq, arguments=self._queue_args)
-        for pattern in {NODE_TOPIC} | {s.pattern for s in self._subs}:
-            await ch.queue_bind(queue=eq, exchange=topo.broadcast, routing_key=pattern)
-        ch.basic_consume(queue=eq, consumer_tag="event", no_ack=True, nowait=True)
+        # from here on, subscribe() and register_service() use the channel themselves
         self._channel = ch
+        for pattern in {NODE_TOPIC} | {s.pattern for s in self._subs}:
+            ch.queue_bind(queue=eq, exchange=topo.broadcast, routing_key=pattern, nowait=True)
+        ch.basic_consume(queue=eq, consumer_tag="event", no_ack=True, nowait=True)
         # services registered meanwhile are picked up by the loop
         while True:
             todo = [s for s in self._services if s not in self._consuming]
@@ -341,6 +342,8 @@ class AMQPBus:
         def failed(reason: Failure) -> Failure:
             log.failure("preparing the AMQP connection failed", reason)
             proto.handler = None
+            if self._proto is None:
+                self._channel = None
             return reason
 
         return d.addErrback(failed)
@@ -637,7 +640,7 @@ class AMQPBus:
         self._services[service_id] = handler
         if service_id in self._consuming:
             return succeed(None)
-        if self._channel is not None and self._proto is not None:
+        if self._channel is not None:
             d = self._declare_service(self._channel, service_id)
             return d.addCallback(lambda _: None)
         w: Deferred[None] = Deferred()
@@ -905,7 +908,7 @@ class AMQPBus:
         self._subs.append(sub)
         self._handlers = [(s.pattern, s.handler) for s in self._subs]
         ch = self._channel
-        if ch is not None and self._proto is not None:
+        if ch is not None:
             d = ch.queue_bind(queue=self.topology.event_queue(self.node_id),
                               exchange=self.topology.broadcast, routing_key=pattern)
             d.addCallbacks(lambda _: _fire(sub.ready),
