@@ -214,6 +214,7 @@ class AMQPBus:
         self._missed: dict[str, int] = {}
         self._heard: dict[str, list[Deferred]] = {}
         self._member_waiters: list[tuple[int, Deferred]] = []
+        self._left_waiters: dict[str, list[Deferred]] = {}
         self._message_ttl = message_ttl
         self._queue_args: dict[str, Any] = {
             "x-dead-letter-exchange": self.topology.no_route,
@@ -515,6 +516,16 @@ class AMQPBus:
         self._heard.setdefault(node_id, []).append(d)
         return d
 
+    def when_left(self, node_id: str) -> Deferred[None]:
+        """
+        A Deferred firing once C{node_id} is not a member (at once if it is not).
+        """
+        if node_id not in self._ring:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._left_waiters.setdefault(node_id, []).append(d)
+        return d
+
     def _node_joined(self, node: str) -> None:
         if self._ring.add(node):
             log.info("management node {node} joined (seen from {me})", node=node,
@@ -532,6 +543,8 @@ class AMQPBus:
         self._missed.pop(node, None)
         if self._ring.remove(node):
             log.warn("management node {node} left ({why})", node=node, why=why)
+            for d in self._left_waiters.pop(node, []):
+                _fire(d)
             self._pending.fail_target(node, error_code(
                 SYS.MANAGEMENT_NODE_UNAVAILABLE_ERROR,
                 f"management node {node} left ({why})", node_id=node))
