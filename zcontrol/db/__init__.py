@@ -7,7 +7,7 @@ Open a store with L{open_store}, then C{start()} it (connect, migrate) and C{sto
 (drain, close) from the node's service::
 
     store = open_store("sqlite:///var/zcontrol.db", reactor)
-    store = open_store("postgresql://postgres@127.0.0.1:5432/zcontrol", reactor, pool_size=4)
+    store = open_store("postgresql://postgres@127.0.0.1:5432/zcontrol", reactor, pool_size=8)
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ def open_store(url: str, reactor: Any, **options: Any) -> IStore:
     @param url: C{sqlite:///abs/path.db}, C{sqlite://:memory:} (one connection) or
         C{postgresql://user@host:port/dbname} (C{postgres://} too; any libpq URI).
     @param reactor: the reactor (injected, never the global one).
-    @param options: C{pool_size} (threads and connections, 1..16; default 2 for SQLite, 4
-        for PostgreSQL); C{busy_timeout_ms} for SQLite; C{connect_timeout} (s) and
-        C{statement_timeout_ms} (a statement running longer fails with C{SYS.1001}) for
-        PostgreSQL.
+    @param options: C{pool_size} (threads and connections, 1..16; default 2 for SQLite, 8
+        for PostgreSQL); C{busy_timeout_ms} for SQLite; C{connect_timeout} (s),
+        C{statement_timeout_ms} (a statement running longer fails with C{SYS.1001}) and
+        C{synchronous_commit} (default True) for PostgreSQL.
     @raise ValueError: an unknown scheme or a relative SQLite path.
     """
     scheme = urlsplit(url).scheme
