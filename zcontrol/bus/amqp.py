@@ -236,7 +236,8 @@ class AMQPBus:
         self._service: ClientService | None = None
         self._beat_loop: LoopingCall | None = None
         # per connection
-        self._proto: BusProtocol | None = None
+        self._proto: BusProtocol | None = None  # set once the connection is ready
+        self._writer: BusProtocol | None = None  # set as soon as it can publish
         self._channel: Any = None
         self._consuming: set[str] = set()
         self._seq = 0
@@ -295,6 +296,9 @@ class AMQPBus:
         await ch.channel_open()
         await ch.basic_qos(prefetch_count=min(self._prefetch, 65535))
         await ch.confirm_select()
+        # Consumers start before the connection is declared ready: replies and NO_ROUTE
+        # answers they produce meanwhile must go out (sends still wait for readiness).
+        self._writer = proto
         await ch.exchange_declare(exchange=topo.no_route, type="fanout")
         await ch.exchange_declare(exchange=topo.p2p, type="topic",
                                   arguments={"alternate-exchange": topo.no_route})
@@ -344,7 +348,7 @@ class AMQPBus:
             log.failure("preparing the AMQP connection failed", reason)
             proto.handler = None
             if self._proto is None:
-                self._channel = None
+                self._channel = self._writer = None
             return reason
 
         return d.addErrback(failed)
@@ -376,6 +380,7 @@ class AMQPBus:
         if proto is not self._proto and self._proto is not None:
             return
         self._proto = None
+        self._writer = None
         self._channel = None
         err = error_code(SYS.IO_ERROR,
                          f"the connection of management node {self.node_id} to RabbitMQ "
@@ -433,7 +438,7 @@ class AMQPBus:
                 await closing
             except Exception:
                 log.failure("cleaning up the queues of {node} failed", node=self.node_id)
-        self._proto = None
+        self._proto = self._writer = None
         if proto is not None:
             proto.handler = None
         if self._service is not None:
@@ -450,7 +455,7 @@ class AMQPBus:
         self._running = False
         if self._beat_loop is not None and self._beat_loop.running:
             self._beat_loop.stop()
-        proto, self._proto = self._proto, None
+        proto, self._proto, self._writer = self._proto, None, None
         if proto is not None:
             proto.handler = None
         self._pending.fail_all(error_code(SYS.CANCEL, "crashed"))
@@ -558,7 +563,7 @@ class AMQPBus:
 
     def _publish_node(self, op: str) -> None:
         body = json.dumps({"node": self.node_id, "op": op}).encode()
-        if self._proto is not None:
+        if self._writer is not None:
             self._publish(self.topology.broadcast, f"zcontrol.node.{op}", body, kind=NODE,
                           expiration=self._ttl(self._heartbeat_interval or 5.0))
 
@@ -592,8 +597,7 @@ class AMQPBus:
 
     def _publish(self, exchange: str, key: str, body: bytes, track: tuple | None = None,
                  **props: Any) -> None:
-        proto = self._proto
-        proto.publish(CHANNEL, exchange, key, body, **props)
+        self._writer.publish(CHANNEL, exchange, key, body, **props)
         self._seq += 1
         if track is not None:
             self._unconfirmed[self._seq] = track
@@ -751,7 +755,7 @@ class AMQPBus:
         self._send_reply(reply_to, reply, request.deadline)
 
     def _send_reply(self, reply_to: str, reply: Reply, deadline: float | None) -> None:
-        if self._proto is None:
+        if self._writer is None:
             log.warn("dropping the reply to {message_id}: not connected to RabbitMQ",
                      message_id=reply.correlation_id)
             return
