@@ -412,6 +412,11 @@ class AMQPBus:
     async def _stop(self) -> None:
         if self._beat_loop is not None and self._beat_loop.running:
             self._beat_loop.stop()
+        # take no more requests (what is still queued is lost with the queues: its senders
+        # get SYS.1012 when they hear that this node left)
+        if self._channel is not None and self._writer is not None:
+            for service_id in self._consuming:
+                self._channel.basic_cancel(consumer_tag=f"s.{service_id}", nowait=True)
         d = self._inflight.wait()
         d.addTimeout(self._drain_timeout, self._clock)
         try:
@@ -818,6 +823,13 @@ class AMQPBus:
             return
         if isinstance(msg, NeedReplyMessage):
             msg.reply_to = reply_to
+        if self._stopped:
+            if reply_to:
+                self._send_reply(reply_to, Reply.failure(error_code(
+                    SYS.MANAGEMENT_NODE_UNAVAILABLE_ERROR,
+                    f"management node {self.node_id} is stopping", node_id=self.node_id),
+                    msg.id), None)
+            return
         handler = self._services.get(service_id)
         if handler is None:
             err = error_code(SYS.NO_ROUTE_ERROR,
