@@ -20,6 +20,17 @@ expired or already completed task, bad signature), or the attempts run out.
 Synchronous URIs (echo, connect, ping) are answered inline and refuse a C{taskuuid} (as
 ZStack's agents do).
 
+Note [callback outbox]
+======================
+Twisted buffers C{transport.write} until the next reactor turn. If the agent built every
+callback inside the request that accepted its command, a burst of 1,000 commands read in one
+turn would be answered by 1,000 callbacks written together only after all of them were built:
+the agent works while the management node waits, then the other way round (a convoy), and
+throughput is bounded by the sum of both processes' CPU per command rather than by the busier
+one. Callbacks are therefore queued and POSTed from the reactor loop in slices of
+C{time_slice} seconds; between slices the reactor writes what was built and reads new
+commands, so both sides work at the same time.
+
 Faults (simulation)
 ===================
 L{Faults} makes a share of accepted commands never call back, or makes the host crash right
@@ -30,6 +41,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections import deque
 from typing import Any, Callable, Iterable, Mapping
 
 import attrs
@@ -155,6 +167,9 @@ class CallbackPolicy:
     @ivar jitter: up to this fraction of each delay is added at random.
     @ivar timeout: the timeout of one POST.
     @ivar concurrency: callbacks POSTed at once (the pool should keep this many connections).
+    @ivar time_slice: callbacks are queued and POSTed from the reactor loop for at most this
+        many seconds per turn (None: POSTed at once, inside the request that accepted the
+        command). See Note [callback outbox].
     """
 
     max_attempts: int = 15
@@ -164,6 +179,7 @@ class CallbackPolicy:
     jitter: float = 0.2
     timeout: float = 30.0
     concurrency: int = 1000
+    time_slice: float | None = 0.02
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """
@@ -248,6 +264,8 @@ class AgentApp:
         #: Counters for observation and tests.
         self.stats = {"accepted": 0, "duplicates": 0, "callbacks": 0, "callback_failures": 0}
         self._in_flight: set[Deferred] = set()
+        self._outbox: deque = deque()
+        self._flush_scheduled = False
         self._idle: list[Deferred] = []
 
     def __len__(self) -> int:
@@ -419,7 +437,31 @@ class AgentApp:
             ],
             b"content-type": [_JSON],
         }
-        return self._post(url, body, headers, taskuuid, 1)
+        if self._policy.time_slice is None:
+            return self._post(url, body, headers, taskuuid, 1)
+        done: Deferred[bool] = Deferred()
+        self._outbox.append((url, body, headers, taskuuid, done))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._clock.callLater(0, self._flush)
+        return done
+
+    def _flush(self) -> None:
+        """
+        POST queued callbacks for at most one time slice, then let the reactor run (see
+        Note [callback outbox]).
+        """
+        self._flush_scheduled = False
+        clock, outbox = self._clock, self._outbox
+        until = clock.seconds() + self._policy.time_slice
+        while outbox:
+            url, body, headers, taskuuid, done = outbox.popleft()
+            self._post(url, body, headers, taskuuid, 1).chainDeferred(done)
+            if clock.seconds() >= until:
+                break
+        if outbox:
+            self._flush_scheduled = True
+            clock.callLater(0, self._flush)
 
     def _post(self, url: str, body: bytes, headers: Mapping, taskuuid: str,
               attempt: int) -> Deferred[bool]:

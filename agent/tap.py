@@ -80,6 +80,8 @@ class Options(usage.Options):
          _positive],
         ["callback-attempts", None, 15, "Attempts to deliver a callback.", _positive],
         ["callback-timeout", None, 30.0, "Timeout of one callback POST, seconds.", float],
+        ["callback-time-slice", None, 0.02, "Seconds of callback POSTing per reactor turn "
+         "(0: one per turn; negative: POST inside the accepting request).", float],
         ["task-memory", None, 3600.0, "Seconds a task uuid is remembered for deduplication.",
          float],
         ["seed", None, None, "Random seed (latency and fault draws).", int],
@@ -135,6 +137,7 @@ def build_agent(options: Options, reactor: Any) -> AgentApp:
         max_attempts=options["callback-attempts"],
         timeout=options["callback-timeout"],
         concurrency=options["callback-concurrency"],
+        time_slice=None if options["callback-time-slice"] < 0 else options["callback-time-slice"],
     )
     return AgentApp(
         clock=reactor,

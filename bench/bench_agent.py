@@ -115,7 +115,8 @@ async def run(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     logfile = tempfile.NamedTemporaryFile(prefix="zagent-", suffix=".log", delete=False).name
     proc = subprocess.Popen(
         [twistd, "-n", "--pidfile=", f"--logfile={logfile}", "zagent", "--port", str(port),
-         "--hosts", str(args.hosts), "--gc-freeze", "--seed", "1"],
+         "--hosts", str(args.hosts), "--gc-freeze", "--seed", "1",
+         "--callback-time-slice", str(args.time_slice)],
     )
     agent_url = f"http://127.0.0.1:{port}"
     client = AgentClient.create(reactor, "", pool_size=args.concurrency,
@@ -205,6 +206,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
             "hosts": args.hosts,
             "agent_process": "twistd -n zagent (separate process)",
             "pool_per_peer": args.concurrency,
+            "agent_callback_time_slice": args.time_slice,
             "backlog": 1024,
             "python": sys.version.split()[0],
             "cpus": os.cpu_count(),
@@ -225,11 +227,13 @@ async def run(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--commands", type=int, default=20000)
+    parser.add_argument("--commands", type=int, default=15000)
     parser.add_argument("--concurrency", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hosts", type=int, default=100)
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--time-slice", type=float, default=0.02,
+                        help="the agent's --callback-time-slice (negative: inline callbacks)")
     args = parser.parse_args()
     out: dict[str, Any] = {}
 

@@ -134,10 +134,13 @@ class InMemoryPair:
 
     def flush(self) -> None:
         """
-        Deliver whatever the StubTreq sites left pending.
+        Deliver whatever the StubTreq sites left pending, and run the agent's callback
+        outbox (scheduled on its clock).
         """
-        self.to_agent.flush()
-        self.to_endpoint.stub.flush()
+        for _ in range(3):
+            self.agent_clock.advance(0)
+            self.to_agent.flush()
+            self.to_endpoint.stub.flush()
 
 
 class _LateStub:

@@ -29,7 +29,8 @@ class AgentTestCase(SynchronousTestCase):
     """
 
     faults = Faults()
-    policy = CallbackPolicy(max_attempts=4, initial_delay=1.0, factor=2.0, jitter=0.0)
+    policy = CallbackPolicy(max_attempts=4, initial_delay=1.0, factor=2.0, jitter=0.0,
+                            time_slice=None)
     config: dict[str, Any] = {}
 
     def setUp(self) -> None:
@@ -360,6 +361,49 @@ class CallbackRetryTests(AgentTestCase):
         kwargs = self.http.posts[0].kwargs
         self.assertEqual(kwargs["timeout"], self.policy.timeout)
         self.assertIs(kwargs["reactor"], self.clock)
+
+
+class OutboxTests(AgentTestCase):
+    """
+    With a time slice, callbacks are queued and POSTed from the reactor loop.
+    """
+
+    policy = CallbackPolicy(time_slice=0.005)
+
+    def test_posted_next_turn(self) -> None:
+        """
+        Accepting queues the callback; the next reactor turn POSTs it; drain waits for it.
+        """
+        for n in range(3):
+            code, _ = self.post(base(0) + "/host/capacity", p.HostCapacityCmd(),
+                                taskuuid=f"o{n}")
+            self.assertEqual(code, 200)
+        self.assertEqual(self.http.posts, [])
+        self.assertEqual(len(self.agent), 3)
+        drained = self.agent.drain()
+        self.clock.advance(0)
+        self.assertEqual([post.header("taskuuid") for post in self.http.posts],
+                         ["o0", "o1", "o2"])
+        self.assertNoResult(drained)
+        for post in self.http.posts:
+            post.answer(200)
+        self.successResultOf(drained)
+        self.assertEqual(self.agent.stats["callbacks"], 3)
+
+    def test_slices(self) -> None:
+        """
+        A slice that runs out of time leaves the rest for the next turn (a zero slice: one
+        callback per turn).
+        """
+        self.agent._policy = CallbackPolicy(time_slice=0.0)
+        for n in range(3):
+            self.post(base(0) + "/host/capacity", p.HostCapacityCmd(), taskuuid=f"s{n}")
+        for expected in (1, 2, 3):
+            self.agent._flush()  # what one reactor turn runs
+            self.assertEqual(len(self.http.posts), expected)
+        # The flushes scheduled meanwhile still run, and find nothing left.
+        self.clock.advance(0)
+        self.assertEqual(len(self.http.posts), 3)
 
 
 class LatencyTests(AgentTestCase):
