@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 from typing import Any, Callable
+from urllib.parse import unquote, urlsplit
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -21,7 +22,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from zcontrol.config import Config
+from zcontrol.config import Config, ConfigError
 
 __all__ = ["ComponentService", "HeartbeatService", "ManagementNode", "OrderedMultiService",
            "make_bus", "make_node"]
@@ -146,7 +147,21 @@ def make_bus(config: Config, reactor: Any) -> Any:
     if config.bus.backend == "amqp":
         from zcontrol.bus.amqp import AMQPBus
 
-        return AMQPBus.from_config(config, reactor)
+        url = urlsplit(config.bus.amqp_url)
+        if url.scheme != "amqp":
+            raise ConfigError(f"bus.amqp_url must be an amqp:// URL: {config.bus.amqp_url!r}")
+        vhost = unquote(url.path[1:]) if len(url.path) > 1 else "/"
+        return AMQPBus(
+            reactor,
+            node_id=config.node_id,
+            host=url.hostname or "127.0.0.1",
+            port=url.port or 5672,
+            username=unquote(url.username or "guest"),
+            password=unquote(url.password or "guest"),
+            vhost=vhost,
+            default_timeout=config.bus.message_timeout,
+            heartbeat_interval=config.bus.heartbeat_interval,
+        )
     from zcontrol.bus.local import LocalBus
 
     return LocalBus(reactor, node_id=config.node_id,
