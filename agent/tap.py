@@ -156,6 +156,24 @@ def build_agent(options: Options, reactor: Any) -> AgentApp:
     )
 
 
+class _Drain(service.Service):
+    """
+    On stop, waits (at most C{timeout} seconds) for the agent's accepted commands to call
+    back. Added before the TCP server, so it stops after it: no new command comes in.
+    """
+
+    def __init__(self, agent: AgentApp, clock: Any, timeout: float = 30.0) -> None:
+        self._agent = agent
+        self._clock = clock
+        self._timeout = timeout
+
+    def stopService(self) -> Any:
+        super().stopService()
+        d = self._agent.drain()
+        d.addTimeout(self._timeout, self._clock)
+        return d.addErrback(lambda f: None)
+
+
 class _GCFreeze(service.Service):
     def startService(self) -> None:
         super().startService()
@@ -173,6 +191,7 @@ def makeService(options: Options) -> service.IService:
     agent = build_agent(options, reactor)
     site = QuietSite(agent.app.resource())
     top = service.MultiService()
+    _Drain(agent, reactor).setServiceParent(top)
     server = internet.TCPServer(
         options["port"], site, backlog=options["backlog"], interface=options["interface"]
     )

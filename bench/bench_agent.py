@@ -13,10 +13,19 @@ Measured, in the same run against the same agent process, alternating over C{--r
     latencies (send to completion) and C{lost} counts commands that did not complete.
 
 Both sides size their pools (1,000 persistent connections per peer) and backlogs (1,024), as
-STACK_NOTES.md says they must. Prints one JSON object as its last line and writes it to
-C{bench/results/agent.json}.
+STACK_NOTES.md says they must. The bare round trip uses the same treq client construction
+(pool, body producer, endpoint cache) against the same klein site, so the two differ only by
+the pattern.
 
-    python -m bench.bench_agent [--commands 20000] [--concurrency 1000] [--rounds 3]
+Also reported: CPU microseconds per command/request of each process (C{*_cpu_us}, from
+C{os.times} and C{/proc/<agent pid>/stat}), which do not depend on how busy the machine is,
+and C{cpu_ratio} = bare CPU (both processes) / callback CPU (both processes): the ratio the
+two would reach if the processes could never run at the same time (see Note [callback outbox]
+in L{agent.app}; C{--time-slice -1} turns the outbox off to compare).
+
+Prints one JSON object as its last line and writes it to C{bench/results/agent.json}.
+
+    python -m bench.bench_agent [--commands 15000] [--concurrency 1000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -192,6 +201,9 @@ async def run(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
             "callback_cmds_per_s_1000": med("callback_cmds_per_s"),
             "bare_http_rps_1000": med("bare_http_rps"),
             "ratio": round(med("callback_cmds_per_s") / med("bare_http_rps"), 3),
+            "cpu_ratio": round((med("bare_client_cpu_us") + med("bare_agent_cpu_us"))
+                               / (med("callback_client_cpu_us") + med("callback_agent_cpu_us")),
+                               3),
             "p50_ms": med("p50_ms"),
             "p99_ms": med("p99_ms"),
             "lost": sum(row["lost"] for row in rounds) + lost_pending,

@@ -59,11 +59,46 @@ class TapTests(SynchronousTestCase):
 
     def test_make_service(self) -> None:
         """
-        makeService builds a TCP server with the configured backlog (not started).
+        makeService builds a TCP server with the configured backlog (not started), after the
+        service that drains callbacks at stop.
         """
         options = tap.Options()
         options.parseOptions(["--port", "0", "--backlog", "777", "--hosts", "3", "--gc-freeze"])
         service = tap.makeService(options)
-        [server, _gc] = list(service)
+        [_drain, server, _gc] = list(service)
         self.assertEqual(server.kwargs["backlog"], 777)
         self.assertFalse(server.running)
+
+
+class DrainTests(SynchronousTestCase):
+    """
+    The agent service drains on stop.
+    """
+
+    def test_stop_waits_for_callbacks(self) -> None:
+        """
+        stopService waits for accepted commands to call back, at most its timeout.
+        """
+        from twisted.internet.defer import Deferred
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+
+        class Agent:
+            pending: Deferred = Deferred()
+
+            def drain(self) -> Deferred:
+                return self.pending
+
+        agent = Agent()
+        drain = tap._Drain(agent, clock, timeout=5)
+        drain.startService()
+        d = drain.stopService()
+        self.assertNoResult(d)
+        agent.pending.callback(None)
+        self.successResultOf(d)
+        agent.pending = Deferred()
+        drain.startService()
+        d = drain.stopService()
+        clock.advance(5)
+        self.successResultOf(d)
