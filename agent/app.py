@@ -440,7 +440,7 @@ class AgentApp:
         if self._policy.time_slice is None:
             return self._post(url, body, headers, taskuuid, 1)
         done: Deferred[bool] = Deferred()
-        self._outbox.append((url, body, headers, taskuuid, done))
+        self._outbox.append((host, url, body, headers, taskuuid, done))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._clock.callLater(0, self._flush)
@@ -454,8 +454,12 @@ class AgentApp:
         self._flush_scheduled = False
         clock, outbox = self._clock, self._outbox
         until = clock.seconds() + self._policy.time_slice
+        hosts = self._hosts
         while outbox:
-            url, body, headers, taskuuid, done = outbox.popleft()
+            host, url, body, headers, taskuuid, done = outbox.popleft()
+            if hosts.get(host.key) is not host:
+                done.callback(False)  # the host crashed meanwhile: its work is lost
+                continue
             self._post(url, body, headers, taskuuid, 1).chainDeferred(done)
             if clock.seconds() >= until:
                 break

@@ -390,6 +390,17 @@ class OutboxTests(AgentTestCase):
         self.successResultOf(drained)
         self.assertEqual(self.agent.stats["callbacks"], 3)
 
+    def test_crash_while_queued(self) -> None:
+        """
+        A callback still queued when its host crashes is dropped.
+        """
+        self.post(base(0) + "/host/capacity", p.HostCapacityCmd(), taskuuid="q")
+        self.agent.crash_host("0")
+        drained = self.agent.drain()
+        self.clock.advance(0)
+        self.assertEqual(self.http.posts, [])
+        self.successResultOf(drained)
+
     def test_slices(self) -> None:
         """
         A slice that runs out of time leaves the rest for the next turn (a zero slice: one
