@@ -201,6 +201,8 @@ async def run(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
             "callback_cmds_per_s_1000": med("callback_cmds_per_s"),
             "bare_http_rps_1000": med("bare_http_rps"),
             "ratio": round(med("callback_cmds_per_s") / med("bare_http_rps"), 3),
+            "ratio_per_round_median": round(statistics.median(
+                row["callback_cmds_per_s"] / row["bare_http_rps"] for row in rounds), 3),
             "cpu_ratio": round((med("bare_client_cpu_us") + med("bare_agent_cpu_us"))
                                / (med("callback_client_cpu_us") + med("callback_agent_cpu_us")),
                                3),
