@@ -204,6 +204,30 @@ class SlowAgentTests(LoopbackTestCase):
         return defer.Deferred.fromCoroutine(go())
 
 
+    def test_crash_mid_task(self) -> defer.Deferred:
+        """
+        The host crashes while the command runs: no callback, the call times out (SYS.1001)
+        and its pending entry is gone.
+        """
+
+        async def go() -> None:
+            await self.client.connect(self.base(6), "h6")
+            d = self.client.call(self.base(6), p.HostCapacityCmd(), timeout=0.6)
+            await deferLater(0.1)
+            self.assertEqual(self.agent.stats["accepted"], 1)
+            self.agent.crash_host("6")
+            try:
+                await d
+            except OperationError as e:
+                self.assertEqual(e.error.code, SYS.TIMEOUT)
+            else:
+                self.fail("no timeout")
+            self.assertEqual(len(self.client), 0)
+            self.assertEqual(self.agent.stats["callbacks"], 0)
+
+        return defer.Deferred.fromCoroutine(go())
+
+
 def deferLater(seconds: float) -> defer.Deferred:
     from twisted.internet.task import deferLater as later
 
