@@ -115,6 +115,13 @@ class PostgresFaultTests(PostgresStoreFactory, unittest.TestCase):
             self.fail("the in-flight operation succeeded")
         self.assertEqual(err.code, SYS.IO_ERROR)
         self.assertIn("postgresql", err.details)
+
+        # pg_terminate_backend returns before the backends exit: an operation racing with
+        # their exit is in flight too. Once they are gone, every operation must succeed.
+        async def gone() -> bool:
+            return await self.backends() == 0
+
+        await self.wait_for(gone, "terminated backends to exit")
         host = await self.store.get("host", "host-1")
         self.assertEqual(host["availableCpuCapacity"], 16)
         await self.use_every_connection()
