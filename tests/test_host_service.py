@@ -308,6 +308,22 @@ class PingTests(HostServiceTestCase):
         self.pump()
         self.assertEqual(self.successResultOf(d), 4)
 
+    def test_reconnect_all(self) -> None:
+        """
+        reconnect_all agrees new secrets with every host (as at boot) with a parallelism
+        bound; a host that cannot be reached ends Disconnected.
+        """
+        self.successResultOf(self.add(2))
+        self.store.rows["host"]["h9"] = {"uuid": "h9", "status": "Connected",
+                                         "managementIp": base(99)}
+        old = self.pair.client.secret_for(base(1))
+        d = self.service.reconnect_all(parallelism=2)
+        for _ in range(15):
+            self.pump(1)
+        self.assertEqual(self.successResultOf(d), 2)
+        self.assertNotEqual(self.pair.client.secret_for(base(1)), old)
+        self.assertEqual(self.store.rows["host"]["h9"]["status"], "Disconnected")
+
     def test_periodic_tracking(self) -> None:
         """
         Started with tracking, the service pings on its interval; stop ends it.

@@ -40,6 +40,20 @@ class IHostService(Interface):
         @return: a Deferred firing with its row after the ping.
         """
 
+    def reconnect_all(parallelism=None):
+        """
+        Reconnect every host this node owns with a parallelism bound (at boot).
+
+        @return: a Deferred firing with the number of hosts connected.
+        """
+
+    def track_once():
+        """
+        Ping every host this node owns with a parallelism bound.
+
+        @return: a Deferred firing with the number of hosts pinged.
+        """
+
     def sync_vms(host_uuid):
         """
         Reconcile the store's VM states on the host with the host's.

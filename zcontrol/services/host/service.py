@@ -354,13 +354,7 @@ class HostService:
         # Queued behind the current ping in the host's connect chain.
         self._background(self.connect(host_uuid), f"reconnect of host {host_uuid}")
 
-    @async_to_deferred
-    async def track_once(self) -> int:
-        """
-        Ping every host this node owns, at most C{ping_parallelism} at a time.
-
-        @return: a Deferred firing with the number of hosts pinged.
-        """
+    async def _my_hosts(self) -> list[str]:
         uuids: list[str] = []
         start = 0
         while True:
@@ -370,7 +364,16 @@ class HostService:
             if len(page.inventories) < self.config.page_size:
                 break
             start += self.config.page_size
-        mine = [u for u in uuids if self._bus.owner_of(u) == self._bus.node_id]
+        return [u for u in uuids if self._bus.owner_of(u) == self._bus.node_id]
+
+    @async_to_deferred
+    async def track_once(self) -> int:
+        """
+        Ping every host this node owns, at most C{ping_parallelism} at a time.
+
+        @return: a Deferred firing with the number of hosts pinged.
+        """
+        mine = await self._my_hosts()
         messages = (PingHostMsg(service_id=SERVICE_ID, resource_uuid=u, host_uuid=u,
                                 timeout=self.config.ping_timeout * 3) for u in mine)
 
@@ -380,6 +383,31 @@ class HostService:
 
         await self._bus.send_stepping(messages, self.config.ping_parallelism, on_reply)
         return len(mine)
+
+    @async_to_deferred
+    async def reconnect_all(self, parallelism: int | None = None) -> int:
+        """
+        Reconnect every host this node owns, at most C{parallelism} (default:
+        C{ping_parallelism}) at a time, as ZStack does at boot: callback secrets live in
+        memory only, so a starting management node must agree new ones.
+
+        @return: a Deferred firing with the number of hosts connected.
+        """
+        mine = await self._my_hosts()
+        connected = []
+        messages = (ConnectHostMsg(service_id=SERVICE_ID, resource_uuid=u, host_uuid=u,
+                                   timeout=self.config.connect_timeout * 2) for u in mine)
+
+        def on_reply(msg: ConnectHostMsg, reply: Reply) -> None:
+            if reply.success:
+                connected.append(msg.host_uuid)
+            else:
+                log.info("reconnect of {uuid}: {error}", uuid=msg.host_uuid,
+                         error=str(reply.error))
+
+        await self._bus.send_stepping(messages, parallelism or self.config.ping_parallelism,
+                                      on_reply)
+        return len(connected)
 
     def _track_once(self) -> None:
         self._background(self.track_once(), "host tracking")
