@@ -70,6 +70,10 @@ def makeService(options: Options):
 
     from zcontrol.node import make_node
 
+    # The thread budget of a node is 16 OS threads: the reactor thread, the store's pool
+    # (at most 8) and a few for name resolution.
+    reactor.suggestThreadPoolSize(4)
+
     def give_up(_reason):
         if reactor.running:
             reactor.stop()
