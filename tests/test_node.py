@@ -17,9 +17,12 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.bus_contract import SERVICE, ContractEcho, ContractEchoReply
+from tests.test_agent_loopback import LoopbackTestCase
 from zcontrol.config import ConfigError, load_config
 from zcontrol.core.errors import SYS
 from zcontrol.node import HeartbeatService, OrderedMultiService, make_node
+from zcontrol.services.host import SERVICE_ID as HOST_SERVICE
+from zcontrol.services.host import AddHostMsg
 from zcontrol.tap import Options
 
 
@@ -219,8 +222,10 @@ class NodeTests(TestCase):
         config = load_config(None, {"node": {"id": "mn-test", "data_dir": data},
                                     "http": {"port": 0}})
         node = make_node(config, reactor)
+        self.addCleanup(lambda: node.running and node.stopService())
         await node.startService()
-        self.assertEqual([s.name for s in node], ["store", "heartbeat", "bus"])
+        self.assertEqual([s.name for s in node],
+                         ["store", "heartbeat", "bus", "agents", "http", "host"])
         live = await node.store.live_management_nodes(60)
         self.assertIn("mn-test", [n["uuid"] if isinstance(n, dict) else n for n in live])
 
@@ -238,3 +243,40 @@ class NodeTests(TestCase):
         await stopping
         late = await node.bus.send(ContractEcho(service_id=SERVICE))
         self.assertEqual(late.error.code, SYS.MANAGEMENT_NODE_UNAVAILABLE_ERROR)
+
+
+class NodeWithAgentTests(LoopbackTestCase):
+    """
+    A whole node and a real simulated agent over loopback HTTP.
+    """
+
+    async def test_add_host_through_the_node(self):
+        """
+        An AddHostMsg sent on the node's bus connects the agent's host over real HTTP (its
+        callbacks reach the node's own endpoint) and records it Connected with its capacity;
+        a restarted node reconnects it at boot.
+        """
+        data = os.path.abspath(self.mktemp())
+        config = load_config(None, {"node": {"id": "mn-e2e", "data_dir": data},
+                                    "http": {"port": 0}})
+        node = make_node(config, reactor)
+        self.addCleanup(lambda: node.running and node.stopService())
+        await node.startService()
+        await node.store.insert("zone", {"uuid": "z", "name": "zone"})
+        await node.store.insert("cluster", {"uuid": "c", "name": "cluster", "zoneUuid": "z",
+                                            "hypervisorType": "KVM"})
+        reply = await node.bus.send(AddHostMsg(
+            service_id=HOST_SERVICE, name="h", zone_uuid="z", cluster_uuid="c", uuid="h1",
+            management_ip=self.base(1)))
+        self.assertTrue(reply.success, reply.error)
+        row = await node.store.get("host", "h1")
+        self.assertEqual(row["status"], "Connected")
+        self.assertGreater(row["totalCpuCapacity"], 0)
+        await node.stopService()
+
+        again = make_node(config, reactor)
+        self.addCleanup(lambda: again.running and again.stopService())
+        await again.startService()
+        host = [s for s in again if s.name == "host"][0]
+        self.assertEqual(await host.reconnected, 1)
+        await again.stopService()

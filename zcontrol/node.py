@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_node -*-
 """
-The management node's root service: store → management-node heartbeat → bus → services →
-HTTP, started one after the other (each waits for the previous one to be up) and stopped in
-reverse, each stop waiting for the work that part still has in flight.
+The management node's root service: store → management-node heartbeat → bus → agent client →
+HTTP (agents' callbacks) → services (host), started one after the other (each waits for the
+previous one to be up) and stopped in reverse, each stop waiting for the work that part still
+has in flight. HTTP comes up before the services because the first thing the host service
+does is reconnect the hosts, whose answers arrive as callbacks.
 
 Twisted's own C{MultiService} starts children without waiting for their Deferreds; a node
 whose bus came up before its store would take messages it cannot serve, hence
@@ -20,12 +22,13 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 
 from zcontrol.config import Config, ConfigError
 
-__all__ = ["ComponentService", "HeartbeatService", "ManagementNode", "OrderedMultiService",
-           "make_bus", "make_node"]
+__all__ = ["AgentClientService", "ComponentService", "HeartbeatService", "HostComponent",
+           "HttpService", "ManagementNode", "OrderedMultiService", "make_bus", "make_node"]
 
 log = Logger()
 
@@ -168,6 +171,135 @@ def make_bus(config: Config, reactor: Any) -> Any:
                     default_timeout=config.bus.message_timeout)
 
 
+class HttpService(Service):
+    """
+    The node's HTTP listener: the agents' callback endpoint (the API mounts here later),
+    with a deliberate listen backlog.
+
+    @ivar base_url: the URL agents reach this node at, known once listening.
+    """
+
+    name = "http"
+
+    def __init__(self, reactor: Any, config: Config, endpoint: Any, agents: Any):
+        self._reactor = reactor
+        self._config = config
+        self._endpoint = endpoint
+        self._agents = agents
+        self._port: Any = None
+        self.base_url: str | None = None
+
+    def startService(self) -> None:
+        from zcontrol.agentclient import CALLBACK_PATH, callback_site
+
+        Service.startService(self)
+        http = self._config.http
+        self._factory = _TrackingFactory(callback_site(self._endpoint))
+        self._port = self._reactor.listenTCP(http.port, self._factory, backlog=http.backlog,
+                                             interface=http.interface)
+        self.base_url = http.callback_base(self._port.getHost().port)
+        self._agents.callback_url = self.base_url + CALLBACK_PATH
+        log.info("HTTP on {url} (agent callbacks at {cb})", url=self.base_url,
+                 cb=self._agents.callback_url)
+
+    def stopService(self) -> Deferred:
+        """
+        Stop listening, then close the connections still open (agents keep persistent
+        ones) and wait until they are gone.
+        """
+        Service.stopService(self)
+        port, self._port = self._port, None
+        if port is None:
+            return succeed(None)
+        d = maybeDeferred(port.stopListening)
+        d.addCallback(lambda _: self._factory.close_all())
+        return d
+
+
+class _TrackingFactory(WrappingFactory):
+    """
+    Knows its open connections, so that a stop can close them and wait.
+    """
+
+    def __init__(self, wrapped: Any):
+        super().__init__(wrapped)
+        self._gone: list[Deferred] = []
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            gone, self._gone = self._gone, []
+            for d in gone:
+                d.callback(None)
+
+    def close_all(self) -> Deferred:
+        if not self.protocols:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._gone.append(d)
+        for p in list(self.protocols):
+            p.transport.loseConnection()
+        return d
+
+
+class AgentClientService(Service):
+    """
+    Owns the agent client: on stop, the commands still waiting for a callback are
+    cancelled (SYS.1017) and the connection pool is closed.
+    """
+
+    name = "agents"
+
+    def __init__(self, agents: Any):
+        self.agents = agents
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return self.agents.close()
+
+
+class HostComponent(Service):
+    """
+    The host service: serves C{host} on the bus, pings its hosts, and at start reconnects the
+    hosts this node owns (callback secrets live in memory, so a starting node agrees new
+    ones). The reconnect runs in the background; its outcome is logged per host.
+    """
+
+    name = "host"
+
+    def __init__(self, node: ManagementNode, http: HttpService, endpoint: Any):
+        self._node = node
+        self._http = http
+        self._endpoint = endpoint
+        self.service: Any = None
+        #: fires with the number of hosts reconnected at start (None if that failed)
+        self.reconnected: Deferred | None = None
+
+    def startService(self) -> None:
+        from zcontrol.agentclient.endpoint import SEND_COMMAND_PATH
+        from zcontrol.services.host import HostConfig, HostService
+
+        Service.startService(self)
+        node = self._node
+        config = HostConfig(send_command_url=self._http.base_url + SEND_COMMAND_PATH)
+        self.service = HostService(node.reactor, node.bus, node.store, node.agents, config)
+        for path, handler in self.service.report_handlers().items():
+            self._endpoint.on_report(path, handler)
+        self.service.start()
+        def reconnected(n: int) -> int:
+            log.info("reconnected {n} hosts", n=n)
+            return n
+
+        def failed(f: Failure) -> None:
+            log.failure("reconnecting hosts failed", f)
+
+        self.reconnected = self.service.reconnect_all().addCallbacks(reconnected, failed)
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return self.service.stop() if self.service is not None else succeed(None)
+
+
 class ManagementNode(OrderedMultiService):
     """
     A management node: the root of the service tree built by L{make_node}.
@@ -175,15 +307,17 @@ class ManagementNode(OrderedMultiService):
     @ivar config: the frozen L{Config}.
     @ivar store: the L{zcontrol.db.IStore}.
     @ivar bus: the L{zcontrol.bus.IBus}.
+    @ivar agents: the L{zcontrol.agentclient.AgentClient}.
     """
 
-    def __init__(self, config: Config, reactor: Any, store: Any, bus: Any,
+    def __init__(self, config: Config, reactor: Any, store: Any, bus: Any, agents: Any,
                  on_start_failure: Callable[[Failure], Any] | None = None):
         super().__init__(on_start_failure)
         self.config = config
         self.reactor = reactor
         self.store = store
         self.bus = bus
+        self.agents = agents
 
 
 def make_node(config: Config, reactor: Any,
@@ -191,6 +325,7 @@ def make_node(config: Config, reactor: Any,
     """
     Build (not start) a management node from C{config}.
     """
+    from zcontrol.agentclient import AgentClient, CallbackEndpoint
     from zcontrol.db import open_store
 
     if config.store.url.startswith("sqlite:///"):
@@ -200,9 +335,16 @@ def make_node(config: Config, reactor: Any,
         options["pool_size"] = config.store.pool_size
     store = open_store(config.store.url, reactor, **options)
     bus = make_bus(config, reactor)
-    node = ManagementNode(config, reactor, store, bus, on_start_failure)
+    # The callback URL is known once HTTP listens (the port may be chosen by the OS).
+    agents = AgentClient.create(reactor, "")
+    endpoint = CallbackEndpoint(agents)
+    node = ManagementNode(config, reactor, store, bus, agents, on_start_failure)
     ComponentService("store", store).setServiceParent(node)
     HeartbeatService(store, config.node_id, reactor,
                      config.bus.heartbeat_interval).setServiceParent(node)
     ComponentService("bus", bus).setServiceParent(node)
+    AgentClientService(agents).setServiceParent(node)
+    http = HttpService(reactor, config, endpoint, agents)
+    http.setServiceParent(node)
+    HostComponent(node, http, endpoint).setServiceParent(node)
     return node
