@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-local lint run run-agent bench bench-core bench-bus bench-db bench-agent clean
+.PHONY: venv test lint run run-agent bench bench-core bench-bus bench-db bench-agent clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,7 @@ run-agent: $(STAMP)
 	$(BIN)/twistd --nodaemon --pidfile= zagent
 
 bench: bench-core bench-bus bench-db bench-agent
+	$(BIN)/python -m bench.summary
 
 bench-core: $(STAMP)
 	$(BIN)/python -m bench.bench_core
@@ -40,7 +41,7 @@ OSLO_VENV := bench/.venv-oslo
 
 $(OSLO_VENV)/.installed:
 	test -x $(OSLO_VENV)/bin/python || $(PYTHON) -m venv $(OSLO_VENV)
-	$(OSLO_VENV)/bin/pip install -q oslo.messaging
+	$(OSLO_VENV)/bin/pip install -q "oslo.messaging==18.3.1"
 	touch $@
 
 bench-bus: $(STAMP) $(OSLO_VENV)/.installed

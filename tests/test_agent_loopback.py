@@ -212,8 +212,10 @@ class SlowAgentTests(LoopbackTestCase):
 
         async def go() -> None:
             await self.client.connect(self.base(6), "h6")
-            d = self.client.call(self.base(6), p.HostCapacityCmd(), timeout=0.6)
-            await deferLater(0.1)
+            d = self.client.call(self.base(6), p.HostCapacityCmd(), timeout=1.5)
+            # Crash as soon as the agent has accepted (the work takes 0.3 s).
+            while self.agent.stats["accepted"] < 1:
+                await deferLater(0.01)
             self.assertEqual(self.agent.stats["accepted"], 1)
             self.agent.crash_host("6")
             try:
