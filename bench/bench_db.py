@@ -149,6 +149,7 @@ async def drive(reactor: Any, op: Callable[[int], Awaitable[Any]], duration: flo
     watch.start()
     done = [0]
     errors = [0]
+    first_errors: list[str] = []
     deadline = time.perf_counter() + duration
 
     async def caller(i: int) -> None:
@@ -156,12 +157,16 @@ async def drive(reactor: Any, op: Callable[[int], Awaitable[Any]], duration: flo
             try:
                 await op(i)
                 done[0] += 1
-            except Exception:
+            except Exception as e:
                 errors[0] += 1
+                if len(first_errors) < 3:
+                    first_errors.append(f"{type(e).__name__}: {e}")
 
     start = time.perf_counter()
     await defer.gatherResults([defer.Deferred.fromCoroutine(caller(i)) for i in range(CALLERS)])
     elapsed = time.perf_counter() - start
+    if first_errors:
+        print(f"errors during {getattr(op, '__name__', op)}: {first_errors}", flush=True)
     return round(done[0] / elapsed), errors[0], watch.stop()
 
 

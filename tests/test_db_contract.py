@@ -361,6 +361,25 @@ class StoreContractMixin:
         self.assertEqual({error_of(r).code for ok, r in results if not ok}, {DB.NO_FREE_IP})
 
     @async_to_deferred
+    async def test_concurrent_first_available(self) -> None:
+        """
+        120 concurrent first-available allocations on one 200-address network (every
+        caller racing for the same lowest address) all succeed with distinct addresses, the
+        lowest 120: the losers of a race queue on the network's lock instead of giving up.
+        """
+        await self.seed("zone", "l2Network", "l3Network")
+        await self.store.insert("ipRange", {
+            "uuid": "r-wide", "l3NetworkUuid": "l3-1", "startIp": "10.1.0.1",
+            "endIp": "10.1.0.200", "netmask": "255.255.0.0", "gateway": "10.1.255.254"})
+        results = await defer.DeferredList(
+            [self.store.allocate_ip("l3-1", strategy="first") for _ in range(120)],
+            consumeErrors=True)
+        errors = [str(error_of(r)) for ok, r in results if not ok]
+        self.assertEqual(errors, [])
+        ips = sorted(int(r["ip"].rsplit(".", 1)[1]) for ok, r in results)
+        self.assertEqual(ips, list(range(1, 121)))
+
+    @async_to_deferred
     async def test_ip_in_use_by_nic(self) -> None:
         """
         An IP a VM NIC still uses cannot be freed (DB.1001); after the NIC goes it can.

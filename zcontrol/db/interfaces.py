@@ -45,6 +45,7 @@ class DB:
             1004: "Not enough capacity left on the primary storage",
             1005: "No free IP address left in the L3 network",
             1006: "The database schema is newer than this management node knows",
+            1007: "Too many concurrent callers competed for the same rows; try again",
         },
     )
     DUPLICATE = _codes[1000]
@@ -54,6 +55,7 @@ class DB:
     STORAGE_CAPACITY = _codes[1004]
     NO_FREE_IP = _codes[1005]
     SCHEMA_TOO_NEW = _codes[1006]
+    CONTENTION = _codes[1007]
 
 
 class IStore(Interface):

@@ -72,6 +72,12 @@ class PostgresDialect(Dialect):
     def begin_sql(self, write: bool) -> str:
         return "BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
+    def lock_row(self, db: Db, table: str, uuid: str) -> None:
+        # An advisory lock, not SELECT ... FOR UPDATE: a row lock on the network would also
+        # block the foreign-key checks of every other insert referencing it (and deadlock
+        # with their speculative inserts).
+        db.all("SELECT pg_advisory_xact_lock(hashtext(?))", (f"{table}:{uuid}",))
+
     def lock_migrations(self, db: Db) -> None:
         db.all("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
 
