@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable
 
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -53,7 +53,7 @@ from zcontrol.bus._amqp_proto import BusFactory, BusProtocol
 from zcontrol.bus._dispatch import call_handler, deliver_event
 from zcontrol.bus._pending import PendingTable
 from zcontrol.bus.interfaces import IBus, ISubscription
-from zcontrol.bus.local import _EventualQueue, send_stepping
+from zcontrol.bus.local import BusSendMixin, _EventualQueue
 from zcontrol.bus.message import (
     DecodeError,
     Event,
@@ -143,7 +143,7 @@ def _fire(d: Deferred, value: Any = None) -> None:
 
 
 @implementer(IBus)
-class AMQPBus:
+class AMQPBus(BusSendMixin):
     """
     An L{IBus} over RabbitMQ.
 
@@ -716,14 +716,6 @@ class AMQPBus:
                       (REQUEST, None, message.id), mandatory=True, kind=REQUEST,
                       message_id=message.id, reply_to=self.node_id, expiration=self._ttl(left))
         return d
-
-    def send_all(self, messages: Iterable[NeedReplyMessage],
-                 timeout: float | None = None) -> Deferred[list[Reply]]:
-        return gatherResults([self.send(m, timeout) for m in messages])
-
-    def send_stepping(self, messages: Iterable[NeedReplyMessage], parallelism: int,
-                      on_reply: Callable[[NeedReplyMessage, Reply], Any]) -> Deferred[None]:
-        return send_stepping(self, messages, parallelism, on_reply)
 
     def post(self, message: Message) -> Deferred[None]:
         if isinstance(message, NeedReplyMessage):

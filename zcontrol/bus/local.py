@@ -44,7 +44,7 @@ from zcontrol.bus.message import (
 from zcontrol.bus.ring import ConsistentHashRing
 from zcontrol.core.errors import SYS, OperationError, error_code
 
-__all__ = ["LocalBroker", "LocalBus"]
+__all__ = ["BusSendMixin", "LocalBroker", "LocalBus", "send_stepping"]
 
 log = Logger()
 
@@ -129,8 +129,23 @@ class _Subscription:
         return succeed(None)
 
 
+class BusSendMixin:
+    """
+    C{send_all} and C{send_stepping} on top of a bus's own C{send}: the same for every
+    backend.
+    """
+
+    def send_all(self, messages: Iterable[NeedReplyMessage],
+                 timeout: float | None = None) -> Deferred[list[Reply]]:
+        return gatherResults([self.send(m, timeout) for m in messages])
+
+    def send_stepping(self, messages: Iterable[NeedReplyMessage], parallelism: int,
+                      on_reply: Callable[[NeedReplyMessage, Reply], Any]) -> Deferred[None]:
+        return send_stepping(self, messages, parallelism, on_reply)
+
+
 @implementer(IBus)
-class LocalBus:
+class LocalBus(BusSendMixin):
     """
     An in-process L{IBus}.
 
@@ -237,14 +252,6 @@ class LocalBus:
         if message.id in self._pending:
             self._queue.put(self._deliver, message, target)
         return d
-
-    def send_all(self, messages: Iterable[NeedReplyMessage],
-                 timeout: float | None = None) -> Deferred[list[Reply]]:
-        return gatherResults([self.send(m, timeout) for m in messages])
-
-    def send_stepping(self, messages: Iterable[NeedReplyMessage], parallelism: int,
-                      on_reply: Callable[[NeedReplyMessage, Reply], Any]) -> Deferred[None]:
-        return send_stepping(self, messages, parallelism, on_reply)
 
     def post(self, message: Message) -> Deferred[None]:
         if isinstance(message, NeedReplyMessage):
