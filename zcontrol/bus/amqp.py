@@ -701,15 +701,10 @@ class AMQPBus(BusSendMixin):
                 and message.service_id in self._services:
             self._local.put(self._deliver_local, message)
             return d
-        if self._proto is None:
-            self._pending.fail(message.id, error_code(
-                SYS.IO_ERROR, f"management node {self.node_id} is not connected to RabbitMQ"))
-            return d
         try:
-            body = self.registry.encode(message)
-        except Exception as e:
-            self._pending.fail(message.id, error_code(
-                SYS.INVALID_ARGUMENT_ERROR, f"cannot encode {message.describe()}: {e}"))
+            body = self._wire_body(message, message.describe())
+        except OperationError as e:
+            self._pending.fail(message.id, e.error)
             return d
         self._publish(self.topology.p2p,
                       self.topology.service_key(message.service_id, target), body,
@@ -726,14 +721,10 @@ class AMQPBus(BusSendMixin):
                 and message.service_id in self._services:
             self._local.put(self._deliver_local, message)
             return succeed(None)
-        if self._proto is None:
-            return fail(OperationError.of(
-                SYS.IO_ERROR, f"management node {self.node_id} is not connected to RabbitMQ"))
         try:
-            body = self.registry.encode(message)
-        except Exception as e:
-            return fail(OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
-                                          f"cannot encode {message.describe()}: {e}"))
+            body = self._wire_body(message, message.describe())
+        except OperationError:
+            return fail()
         d: Deferred[None] = Deferred()
         self._publish(self.topology.p2p,
                       self.topology.service_key(message.service_id, target), body,
@@ -908,17 +899,29 @@ class AMQPBus(BusSendMixin):
 
     # events
 
+    def _wire_body(self, obj: Any, what: str) -> bytes:
+        """
+        The bytes to publish for C{obj}.
+
+        @raise OperationError: SYS.1016 while not connected, SYS.1007 if it cannot be
+            encoded.
+        """
+        if self._proto is None:
+            raise OperationError.of(
+                SYS.IO_ERROR, f"management node {self.node_id} is not connected to RabbitMQ")
+        try:
+            return self.registry.encode(obj)
+        except Exception as e:
+            raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
+                                    f"cannot encode {what}: {e}") from None
+
     def publish(self, event: Event) -> Deferred[None]:
         event.node_id = self.node_id
         event.created_at = self._clock.seconds()
-        if self._proto is None:
-            return fail(OperationError.of(
-                SYS.IO_ERROR, f"management node {self.node_id} is not connected to RabbitMQ"))
         try:
-            body = self.registry.encode(event)
-        except Exception as e:
-            return fail(OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
-                                          f"cannot encode event {event.id}: {e}"))
+            body = self._wire_body(event, f"event {event.id}")
+        except OperationError:
+            return fail()
         d: Deferred[None] = Deferred()
         self._publish(self.topology.broadcast, type(event).topic, body, (EVENT, d, event.id),
                       kind=EVENT, message_id=event.id, expiration=self._ttl(None))
