@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from typing import Any, Awaitable, Callable
+from uuid import uuid4
 
 import psycopg2
 from twisted.internet import defer, task
@@ -47,6 +48,13 @@ _RESERVE_SQL = (
     " WHERE uuid = %s AND available_cpu_capacity >= %s AND available_memory_capacity >= %s"
     " RETURNING uuid, available_cpu_capacity, available_memory_capacity"
 )
+
+
+def holder() -> tuple[str, str]:
+    """
+    A fresh holder: every measured reservation and allocation is a new one.
+    """
+    return ("bench", uuid4().hex)
 
 
 def os_threads() -> int:
@@ -181,17 +189,19 @@ async def measure_store(reactor: Any, url: str, pool_size: int, full: bool,
     threads = []
     try:
         rate, errs, thr = await drive(
-            reactor, lambda i: store.reserve_host_capacity(f"h{i % HOSTS}", 1, 1), duration)
+            reactor, lambda i: store.reserve_host_capacity(f"h{i % HOSTS}", 1, 1, holder()),
+            duration)
         out["capacity_reservations_per_s"] = rate
         threads.append(thr)
         assert errs == 0, errs
         if full:
-            rate, errs, thr = await drive(reactor, lambda i: store.allocate_ip("l3-random"))
+            rate, errs, thr = await drive(reactor,
+                                          lambda i: store.allocate_ip("l3-random", holder()))
             out["ip_allocations_per_s"] = rate
             threads.append(thr)
             assert errs == 0, errs
             rate, errs, thr = await drive(
-                reactor, lambda i: store.allocate_ip("l3-first", strategy="first"))
+                reactor, lambda i: store.allocate_ip("l3-first", holder(), strategy="first"))
             out["ip_allocations_first_available_per_s"] = rate
             threads.append(thr)
             assert errs == 0, errs
@@ -247,7 +257,8 @@ async def measure_transactional(reactor: Any, url: str, pool_size: int,
     await store.start()
     try:
         rate, errs, thr = await drive(
-            reactor, lambda i: store.reserve_host_capacity(f"h{i % HOSTS}", 1, 1), duration)
+            reactor, lambda i: store.reserve_host_capacity(f"h{i % HOSTS}", 1, 1, holder()),
+            duration)
         assert errs == 0, errs
     finally:
         await store.stop()

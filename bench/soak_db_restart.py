@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from typing import Any
+from uuid import uuid4
 
 import psycopg2
 from twisted.internet import defer, task, threads
@@ -73,7 +74,7 @@ async def soak(reactor: Any, name: str) -> dict:
     async def caller() -> None:
         while time.perf_counter() < phase["stop_at"]:
             try:
-                await store.reserve_host_capacity("h", 1, 1)
+                await store.reserve_host_capacity("h", 1, 1, ("soak", uuid4().hex))
                 ok[0] += 1
             except OperationError as e:
                 codes[e.error.code] = codes.get(e.error.code, 0) + 1

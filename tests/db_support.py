@@ -91,6 +91,15 @@ class SQLiteStoreFactory:
     """
 
     backend = "sqlite"
+    store_options: dict[str, Any] = {"pool_size": 4}
+
+    def connection_lost(self) -> BaseException:
+        """
+        What the driver raises when the database goes away under an operation.
+        """
+        import sqlite3
+
+        return sqlite3.OperationalError("disk I/O error")
 
     def setUp_database(self) -> Any:
         self.db_path = os.path.abspath(self.mktemp() + ".db")
@@ -110,6 +119,10 @@ class PostgresStoreFactory:
     """
 
     backend = "postgresql"
+    store_options: dict[str, Any] = {"pool_size": 4}
+
+    def connection_lost(self) -> BaseException:
+        return psycopg2.OperationalError("server closed the connection unexpectedly")
 
     def setUp_database(self) -> Any:
         d = threads.deferToThread(pg_create_database_sync)
@@ -124,6 +137,23 @@ class PostgresStoreFactory:
 
     def store_url(self) -> str:
         return pg_dsn(self.db_name)
+
+
+class MemoryStoreFactory(SQLiteStoreFactory):
+    """
+    Mixin for trial TestCases: in-memory stores (L{zcontrol.db.memory.MemoryStore}), one
+    database per test shared by name between the stores a test opens.
+    """
+
+    backend = "memory"
+    store_options: dict[str, Any] = {}
+
+    def setUp_database(self) -> Any:
+        self.memory_name = f"test-{secrets.token_hex(6)}"
+        return defer.succeed(None)
+
+    def store_url(self) -> str:
+        return f"memory://{self.memory_name}"
 
 
 TOPOLOGY = {

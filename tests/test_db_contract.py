@@ -5,6 +5,7 @@ fresh database per test). PostgreSQL missing is a failure, never a skip.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -13,6 +14,7 @@ from zope.interface.verify import verifyObject
 
 from tests.db_support import (
     TOPOLOGY,
+    MemoryStoreFactory,
     PostgresStoreFactory,
     SQLiteStoreFactory,
     error_of,
@@ -20,6 +22,7 @@ from tests.db_support import (
 from zcontrol._defer import async_to_deferred
 from zcontrol.core.errors import SYS, OperationError, error_code
 from zcontrol.db import DB, IStore, Query, open_store
+from zcontrol.db import _store as _thd
 from zcontrol.db._store import Db
 
 ORDER = ["zone", "cluster", "host", "primaryStorage", "l2Network", "l3Network", "ipRange",
@@ -44,7 +47,7 @@ class StoreContractMixin:
         await self.tearDown_database()
 
     async def open(self, start: bool = True, **options: Any) -> Any:
-        options.setdefault("pool_size", 4)
+        options = {**self.store_options, **options}
         s = open_store(self.store_url(), reactor, **options)
         self.stores.append(s)
         if start:
@@ -68,6 +71,13 @@ class StoreContractMixin:
             return e.error
         self.fail(f"expected {code}, got the result {result!r}")
 
+    def holder(self) -> tuple[str, str]:
+        """
+        A fresh holder of capacity or an address.
+        """
+        self._holders = getattr(self, "_holders", 0) + 1
+        return ("VmInstanceVO", f"holder-{self._holders}")
+
     def raw(self, fn: Any, *args: Any) -> defer.Deferred:
         """
         Run a C{*_thd}-style function on the store's pool (test-only back door).
@@ -79,11 +89,11 @@ class StoreContractMixin:
     @async_to_deferred
     async def test_provides_interface(self) -> None:
         """
-        The store provides L{IStore}, is at schema version 1 and stays within its thread
+        The store provides L{IStore}, is at schema version 2 and stays within its thread
         budget.
         """
         self.assertTrue(verifyObject(IStore, self.store))
-        self.assertEqual(self.store.schema_version, 1)
+        self.assertEqual(self.store.schema_version, 2)
         self.assertEqual(self.store.backend, self.backend)
         self.assertLessEqual(self.store.pool_size, 16)
 
@@ -94,9 +104,9 @@ class StoreContractMixin:
         version once.
         """
         other = await self.open()
-        self.assertEqual(other.schema_version, 1)
+        self.assertEqual(other.schema_version, 2)
         rows = await self.raw(lambda db: db.all("SELECT version, name FROM schema_versions"))
-        self.assertEqual([tuple(r) for r in rows], [(1, "initial")])
+        self.assertEqual([tuple(r) for r in rows], [(1, "initial"), (2, "holders")])
 
     @async_to_deferred
     async def test_newer_schema_refused(self) -> None:
@@ -223,24 +233,31 @@ class StoreContractMixin:
     @async_to_deferred
     async def test_host_capacity(self) -> None:
         """
-        Reservations take CPU and memory together or not at all; releases give them back
-        but never above the totals.
+        Reservations take CPU and memory together or not at all; a release gives back what
+        its holder held, once.
         """
         await self.seed("zone", "cluster", "host")
-        row = await self.store.reserve_host_capacity("host-1", 10, 1000)
+        vm = self.holder()
+        row = await self.store.reserve_host_capacity("host-1", 10, 1000, vm)
         self.assertEqual((row["availableCpuCapacity"], row["availableMemoryCapacity"]), (6, 24))
-        err = await self.failure(self.store.reserve_host_capacity("host-1", 1, 100),
+        err = await self.failure(self.store.reserve_host_capacity("host-1", 1, 100,
+                                                                  self.holder()),
                                  DB.HOST_CAPACITY)
         self.assertEqual(err.opaque["availableMemory"], 24)
         host = await self.store.get("host", "host-1")
         self.assertEqual(host["availableCpuCapacity"], 6)
-        await self.failure(self.store.release_host_capacity("host-1", 11, 0), DB.CONSTRAINT)
-        row = await self.store.release_host_capacity("host-1", 10, 1000)
+        row = await self.store.release_host_capacity("host-1", vm)
         self.assertEqual((row["availableCpuCapacity"], row["availableMemoryCapacity"]),
                          (16, 1024))
-        await self.failure(self.store.reserve_host_capacity("nope", 1, 1), SYS.RESOURCE_NOT_FOUND)
-        await self.failure(self.store.reserve_host_capacity("host-1", -1, 1),
+        await self.failure(self.store.reserve_host_capacity("nope", 1, 1, vm),
+                           SYS.RESOURCE_NOT_FOUND)
+        await self.failure(self.store.release_host_capacity("nope", vm), SYS.RESOURCE_NOT_FOUND)
+        await self.failure(self.store.reserve_host_capacity("host-1", -1, 1, vm),
                            SYS.INVALID_ARGUMENT_ERROR)
+        for bad in (None, "vm-1", ("VmInstanceVO",), ("", "x"), ("t", 7)):
+            err = await self.failure(self.store.reserve_host_capacity("host-1", 1, 1, bad),
+                                     SYS.INVALID_ARGUMENT_ERROR)
+            self.assertTrue(err.opaque["field"].startswith("holder"), err)
 
     @async_to_deferred
     async def test_concurrent_reservations(self) -> None:
@@ -250,7 +267,7 @@ class StoreContractMixin:
         """
         await self.seed("zone", "cluster", "host")
         results = await defer.DeferredList(
-            [self.store.reserve_host_capacity("host-1", 1, 1) for _ in range(40)],
+            [self.store.reserve_host_capacity("host-1", 1, 1, self.holder()) for _ in range(40)],
             consumeErrors=True)
         won = [r for ok, r in results if ok]
         lost = [error_of(r).code for ok, r in results if not ok]
@@ -266,7 +283,7 @@ class StoreContractMixin:
         New totals keep what is reserved; totals below the reservations are refused.
         """
         await self.seed("zone", "cluster", "host")
-        await self.store.reserve_host_capacity("host-1", 4, 100)
+        await self.store.reserve_host_capacity("host-1", 4, 100, self.holder())
         row = await self.store.set_host_capacity("host-1", 32, 2048, cpu_num=16)
         self.assertEqual((row["totalCpuCapacity"], row["availableCpuCapacity"], row["cpuNum"]),
                          (32, 28, 16))
@@ -278,21 +295,173 @@ class StoreContractMixin:
     async def test_primary_storage_capacity(self) -> None:
         """
         Primary storage bytes are reserved atomically (25 concurrent 100-byte reservations on
-        1000 bytes: 10 win) and released up to the total only.
+        1000 bytes: 10 win) and each holder's bytes are released once.
         """
         await self.seed("zone", "primaryStorage")
+        holders = [self.holder() for _ in range(25)]
         results = await defer.DeferredList(
-            [self.store.reserve_primary_storage_capacity("ps-1", 100) for _ in range(25)],
+            [self.store.reserve_primary_storage_capacity("ps-1", 100, h) for h in holders],
             consumeErrors=True)
         self.assertEqual(sum(ok for ok, _ in results), 10)
         self.assertEqual({error_of(r).code for ok, r in results if not ok},
                          {DB.STORAGE_CAPACITY})
-        await self.failure(self.store.release_primary_storage_capacity("ps-1", 1001),
-                           DB.CONSTRAINT)
-        row = await self.store.release_primary_storage_capacity("ps-1", 1000)
+        for h in holders:
+            row = await self.store.release_primary_storage_capacity("ps-1", h)
         self.assertEqual(row["availableCapacity"], 1000)
-        await self.failure(self.store.reserve_primary_storage_capacity("nope", 1),
+        await self.failure(self.store.reserve_primary_storage_capacity("nope", 1, holders[0]),
                            SYS.RESOURCE_NOT_FOUND)
+
+    # -- holders: idempotent reservations and the audit (issue 8 item 12) ------------------
+
+    def lost_ack(self, fn: Any) -> Any:
+        """
+        C{fn} (a C{*_thd} function) that runs and commits, then loses its connection as the
+        acknowledgement would be lost: the caller hears the driver's connection error.
+        """
+        def run(db: Db, *args: Any) -> None:
+            fn(db, *args)
+            raise self.connection_lost()
+
+        return run
+
+    @async_to_deferred
+    async def test_lost_ack_retry_takes_once(self) -> None:
+        """
+        Fault (issue 8 item 12): a reservation committed whose acknowledgement was lost is
+        reported as SYS.1016, which the contract calls retryable, and the retry took the
+        capacity (or an address) a second time. Now the retry by the same holder finds its
+        reservation: host and storage capacity are taken once, the IP is the same one.
+        """
+        await self.seed("zone", "cluster", "host", "primaryStorage", "l2Network",
+                        "l3Network", "ipRange")
+        vm = self.holder()
+        await self.failure(self.raw(self.lost_ack(_thd.reserve_host_capacity_thd),
+                                    "host-1", 4, 100, vm, 0.0), SYS.IO_ERROR)
+        await self.failure(self.raw(self.lost_ack(_thd.reserve_primary_storage_thd),
+                                    "ps-1", 300, vm, 0.0), SYS.IO_ERROR)
+        await self.failure(self.raw(self.lost_ack(_thd.allocate_ip_thd),
+                                    "l3-1", vm, None, None, 0.0), SYS.IO_ERROR)
+        host = await self.store.get("host", "host-1")
+        self.assertEqual(host["availableCpuCapacity"], 12, "the first attempt committed")
+        for _ in range(2):
+            host = await self.store.reserve_host_capacity("host-1", 4, 100, vm)
+            self.assertEqual((host["availableCpuCapacity"], host["availableMemoryCapacity"]),
+                             (12, 924))
+            ps = await self.store.reserve_primary_storage_capacity("ps-1", 300, vm)
+            self.assertEqual(ps["availableCapacity"], 700)
+        held = (await self.store.query("usedIp", Query())).inventories
+        self.assertEqual(len(held), 1)
+        again = await self.store.allocate_ip("l3-1", vm)
+        self.assertEqual(again, held[0])
+        self.assertEqual((again["holderType"], again["holderUuid"]), vm)
+        self.assertEqual(await self.store.allocate_ip("l3-1", vm, ip=again["ip"]), again)
+        await self.failure(self.store.allocate_ip("l3-1", vm, ip="10.0.0.10"
+                                                  if again["ip"] != "10.0.0.10" else "10.0.0.11"),
+                           DB.DUPLICATE)
+        self.assertEqual(await self.store.audit_capacity(), [])
+
+    @async_to_deferred
+    async def test_release_is_idempotent(self) -> None:
+        """
+        Fault (issue 8 item 12): releasing twice (a retried release) gave the capacity back
+        twice, or failed. A release gives back what the holder holds, once; an IP released
+        twice is freed once.
+        """
+        await self.seed("zone", "cluster", "host", "primaryStorage", "l2Network",
+                        "l3Network", "ipRange")
+        vm, other = self.holder(), self.holder()
+        await self.store.reserve_host_capacity("host-1", 4, 100, vm)
+        await self.store.reserve_host_capacity("host-1", 2, 10, other)
+        for _ in range(2):
+            host = await self.store.release_host_capacity("host-1", vm)
+            self.assertEqual((host["availableCpuCapacity"], host["availableMemoryCapacity"]),
+                             (14, 1014))
+        await self.store.reserve_primary_storage_capacity("ps-1", 300, vm)
+        for _ in range(2):
+            ps = await self.store.release_primary_storage_capacity("ps-1", vm)
+            self.assertEqual(ps["availableCapacity"], 1000)
+        ip = await self.store.allocate_ip("l3-1", vm)
+        self.assertEqual(await self.store.release_ip("l3-1", vm), ip)
+        self.assertIsNone(await self.store.release_ip("l3-1", vm))
+        self.assertEqual((await self.store.query("usedIp", Query(count=True))).total, 0)
+        self.assertEqual(await self.store.audit_capacity(), [])
+
+    @async_to_deferred
+    async def test_concurrent_retries_of_one_holder(self) -> None:
+        """
+        Ten concurrent reservations and allocations by the same holder (retries racing each
+        other) take once and all answer the same address.
+        """
+        await self.seed("zone", "cluster", "host", "l2Network", "l3Network", "ipRange")
+        vm = self.holder()
+        rows = await defer.gatherResults(
+            [self.store.reserve_host_capacity("host-1", 3, 30, vm) for _ in range(10)])
+        self.assertEqual({r["availableCpuCapacity"] for r in rows} - {13}, set())
+        host = await self.store.get("host", "host-1")
+        self.assertEqual((host["availableCpuCapacity"], host["availableMemoryCapacity"]),
+                         (13, 994))
+        for strategy in ("random", "first"):
+            ips = await defer.gatherResults(
+                [self.store.allocate_ip("l3-1", vm, strategy=strategy) for _ in range(10)])
+            self.assertEqual(len({r["uuid"] for r in ips}), 1, ips)
+            self.assertEqual((await self.store.query("usedIp", Query(count=True))).total, 1)
+
+    @async_to_deferred
+    async def test_holder_with_other_amounts_refused(self) -> None:
+        """
+        A holder asking again for other amounts is refused with DB.1000 naming what it
+        holds (a changed reservation is a release and a reservation), nothing changes.
+        """
+        await self.seed("zone", "cluster", "host", "primaryStorage")
+        vm = self.holder()
+        await self.store.reserve_host_capacity("host-1", 4, 100, vm)
+        err = await self.failure(self.store.reserve_host_capacity("host-1", 5, 100, vm),
+                                 DB.DUPLICATE)
+        self.assertEqual(err.opaque["held"], {"cpu": 4, "memory": 100})
+        await self.store.reserve_primary_storage_capacity("ps-1", 10, vm)
+        await self.failure(self.store.reserve_primary_storage_capacity("ps-1", 11, vm),
+                           DB.DUPLICATE)
+        host = await self.store.get("host", "host-1")
+        self.assertEqual(host["availableCpuCapacity"], 12)
+        # the same holder on another host is another reservation
+        await self.store.add_host(dict(TOPOLOGY["host"], uuid="host-2", managementIp="10.9.9.9"))
+        host2 = await self.store.reserve_host_capacity("host-2", 5, 100, vm)
+        self.assertEqual(host2["availableCpuCapacity"], 11)
+        # a host whose capacity is held cannot be deleted
+        await self.failure(self.store.delete("host", "host-1"), DB.REFERENCE)
+        await self.store.release_host_capacity("host-1", vm)
+        self.assertTrue(await self.store.delete("host", "host-1"))
+
+    @async_to_deferred
+    async def test_audit_capacity(self) -> None:
+        """
+        The audit recomputes the available figures from the holders and reports each
+        drifted one (recorded, computed, held); with repair it sets them, and a second audit
+        finds nothing.
+        """
+        await self.seed("zone", "cluster", "host", "primaryStorage")
+        await self.store.reserve_host_capacity("host-1", 4, 100, self.holder())
+        await self.store.reserve_host_capacity("host-1", 2, 24, self.holder())
+        await self.store.reserve_primary_storage_capacity("ps-1", 250, self.holder())
+        self.assertEqual(await self.store.audit_capacity(), [])
+        await self.raw(lambda db: db.run(
+            "UPDATE hosts SET available_cpu_capacity = 1 WHERE uuid = ?", ("host-1",)))
+        await self.raw(lambda db: db.run(
+            "UPDATE primary_storages SET available_capacity = 1000 WHERE uuid = ?", ("ps-1",)))
+        drift = await self.store.audit_capacity()
+        self.assertEqual(drift, [
+            {"resource": "host", "uuid": "host-1", "field": "availableCpuCapacity",
+             "recorded": 1, "computed": 10, "held": 6, "repaired": False},
+            {"resource": "primaryStorage", "uuid": "ps-1", "field": "availableCapacity",
+             "recorded": 1000, "computed": 750, "held": 250, "repaired": False},
+        ])
+        self.assertEqual((await self.store.get("host", "host-1"))["availableCpuCapacity"], 1)
+        repaired = await self.store.audit_capacity(repair=True)
+        self.assertEqual([d["repaired"] for d in repaired], [True, True])
+        self.assertEqual(await self.store.audit_capacity(), [])
+        host = await self.store.get("host", "host-1")
+        self.assertEqual((host["availableCpuCapacity"], host["availableMemoryCapacity"]),
+                         (10, 900))
 
     # -- IP addresses ----------------------------------------------------------------------
 
@@ -300,27 +469,27 @@ class StoreContractMixin:
     async def test_ip_allocation(self) -> None:
         """
         Addresses come lowest first from the L3's ranges; a full network is DB.1005; a freed
-        address is reused; a specific address can be taken once; freeing twice is SYS.1003.
+        address is reused; a specific address can be taken once; freeing twice is a no-op.
         """
         await self.seed("zone", "l2Network", "l3Network", "ipRange")
-        got = [await self.store.allocate_ip("l3-1", strategy="first") for _ in range(5)]
+        got = [await self.store.allocate_ip("l3-1", self.holder(), strategy="first") for _ in range(5)]
         self.assertEqual([g["ip"] for g in got], [f"10.0.0.{n}" for n in range(10, 15)])
         self.assertEqual(got[0]["gateway"], "10.0.0.1")
         self.assertEqual(got[0]["ipRangeUuid"], "range-1")
-        await self.failure(self.store.allocate_ip("l3-1"), DB.NO_FREE_IP)
-        await self.store.free_ip(got[2]["uuid"])
-        await self.failure(self.store.free_ip(got[2]["uuid"]), SYS.RESOURCE_NOT_FOUND)
-        self.assertEqual((await self.store.allocate_ip("l3-1", strategy="first"))["ip"],
+        await self.failure(self.store.allocate_ip("l3-1", self.holder()), DB.NO_FREE_IP)
+        self.assertIs(await self.store.free_ip(got[2]["uuid"]), True)
+        self.assertIs(await self.store.free_ip(got[2]["uuid"]), False)
+        self.assertEqual((await self.store.allocate_ip("l3-1", self.holder(), strategy="first"))["ip"],
                          "10.0.0.12")
         await self.store.free_ip(got[4]["uuid"])
-        await self.failure(self.store.allocate_ip("l3-1", ip="10.0.0.13"), DB.DUPLICATE)
-        row = await self.store.allocate_ip("l3-1", ip="10.0.0.14", uuid="mine")
+        await self.failure(self.store.allocate_ip("l3-1", self.holder(), ip="10.0.0.13"), DB.DUPLICATE)
+        row = await self.store.allocate_ip("l3-1", self.holder(), ip="10.0.0.14", uuid="mine")
         self.assertEqual((row["uuid"], row["ipInLong"]), ("mine", 0x0A00000E))
-        await self.failure(self.store.allocate_ip("l3-1", ip="10.0.0.99"),
+        await self.failure(self.store.allocate_ip("l3-1", self.holder(), ip="10.0.0.99"),
                            SYS.INVALID_ARGUMENT_ERROR)
-        await self.failure(self.store.allocate_ip("l3-1", ip="not-an-ip"),
+        await self.failure(self.store.allocate_ip("l3-1", self.holder(), ip="not-an-ip"),
                            SYS.INVALID_ARGUMENT_ERROR)
-        await self.failure(self.store.allocate_ip("nope"), SYS.RESOURCE_NOT_FOUND)
+        await self.failure(self.store.allocate_ip("nope", self.holder()), SYS.RESOURCE_NOT_FOUND)
 
     @async_to_deferred
     async def test_ip_allocation_several_ranges(self) -> None:
@@ -331,10 +500,10 @@ class StoreContractMixin:
         await self.store.insert("ipRange", {
             "uuid": "range-2", "l3NetworkUuid": "l3-1", "startIp": "10.0.1.1",
             "endIp": "10.0.1.2", "netmask": "255.255.255.0", "gateway": "10.0.1.254"})
-        ips = [(await self.store.allocate_ip("l3-1", strategy="first"))["ip"] for _ in range(7)]
+        ips = [(await self.store.allocate_ip("l3-1", self.holder(), strategy="first"))["ip"] for _ in range(7)]
         self.assertEqual(ips[-2:], ["10.0.1.1", "10.0.1.2"])
-        await self.failure(self.store.allocate_ip("l3-1"), DB.NO_FREE_IP)
-        await self.failure(self.store.allocate_ip("l3-1", strategy="best"),
+        await self.failure(self.store.allocate_ip("l3-1", self.holder()), DB.NO_FREE_IP)
+        await self.failure(self.store.allocate_ip("l3-1", self.holder(), strategy="best"),
                            SYS.INVALID_ARGUMENT_ERROR)
 
     @async_to_deferred
@@ -344,9 +513,9 @@ class StoreContractMixin:
         once and then reports the network full.
         """
         await self.seed("zone", "l2Network", "l3Network", "ipRange")
-        ips = [(await self.store.allocate_ip("l3-1"))["ip"] for _ in range(5)]
+        ips = [(await self.store.allocate_ip("l3-1", self.holder()))["ip"] for _ in range(5)]
         self.assertEqual(sorted(ips), [f"10.0.0.{n}" for n in range(10, 15)])
-        await self.failure(self.store.allocate_ip("l3-1"), DB.NO_FREE_IP)
+        await self.failure(self.store.allocate_ip("l3-1", self.holder()), DB.NO_FREE_IP)
 
     @async_to_deferred
     async def test_concurrent_ip_allocation(self) -> None:
@@ -355,7 +524,7 @@ class StoreContractMixin:
         """
         await self.seed("zone", "l2Network", "l3Network", "ipRange")
         results = await defer.DeferredList(
-            [self.store.allocate_ip("l3-1") for _ in range(20)], consumeErrors=True)
+            [self.store.allocate_ip("l3-1", self.holder()) for _ in range(20)], consumeErrors=True)
         ips = [r["ip"] for ok, r in results if ok]
         self.assertEqual(sorted(ips), [f"10.0.0.{n}" for n in range(10, 15)])
         self.assertEqual({error_of(r).code for ok, r in results if not ok}, {DB.NO_FREE_IP})
@@ -372,7 +541,7 @@ class StoreContractMixin:
             "uuid": "r-wide", "l3NetworkUuid": "l3-1", "startIp": "10.1.0.1",
             "endIp": "10.1.0.200", "netmask": "255.255.0.0", "gateway": "10.1.255.254"})
         results = await defer.DeferredList(
-            [self.store.allocate_ip("l3-1", strategy="first") for _ in range(120)],
+            [self.store.allocate_ip("l3-1", self.holder(), strategy="first") for _ in range(120)],
             consumeErrors=True)
         errors = [str(error_of(r)) for ok, r in results if not ok]
         self.assertEqual(errors, [])
@@ -385,7 +554,7 @@ class StoreContractMixin:
         An IP a VM NIC still uses cannot be freed (DB.1001); after the NIC goes it can.
         """
         await self.seed()
-        ip = await self.store.allocate_ip("l3-1")
+        ip = await self.store.allocate_ip("l3-1", self.holder())
         await self.store.insert("vmNic", {"uuid": "nic", "vmInstanceUuid": "vm-1",
                                           "l3NetworkUuid": "l3-1", "usedIpUuid": ip["uuid"],
                                           "ip": ip["ip"], "mac": "fa:16:3e:00:00:01",
@@ -474,8 +643,14 @@ class StoreContractMixin:
         However many operations are in flight, the store uses at most pool_size threads.
         """
         await self.seed("zone")
+        before = threading.active_count()
         await defer.gatherResults([self.store.get("zone", "zone-1") for _ in range(200)])
-        self.assertLessEqual(len(self.store._pool.threadpool.threads), self.store.pool_size)
+        pool = getattr(self.store, "_pool", None)
+        if pool is not None:
+            self.assertLessEqual(len(pool.threadpool.threads), self.store.pool_size)
+        else:
+            self.assertEqual(self.store.pool_size, 0)
+            self.assertEqual(threading.active_count(), before)
 
     @async_to_deferred
     async def test_management_nodes(self) -> None:
@@ -591,7 +766,13 @@ class PostgresContractTests(PostgresStoreFactory, StoreContractMixin, unittest.T
     """
 
 
-class MemoryStoreTests(unittest.TestCase):
+class MemoryContractTests(MemoryStoreFactory, StoreContractMixin, unittest.TestCase):
+    """
+    The contract on the in-memory store (L{zcontrol.db.memory.MemoryStore}).
+    """
+
+
+class SQLiteMemoryStoreTests(unittest.TestCase):
     """
     The in-memory SQLite store (one connection).
     """

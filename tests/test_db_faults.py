@@ -10,6 +10,7 @@ the server.)
 from __future__ import annotations
 
 from typing import Any
+from uuid import uuid4
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
@@ -73,7 +74,8 @@ class PostgresFaultTests(PostgresStoreFactory, unittest.TestCase):
 
     async def use_every_connection(self) -> list[Any]:
         return await defer.gatherResults(
-            [self.store.reserve_host_capacity("host-1", 0, 1) for _ in range(4 * self.POOL)])
+            [self.store.reserve_host_capacity("host-1", 0, 1, ("VmInstanceVO", uuid4().hex))
+             for _ in range(4 * self.POOL)])
 
     @async_to_deferred
     async def test_idle_connections_killed(self) -> None:
@@ -125,7 +127,7 @@ class PostgresFaultTests(PostgresStoreFactory, unittest.TestCase):
         host = await self.store.get("host", "host-1")
         self.assertEqual(host["availableCpuCapacity"], 16)
         await self.use_every_connection()
-        self.assertEqual(await self.store.allocate_ip("nope", ip=None).addErrback(
+        self.assertEqual(await self.store.allocate_ip("nope", ("VmNicVO", "nic")).addErrback(
             lambda f: error_of(f).code), SYS.RESOURCE_NOT_FOUND)
 
     @async_to_deferred

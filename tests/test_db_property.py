@@ -129,7 +129,7 @@ class StoreMachine(RuleBasedStateMachine):
             TOPOLOGY["ipRange"], uuid=f"range-p{n}", l3NetworkUuid=self.l3,
             startIp="10.9.0.1", endIp=f"10.9.0.{RANGE_SIZE}"), 0.0)
         thd.insert_thd(db, "vmInstance", dict(TOPOLOGY["vmInstance"], uuid=self.vm), 0.0)
-        self.reserved: list[tuple[int, int]] = []
+        self.reserved: list[tuple[int, int, tuple[str, str]]] = []
         self.held: dict[str, str] = {}
         self.freed: list[str] = []
         self.state = "Created"
@@ -142,17 +142,19 @@ class StoreMachine(RuleBasedStateMachine):
             kind = op[0]
             if kind == "reserve":
                 cpu, mem = op[1], op[2]
-                calls.append(lambda db, c=cpu, m=mem: thd.reserve_host_capacity_thd(
-                    db, self.host, c, m, 1.0))
-                kinds.append(("reserve", (cpu, mem)))
+                holder = ("VmInstanceVO", f"r{next(self.env.counter)}")
+                calls.append(lambda db, c=cpu, m=mem, h=holder: thd.reserve_host_capacity_thd(
+                    db, self.host, c, m, h, 1.0))
+                kinds.append(("reserve", (cpu, mem, holder)))
             elif kind == "release" and self.reserved:
-                cpu, mem = self.reserved.pop(op[1] % len(self.reserved))
-                calls.append(lambda db, c=cpu, m=mem: thd.release_host_capacity_thd(
-                    db, self.host, c, m, 1.0))
-                kinds.append(("release", (cpu, mem)))
+                cpu, mem, holder = self.reserved.pop(op[1] % len(self.reserved))
+                calls.append(lambda db, h=holder: thd.release_host_capacity_thd(
+                    db, self.host, h, 1.0))
+                kinds.append(("release", (cpu, mem, holder)))
             elif kind == "alloc":
-                calls.append(lambda db, s=op[1]: thd.allocate_ip_thd(
-                    db, self.l3, None, None, 1.0, s))
+                holder = ("VmNicVO", f"n{next(self.env.counter)}")
+                calls.append(lambda db, s=op[1], h=holder: thd.allocate_ip_thd(
+                    db, self.l3, h, None, None, 1.0, s))
                 kinds.append(("alloc", None))
             elif kind == "free" and self.held:
                 uuid = sorted(self.held)[op[1] % len(self.held)]
@@ -187,10 +189,10 @@ class StoreMachine(RuleBasedStateMachine):
                 else:
                     assert value.code == DB.NO_FREE_IP, value
             elif kind == "free":
-                assert ok, f"freeing a held IP failed: {value}"
+                assert ok and value is True, f"freeing a held IP failed: {value}"
                 self.freed.append(arg)
             elif kind == "free_again":
-                assert not ok and value.code == SYS.RESOURCE_NOT_FOUND, value
+                assert ok and value is False, value
             elif kind == "cas":
                 if ok:
                     winners.append(arg)
@@ -217,8 +219,9 @@ class StoreMachine(RuleBasedStateMachine):
         cpu, mem = db.one(
             "SELECT available_cpu_capacity, available_memory_capacity FROM hosts WHERE uuid = ?",
             (self.host,))
-        assert cpu == TOTAL_CPU - sum(c for c, _ in self.reserved), (cpu, self.reserved)
-        assert mem == TOTAL_MEMORY - sum(m for _, m in self.reserved), (mem, self.reserved)
+        assert cpu == TOTAL_CPU - sum(r[0] for r in self.reserved), (cpu, self.reserved)
+        assert mem == TOTAL_MEMORY - sum(r[1] for r in self.reserved), (mem, self.reserved)
+        assert [d for d in thd.audit_capacity_thd(db, False, 1.0) if d["uuid"] == self.host] == []
         assert 0 <= cpu <= TOTAL_CPU and 0 <= mem <= TOTAL_MEMORY
         rows = db.all("SELECT uuid, ip FROM used_ips WHERE l3_network_uuid = ?", (self.l3,))
         assert dict((u, ip) for u, ip in rows) == self.held, (rows, self.held)

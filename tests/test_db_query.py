@@ -87,7 +87,7 @@ class CompileTests(SynchronousTestCase):
         self.assertEqual(
             cq.select,
             "SELECT uuid, name FROM vm_instances WHERE state IN (?, ?) AND host_uuid IS NOT NULL"
-            " AND cpu_num >= ? AND name LIKE ? ORDER BY create_date DESC, uuid ASC"
+            " AND cpu_num >= ? AND name LIKE ? ESCAPE '\\' ORDER BY create_date DESC, uuid ASC"
             " LIMIT ? OFFSET ?")
         self.assertEqual(cq.select_params, ("Running", "Stopped", 2, "web%", 10, 20))
         self.assertIsNone(cq.count)
@@ -152,9 +152,16 @@ class CompileTests(SynchronousTestCase):
         """
         cond = Condition("name", op, [value] if "?" in op else
                          (None if " " in op else value))
-        cq = compile_query("zone", Query(conditions=[cond]))
+        try:
+            cq = compile_query("zone", Query(conditions=[cond]))
+        except OperationError as e:
+            # Refused at the edge (a control character, an unpaired LIKE escape): never SQL.
+            self.assertEqual((e.error.code, e.error.opaque["field"]),
+                             (SYS.INVALID_ARGUMENT_ERROR, "name"))
+            return
         allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_ ,()?*<>=")
-        self.assertTrue(set(cq.select) <= allowed, cq.select)
+        # The one literal: LIKE's escape character, the same on both backends.
+        self.assertTrue(set(cq.select.replace(" ESCAPE '\\'", "")) <= allowed, cq.select)
 
     @given(st.text(min_size=1, max_size=30))
     def test_unknown_names_refused(self, name: str) -> None:

@@ -1,13 +1,14 @@
 # -*- test-case-name: tests.test_db_contract -*-
 """
-Persistence: one L{IStore} interface, two backends (embedded SQLite, PostgreSQL), the
-resource catalogue and the API query language.
+Persistence: one L{IStore} interface, two backends (embedded SQLite, PostgreSQL) and an
+in-memory store for tests, the resource catalogue and the API query language.
 
 Open a store with L{open_store}, then C{start()} it (connect, migrate) and C{stop()} it
 (drain, close) from the node's service::
 
     store = open_store("sqlite:///var/zcontrol.db", reactor)
     store = open_store("postgresql://postgres@127.0.0.1:5432/zcontrol", reactor, pool_size=8)
+    store = open_store("memory://", reactor)      # tests: no threads, no files
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from zcontrol.db._store import QueryResult
+from zcontrol.db._store import Holder, QueryResult
 from zcontrol.db.interfaces import DB, IStore
 from zcontrol.db.query import RESOURCES, Condition, Query, query_from_params
 
 __all__ = [
     "DB",
+    "Holder",
     "RESOURCES",
     "Condition",
     "IStore",
@@ -35,13 +37,16 @@ def open_store(url: str, reactor: Any, **options: Any) -> IStore:
     """
     Build (not start) the store for C{url}.
 
-    @param url: C{sqlite:///abs/path.db}, C{sqlite://:memory:} (one connection) or
-        C{postgresql://user@host:port/dbname} (C{postgres://} too; any libpq URI).
+    @param url: C{sqlite:///abs/path.db}, C{sqlite://:memory:} (one connection),
+        C{postgresql://user@host:port/dbname} (C{postgres://} too; any libpq URI), or
+        C{memory://} / C{memory://name} (L{zcontrol.db.memory.MemoryStore}: no threads, no
+        files; stores of the same name share one database).
     @param reactor: the reactor (injected, never the global one).
     @param options: C{pool_size} (threads and connections, 1..16; default 2 for SQLite, 8
         for PostgreSQL); C{busy_timeout_ms} for SQLite; C{connect_timeout} (s),
         C{statement_timeout_ms} (a statement running longer fails with C{SYS.1001}) and
-        C{synchronous_commit} (default True) for PostgreSQL.
+        C{synchronous_commit} (default True) for PostgreSQL; C{shuffle} and C{seed} for
+        the memory store.
     @raise ValueError: an unknown scheme or a relative SQLite path.
     """
     scheme = urlsplit(url).scheme
@@ -58,6 +63,11 @@ def open_store(url: str, reactor: Any, **options: Any) -> IStore:
 
         # sqlite:////abs/path (four slashes, as some tools write it) is the same file.
         return SQLiteStore("/" + rest.lstrip("/"), reactor, **options)
+    if scheme == "memory":
+        from zcontrol.db.memory import MemoryStore
+
+        name = url[len("memory://"):].strip("/") or None
+        return MemoryStore(reactor, name=name, **options)
     if scheme in ("postgresql", "postgres"):
         from zcontrol.db.postgres import PostgresStore
 

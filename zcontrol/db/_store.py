@@ -21,6 +21,24 @@ is checked before each operation (a closed socket, or data waiting on an idle co
 which is how PostgreSQL announces C{pg_terminate_backend} and shutdowns); a dead one is
 replaced at once, so a later operation succeeds. An operation that was in flight when the
 connection died fails with C{SYS.1016} and its connection is dropped.
+
+Note [holders]: a C{SYS.1016} does not say whether the operation happened: the connection
+may have been cut after the server committed, before the answer came back (a lost
+acknowledgement). So every allocation is made idempotent rather than "exactly once": capacity
+and IP addresses are held by named L{Holder}s (C{host_capacity_holders},
+C{primary_storage_capacity_holders}, C{used_ips.holder_*}), at most one reservation per
+holder and resource, recorded in the same transaction as the change of the available
+figure. Retrying a reservation whose outcome is unknown finds the holder's row and changes
+nothing (the same address for an IP); releasing twice is a no-op; and
+L{AdbapiStore.audit_capacity} recomputes the available figures from the holders (total minus
+the sum held) and reports (optionally repairs) drift.
+
+Note [edge]: every value is checked before it reaches a driver (L{zcontrol.db.query.Field}:
+type, C{VARCHAR} size read from the migrations, integer width, NUL/control characters/lone
+surrogates, finite floats, JSON size; arguments such as uuids and holders likewise), so
+that both backends (and the in-memory store) accept or refuse the same inputs, refusing
+with C{SYS.1007} naming the field instead of one storing what the other refuses, or
+failing with C{SYS.1000}.
 """
 
 from __future__ import annotations
@@ -45,12 +63,14 @@ from zcontrol.db.query import (
     CompiledQuery,
     Query,
     Resource,
+    check_int,
+    check_text,
     compile_query,
     ip_to_long,
     resource,
 )
 
-__all__ = ["AdbapiStore", "Db", "Dialect", "QueryResult", "load_migrations"]
+__all__ = ["AdbapiStore", "Db", "Dialect", "Holder", "QueryResult", "load_migrations"]
 
 log = Logger()
 
@@ -66,6 +86,44 @@ class QueryResult:
 
     inventories: list[dict[str, Any]]
     total: int | None = None
+
+
+@attrs.frozen
+class Holder:
+    """
+    What holds capacity or an IP address: e.g. C{Holder("VmInstanceVO", vm_uuid)}. A holder
+    holds at most one reservation per host, primary storage or L3 network, which makes a
+    retried reservation a no-op (Note [holders]). A 2-tuple C{(type, uuid)} is accepted
+    wherever a Holder is.
+
+    @ivar type: the kind of holder (at most 64 characters).
+    @ivar uuid: its uuid (at most 64 characters).
+    """
+
+    type: str
+    uuid: str
+
+    @classmethod
+    def of(cls, value: Any) -> Holder:
+        """
+        A Holder from a Holder or a C{(type, uuid)} pair; C{SYS.1007} naming C{holder}
+        otherwise.
+        """
+        if isinstance(value, Holder):
+            pair: Any = (value.type, value.uuid)
+        elif isinstance(value, (tuple, list)) and len(value) == 2:
+            pair = value
+        else:
+            raise OperationError.of(
+                SYS.INVALID_ARGUMENT_ERROR,
+                f"a holder is a Holder or a (type, uuid) pair, not {type(value).__name__}",
+                field="holder")
+        htype = check_text("holder.type", pair[0], 64)
+        huuid = check_text("holder.uuid", pair[1], 64)
+        if not htype or not huuid:
+            raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
+                                    "a holder needs a non-empty type and uuid", field="holder")
+        return cls(htype, huuid)
 
 
 class Dialect:
@@ -294,9 +352,11 @@ def _not_found(res: Resource, uuid: Any) -> OperationError:
 def _amount(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise OperationError.of(
-            SYS.INVALID_ARGUMENT_ERROR, f"{name} must be a non-negative integer, not {value!r}"
+            SYS.INVALID_ARGUMENT_ERROR,
+            f"{name} must be a non-negative integer, not {type(value).__name__} {value!r:.40}",
+            field=name,
         )
-    return value
+    return check_int(name, value, 0, 2**63 - 1)
 
 
 def insert_thd(db: Db, resource_name: str, values: dict, now: float) -> dict:
@@ -425,62 +485,140 @@ _PS = resource("primaryStorage")
 _USED_IP = resource("usedIp")
 
 
-def reserve_host_capacity_thd(db: Db, host_uuid: str, cpu: int, memory: int, now: float) -> dict:
+def _uuid(name: str, value: Any) -> str:
+    return check_text(name, value, 64)
+
+
+class _Rollback(Exception):
     """
-    Take cpu and memory from a host in one conditional UPDATE.
+    Raised inside L{Db.transaction} to undo it (caught by the caller).
     """
+
+
+def _held_thd(db: Db, table: str, key: str, resource_uuid: str, holder: Holder,
+              columns: str) -> tuple | None:
+    return db.one(
+        f"SELECT {columns} FROM {table} WHERE {key} = ? AND holder_type = ? AND holder_uuid = ?",
+        (resource_uuid, holder.type, holder.uuid))
+
+
+def _reserve_thd(db: Db, *, table: str, key: str, res: Resource, resource_uuid: str,
+                 holder: Holder, amounts: dict[str, int], update_sql: str,
+                 update_params: tuple, short: Callable[[], OperationError], now: float) -> dict:
+    """
+    The idempotent reservation (Note [holders]): in one transaction, record the holder
+    (C{INSERT ... ON CONFLICT DO NOTHING}) and take the amounts (a conditional C{UPDATE}).
+    When the holder already holds this resource's capacity, nothing changes and the
+    resource row is returned, so a retry after a lost acknowledgement is safe.
+    """
+    names = ", ".join(amounts)
+    try:
+        with db.transaction():
+            inserted = db.all(
+                f"INSERT INTO {table} ({key}, holder_type, holder_uuid, {names}, create_date)"
+                f" VALUES (?, ?, ?, {', '.join('?' for _ in amounts)}, ?)"
+                " ON CONFLICT DO NOTHING RETURNING holder_uuid",
+                (resource_uuid, holder.type, holder.uuid, *amounts.values(), now))
+            if not inserted:
+                raise _Rollback()
+            rows = db.all(update_sql, update_params)
+            if not rows:
+                raise _Rollback()
+            return _row(res, rows[0])
+    except _Rollback:
+        pass
+    except Exception as e:
+        err = db.dialect.map_error(e)
+        if err is None or err.code != DB.REFERENCE:
+            raise
+        raise _not_found(res, resource_uuid) from None
+    held = _held_thd(db, table, key, resource_uuid, holder, names)
+    if held is None:
+        # The update found no row, or not enough capacity.
+        raise short()
+    held_amounts = dict(zip(amounts, (int(v) for v in held), strict=True))
+    if held_amounts != amounts:
+        raise OperationError.of(
+            DB.DUPLICATE,
+            f"{holder.type} {holder.uuid} already holds {held_amounts} of {res.name}"
+            f" {resource_uuid}, not {amounts}: release it first",
+            resource=res.name, uuid=resource_uuid, holder_type=holder.type,
+            holder_uuid=holder.uuid, held=held_amounts)
+    row = get_thd(db, res.name, resource_uuid)
+    if row is None:  # pragma: no cover - the holder row references it
+        raise _not_found(res, resource_uuid)
+    return row
+
+
+def _release_thd(db: Db, *, table: str, key: str, res: Resource, resource_uuid: str,
+                 holder: Holder, amounts: tuple[str, ...], update_sql: str, now: float
+                 ) -> dict:
+    """
+    The idempotent release: delete the holder's row and give back what it held, in one
+    transaction; nothing held is a no-op.
+    """
+    with db.transaction():
+        held = db.all(
+            f"DELETE FROM {table} WHERE {key} = ? AND holder_type = ? AND holder_uuid = ?"
+            f" RETURNING {', '.join(amounts)}", (resource_uuid, holder.type, holder.uuid))
+        if held:
+            rows = db.all(update_sql, (*held[0], now, resource_uuid))
+            if rows:
+                return _row(res, rows[0])
+    row = get_thd(db, res.name, resource_uuid)
+    if row is None:
+        raise _not_found(res, resource_uuid)
+    return row
+
+
+def reserve_host_capacity_thd(db: Db, host_uuid: str, cpu: int, memory: int, holder: Any,
+                              now: float) -> dict:
+    """
+    C{holder} takes cpu and memory from a host, once (Note [holders]).
+    """
+    host_uuid = _uuid("host_uuid", host_uuid)
     cpu, memory = _amount("cpu", cpu), _amount("memory", memory)
-    rows = db.all(
-        "UPDATE hosts SET available_cpu_capacity = available_cpu_capacity - ?,"
+    holder = Holder.of(holder)
+
+    def short() -> OperationError:
+        r = db.one(
+            "SELECT available_cpu_capacity, available_memory_capacity FROM hosts WHERE uuid = ?",
+            (host_uuid,),
+        )
+        if r is None:
+            return _not_found(_HOST, host_uuid)
+        return OperationError.of(
+            DB.HOST_CAPACITY,
+            f"host {host_uuid} has {r[0]} CPU and {r[1]} memory available;"
+            f" {cpu} CPU and {memory} memory were asked",
+            host_uuid=host_uuid,
+            availableCpu=int(r[0]),
+            availableMemory=int(r[1]),
+            cpu=cpu,
+            memory=memory,
+        )
+
+    return _reserve_thd(
+        db, table="host_capacity_holders", key="host_uuid", res=_HOST,
+        resource_uuid=host_uuid, holder=holder, amounts={"cpu": cpu, "memory": memory},
+        update_sql="UPDATE hosts SET available_cpu_capacity = available_cpu_capacity - ?,"
         " available_memory_capacity = available_memory_capacity - ?, last_op_date = ?"
         " WHERE uuid = ? AND available_cpu_capacity >= ? AND available_memory_capacity >= ?"
         f" RETURNING {_cols(_HOST)}",
-        (cpu, memory, now, host_uuid, cpu, memory),
-    )
-    if rows:
-        return _row(_HOST, rows[0])
-    r = db.one(
-        "SELECT available_cpu_capacity, available_memory_capacity FROM hosts WHERE uuid = ?",
-        (host_uuid,),
-    )
-    if r is None:
-        raise _not_found(_HOST, host_uuid)
-    raise OperationError.of(
-        DB.HOST_CAPACITY,
-        f"host {host_uuid} has {r[0]} CPU and {r[1]} memory available;"
-        f" {cpu} CPU and {memory} memory were asked",
-        host_uuid=host_uuid,
-        availableCpu=int(r[0]),
-        availableMemory=int(r[1]),
-        cpu=cpu,
-        memory=memory,
-    )
+        update_params=(cpu, memory, now, host_uuid, cpu, memory), short=short, now=now)
 
 
-def release_host_capacity_thd(db: Db, host_uuid: str, cpu: int, memory: int, now: float) -> dict:
+def release_host_capacity_thd(db: Db, host_uuid: str, holder: Any, now: float) -> dict:
     """
-    Give cpu and memory back to a host in one conditional UPDATE (never above the total).
+    Give back what C{holder} holds on a host (nothing held: no-op).
     """
-    cpu, memory = _amount("cpu", cpu), _amount("memory", memory)
-    rows = db.all(
-        "UPDATE hosts SET available_cpu_capacity = available_cpu_capacity + ?,"
+    host_uuid = _uuid("host_uuid", host_uuid)
+    return _release_thd(
+        db, table="host_capacity_holders", key="host_uuid", res=_HOST,
+        resource_uuid=host_uuid, holder=Holder.of(holder), amounts=("cpu", "memory"),
+        update_sql="UPDATE hosts SET available_cpu_capacity = available_cpu_capacity + ?,"
         " available_memory_capacity = available_memory_capacity + ?, last_op_date = ?"
-        " WHERE uuid = ? AND available_cpu_capacity + ? <= total_cpu_capacity"
-        " AND available_memory_capacity + ? <= total_memory_capacity"
-        f" RETURNING {_cols(_HOST)}",
-        (cpu, memory, now, host_uuid, cpu, memory),
-    )
-    if rows:
-        return _row(_HOST, rows[0])
-    if get_thd(db, "host", host_uuid) is None:
-        raise _not_found(_HOST, host_uuid)
-    raise OperationError.of(
-        DB.CONSTRAINT,
-        f"releasing {cpu} CPU and {memory} memory would raise host {host_uuid} above its total",
-        host_uuid=host_uuid,
-        cpu=cpu,
-        memory=memory,
-    )
+        f" WHERE uuid = ? RETURNING {_cols(_HOST)}", now=now)
 
 
 def set_host_capacity_thd(
@@ -509,52 +647,105 @@ def set_host_capacity_thd(
     return _row(_HOST, rows[0])
 
 
-def reserve_primary_storage_thd(db: Db, ps_uuid: str, size: int, now: float) -> dict:
+def reserve_primary_storage_thd(db: Db, ps_uuid: str, size: int, holder: Any,
+                                now: float) -> dict:
     """
-    Take bytes from a primary storage in one conditional UPDATE.
+    C{holder} takes bytes from a primary storage, once (Note [holders]).
     """
+    ps_uuid = _uuid("primary_storage_uuid", ps_uuid)
     size = _amount("size", size)
-    rows = db.all(
-        "UPDATE primary_storages SET available_capacity = available_capacity - ?,"
+
+    def short() -> OperationError:
+        r = db.one("SELECT available_capacity FROM primary_storages WHERE uuid = ?", (ps_uuid,))
+        if r is None:
+            return _not_found(_PS, ps_uuid)
+        return OperationError.of(
+            DB.STORAGE_CAPACITY,
+            f"primary storage {ps_uuid} has {r[0]} bytes available; {size} were asked",
+            primary_storage_uuid=ps_uuid,
+            availableCapacity=int(r[0]),
+            size=size,
+        )
+
+    return _reserve_thd(
+        db, table="primary_storage_capacity_holders", key="primary_storage_uuid", res=_PS,
+        resource_uuid=ps_uuid, holder=Holder.of(holder), amounts={"size": size},
+        update_sql="UPDATE primary_storages SET available_capacity = available_capacity - ?,"
         " last_op_date = ? WHERE uuid = ? AND available_capacity >= ?"
         f" RETURNING {_cols(_PS)}",
-        (size, now, ps_uuid, size),
-    )
-    if rows:
-        return _row(_PS, rows[0])
-    r = db.one("SELECT available_capacity FROM primary_storages WHERE uuid = ?", (ps_uuid,))
-    if r is None:
-        raise _not_found(_PS, ps_uuid)
-    raise OperationError.of(
-        DB.STORAGE_CAPACITY,
-        f"primary storage {ps_uuid} has {r[0]} bytes available; {size} were asked",
-        primary_storage_uuid=ps_uuid,
-        availableCapacity=int(r[0]),
-        size=size,
-    )
+        update_params=(size, now, ps_uuid, size), short=short, now=now)
 
 
-def release_primary_storage_thd(db: Db, ps_uuid: str, size: int, now: float) -> dict:
+def release_primary_storage_thd(db: Db, ps_uuid: str, holder: Any, now: float) -> dict:
     """
-    Give bytes back to a primary storage (never above the total).
+    Give back what C{holder} holds on a primary storage (nothing held: no-op).
     """
-    size = _amount("size", size)
-    rows = db.all(
-        "UPDATE primary_storages SET available_capacity = available_capacity + ?,"
-        " last_op_date = ? WHERE uuid = ? AND available_capacity + ? <= total_capacity"
-        f" RETURNING {_cols(_PS)}",
-        (size, now, ps_uuid, size),
-    )
-    if rows:
-        return _row(_PS, rows[0])
-    if get_thd(db, "primaryStorage", ps_uuid) is None:
-        raise _not_found(_PS, ps_uuid)
-    raise OperationError.of(
-        DB.CONSTRAINT,
-        f"releasing {size} bytes would raise primary storage {ps_uuid} above its total",
-        primary_storage_uuid=ps_uuid,
-        size=size,
-    )
+    ps_uuid = _uuid("primary_storage_uuid", ps_uuid)
+    return _release_thd(
+        db, table="primary_storage_capacity_holders", key="primary_storage_uuid", res=_PS,
+        resource_uuid=ps_uuid, holder=Holder.of(holder), amounts=("size",),
+        update_sql="UPDATE primary_storages SET available_capacity = available_capacity + ?,"
+        f" last_op_date = ? WHERE uuid = ? RETURNING {_cols(_PS)}", now=now)
+
+
+_AUDITS = (
+    # (resource, table, holders table, key, [(API field, total column, available column,
+    #  held column)])
+    ("host", "hosts", "host_capacity_holders", "host_uuid",
+     (("availableCpuCapacity", "total_cpu_capacity", "available_cpu_capacity", "cpu"),
+      ("availableMemoryCapacity", "total_memory_capacity", "available_memory_capacity",
+       "memory"))),
+    ("primaryStorage", "primary_storages", "primary_storage_capacity_holders",
+     "primary_storage_uuid",
+     (("availableCapacity", "total_capacity", "available_capacity", "size"),)),
+)
+
+
+def audit_capacity_thd(db: Db, repair: bool, now: float) -> list[dict]:
+    """
+    Recompute every host's and primary storage's available capacity from its holders
+    (C{total - sum(held)}) and report where the recorded figure drifted; with C{repair},
+    set the recomputed figure, each row in a transaction that holds the row's lock (so a
+    concurrent reservation is either counted or waits).
+    """
+    drift: list[dict] = []
+    for res_name, table, holders, key, figures in _AUDITS:
+        select = ", ".join(
+            f"r.{total}, r.{avail}, COALESCE((SELECT SUM(h.{held}) FROM {holders} h"
+            f" WHERE h.{key} = r.uuid), 0)" for _, total, avail, held in figures)
+        check = f"SELECT r.uuid, {select} FROM {table} r"
+        for row in db.all(check + " ORDER BY r.uuid"):
+            found = _drift(res_name, row, figures)
+            if not found:
+                continue
+            if repair:
+                with db.transaction():
+                    # A no-op update takes the row lock before the holders are summed again.
+                    db.run(f"UPDATE {table} SET last_op_date = last_op_date WHERE uuid = ?",
+                           (row[0],))
+                    fresh = db.one(check + " WHERE r.uuid = ?", (row[0],))
+                    found = [] if fresh is None else _drift(res_name, fresh, figures)
+                    if found:
+                        sets = ", ".join(f"{d['column']} = ?" for d in found)
+                        db.run(f"UPDATE {table} SET {sets}, last_op_date = ? WHERE uuid = ?",
+                               (*(d["computed"] for d in found), now, row[0]))
+                for d in found:
+                    d["repaired"] = True
+            drift.extend(found)
+    for d in drift:
+        d.pop("column")
+    return drift
+
+
+def _drift(res_name: str, row: tuple, figures: tuple) -> list[dict]:
+    out = []
+    for i, (field, _, avail_col, _) in enumerate(figures):
+        total, avail, held = (int(v) for v in row[1 + 3 * i: 4 + 3 * i])
+        if total - held != avail:
+            out.append({"resource": res_name, "uuid": row[0], "field": field,
+                        "column": avail_col, "recorded": avail, "computed": total - held,
+                        "held": held, "repaired": False})
+    return out
 
 
 # The lowest free addresses of one range: its start when free, else the address after each
@@ -589,10 +780,23 @@ def _free_candidates_thd(db: Db, l3_uuid: str, ranges: list[tuple]) -> list[tupl
 
 _INSERT_IP = (
     "INSERT INTO used_ips (uuid, ip_range_uuid, l3_network_uuid, ip, ip_in_long, netmask,"
-    " gateway, create_date, last_op_date) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " gateway, create_date, last_op_date, holder_type, holder_uuid)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (l3_network_uuid, ip_in_long) DO NOTHING"
     f" RETURNING {_cols(_USED_IP)}"
 )
+
+
+def _insert_ip_thd(db: Db, uuid: str, range_uuid: str, l3_uuid: str, n: int, netmask: str,
+                   gateway: str, now: float, holder: Holder) -> list[tuple]:
+    return db.all(_INSERT_IP, (uuid, range_uuid, l3_uuid, _long_to_ip(n), int(n), netmask,
+                               gateway, now, now, holder.type, holder.uuid))
+
+
+def _ip_held_thd(db: Db, l3_uuid: str, holder: Holder) -> dict | None:
+    r = db.one(f"SELECT {_cols(_USED_IP)} FROM used_ips WHERE l3_network_uuid = ?"
+               " AND holder_type = ? AND holder_uuid = ?", (l3_uuid, holder.type, holder.uuid))
+    return None if r is None else _row(_USED_IP, r)
 
 _IP_ATTEMPTS = 200
 
@@ -608,7 +812,44 @@ _RANDOM_PROBES = 4
 
 
 def allocate_ip_thd(
-    db: Db, l3_uuid: str, ip: str | None, uuid: str | None, now: float,
+    db: Db, l3_uuid: str, holder: Any, ip: str | None, uuid: str | None, now: float,
+    strategy: str = "random",
+) -> dict:
+    """
+    C{holder}'s address in an L3 network: the one it already holds (a retry after a lost
+    acknowledgement gets the same address; Note [holders]), else a newly taken one.
+    """
+    l3_uuid = _uuid("l3_network_uuid", l3_uuid)
+    holder = Holder.of(holder)
+    if uuid is not None:
+        uuid = _uuid("uuid", uuid)
+    if ip is not None:
+        check_text("ip", ip, 64)
+    held = _ip_held_thd(db, l3_uuid, holder)
+    if held is not None:
+        if ip is not None and ip_to_long(ip) != held["ipInLong"]:
+            raise OperationError.of(
+                DB.DUPLICATE,
+                f"{holder.type} {holder.uuid} already holds {held['ip']} in L3 network"
+                f" {l3_uuid}, not {ip}: release it first",
+                l3_network_uuid=l3_uuid, ip=held["ip"], holder_type=holder.type,
+                holder_uuid=holder.uuid)
+        return held
+    try:
+        return _allocate_ip_thd(db, l3_uuid, holder, ip, uuid, now, strategy)
+    except Exception as e:
+        # A concurrent call for the same holder won (the holder's unique key).
+        err = db.dialect.map_error(e)
+        if err is None or err.code != DB.DUPLICATE:
+            raise
+        held = _ip_held_thd(db, l3_uuid, holder)
+        if held is None or (ip is not None and ip_to_long(ip) != held["ipInLong"]):
+            raise
+        return held
+
+
+def _allocate_ip_thd(
+    db: Db, l3_uuid: str, holder: Holder, ip: str | None, uuid: str | None, now: float,
     strategy: str = "random",
 ) -> dict:
     """
@@ -645,8 +886,7 @@ def allocate_ip_thd(
                 l3_network_uuid=l3_uuid,
                 ip=ip,
             )
-        rows = db.all(_INSERT_IP, (uuid, rng[0], l3_uuid, _long_to_ip(n), n, rng[1], rng[2],
-                                   now, now))
+        rows = _insert_ip_thd(db, uuid, rng[0], l3_uuid, n, rng[1], rng[2], now, holder)
         if not rows:
             raise OperationError.of(
                 DB.DUPLICATE, f"{ip} is already allocated in L3 network {l3_uuid}",
@@ -664,19 +904,18 @@ def allocate_ip_thd(
                     break
                 k -= width
             n = int(rng[1]) + k
-            rows = db.all(_INSERT_IP, (uuid, rng[0], l3_uuid, _long_to_ip(n), n, rng[3], rng[4],
-                                       now, now))
+            rows = _insert_ip_thd(db, uuid, rng[0], l3_uuid, n, rng[3], rng[4], now, holder)
             if rows:
                 return _row(_USED_IP, rows[0])
     # One optimistic round; after a lost race, take the network's row lock so that the
     # allocators of one network stop racing for the same lowest address (with 100 callers
     # on one network an unlucky one lost 200 races in a row).
-    found = _take_first_free_thd(db, l3_uuid, ranges, uuid, now, rounds=1)
+    found = _take_first_free_thd(db, l3_uuid, ranges, uuid, now, holder, rounds=1)
     if found is not None:
         return found
     with db.transaction():
         db.dialect.lock_row(db, "l3_networks", l3_uuid)
-        found = _take_first_free_thd(db, l3_uuid, ranges, uuid, now, rounds=_IP_ATTEMPTS)
+        found = _take_first_free_thd(db, l3_uuid, ranges, uuid, now, holder, rounds=_IP_ATTEMPTS)
     if found is not None:
         return found
     raise OperationError.of(
@@ -687,7 +926,7 @@ def allocate_ip_thd(
 
 
 def _take_first_free_thd(db: Db, l3_uuid: str, ranges: list[tuple], uuid: str, now: float,
-                         rounds: int) -> dict | None:
+                         holder: Holder, rounds: int) -> dict | None:
     """
     Up to C{rounds} times: find the lowest free addresses and insert the first one nobody
     took meanwhile. None when every round lost its races.
@@ -703,19 +942,32 @@ def _take_first_free_thd(db: Db, l3_uuid: str, ranges: list[tuple], uuid: str, n
                 DB.NO_FREE_IP, f"no free IP left in L3 network {l3_uuid}", l3_network_uuid=l3_uuid
             )
         for range_uuid, n, netmask, gateway in candidates:
-            rows = db.all(_INSERT_IP, (uuid, range_uuid, l3_uuid, _long_to_ip(n), int(n),
-                                       netmask, gateway, now, now))
+            rows = _insert_ip_thd(db, uuid, range_uuid, l3_uuid, n, netmask, gateway, now,
+                                  holder)
             if rows:
                 return _row(_USED_IP, rows[0])
     return None
 
 
-def free_ip_thd(db: Db, used_ip_uuid: str) -> None:
+def free_ip_thd(db: Db, used_ip_uuid: str) -> bool:
     """
-    Give an address back (one DELETE).
+    Give an address back (one DELETE): whether it was allocated (freeing twice is a no-op).
     """
-    if db.run("DELETE FROM used_ips WHERE uuid = ?", (used_ip_uuid,)) == 0:
-        raise _not_found(_USED_IP, used_ip_uuid)
+    used_ip_uuid = _uuid("used_ip_uuid", used_ip_uuid)
+    return db.run("DELETE FROM used_ips WHERE uuid = ?", (used_ip_uuid,)) > 0
+
+
+def release_ip_thd(db: Db, l3_uuid: str, holder: Any) -> dict | None:
+    """
+    Give back the address C{holder} holds in an L3 network (one DELETE): the freed usedIp
+    row, or None when it held none.
+    """
+    l3_uuid = _uuid("l3_network_uuid", l3_uuid)
+    holder = Holder.of(holder)
+    rows = db.all(f"DELETE FROM used_ips WHERE l3_network_uuid = ? AND holder_type = ?"
+                  f" AND holder_uuid = ? RETURNING {_cols(_USED_IP)}",
+                  (l3_uuid, holder.type, holder.uuid))
+    return _row(_USED_IP, rows[0]) if rows else None
 
 
 def change_vm_state_thd(
@@ -968,26 +1220,39 @@ class AdbapiStore:
         return self._run(set_host_capacity_thd, host_uuid, total_cpu, total_memory, cpu_num,
                          self._now())
 
-    def reserve_host_capacity(self, host_uuid: str, cpu: int, memory: int) -> Deferred:
-        return self._run(reserve_host_capacity_thd, host_uuid, cpu, memory, self._now())
+    def reserve_host_capacity(self, host_uuid: str, cpu: int, memory: int, holder: Any
+                              ) -> Deferred:
+        return self._run(reserve_host_capacity_thd, host_uuid, cpu, memory, holder,
+                         self._now())
 
-    def release_host_capacity(self, host_uuid: str, cpu: int, memory: int) -> Deferred:
-        return self._run(release_host_capacity_thd, host_uuid, cpu, memory, self._now())
+    def release_host_capacity(self, host_uuid: str, holder: Any) -> Deferred:
+        return self._run(release_host_capacity_thd, host_uuid, holder, self._now())
 
-    def reserve_primary_storage_capacity(self, primary_storage_uuid: str, size: int) -> Deferred:
-        return self._run(reserve_primary_storage_thd, primary_storage_uuid, size, self._now())
+    def reserve_primary_storage_capacity(self, primary_storage_uuid: str, size: int,
+                                         holder: Any) -> Deferred:
+        return self._run(reserve_primary_storage_thd, primary_storage_uuid, size, holder,
+                         self._now())
 
-    def release_primary_storage_capacity(self, primary_storage_uuid: str, size: int) -> Deferred:
-        return self._run(release_primary_storage_thd, primary_storage_uuid, size, self._now())
+    def release_primary_storage_capacity(self, primary_storage_uuid: str, holder: Any
+                                         ) -> Deferred:
+        return self._run(release_primary_storage_thd, primary_storage_uuid, holder,
+                         self._now())
+
+    def audit_capacity(self, repair: bool = False) -> Deferred:
+        return self._run(audit_capacity_thd, bool(repair), self._now())
 
     # -- IPs and VM state ------------------------------------------------------------------
 
-    def allocate_ip(self, l3_network_uuid: str, ip: str | None = None, uuid: str | None = None,
-                    strategy: str = "random") -> Deferred:
-        return self._run(allocate_ip_thd, l3_network_uuid, ip, uuid, self._now(), strategy)
+    def allocate_ip(self, l3_network_uuid: str, holder: Any, ip: str | None = None,
+                    uuid: str | None = None, strategy: str = "random") -> Deferred:
+        return self._run(allocate_ip_thd, l3_network_uuid, holder, ip, uuid, self._now(),
+                         strategy)
 
     def free_ip(self, used_ip_uuid: str) -> Deferred:
         return self._run(free_ip_thd, used_ip_uuid)
+
+    def release_ip(self, l3_network_uuid: str, holder: Any) -> Deferred:
+        return self._run(release_ip_thd, l3_network_uuid, holder)
 
     def change_vm_state(self, vm_uuid: str, expected: Any, new: str,
                         changes: dict | None = None) -> Deferred:

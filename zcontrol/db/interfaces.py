@@ -9,9 +9,15 @@ L{Deferred}; every failure is an L{zcontrol.core.errors.OperationError} whose C{
 L{ErrorCode}. Codes common to every method:
 
   - C{SYS.1007} (invalid argument): unknown resource or field (the whitelist), a value of
-    the wrong type, a malformed query;
+    the wrong type, too long for its column, out of its integer range, holding NUL, control
+    characters or lone surrogates, a malformed query; C{opaque["field"]} names the field
+    or argument. Every backend refuses exactly the same inputs;
   - C{SYS.1016} (I/O error): the database connection failed or was lost while the operation
-    was in flight (the pool reconnects by itself: a later call can succeed);
+    was in flight (the pool reconnects by itself: a later call can succeed). The outcome
+    is then unknown: the change may have been committed before the acknowledgement was
+    lost. Allocations are idempotent per holder (a retry is safe, see
+    C{reserve_host_capacity}); a compare-and-swap that is retried may answer C{SYS.1005}
+    with the new state it had itself set;
   - C{SYS.1010} (not ready): the store is not started, or is stopping;
   - C{DB.1000} a uniqueness constraint was violated, C{DB.1001} a foreign key was violated (a
     referenced row is missing, or a row is still referenced), C{DB.1002} a check or not-null
@@ -64,7 +70,7 @@ class IStore(Interface):
     node heartbeats.
     """
 
-    backend = Attribute("C{'sqlite'} or C{'postgresql'}.")
+    backend = Attribute("C{'sqlite'}, C{'postgresql'} or C{'memory'}.")
     pool_size = Attribute("The number of OS threads (and connections) the store uses.")
     schema_version = Attribute("The schema version after L{start}, else None.")
 
@@ -159,63 +165,93 @@ class IStore(Interface):
             what is reserved, C{SYS.1003} for an unknown host.
         """
 
-    def reserve_host_capacity(host_uuid, cpu, memory):
+    def reserve_host_capacity(host_uuid, cpu, memory, holder):
         """
         Atomically take C{cpu} and C{memory} from the host's available capacity, both or
-        neither.
+        neither, held by C{holder} (a L{zcontrol.db.Holder} or a C{(type, uuid)} pair, e.g.
+        C{("VmInstanceVO", vm_uuid)}). Idempotent: when C{holder} already holds the same
+        amounts on this host nothing changes, so a call that failed with C{SYS.1016}
+        (outcome unknown: the acknowledgement may have been lost) can simply be retried.
 
-        @return: Deferred firing with the host row after the reservation; fails with
-            C{DB.1003} when either is short (opaque C{availableCpu}, C{availableMemory}),
-            C{SYS.1003} for an unknown host, C{SYS.1007} for negative amounts.
+        @return: Deferred firing with the host row after the reservation (as it is now, for
+            a retry); fails with C{DB.1003} when either is short (opaque C{availableCpu},
+            C{availableMemory}), C{DB.1000} when C{holder} already holds other amounts on
+            this host, C{SYS.1003} for an unknown host, C{SYS.1007} for negative amounts or
+            a malformed holder.
         """
 
-    def release_host_capacity(host_uuid, cpu, memory):
+    def release_host_capacity(host_uuid, holder):
         """
-        Atomically give C{cpu} and C{memory} back.
+        Atomically give back what C{holder} holds on the host. Idempotent: when it holds
+        nothing, nothing changes.
 
-        @return: Deferred firing with the host row; C{DB.1002} if that would raise the
-            available capacity above the total (nothing is changed), C{SYS.1003}.
+        @return: Deferred firing with the host row; C{SYS.1003} for an unknown host.
         """
 
     # -- primary storage -------------------------------------------------------------------
 
-    def reserve_primary_storage_capacity(primary_storage_uuid, size):
+    def reserve_primary_storage_capacity(primary_storage_uuid, size, holder):
         """
-        Atomically take C{size} bytes from the primary storage's available capacity.
+        Atomically take C{size} bytes from the primary storage's available capacity, held
+        by C{holder}; idempotent as L{reserve_host_capacity}.
 
-        @return: Deferred firing with the storage row; C{DB.1004} when short, C{SYS.1003}.
+        @return: Deferred firing with the storage row; C{DB.1004} when short, C{DB.1000}
+            when C{holder} holds another size there, C{SYS.1003}, C{SYS.1007}.
         """
 
-    def release_primary_storage_capacity(primary_storage_uuid, size):
+    def release_primary_storage_capacity(primary_storage_uuid, holder):
         """
-        Atomically give C{size} bytes back.
+        Atomically give back what C{holder} holds on the primary storage (nothing held: a
+        no-op).
 
-        @return: Deferred firing with the storage row; C{DB.1002} if that would exceed the
-            total, C{SYS.1003}.
+        @return: Deferred firing with the storage row; C{SYS.1003}.
+        """
+
+    def audit_capacity(repair=False):
+        """
+        Recompute the available capacity of every host (CPU, memory) and primary storage
+        from its holders (C{total - sum(held)}) and report where the recorded figure
+        differs; with C{repair}, also set the recomputed figures.
+
+        @return: Deferred firing with a list of dicts, one per drifted figure: C{resource}
+            (C{"host"}/C{"primaryStorage"}), C{uuid}, C{field} (e.g.
+            C{"availableCpuCapacity"}), C{recorded}, C{computed}, C{held}, C{repaired}.
         """
 
     # -- IP addresses ----------------------------------------------------------------------
 
-    def allocate_ip(l3_network_uuid, ip=None, uuid=None, strategy="random"):
+    def allocate_ip(l3_network_uuid, holder, ip=None, uuid=None, strategy="random"):
         """
-        Take a free IP of the L3 network's ranges, recorded as a C{usedIp} row: exactly
-        C{ip} when given, else a random free one (C{strategy="random"}, ZStack's default,
-        constant cost) or the lowest free one (C{strategy="first"}). Two concurrent callers
-        never get the same address (a unique key on the L3 and the address).
+        Take a free IP of the L3 network's ranges for C{holder} (as in
+        L{reserve_host_capacity}; e.g. C{("VmNicVO", nic_uuid)}), recorded as a C{usedIp}
+        row: exactly C{ip} when given, else a random free one (C{strategy="random"},
+        ZStack's default, constant cost) or the lowest free one (C{strategy="first"}). Two
+        concurrent callers never get the same address (a unique key on the L3 and the
+        address). Idempotent: a holder holds at most one address per L3 network, and asking
+        again returns the one it holds.
 
         @return: Deferred firing with the usedIp row (C{uuid}, C{ip}, C{ipInLong},
-            C{ipRangeUuid}, C{l3NetworkUuid}, C{netmask}, C{gateway}); fails with
-            C{DB.1005} when no address is free, C{DB.1000} when C{ip} is already taken,
+            C{ipRangeUuid}, C{l3NetworkUuid}, C{netmask}, C{gateway}, C{holderType},
+            C{holderUuid}); fails with C{DB.1005} when no address is free, C{DB.1000} when
+            C{ip} is already taken (or the holder holds another address there),
             C{SYS.1007} when C{ip} is not in any range of the network (or the strategy is
             unknown), C{SYS.1003} for an unknown network.
         """
 
     def free_ip(used_ip_uuid):
         """
-        Give an allocated IP back.
+        Give an allocated IP back (idempotent).
 
-        @return: Deferred firing with None; C{SYS.1003} if it is not allocated (freeing twice
-            fails), C{DB.1001} while a VM NIC still uses it.
+        @return: Deferred firing with True when it was allocated, False when not (e.g.
+            freed already); C{DB.1001} while a VM NIC still uses it.
+        """
+
+    def release_ip(l3_network_uuid, holder):
+        """
+        Give back the IP C{holder} holds in the L3 network (idempotent).
+
+        @return: Deferred firing with the freed usedIp row, or None when it held none;
+            C{DB.1001} while a VM NIC still uses it.
         """
 
     # -- VM state --------------------------------------------------------------------------

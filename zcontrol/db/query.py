@@ -22,7 +22,10 @@ C{%}; the PostgreSQL backend rewrites C{?} to psycopg2's C{%s}.
 
 from __future__ import annotations
 
+import importlib.resources
 import ipaddress
+import json
+import math
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -52,6 +55,72 @@ def _snake(name: str) -> str:
     return re.sub(r"([A-Z])", r"_\1", name).lower()
 
 
+# What a value must be to reach either backend unchanged (Note [edge]).
+TEXT_MAX = 65_535
+JSON_MAX = 1_048_576
+IN_LIST_MAX = 1000
+INT_BOUNDS = {32: (-(2**31), 2**31 - 1), 64: (-(2**63), 2**63 - 1)}
+# NUL (PostgreSQL cannot store it), lone surrogates (no UTF-8 form), and the other C0/C1
+# control characters except tab, newline and carriage return.
+_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def check_text(name: str, value: Any, max_length: int | None = TEXT_MAX) -> str:
+    """
+    C{value} if it is text both backends store unchanged, else C{SYS.1007} naming C{name}:
+    a C{str} of at most C{max_length} characters without NUL, lone surrogates or control
+    characters other than tab, newline and carriage return.
+    """
+    if not isinstance(value, str):
+        raise _invalid(name, f"field {name!r} expects a str, not {type(value).__name__}")
+    if max_length is not None and len(value) > max_length:
+        raise _invalid(name, f"field {name!r} is {len(value)} characters long; at most "
+                             f"{max_length} are allowed", max_length=max_length)
+    m = _FORBIDDEN.search(value)
+    if m is not None:
+        raise _invalid(name, f"field {name!r} contains the control character or lone "
+                             f"surrogate U+{ord(m.group()):04X} at {m.start()}")
+    return value
+
+
+def check_int(name: str, value: Any, lo: int = INT_BOUNDS[64][0], hi: int = INT_BOUNDS[64][1]
+              ) -> int:
+    """
+    C{value} as an int within C{[lo, hi]}, else C{SYS.1007} naming C{name}. Accepts ints
+    (not bools), integral floats and decimal strings.
+    """
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(type(value).__name__)
+        if isinstance(value, str):
+            n = int(value.strip(), 10)
+        elif isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(value)
+            n = int(value)
+        else:
+            n = int(value)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise _invalid(name, f"field {name!r} expects an integer, not {_short(value)} ({e})"
+                       ) from None
+    if not lo <= n <= hi:
+        raise _invalid(name, f"field {name!r} must be between {lo} and {hi}, not "
+                             f"{_short(n)}")
+    return n
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a hostile __repr__ must not escape
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _invalid(name: str, details: str, **opaque: Any) -> OperationError:
+    return OperationError.of(SYS.INVALID_ARGUMENT_ERROR, details, field=name, **opaque)
+
+
 @attrs.frozen
 class Field:
     """
@@ -60,35 +129,37 @@ class Field:
     @ivar name: the API name (camelCase).
     @ivar column: the SQL column (snake_case).
     @ivar type: one of C{"str"}, C{"int"}, C{"float"}, C{"bool"}, C{"json"}.
+    @ivar max_length: for C{"str"}, the column's size in characters (C{VARCHAR(n)}), or
+        L{TEXT_MAX} for C{TEXT}.
+    @ivar bits: for C{"int"}, 32 (C{INTEGER}) or 64 (C{BIGINT}).
     """
 
     name: str
     column: str
     type: str = "str"
+    max_length: int = TEXT_MAX
+    bits: int = 64
 
     def to_db(self, value: Any) -> Any:
         """
-        Convert an API value to what the driver stores; C{SYS.1007} when it does not fit.
+        Convert an API value to what the driver stores; C{SYS.1007} naming the field when it
+        does not fit the column (type, size, range, characters), so that both backends
+        refuse or accept the same values (Note [edge]).
         """
         if value is None:
             return None
+        if self.type == "str":
+            return check_text(self.name, value, self.max_length)
+        if self.type == "int":
+            return check_int(self.name, value, *INT_BOUNDS[self.bits])
         try:
-            if self.type == "str":
-                if not isinstance(value, str):
-                    raise TypeError(type(value).__name__)
-                return value
-            if self.type == "int":
-                if isinstance(value, bool):
-                    raise TypeError("bool")
-                if isinstance(value, str):
-                    return int(value.strip(), 10)
-                if isinstance(value, float) and not value.is_integer():
-                    raise ValueError(value)
-                return int(value)
             if self.type == "float":
-                if isinstance(value, bool):
-                    raise TypeError("bool")
-                return float(value)
+                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                    raise TypeError(type(value).__name__)
+                f = float(value.strip() if isinstance(value, str) else value)
+                if not math.isfinite(f):
+                    raise ValueError("not a finite number")
+                return f
             if self.type == "bool":
                 if isinstance(value, bool):
                     return value
@@ -96,15 +167,13 @@ class Field:
                     return value.lower() == "true"
                 raise TypeError(type(value).__name__)
             if self.type == "json":
-                import json
-
-                return json.dumps(value, sort_keys=True)
-        except (TypeError, ValueError) as e:
-            raise OperationError.of(
-                SYS.INVALID_ARGUMENT_ERROR,
-                f"field {self.name!r} expects a {self.type}, not {value!r} ({e})",
-                field=self.name,
-            ) from None
+                text = json.dumps(value, sort_keys=True, allow_nan=False)
+                if len(text) > JSON_MAX:
+                    raise ValueError(f"{len(text)} characters of JSON; at most {JSON_MAX}")
+                return text
+        except (TypeError, ValueError, OverflowError, RecursionError) as e:
+            raise _invalid(self.name, f"field {self.name!r} expects a {self.type}, not "
+                                      f"{_short(value)} ({_short(e)})") from None
         raise AssertionError(self.type)  # pragma: no cover
 
     def from_db(self, value: Any) -> Any:
@@ -120,8 +189,6 @@ class Field:
         if self.type == "float":
             return float(value)
         if self.type == "json":
-            import json
-
             return json.loads(value)
         return value
 
@@ -129,11 +196,44 @@ class Field:
 _TYPES = {"": "str", "i": "int", "f": "float", "b": "bool", "j": "json"}
 
 
-def _parse_fields(spec: str) -> dict[str, Field]:
+_COLUMN_RE = re.compile(
+    r"^\s*(?:ALTER TABLE \w+ ADD COLUMN )?(\w+) (VARCHAR\((\d+)\)|TEXT|INTEGER|BIGINT|BOOLEAN"
+    r"|DOUBLE PRECISION)", re.M)
+
+
+def schema_columns() -> dict[str, dict[str, tuple[str, int | None]]]:
+    """
+    table -> column -> (SQL type, VARCHAR size or None), read from the common migrations
+    (C{CREATE TABLE} and C{ALTER TABLE ... ADD COLUMN}), so that the edge checks follow the
+    schema (Note [edge]).
+    """
+    out: dict[str, dict[str, tuple[str, int | None]]] = {}
+    directory = importlib.resources.files("zcontrol.db") / "migrations"
+    for entry in sorted(directory.iterdir(), key=lambda e: e.name):
+        if not re.match(r"^\d{4}_[a-z0-9_]+\.sql$", entry.name):
+            continue
+        text = entry.read_text(encoding="utf-8")
+        for m in re.finditer(r"CREATE TABLE (\w+) \((.*?)\n\);", text, re.S):
+            cols = out.setdefault(m.group(1), {})
+            for c in _COLUMN_RE.finditer(m.group(2)):
+                cols[c.group(1)] = (c.group(2), int(c.group(3)) if c.group(3) else None)
+        for m in re.finditer(r"^ALTER TABLE (\w+) ADD COLUMN (\w+) (VARCHAR\((\d+)\)|\w+)",
+                             text, re.M):
+            out.setdefault(m.group(1), {})[m.group(2)] = (
+                m.group(3), int(m.group(4)) if m.group(4) else None)
+    return out
+
+
+def _parse_fields(table: str, spec: str, columns: Mapping[str, tuple[str, int | None]]
+                  ) -> dict[str, Field]:
     out = {}
     for item in spec.split():
         name, _, t = item.partition(":")
-        out[name] = Field(name=name, column=_snake(name), type=_TYPES[t])
+        column = _snake(name)
+        sql_type, size = columns[column]  # a KeyError here: the catalogue and schema disagree
+        out[name] = Field(name=name, column=column, type=_TYPES[t],
+                          max_length=size if size is not None else TEXT_MAX,
+                          bits=32 if sql_type == "INTEGER" else 64)
     return out
 
 
@@ -243,7 +343,8 @@ _SPECS: dict[str, tuple[str, str]] = {
     ),
     "usedIp": (
         "used_ips",
-        "uuid ipRangeUuid l3NetworkUuid ip ipInLong:i netmask gateway" + _DATES,
+        "uuid ipRangeUuid l3NetworkUuid ip ipInLong:i netmask gateway holderType holderUuid"
+        + _DATES,
     ),
     "vmInstance": (
         "vm_instances",
@@ -275,8 +376,9 @@ _SPECS: dict[str, tuple[str, str]] = {
     ),
 }
 
+_SCHEMA = schema_columns()
 RESOURCES: Mapping[str, Resource] = {
-    name: Resource(name=name, table=table, fields=_parse_fields(spec))
+    name: Resource(name=name, table=table, fields=_parse_fields(table, spec, _SCHEMA[table]))
     for name, (table, spec) in _SPECS.items()
 }
 
@@ -403,11 +505,15 @@ def _bad(details: str, **opaque: Any) -> OperationError:
 def _where(res: Resource, conditions: Iterable[Condition | str]) -> tuple[str, list]:
     clauses: list[str] = []
     params: list[Any] = []
+    if isinstance(conditions, (str, bytes)) or not isinstance(conditions, Iterable):
+        raise _bad(f"conditions must be a list, not {_short(conditions)}")
     for c in conditions:
         if isinstance(c, str):
             c = parse_condition(c)
         elif not isinstance(c, Condition):
-            raise _bad(f"not a query condition: {c!r}")
+            raise _bad(f"not a query condition: {_short(c)}")
+        if not isinstance(c.name, str) or not isinstance(c.op, str):
+            raise _bad(f"not a query condition: {_short(c)}")
         if "." in c.name:
             raise _bad(f"joined (dotted) query fields are not supported: {c.name!r}", field=c.name)
         f = res.field(c.name)
@@ -423,6 +529,9 @@ def _where(res: Resource, conditions: Iterable[Condition | str]) -> tuple[str, l
                 values = values.split(",")
             if not isinstance(values, (list, tuple)) or not values:
                 raise _bad(f"operator {c.op!r} needs a non-empty list of values", field=c.name)
+            if len(values) > IN_LIST_MAX:
+                raise _bad(f"operator {c.op!r} takes at most {IN_LIST_MAX} values, not "
+                           f"{len(values)}", field=c.name)
             clauses.append(f"{col} {_LIST_OPS[c.op]} ({', '.join('?' for _ in values)})")
             params.extend(f.to_db(v) for v in values)
             continue
@@ -431,25 +540,25 @@ def _where(res: Resource, conditions: Iterable[Condition | str]) -> tuple[str, l
             raise _bad(f"unknown query operator {c.op!r}", operator=str(c.op))
         if c.value is None:
             raise _bad(f"operator {c.op!r} needs a value; use 'is null'", field=c.name)
-        if sql_op.endswith("LIKE") and f.type != "str":
-            raise _bad(f"operator {c.op!r} applies to text fields only", field=c.name)
+        if sql_op.endswith("LIKE"):
+            if f.type != "str":
+                raise _bad(f"operator {c.op!r} applies to text fields only", field=c.name)
+            # One escape character on both backends (PostgreSQL's default, declared for
+            # SQLite, which has none): a pattern may not end in an unpaired escape.
+            pattern = f.to_db(c.value)
+            if (len(pattern) - len(pattern.rstrip("\\"))) % 2:
+                raise _bad(f"the pattern of {c.name!r} ends with an unpaired backslash",
+                           field=c.name)
+            clauses.append(f"{col} {sql_op} ? ESCAPE '\\'")
+            params.append(pattern)
+            continue
         clauses.append(f"{col} {sql_op} ?")
         params.append(f.to_db(c.value))
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
 def _int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool):
-        raise _bad(f"{name} must be an integer, not {value!r}")
-    try:
-        n = int(value, 10) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError):
-        raise _bad(f"{name} must be an integer, not {value!r}") from None
-    if isinstance(value, float) and not value.is_integer():
-        raise _bad(f"{name} must be an integer, not {value!r}")
-    if not lo <= n <= hi:
-        raise _bad(f"{name} must be between {lo} and {hi}, not {n}")
-    return n
+    return check_int(name, value, lo, hi)
 
 
 def compile_query(res: Resource | str, query: Query) -> CompiledQuery:
@@ -471,6 +580,8 @@ def compile_query(res: Resource | str, query: Query) -> CompiledQuery:
         fields = query.fields
         if isinstance(fields, str):
             fields = fields.split(",")
+        if not isinstance(fields, Iterable):
+            raise _bad(f"fields must be a list of field names, not {_short(fields)}")
         names = tuple(dict.fromkeys(res.field(n).name for n in fields))
         if not names:
             raise _bad("fields must name at least one field")
@@ -479,7 +590,7 @@ def compile_query(res: Resource | str, query: Query) -> CompiledQuery:
     if query.sort is not None:
         s = query.sort
         if not isinstance(s, str) or not s:
-            raise _bad(f"bad sort {s!r}")
+            raise _bad(f"bad sort {_short(s)}")
         direction = "ASC"
         if s[0] in "+-":
             direction = "DESC" if s[0] == "-" else "ASC"
