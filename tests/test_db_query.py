@@ -87,7 +87,7 @@ class CompileTests(SynchronousTestCase):
         self.assertEqual(
             cq.select,
             "SELECT uuid, name FROM vm_instances WHERE state IN (?, ?) AND host_uuid IS NOT NULL"
-            " AND cpu_num >= ? AND name LIKE ? ESCAPE '\\' ORDER BY create_date DESC, uuid ASC"
+            " AND cpu_num >= ? AND name LIKE ? ESCAPE '\\' ORDER BY create_date DESC NULLS LAST, uuid ASC"
             " LIMIT ? OFFSET ?")
         self.assertEqual(cq.select_params, ("Running", "Stopped", 2, "web%", 10, 20))
         self.assertIsNone(cq.count)

@@ -45,9 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
-import json
 import re
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import attrs
 from twisted.enterprise import adbapi
@@ -61,8 +60,10 @@ from zcontrol.core.errors import SYS, ErrorCode, OperationError, error_code
 from zcontrol.db.interfaces import DB, IStore
 from zcontrol.db.query import (
     CompiledQuery,
+    Field,
     Query,
     Resource,
+    _short,
     check_int,
     check_text,
     compile_query,
@@ -349,11 +350,29 @@ def _not_found(res: Resource, uuid: Any) -> OperationError:
     )
 
 
+def _mapping(name: str, value: Any) -> dict:
+    """
+    A copy of C{value} if it is a mapping, else C{SYS.1007} naming C{name}.
+    """
+    if not isinstance(value, Mapping):
+        raise OperationError.of(
+            SYS.INVALID_ARGUMENT_ERROR,
+            f"{name} must be a mapping of field names to values, not {type(value).__name__}",
+            field=name)
+    return dict(value)
+
+
+def _copy(value: Any) -> Any:
+    # The reactor side copies the caller's mappings before a pool thread reads them; any
+    # other value goes as it is, to be refused by the thread-side check.
+    return dict(value) if isinstance(value, Mapping) else value
+
+
 def _amount(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise OperationError.of(
             SYS.INVALID_ARGUMENT_ERROR,
-            f"{name} must be a non-negative integer, not {type(value).__name__} {value!r:.40}",
+            f"{name} must be a non-negative integer, not {_short(value)}",
             field=name,
         )
     return check_int(name, value, 0, 2**63 - 1)
@@ -364,17 +383,19 @@ def insert_thd(db: Db, resource_name: str, values: dict, now: float) -> dict:
     Insert a row; see L{IStore.insert}.
     """
     res = resource(resource_name)
-    values = dict(values)
+    values = _mapping("values", values)
     if not values.get("uuid"):
-        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, f"a new {res.name} needs a uuid")
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, f"a new {res.name} needs a uuid",
+                                field="uuid")
     if res.has_dates:
         values.setdefault("createDate", now)
         values.setdefault("lastOpDate", now)
     if res.name == "ipRange":
         # The integer forms the allocator works on, derived from the dotted addresses.
         for text, number in (("startIp", "startIpInLong"), ("endIp", "endIpInLong")):
-            if values.get(text) is not None:
-                values.setdefault(number, ip_to_long(values[text]))
+            if values.get(text) is not None and number not in values:
+                res.field(text).to_db(values[text])
+                values[number] = ip_to_long(values[text], field=text)
     row = res.to_row(values)
     sql = (
         f"INSERT INTO {res.table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})"
@@ -388,6 +409,7 @@ def get_thd(db: Db, resource_name: str, uuid: str) -> dict | None:
     One row by uuid, or None.
     """
     res = resource(resource_name)
+    uuid = _uuid("uuid", uuid)
     r = db.one(f"SELECT {_cols(res)} FROM {res.table} WHERE uuid = ?", (uuid,))
     return None if r is None else _row(res, r)
 
@@ -399,13 +421,17 @@ def update_thd(
     A (conditional) single-statement update; see L{IStore.update}.
     """
     res = resource(resource_name)
-    changes = dict(changes)
+    uuid = _uuid("uuid", uuid)
+    changes = _mapping("changes", changes)
+    if expected is not None:
+        expected = _mapping("expected", expected)
     if "uuid" in changes:
-        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, "the uuid of a row cannot change")
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, "the uuid of a row cannot change",
+                                field="uuid")
     if res.has_dates:
         changes.setdefault("lastOpDate", now)
     if not changes:
-        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, "nothing to update")
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, "nothing to update", field="changes")
     sets = res.to_row(changes)
     where = ["uuid = ?"]
     params: list[Any] = list(sets.values()) + [uuid]
@@ -414,7 +440,8 @@ def update_thd(
         if isinstance(want, (list, tuple, set, frozenset)):
             want = list(want)
             if not want:
-                raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, f"no expected {name}")
+                raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, f"no expected {name}",
+                                        field=name)
             where.append(f"{f.column} IN ({', '.join('?' for _ in want)})")
             params.extend(f.to_db(w) for w in want)
         elif want is None:
@@ -458,6 +485,7 @@ def delete_thd(db: Db, resource_name: str, uuid: str) -> bool:
     Delete one row by uuid: whether there was one.
     """
     res = resource(resource_name)
+    uuid = _uuid("uuid", uuid)
     return db.run(f"DELETE FROM {res.table} WHERE uuid = ?", (uuid,)) > 0
 
 
@@ -628,11 +656,12 @@ def set_host_capacity_thd(
     New totals keeping what is reserved, in one UPDATE (the CHECK constraints refuse totals
     below the reservations).
     """
+    host_uuid = _uuid("host_uuid", host_uuid)
     total_cpu, total_memory = _amount("total_cpu", total_cpu), _amount("total_memory", total_memory)
     extra, params = "", [total_cpu, total_cpu, total_memory, total_memory, now]
     if cpu_num is not None:
         extra = ", cpu_num = ?"
-        params.append(_amount("cpu_num", cpu_num))
+        params.append(check_int("cpu_num", _amount("cpu_num", cpu_num), 0, 2**31 - 1))
     rows = db.all(
         "UPDATE hosts SET"
         " available_cpu_capacity = ? - (total_cpu_capacity - available_cpu_capacity),"
@@ -868,8 +897,8 @@ def _allocate_ip_thd(
 
     if strategy not in IP_STRATEGIES:
         raise OperationError.of(
-            SYS.INVALID_ARGUMENT_ERROR, f"unknown IP allocator strategy {strategy!r}"
-        )
+            SYS.INVALID_ARGUMENT_ERROR, f"unknown IP allocator strategy {_short(strategy)}",
+            field="strategy")
 
     uuid = uuid or uuidlib.uuid4().hex
     if ip is not None:
@@ -883,6 +912,7 @@ def _allocate_ip_thd(
             raise OperationError.of(
                 SYS.INVALID_ARGUMENT_ERROR,
                 f"{ip} is in no IP range of L3 network {l3_uuid}",
+                field="ip",
                 l3_network_uuid=l3_uuid,
                 ip=ip,
             )
@@ -976,13 +1006,14 @@ def change_vm_state_thd(
     """
     The VM state compare-and-swap: one C{UPDATE ... WHERE uuid = ? AND state IN (...)}.
     """
-    values = dict(changes or {})
+    values = _mapping("changes", changes) if changes is not None else {}
     values["state"] = new
     return update_thd(db, "vmInstance", vm_uuid, values, {"state": expected}, now)
 
 
 def running_jobs_thd(db: Db, node_uuid: str) -> list[dict]:
     res = resource("job")
+    node_uuid = _uuid("management_node_uuid", node_uuid)
     return [
         _row(res, r)
         for r in db.all(
@@ -999,6 +1030,8 @@ def claim_jobs_thd(db: Db, from_node: str, to_node: str, now: float) -> list[dic
     get the same job.
     """
     res = resource("job")
+    from_node = _uuid("from_node_uuid", from_node)
+    to_node = _uuid("to_node_uuid", to_node)
     return [
         _row(res, r)
         for r in db.all(
@@ -1028,8 +1061,12 @@ def heartbeat_thd(
     return _row(res, rows[0])
 
 
-def live_nodes_thd(db: Db, oldest: float) -> list[dict]:
+def live_nodes_thd(db: Db, max_age: Any, now: float) -> list[dict]:
     res = resource("managementNode")
+    if max_age is None:
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, "max_age is required",
+                                field="max_age")
+    oldest = now - Field("max_age", "max_age", "float").to_db(max_age)
     return [
         _row(res, r)
         for r in db.all(
@@ -1187,15 +1224,15 @@ class AdbapiStore:
     # -- CRUD ------------------------------------------------------------------------------
 
     def insert(self, resource: str, values: dict) -> Deferred:
-        return self._run(insert_thd, resource, dict(values), self._now())
+        return self._run(insert_thd, resource, _copy(values), self._now())
 
     def get(self, resource: str, uuid: str) -> Deferred:
         return self._run(get_thd, resource, uuid)
 
     def update(self, resource: str, uuid: str, changes: dict, expected: dict | None = None
                ) -> Deferred:
-        return self._run(update_thd, resource, uuid, dict(changes),
-                         None if expected is None else dict(expected), self._now())
+        return self._run(update_thd, resource, uuid, _copy(changes), _copy(expected),
+                         self._now())
 
     def delete(self, resource: str, uuid: str) -> Deferred:
         return self._run(delete_thd, resource, uuid)
@@ -1206,6 +1243,8 @@ class AdbapiStore:
     # -- hosts and storage -----------------------------------------------------------------
 
     def add_host(self, values: dict) -> Deferred:
+        if not isinstance(values, Mapping):
+            return self.insert("host", values)
         values = dict(values)
         values.setdefault("availableCpuCapacity", values.get("totalCpuCapacity", 0))
         values.setdefault("availableMemoryCapacity", values.get("totalMemoryCapacity", 0))
@@ -1256,7 +1295,8 @@ class AdbapiStore:
 
     def change_vm_state(self, vm_uuid: str, expected: Any, new: str,
                         changes: dict | None = None) -> Deferred:
-        return self._run(change_vm_state_thd, vm_uuid, expected, new, changes, self._now())
+        return self._run(change_vm_state_thd, vm_uuid, expected, new, _copy(changes),
+                         self._now())
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -1279,16 +1319,13 @@ class AdbapiStore:
         changes: dict[str, Any] = {"finishDate": now}
         if error is not None:
             if not isinstance(error, ErrorCode):
-                return fail(OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
-                                              f"a job error is an ErrorCode, not {error!r}"))
+                return fail(OperationError.of(
+                    SYS.INVALID_ARGUMENT_ERROR,
+                    f"a job error is an ErrorCode, not {type(error).__name__}", field="error"))
             changes.update(state="Failed", error=error.to_dict())
         else:
+            # A result that is not JSON is refused by the edge check (SYS.1007, "result").
             changes.update(state="Succeeded", result=result)
-        try:
-            json.dumps(changes.get("result"))
-        except (TypeError, ValueError) as e:
-            return fail(OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
-                                          f"a job result must be JSON-serialisable: {e}"))
         return self.update("job", uuid, changes, {"state": "Running"})
 
     def running_jobs(self, management_node_uuid: str) -> Deferred:
@@ -1304,7 +1341,7 @@ class AdbapiStore:
         return self._run(heartbeat_thd, uuid, hostname, port, state, self._now())
 
     def live_management_nodes(self, max_age: float) -> Deferred:
-        return self._run(live_nodes_thd, self._now() - float(max_age))
+        return self._run(live_nodes_thd, max_age, self._now())
 
     def delete_management_node(self, uuid: str) -> Deferred:
         return self.delete("managementNode", uuid)

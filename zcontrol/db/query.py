@@ -260,12 +260,13 @@ class Resource:
         The whitelisted field C{name}, or C{SYS.1007}.
         """
         if not isinstance(name, str):
-            raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, f"field names are strings: {name!r}")
+            raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
+                                    f"field names are strings, not {_short(name)}", field="field")
         f = self.fields.get(name)
         if f is None:
             raise OperationError.of(
                 SYS.INVALID_ARGUMENT_ERROR,
-                f"{self.name} has no queryable field {name!r}",
+                f"{self.name} has no queryable field {_short(name)}",
                 resource=self.name,
                 field=name,
             )
@@ -389,18 +390,21 @@ def resource(name: str) -> Resource:
     """
     r = RESOURCES.get(name) if isinstance(name, str) else None
     if r is None:
-        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, f"unknown resource {name!r}")
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, f"unknown resource {_short(name)}",
+                                field="resource")
     return r
 
 
-def ip_to_long(ip: str) -> int:
+def ip_to_long(ip: str, field: str = "ip") -> int:
     """
-    Dotted IPv4 text -> integer, or C{SYS.1007}.
+    Dotted IPv4 text -> integer, or C{SYS.1007} naming C{field}.
     """
+    if not isinstance(ip, str):
+        raise _invalid(field, f"{field} must be an IPv4 address, not {type(ip).__name__}")
     try:
         return int(ipaddress.IPv4Address(ip))
     except (ipaddress.AddressValueError, ValueError, TypeError):
-        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, f"not an IPv4 address: {ip!r}") from None
+        raise _invalid(field, f"{field} is not an IPv4 address: {_short(ip)}") from None
 
 
 # The query language ---------------------------------------------------------------------------
@@ -445,10 +449,12 @@ def parse_condition(text: str) -> Condition:
     C{"hostUuid is null"}; C{SYS.1007} when it is not one.
     """
     if not isinstance(text, str):
-        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, f"a condition is a string: {text!r}")
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
+                                f"a condition is a string, not {_short(text)}", field="conditions")
     m = _COND_RE.match(text.strip())
     if m is None:
-        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, f"malformed query condition {text!r}")
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
+                                f"malformed query condition {_short(text)}", field="conditions")
     if m.group("nullop"):
         return Condition(m.group("name"), m.group("nullop"))
     op, value = m.group("op"), m.group("value")
@@ -506,14 +512,14 @@ def _where(res: Resource, conditions: Iterable[Condition | str]) -> tuple[str, l
     clauses: list[str] = []
     params: list[Any] = []
     if isinstance(conditions, (str, bytes)) or not isinstance(conditions, Iterable):
-        raise _bad(f"conditions must be a list, not {_short(conditions)}")
+        raise _bad(f"conditions must be a list, not {_short(conditions)}", field="conditions")
     for c in conditions:
         if isinstance(c, str):
             c = parse_condition(c)
         elif not isinstance(c, Condition):
-            raise _bad(f"not a query condition: {_short(c)}")
+            raise _bad(f"not a query condition: {_short(c)}", field="conditions")
         if not isinstance(c.name, str) or not isinstance(c.op, str):
-            raise _bad(f"not a query condition: {_short(c)}")
+            raise _bad(f"not a query condition: {_short(c)}", field="conditions")
         if "." in c.name:
             raise _bad(f"joined (dotted) query fields are not supported: {c.name!r}", field=c.name)
         f = res.field(c.name)
@@ -537,7 +543,7 @@ def _where(res: Resource, conditions: Iterable[Condition | str]) -> tuple[str, l
             continue
         sql_op = _SQL_OPS.get(c.op)
         if sql_op is None:
-            raise _bad(f"unknown query operator {c.op!r}", operator=str(c.op))
+            raise _bad(f"unknown query operator {_short(c.op)}", field=c.name, operator=c.op)
         if c.value is None:
             raise _bad(f"operator {c.op!r} needs a value; use 'is null'", field=c.name)
         if sql_op.endswith("LIKE"):
@@ -569,7 +575,7 @@ def compile_query(res: Resource | str, query: Query) -> CompiledQuery:
     if isinstance(res, str):
         res = resource(res)
     if not isinstance(query, Query):
-        raise _bad(f"not a query: {query!r}")
+        raise _bad(f"not a query: {_short(query)}", field="query")
     where, params = _where(res, query.conditions)
     limit = _int("limit", query.limit, 0, MAX_LIMIT)
     start = _int("start", query.start, 0, 2**62)
@@ -581,24 +587,26 @@ def compile_query(res: Resource | str, query: Query) -> CompiledQuery:
         if isinstance(fields, str):
             fields = fields.split(",")
         if not isinstance(fields, Iterable):
-            raise _bad(f"fields must be a list of field names, not {_short(fields)}")
+            raise _bad(f"fields must be a list of field names, not {_short(fields)}", field="fields")
         names = tuple(dict.fromkeys(res.field(n).name for n in fields))
         if not names:
-            raise _bad("fields must name at least one field")
+            raise _bad("fields must name at least one field", field="fields")
 
     order = ""
     if query.sort is not None:
         s = query.sort
         if not isinstance(s, str) or not s:
-            raise _bad(f"bad sort {_short(s)}")
+            raise _bad(f"bad sort {_short(s)}", field="sort")
         direction = "ASC"
         if s[0] in "+-":
             direction = "DESC" if s[0] == "-" else "ASC"
             s = s[1:]
         col = res.field(s).column
         if res.field(s).type == "json":
-            raise _bad(f"cannot sort by {s!r}")
-        order = f" ORDER BY {col} {direction}, uuid ASC"
+            raise _bad(f"cannot sort by {s!r}", field="sort")
+        # NULL sorts lowest on both backends (PostgreSQL's default is the opposite).
+        nulls = "NULLS FIRST" if direction == "ASC" else "NULLS LAST"
+        order = f" ORDER BY {col} {direction} {nulls}, uuid ASC"
     else:
         order = " ORDER BY uuid ASC"
 
@@ -624,13 +632,13 @@ def _flag(name: str, value: Any) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    raise _bad(f"{name} must be true or false, not {value!r}")
+    raise _bad(f"{name} must be true or false, not {_short(value)}", field=name)
 
 
 def _single(name: str, value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         if len(value) != 1:
-            raise _bad(f"{name} given {len(value)} times")
+            raise _bad(f"{name} given {len(value)} times", field=name)
         return value[0]
     return value
 
@@ -647,7 +655,8 @@ def query_from_params(params: Mapping[str, Any]) -> Query:
     known = {"q", "condition", "limit", "start", "count", "replyWithCount", "sort", "fields"}
     unknown = set(params) - known
     if unknown:
-        raise _bad(f"unknown query parameters: {', '.join(sorted(map(str, unknown)))}")
+        raise _bad(f"unknown query parameters: {', '.join(sorted(map(str, unknown)))}",
+                   field=sorted(map(str, unknown))[0])
     conditions: list[Any] = []
     for key in ("q", "condition"):
         value = params.get(key)
@@ -667,7 +676,7 @@ def query_from_params(params: Mapping[str, Any]) -> Query:
     if "sort" in params:
         sort = _single("sort", params["sort"])
         if not isinstance(sort, str):
-            raise _bad(f"bad sort {sort!r}")
+            raise _bad(f"bad sort {_short(sort)}", field="sort")
         if sort[:1] == " ":
             sort = "+" + sort.lstrip(" ")
         kw["sort"] = sort
