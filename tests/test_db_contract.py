@@ -209,6 +209,68 @@ class StoreContractMixin:
                            SYS.INVALID_ARGUMENT_ERROR)
 
     @async_to_deferred
+    async def test_edge_public_methods_never_raise(self) -> None:
+        """
+        Fault (issue 8 item 13): a bad argument to a public method raised at the caller (a
+        TypeError from C{dict(None)}, C{float("x")}) or crashed a backend with SYS.1000.
+        Every such call is a failed Deferred with SYS.1007 naming the argument or field.
+        """
+        await self.seed("zone", "cluster", "host", "l2Network", "l3Network", "ipRange")
+        store = self.store
+        cases = [
+            (lambda: store.insert("zone", None), "values"),
+            (lambda: store.insert("zone", {"uuid": "z\x00", "name": "n"}), "uuid"),
+            (lambda: store.insert("zone", {"uuid": "z", "name": "n" * 256}), "name"),
+            (lambda: store.insert("zone", {"uuid": "z", "name": "a\ud800"}), "name"),
+            (lambda: store.insert("zone", {"uuid": "z", "name": "n", "createDate": "nan"}),
+             "createDate"),
+            (lambda: store.add_host(dict(TOPOLOGY["host"], uuid="h", cpuNum=2**31)), "cpuNum"),
+            (lambda: store.add_host(dict(TOPOLOGY["host"], uuid="h",
+                                         totalCpuCapacity=2**63)), "totalCpuCapacity"),
+            (lambda: store.add_host("host"), "values"),
+            (lambda: store.insert(7, {"uuid": "x"}), "resource"),
+            (lambda: store.get("zone", 12), "uuid"),
+            (lambda: store.get("zone", None), "uuid"),
+            (lambda: store.delete("zone", ["zone-1"]), "uuid"),
+            (lambda: store.update("zone", "zone-1", None), "changes"),
+            (lambda: store.update("zone", "zone-1", {"name": "x"}, expected="Enabled"),
+             "expected"),
+            (lambda: store.query("zone", Query(conditions=["name=a\x00"])), "name"),
+            (lambda: store.query("zone", Query(conditions=["name~=a\\"])), "name"),
+            (lambda: store.query("host", Query(conditions=["totalCpuCapacity>" + "9" * 30])),
+             "totalCpuCapacity"),
+            (lambda: store.query("zone", Query(limit=float("inf"))), "limit"),
+            (lambda: store.query("zone", Query(conditions=5)), "conditions"),
+            (lambda: store.reserve_host_capacity("host-1", 2**64, 1, ("t", "u")), "cpu"),
+            (lambda: store.set_host_capacity("host-1", 16, 1024, cpu_num=2**40), "cpu_num"),
+            (lambda: store.allocate_ip("l3-1", ("t", "u"), ip=3232235521), "ip"),
+            (lambda: store.allocate_ip("l3-1", ("t", "u"), strategy=["first"]), "strategy"),
+            (lambda: store.change_vm_state("vm-1", "Created", "Starting", changes="x"),
+             "changes"),
+            (lambda: store.heartbeat("mn", "h\x00"), "hostname"),
+            (lambda: store.heartbeat("mn", "h", port=2**40), "port"),
+            (lambda: store.live_management_nodes("x"), "max_age"),
+            (lambda: store.live_management_nodes(None), "max_age"),
+            (lambda: store.running_jobs(None), "management_node_uuid"),
+            (lambda: store.create_job("j", "APIx", {"a": float("nan")}, "mn"), "apiMessage"),
+            (lambda: store.finish_job("j", error="boom"), "error"),
+        ]
+        for call, field in cases:
+            try:
+                d = call()
+            except Exception as e:  # noqa: BLE001
+                self.fail(f"raised at the caller ({field}): {e!r}")
+            err = await self.failure(d, SYS.INVALID_ARGUMENT_ERROR)
+            self.assertEqual(err.opaque.get("field"), field, str(err))
+        nested: list[Any] = []
+        for _ in range(5000):
+            nested = [nested]
+        err = await self.failure(store.create_job("j", "APIx", nested, "mn"),
+                                 SYS.INVALID_ARGUMENT_ERROR)
+        self.assertEqual(err.opaque["field"], "apiMessage")
+        self.assertEqual((await self.store.query("zone", Query(count=True))).total, 1)
+
+    @async_to_deferred
     async def test_update_compare_and_swap(self) -> None:
         """
         update with expected values changes the row only when they hold; otherwise
@@ -807,6 +869,9 @@ class OpenStoreTests(unittest.SynchronousTestCase):
         self.assertEqual((m.dialect.path, m.pool_size), (":memory:", 1))
         p = open_store("postgresql://postgres@127.0.0.1:5432/db", reactor, pool_size=3)
         self.assertEqual((p.backend, p.pool_size), ("postgresql", 3))
+        mem = open_store("memory://", reactor)
+        self.assertEqual((mem.backend, mem.pool_size, mem.name), ("memory", 0, None))
+        self.assertEqual(open_store("memory://shared", reactor).name, "shared")
         self.assertRaises(ValueError, open_store, "sqlite://relative.db", reactor)
         self.assertRaises(ValueError, open_store, "mysql://x/y", reactor)
         self.assertRaises(ValueError, open_store, "sqlite:///x.db", reactor, pool_size=17)
