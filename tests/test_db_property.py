@@ -2,11 +2,14 @@
 A hypothesis stateful test of the atomic operations, on SQLite and on the real PostgreSQL.
 
 Each step issues a batch of operations (reserve/release host capacity, allocate/free IP, VM
-state compare-and-swap) AT THE SAME TIME: the batch runs on several OS threads, each with
+state compare-and-swap, and retries of reservations and allocations already held, as after a
+lost acknowledgement) AT THE SAME TIME: the batch runs on several OS threads, each with
 its own database connection, released together by a barrier, calling the very C{*_thd}
 functions the store runs in its pool. So the races are real races in the database, while
 the test itself stays synchronous (hypothesis drives it; no reactor is involved). After each
-step it checks that capacity is conserved, that no IP is held twice, and that the VM state
+step it checks that capacity is conserved (and that the audit, which recomputes it from the
+holders, agrees), that a retry takes nothing more and answers the same address, that no IP
+is held twice, and that the VM state
 only moved along a chain of compare-and-swaps whose expected state was the state before.
 """
 
@@ -50,6 +53,8 @@ TRANSITIONS = [
 OPS = st.one_of(
     st.tuples(st.just("reserve"), st.integers(0, 4), st.integers(0, 400)),
     st.tuples(st.just("release"), st.integers(0, 50)),
+    st.tuples(st.just("retry"), st.integers(0, 50)),
+    st.tuples(st.just("realloc"), st.integers(0, 50)),
     st.tuples(st.just("alloc"), st.sampled_from(["random", "first"])),
     st.tuples(st.just("alloc"), st.sampled_from(["random", "first"])),
     st.tuples(st.just("free"), st.integers(0, 50)),
@@ -131,6 +136,7 @@ class StoreMachine(RuleBasedStateMachine):
         thd.insert_thd(db, "vmInstance", dict(TOPOLOGY["vmInstance"], uuid=self.vm), 0.0)
         self.reserved: list[tuple[int, int, tuple[str, str]]] = []
         self.held: dict[str, str] = {}
+        self.holders: dict[str, tuple[str, str]] = {}
         self.freed: list[str] = []
         self.state = "Created"
 
@@ -138,6 +144,7 @@ class StoreMachine(RuleBasedStateMachine):
     def concurrent_batch(self, ops: list[tuple]) -> None:
         calls: list[Callable[[Db], Any]] = []
         kinds: list[tuple] = []
+        pinned: set = set()  # retried in this batch: not released in it too
         for op in ops:
             kind = op[0]
             if kind == "reserve":
@@ -146,18 +153,34 @@ class StoreMachine(RuleBasedStateMachine):
                 calls.append(lambda db, c=cpu, m=mem, h=holder: thd.reserve_host_capacity_thd(
                     db, self.host, c, m, h, 1.0))
                 kinds.append(("reserve", (cpu, mem, holder)))
-            elif kind == "release" and self.reserved:
-                cpu, mem, holder = self.reserved.pop(op[1] % len(self.reserved))
+            elif kind == "release" and [r for r in self.reserved if r[2] not in pinned]:
+                free = [i for i, r in enumerate(self.reserved) if r[2] not in pinned]
+                cpu, mem, holder = self.reserved.pop(free[op[1] % len(free)])
                 calls.append(lambda db, h=holder: thd.release_host_capacity_thd(
                     db, self.host, h, 1.0))
                 kinds.append(("release", (cpu, mem, holder)))
+            elif kind == "retry" and self.reserved:
+                # A reservation retried (its acknowledgement lost), racing the others.
+                cpu, mem, holder = self.reserved[op[1] % len(self.reserved)]
+                pinned.add(holder)
+                calls.append(lambda db, c=cpu, m=mem, h=holder: thd.reserve_host_capacity_thd(
+                    db, self.host, c, m, h, 1.0))
+                kinds.append(("retry", (cpu, mem, holder)))
+            elif kind == "realloc" and self.held:
+                uuid = sorted(self.held)[op[1] % len(self.held)]
+                holder = self.holders[uuid]
+                pinned.add(uuid)
+                calls.append(lambda db, h=holder: thd.allocate_ip_thd(
+                    db, self.l3, h, None, None, 1.0, "first"))
+                kinds.append(("realloc", uuid))
             elif kind == "alloc":
                 holder = ("VmNicVO", f"n{next(self.env.counter)}")
                 calls.append(lambda db, s=op[1], h=holder: thd.allocate_ip_thd(
                     db, self.l3, h, None, None, 1.0, s))
-                kinds.append(("alloc", None))
-            elif kind == "free" and self.held:
-                uuid = sorted(self.held)[op[1] % len(self.held)]
+                kinds.append(("alloc", holder))
+            elif kind == "free" and set(self.held) - pinned:
+                choices = sorted(set(self.held) - pinned)
+                uuid = choices[op[1] % len(choices)]
                 del self.held[uuid]
                 calls.append(lambda db, u=uuid: thd.free_ip_thd(db, u))
                 kinds.append(("free", uuid))
@@ -182,10 +205,15 @@ class StoreMachine(RuleBasedStateMachine):
                     assert value.code == DB.HOST_CAPACITY, value
             elif kind == "release":
                 assert ok, f"releasing a held reservation failed: {value}"
+            elif kind == "retry":
+                assert ok, f"retrying a held reservation failed: {value}"
+            elif kind == "realloc":
+                assert ok and value["uuid"] == arg, (arg, value)
             elif kind == "alloc":
                 if ok:
                     assert value["ip"] not in self.held.values(), f"{value['ip']} held twice"
                     self.held[value["uuid"]] = value["ip"]
+                    self.holders[value["uuid"]] = arg
                 else:
                     assert value.code == DB.NO_FREE_IP, value
             elif kind == "free":
