@@ -322,6 +322,8 @@ class EdgeTests(SynchronousTestCase):
             ("allocate_ip", "l3-1", ("VmNicVO", "a"), None, None, "first"),
             ("heartbeat", "mn-2", "h\x7f", 2**40, "RUNNING"),
             ("query", "zone", Query(conditions=["name~=a\\"])),
+            ("query", 0, Query()),
+            ("get", ["zone"], "zone-1"),
             ("query", "zone", Query(sort="description")),
             ("query", "zone", Query(sort="-description")),
         ]

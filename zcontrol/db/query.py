@@ -572,7 +572,7 @@ def compile_query(res: Resource | str, query: Query) -> CompiledQuery:
     Compile C{query} over C{res} into parameterised SQL; C{SYS.1007} on anything outside the
     language or the whitelist.
     """
-    if isinstance(res, str):
+    if not isinstance(res, Resource):
         res = resource(res)
     if not isinstance(query, Query):
         raise _bad(f"not a query: {_short(query)}", field="query")
