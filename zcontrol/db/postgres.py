@@ -6,6 +6,10 @@ in autocommit mode (single statements are one round trip; see L{zcontrol.db._sto
 A dead connection (C{pg_terminate_backend}, a server restart) is noticed before it is used
 (PostgreSQL writes a FATAL notice on the socket before closing it) and replaced; an operation
 in flight when it dies fails with C{SYS.1016}.
+
+Text order (C{sort} and C{<}/C{>} on text fields) follows the database's collation: create
+the database with C{LC_COLLATE} C or C.UTF-8 for the code point order SQLite and the memory
+store use (the test server's databases are C.UTF-8).
 """
 
 from __future__ import annotations
