@@ -359,9 +359,9 @@ class Codec:
         @return: how many reserved keys C{body} holds (for L{decode_top}'s bookkeeping).
         @raise CodecError: ill-formed, or a major version other than ours.
         """
-        raw = body.get(VERSION_KEY)
-        if raw is None:
+        if VERSION_KEY not in body:
             return 0
+        raw = body[VERSION_KEY]
         if raw != _OUR_VERSION:
             major, minor = parse_version(raw, f"{path}.{VERSION_KEY}")
             if major != WIRE_VERSION[0]:

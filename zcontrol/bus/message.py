@@ -142,7 +142,18 @@ class DecodeError(OperationError):
         self.message_id = message_id
 
 
+#: The longest chain of causes an ErrorCode on the wire may have (from_dict, repr and to_dict
+#: recurse along it).
+MAX_CAUSE_DEPTH = 32
+
+
 def _decode_error_code(value: Any) -> ErrorCode:
+    link, depth = value, 0
+    while isinstance(link, dict) and link.get("cause") is not None:
+        depth += 1
+        if depth > MAX_CAUSE_DEPTH:
+            raise ValueError(f"a chain of causes longer than {MAX_CAUSE_DEPTH}")
+        link = link["cause"]
     return ErrorCode.from_dict(value)
 
 
