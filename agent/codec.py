@@ -364,8 +364,9 @@ class Codec:
         for key in body:
             if key in known or key == VERSION_KEY or (cls, key) in logged:
                 continue
-            if len(logged) < _MAX_UNKNOWN_LOGGED:
-                logged.add((cls, key))
+            if len(logged) >= _MAX_UNKNOWN_LOGGED:  # a peer sending random keys: stop here
+                return
+            logged.add((cls, key))
             log.debug("ignoring the unknown field {path}.{key} (a newer peer?)",
                       path=path, key=key)
 
