@@ -38,22 +38,23 @@ a callback replayed after its task completed finds no pending task.
 Encoding
 ========
 Commands and responses are frozen attrs classes (L{Message}) with snake_case attributes and
-camelCase JSON names (ZStack's dialect: C{vmInstanceUuid}). Decoding is strict: unknown
-fields, missing required fields and wrong types raise L{ProtocolError}. Every response field
-has a default, so that C{Rsp(success=False, error="...")} is always a valid response of any
-type.
+camelCase JSON names (ZStack's dialect: C{vmInstanceUuid}), encoded by the project's one codec
+(L{agent.codec}, shared with the bus) and under its policy: unknown fields are ignored (a
+newer peer's additions), missing required fields and wrong types raise L{ProtocolError}
+naming the field, and every body carries the wire version C{"_v": "MAJOR.MINOR"} (another
+major is refused). Every response field has a default, so that C{Rsp(success=False,
+error="...")} is always a valid response of any type.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
-import types
-import typing
-from typing import Any, ClassVar, Mapping, TypeVar, Union
+from typing import Any, ClassVar, Mapping, TypeVar
 
 import attrs
+
+from agent.codec import Codec, CodecError, camel_case, dumps, loads
 
 __all__ = [
     "CALLBACK_URL_HEADER",
@@ -96,10 +97,9 @@ HOSTS_PREFIX = "/hosts/"
 M = TypeVar("M", bound="Message")
 
 
-class ProtocolError(ValueError):
-    """
-    A message does not match the contract (bad JSON, unknown or missing field, wrong type).
-    """
+#: A message does not match the contract (bad JSON, missing field, wrong type, refused wire
+#: version): the shared codec's error (see L{agent.codec}).
+ProtocolError = CodecError
 
 
 def host_base_url(agent_url: str, host_id: str | int | None = None) -> str:
@@ -136,62 +136,17 @@ def verify(secret: str, taskuuid: str, body: bytes, signature: str | bytes | Non
     return hmac.compare_digest(expected, signature)
 
 
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+# The agent wire's codec: the project's one codec (L{agent.codec}, shared with the bus) with
+# camelCase wire names.
+_CODEC = Codec(rename=camel_case)
 
 
 def _decode_value(tp: Any, value: Any, where: str) -> Any:
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin is Union or origin is types.UnionType:
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ProtocolError(f"{where}: null is not allowed")
-        (inner,) = [a for a in args if a is not type(None)]
-        return _decode_value(inner, value, where)
-    if tp is bool:
-        if type(value) is not bool:
-            raise ProtocolError(f"{where}: expected a boolean, got {type(value).__name__}")
-        return value
-    if tp is int:
-        if type(value) is not int:
-            raise ProtocolError(f"{where}: expected an integer, got {type(value).__name__}")
-        return value
-    if tp is float:
-        if type(value) not in (int, float):
-            raise ProtocolError(f"{where}: expected a number, got {type(value).__name__}")
-        return float(value)
-    if tp is str:
-        if type(value) is not str:
-            raise ProtocolError(f"{where}: expected a string, got {type(value).__name__}")
-        return value
-    if origin is list:
-        if type(value) is not list:
-            raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
-        (inner,) = typing.get_args(tp)
-        return [_decode_value(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if type(value) is not dict:
-            raise ProtocolError(f"{where}: expected an object, got {type(value).__name__}")
-        _, inner = typing.get_args(tp)
-        return {k: _decode_value(inner, v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(tp, type) and issubclass(tp, Message):
-        return tp._decode(value, where)
-    raise TypeError(f"unsupported wire type {tp!r} at {where}")  # pragma: no cover
+    return _CODEC.converter(tp)(value, where)
 
 
 def _encode_value(value: Any) -> Any:
-    if isinstance(value, Message):
-        return value.to_dict()
-    if isinstance(value, list):
-        return [_encode_value(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _encode_value(v) for k, v in value.items()}
-    return value
+    return _CODEC.encode_value(value)
 
 
 @attrs.frozen(kw_only=True)
@@ -202,61 +157,38 @@ class Message:
     """
 
     _wire: ClassVar[tuple[tuple[str, str, Any, bool], ...]] = ()
-    _by_wire: ClassVar[dict[str, tuple[str, Any]]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         """
-        The JSON-ready dict with camelCase keys.
+        The JSON-ready dict with camelCase keys and the wire version (L{agent.codec}).
         """
-        out = {}
-        for attr, wire, _tp, _required in self._wire:
-            out[wire] = _encode_value(getattr(self, attr))
-        return out
+        return _CODEC.encode_top(self)
 
     def to_json(self) -> bytes:
         """
         The UTF-8 JSON encoding.
         """
-        return json.dumps(self.to_dict(), separators=(",", ":")).encode("utf-8")
-
-    @classmethod
-    def _decode(cls: type[M], data: Any, where: str) -> M:
-        if type(data) is not dict:
-            raise ProtocolError(f"{where}: expected an object, got {type(data).__name__}")
-        by_wire = cls._by_wire
-        kwargs = {}
-        for key, value in data.items():
-            spec = by_wire.get(key)
-            if spec is None:
-                raise ProtocolError(f"{where}: unknown field {key!r}")
-            attr, tp = spec
-            kwargs[attr] = _decode_value(tp, value, f"{where}.{key}")
-        for attr, wire, _tp, required in cls._wire:
-            if required and attr not in kwargs:
-                raise ProtocolError(f"{where}: missing field {wire!r}")
-        return cls(**kwargs)
+        return dumps(_CODEC.encode_top(self))
 
     @classmethod
     def from_dict(cls: type[M], data: Mapping[str, Any]) -> M:
         """
-        Decode strictly from a JSON object.
+        Decode from a JSON object: unknown fields are ignored, missing or ill-typed ones and
+        a wire version of another major are refused.
 
-        @raise ProtocolError: the data does not match the contract.
+        @raise ProtocolError: the data does not match the contract; the message names the
+            field.
         """
-        return cls._decode(data, cls.__name__)
+        return _CODEC.decode_top(cls, data)
 
     @classmethod
     def from_json(cls: type[M], body: bytes | str) -> M:
         """
-        Decode strictly from JSON text.
+        Decode from JSON text, as L{from_dict}.
 
         @raise ProtocolError: not JSON, or not this message.
         """
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ProtocolError(f"{cls.__name__}: malformed JSON: {e}") from None
-        return cls._decode(data, cls.__name__)
+        return _CODEC.decode_top(cls, loads(body, cls.__name__))
 
 
 def message(cls: type[M]) -> type[M]:
@@ -267,12 +199,9 @@ def message(cls: type[M]) -> type[M]:
     cls = attrs.frozen(kw_only=True)(cls)
     attrs.resolve_types(cls)
     table = []
-    for f in attrs.fields(cls):
-        if f.name.startswith("_"):
-            continue
-        table.append((f.name, _camel(f.name), f.type, f.default is attrs.NOTHING))
+    for f in _CODEC.wire_fields(cls):
+        table.append((f.name, camel_case(f.name), f.type, f.default is attrs.NOTHING))
     cls._wire = tuple(table)
-    cls._by_wire = {wire: (attr, tp) for attr, wire, tp, _ in table}
     response_base = globals().get("Response")
     if response_base is not None and issubclass(cls, response_base):
         required = [wire for _a, wire, _t, req in table if req]

@@ -8,9 +8,11 @@ import json
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from agent import protocol as p
+from agent.codec import VERSION_KEY
 
 texts = st.text(max_size=20)
 nics = st.builds(p.NicTO, mac=texts, ip=st.none() | texts, device_id=st.integers(0, 64))
@@ -46,20 +48,20 @@ class CodecTests(SynchronousTestCase):
 
     def test_camel_case(self) -> None:
         """
-        Wire names are camelCase.
+        Wire names are camelCase; the body carries the wire version.
         """
         data = json.loads(p.ConnectCmd(host_uuid="h", callback_secret="s").to_json())
-        self.assertEqual(set(data), {"hostUuid", "callbackSecret", "sendCommandUrl", "version"})
+        self.assertEqual(set(data),
+                         {"hostUuid", "callbackSecret", "sendCommandUrl", "version", "_v"})
 
     def test_strict(self) -> None:
         """
-        Malformed JSON, non-objects, unknown fields, missing fields and wrong types are
-        refused with ProtocolError.
+        Malformed JSON, non-objects, missing fields and wrong types are refused with
+        ProtocolError (unknown fields are not: see L{OneCodecTests}).
         """
         good = {"vmInstanceUuid": "v", "cpuNum": 1, "memorySize": 2}
         self.assertEqual(p.StartVmCmd.from_dict(good).cpu_num, 1)
         bad = [
-            {**good, "extra": 1},
             {"vmInstanceUuid": "v", "cpuNum": 1},
             {**good, "cpuNum": True},
             {**good, "cpuNum": 1.5},
@@ -163,3 +165,101 @@ class SignatureTests(SynchronousTestCase):
         """
         for signature in (None, "", b"", "é", "00"):
             self.assertFalse(p.verify("s", "t", b"", signature))
+
+
+#: Keys a newer peer might add: anything that is not a field of the class nor the version key.
+future_keys = st.text(min_size=1, max_size=12).filter(
+    lambda k: k not in {w for _a, w, _t, _r in p.StartVmCmd._wire} | {VERSION_KEY})
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                           lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                           max_leaves=8)
+
+
+class OneCodecTests(SynchronousTestCase):
+    """
+    The agent wire under the project's one codec policy (issue 8 item 16): tolerant of
+    unknown fields, strict on missing and ill-typed ones, with a wire version.
+    """
+
+    good = {"vmInstanceUuid": "v", "cpuNum": 1, "memorySize": 2,
+            "nics": [{"mac": "m", "deviceId": 0}]}
+
+    @given(st.dictionaries(future_keys, json_values, min_size=1, max_size=4))
+    def test_unknown_fields_ignored(self, extra: dict) -> None:
+        """
+        Fault (issue 8 item 16): the agent refused unknown fields while the bus ignored them,
+        so a management node one release ahead (adding a field) broke every command to an
+        agent of the previous release. Any extra keys, at the top or in a nested value, are
+        now ignored and the rest decodes the same.
+        """
+        expected = p.StartVmCmd.from_dict(self.good)
+        data = {**self.good, **extra, "nics": [{**self.good["nics"][0], **extra}]}
+        self.assertEqual(p.StartVmCmd.from_dict(data), expected)
+        self.assertEqual(p.StartVmCmd.from_json(json.dumps(data)), expected)
+
+    def test_newer_response_accepted(self) -> None:
+        """
+        A response from a newer agent (extra fields, a newer minor version) is read.
+        """
+        rsp = p.StartVmRsp.from_json(b'{"success":true,"vncPort":5900,"spicePort":5901,'
+                                     b'"_v":"1.9"}')
+        self.assertEqual(rsp, p.StartVmRsp(success=True, vnc_port=5900))
+
+    def test_errors_name_the_field(self) -> None:
+        """
+        Missing and ill-typed fields are refused with the field's wire path.
+        """
+        cases = [
+            ({k: v for k, v in self.good.items() if k != "memorySize"},
+             "StartVmCmd.memorySize is missing"),
+            ({**self.good, "cpuNum": True}, "StartVmCmd.cpuNum must be an integer"),
+            ({**self.good, "nics": [{"ip": "1.2.3.4"}]}, "StartVmCmd.nics[0].mac is missing"),
+            ({**self.good, "bootDev": ["hd", None]}, "StartVmCmd.bootDev[1] must be a str"),
+            ({**self.good, "vmName": 3}, "StartVmCmd.vmName must be a str"),
+        ]
+        for data, message in cases:
+            e = self.assertRaises(p.ProtocolError, p.StartVmCmd.from_dict, data)
+            self.assertEqual(str(e), message)
+
+    def test_wire_version(self) -> None:
+        """
+        Every body carries C{_v}; a newer minor (or none, a peer older than the field) is
+        accepted, another major or an ill-formed version is refused, saying so.
+        """
+        self.assertEqual(json.loads(p.EchoCmd().to_json()), {VERSION_KEY: "1.0"})
+        self.assertEqual(p.StartVmCmd.to_dict(p.StartVmCmd.from_dict(self.good))[VERSION_KEY],
+                         "1.0")
+        for version in ("1.0", "1.1", "1.42"):
+            p.StartVmCmd.from_dict({**self.good, VERSION_KEY: version})
+        e = self.assertRaises(p.ProtocolError, p.StartVmCmd.from_dict,
+                              {**self.good, VERSION_KEY: "2.0"})
+        self.assertIn("StartVmCmd._v: wire version 2.0 is not supported", str(e))
+        self.assertRaises(p.ProtocolError, p.StartVmCmd.from_dict,
+                          {**self.good, VERSION_KEY: "0.9"})
+        for bad in (1, 1.0, "1", "1.x", "", None, [1, 0], "١.٠"):
+            e = self.assertRaises(p.ProtocolError, p.StartVmCmd.from_dict,
+                                  {**self.good, VERSION_KEY: bad})
+            self.assertIn("StartVmCmd._v must be a wire version", str(e))
+
+    def test_no_input_escapes(self) -> None:
+        """
+        Deeply nested JSON, or a deep value in a free-form field, is a ProtocolError rather
+        than a RecursionError.
+        """
+        self.assertRaises(p.ProtocolError, p.StartVmCmd.from_json, b"[" * 100_000)
+        deep = b'{"states": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001
+        self.assertRaises(p.ProtocolError, p.VmSyncRsp.from_json, deep)
+
+    def test_unknown_field_logged_once(self) -> None:
+        """
+        An ignored field is logged at debug level, once per class and field name.
+        """
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for _ in range(3):
+            p.HostFactRsp.from_dict({"success": True, "gpuModelForTestOnly": "x"})
+        seen = [e for e in events if e.get("key") == "gpuModelForTestOnly"]
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(seen[0]["log_level"], LogLevel.debug)

@@ -2,6 +2,7 @@
 The message codec: registration, round trips, strict decoding.
 """
 
+import json
 from typing import Any
 
 import attrs
@@ -9,6 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from agent import protocol as agent_protocol
+from agent.codec import VERSION_KEY
 from zcontrol.bus.message import (
     DecodeError,
     Event,
@@ -151,3 +154,116 @@ class CodecTests(SynchronousTestCase):
 
         self.assertRaises(ValueError, r.register, B)
         self.assertRaises(ValueError, r.encode, Nested(name="x"))
+
+
+@attrs.define(kw_only=True)
+class ProbeItem:
+    name: str
+    size: int = 0
+
+
+@reg.register
+@attrs.define(kw_only=True)
+class Probe(NeedReplyMessage):
+    name: str
+    size: int = 0
+    items: list[ProbeItem] = attrs.field(factory=list)
+
+
+@agent_protocol.message
+class AgentProbeItem(agent_protocol.Message):
+    name: str
+    size: int = 0
+
+
+@agent_protocol.message
+class AgentProbe(agent_protocol.Message):
+    name: str
+    size: int = 0
+    items: list[AgentProbeItem] = attrs.Factory(list)
+
+
+class OneCodecPolicyTests(SynchronousTestCase):
+    """
+    The bus and the agent wire share one codec and one policy (issue 8 item 16).
+    """
+
+    def bus(self, body):
+        """
+        (True, fields) or (False, error details with the root named "Probe").
+        """
+        try:
+            msg = reg.decode(json.dumps({"Probe": body}))
+        except DecodeError as e:
+            return False, e.error.code, e.error.details
+        return True, msg.name, msg.size, [(i.name, i.size) for i in msg.items]
+
+    def agent(self, body):
+        try:
+            cmd = AgentProbe.from_dict(body)
+        except agent_protocol.ProtocolError as e:
+            return False, SYS.INVALID_ARGUMENT_ERROR, str(e).replace("AgentProbe", "Probe", 1)
+        return True, cmd.name, cmd.size, [(i.name, i.size) for i in cmd.items]
+
+    def test_same_answer_on_both_wires(self):
+        """
+        Fault (issue 8 item 16): the bus ignored unknown fields and the agent refused them
+        (two codecs, two policies), so a rolling upgrade broke one of the wires. The same
+        body now gets the same answer on both: unknown fields ignored at any depth, missing
+        and ill-typed ones refused with the same path, the same versions accepted.
+        """
+        good = {"name": "a", "size": 2, "items": [{"name": "i", "size": 1}]}
+        accepted = [
+            good,
+            {**good, "future": {"x": [1]}},
+            {**good, "items": [{"name": "i", "size": 1, "future": True}]},
+            {**good, VERSION_KEY: "1.0"},
+            {**good, VERSION_KEY: "1.7"},
+        ]
+        refused = [
+            ({"size": 2}, "Probe.name is missing"),
+            ({**good, "size": True}, "Probe.size must be an integer"),
+            ({**good, "size": 1.5}, "Probe.size must be an integer"),
+            ({**good, "name": None}, "Probe.name must be a str"),
+            ({**good, "items": [{"size": 1}]}, "Probe.items[0].name is missing"),
+            ({**good, "items": {}}, "Probe.items must be a list"),
+            ({**good, VERSION_KEY: "2.0"}, "Probe._v: wire version 2.0 is not supported"),
+            ({**good, VERSION_KEY: 1}, "Probe._v must be a wire version"),
+        ]
+        for body in accepted:
+            on_bus = self.bus(body)
+            self.assertTrue(on_bus[0], (body, on_bus))
+            self.assertEqual(on_bus, (True, "a", 2, [("i", 1)]))
+            self.assertEqual(self.agent(body), on_bus)
+        for body, message in refused:
+            on_bus = self.bus(body)
+            self.assertEqual(on_bus[:2], (False, SYS.INVALID_ARGUMENT_ERROR), body)
+            self.assertIn(message, on_bus[2])
+            self.assertEqual(self.agent(body), on_bus)
+
+    def test_bus_wire_version(self):
+        """
+        Bus bodies carry the wire version; another major is SYS.1007 naming C{_v} (checked
+        before the type, which may not exist here) with the message id kept for the answer.
+        """
+        body = json.loads(reg.encode(Probe(name="a")))["Probe"]
+        self.assertEqual(body[VERSION_KEY], "1.0")
+        for name in ("Probe", "TypeFromTheFuture"):
+            data = json.dumps({name: {"id": "m9", "name": "a", VERSION_KEY: "2.1"}})
+            e = self.assertRaises(DecodeError, reg.decode, data)
+            self.assertEqual(e.error.code, SYS.INVALID_ARGUMENT_ERROR)
+            self.assertIn(f"{name}._v: wire version 2.1 is not supported", e.error.details)
+            self.assertEqual(e.message_id, "m9")
+
+    def test_deep_nesting_is_a_decode_error(self):
+        """
+        Deeply nested JSON, and a deep chain of error causes, are SYS.1007 rather than a
+        RecursionError escaping the decoder.
+        """
+        causes = b'{"code": "X.1", "cause": ' * 900 + b"null" + b"}" * 900
+        for data, fragment in [(b"[" * 100_000, "nested too deeply"),
+                               (b'{"Reply": {"error": ' + causes + b"}}",
+                                "Reply.error: a chain of causes longer than 32")]:
+            e = self.assertRaises(DecodeError, reg.decode, data)
+            self.assertEqual(e.error.code, SYS.INVALID_ARGUMENT_ERROR)
+            self.assertIn(fragment, e.error.details)

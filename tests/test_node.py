@@ -12,14 +12,17 @@ from twisted.application.service import IServiceMaker, Service
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.bus_contract import SERVICE, ContractEcho, ContractEchoReply
 from tests.test_agent_loopback import LoopbackTestCase
+from zcontrol import identity
 from zcontrol.config import ConfigError, load_config
 from zcontrol.core.errors import SYS
+from zcontrol.identity import NODE_ID_FILE, resolve_node_id
 from zcontrol.node import HeartbeatService, OrderedMultiService, make_node
 from zcontrol.services.host import SERVICE_ID as HOST_SERVICE
 from zcontrol.services.host import AddHostMsg
@@ -280,3 +283,120 @@ class NodeWithAgentTests(LoopbackTestCase):
         host = [s for s in again if s.name == "host"][0]
         self.assertEqual(await host.reconnected, 1)
         await again.stopService()
+
+
+class NodeIdentityTests(SynchronousTestCase):
+    """
+    The management node's id (issue 8 item 15): explicit config, else the data dir's id file,
+    else (an in-memory store) a fresh one with a warning.
+    """
+
+    def config(self, data, **node):
+        return load_config(None, {"node": {"data_dir": data, **node}, "http": {"port": 0}})
+
+    def data_dir(self):
+        return os.path.abspath(self.mktemp())
+
+    def test_first_start_persists_atomically(self):
+        """
+        The first start writes a fresh id to C{<data_dir>/node-id} (creating the directory)
+        and leaves no temporary file behind; the next resolution reads the same id.
+        """
+        data = self.data_dir()
+        first = resolve_node_id(self.config(data))
+        self.assertEqual(os.listdir(data), [NODE_ID_FILE])
+        with open(os.path.join(data, NODE_ID_FILE), "rb") as f:
+            self.assertEqual(f.read(), first.encode("ascii") + b"\n")
+        self.assertEqual(resolve_node_id(self.config(data)), first)
+
+    def test_lost_creation_race_reads_the_winner(self):
+        """
+        When another start created the file first, creating does not overwrite it: the
+        winner's id is used, and no temporary file remains.
+        """
+        data = self.data_dir()
+        os.makedirs(data)
+        path = os.path.join(data, NODE_ID_FILE)
+        with open(path, "w") as f:
+            f.write("winner-id\n")
+        self.assertEqual(identity._create(data, path), "winner-id")
+        self.assertEqual(os.listdir(data), [NODE_ID_FILE])
+
+    def test_explicit_id_wins(self):
+        """
+        C{node.id} wins over an existing id file, which is left as it is; an explicit id
+        that cannot be a queue-name part is a ConfigError.
+        """
+        data = self.data_dir()
+        persisted = resolve_node_id(self.config(data))
+        self.assertEqual(resolve_node_id(self.config(data, id="mn-7")), "mn-7")
+        self.assertEqual(resolve_node_id(self.config(data)), persisted)
+        e = self.assertRaises(ConfigError, resolve_node_id, self.config(data, id="mn 7/x"))
+        self.assertIn("node.id", str(e))
+
+    def test_corrupt_file_refused(self):
+        """
+        Fault (issue 8 item 15): nothing kept the id, so nothing checked it. An empty,
+        binary, over-long or malformed id file is a startup error naming the file
+        (C{make_node} raises it, C{twistd} exits with it), never a silently new id; the file
+        is left untouched for the operator.
+        """
+        data = self.data_dir()
+        os.makedirs(data)
+        path = os.path.join(data, NODE_ID_FILE)
+        for content in [b"", b"\n", b"\xff\xfe\x00", b"two words\n", b"x" * 65, b"-lead\n"]:
+            with open(path, "wb") as f:
+                f.write(content)
+            e = self.assertRaises(ConfigError, resolve_node_id, self.config(data))
+            self.assertIn(path, str(e))
+            self.assertIn("corrupt", str(e))
+            self.assertRaises(ConfigError, make_node, self.config(data), reactor)
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), content)
+
+    def test_in_memory_store_gets_a_fresh_id_with_a_warning(self):
+        """
+        With an in-memory store (no persistent state) each start gets a fresh id, a warning
+        says so, and no id file is written.
+        """
+        data = self.data_dir()
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        config = load_config(None, {"node": {"data_dir": data},
+                                    "store": {"url": "sqlite://:memory:"}})
+        a, b = resolve_node_id(config), resolve_node_id(config)
+        self.assertNotEqual(a, b)
+        self.assertFalse(os.path.exists(data))
+        warnings = [e for e in events if e.get("log_level") == LogLevel.warn
+                    and "fresh id" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 2)
+
+
+class NodeIdentityRestartTests(TestCase):
+    """
+    A whole node restarted on the same data dir (issue 8 item 15).
+    """
+
+    async def test_restart_keeps_the_id(self):
+        """
+        Fault (issue 8 item 15): the node id was a fresh uuid on every start, so a restarted
+        node could not find what it owned. Started twice on one data dir with no C{node.id},
+        the node keeps its id: in its config, on its bus and in the management-node table.
+        """
+        data = os.path.abspath(self.mktemp())
+        config = load_config(None, {"node": {"data_dir": data}, "http": {"port": 0}})
+        ids = []
+        for _ in range(2):
+            node = make_node(config, reactor)
+            self.addCleanup(lambda node=node: node.running and node.stopService())
+            await node.startService()
+            self.assertEqual(node.bus.node_id, node.config.node_id)
+            live = await node.store.live_management_nodes(60)
+            self.assertIn(node.config.node_id,
+                          [n["uuid"] if isinstance(n, dict) else n for n in live])
+            ids.append(node.config.node_id)
+            await node.stopService()
+        self.assertEqual(ids[0], ids[1])
+        with open(os.path.join(data, NODE_ID_FILE)) as f:
+            self.assertEqual(f.read().strip(), ids[0])

@@ -7,7 +7,7 @@ down. There is no global configuration.
 A config file looks like::
 
     [node]
-    id = "mn-1"                 # default: a fresh uuid per start
+    id = "mn-1"                 # default: kept in <data_dir>/node-id (zcontrol.identity)
     data_dir = "/var/lib/zcontrol"
 
     [store]
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import tomllib
-import uuid
 from typing import Any, Mapping
 
 import attrs
@@ -83,7 +82,7 @@ class HttpConfig:
 
 @attrs.frozen
 class Config:
-    node_id: str
+    node_id: str | None  # None: chosen at start by zcontrol.identity.resolve_node_id
     data_dir: str
     store: StoreConfig
     bus: BusConfig = attrs.field(factory=BusConfig)
@@ -153,7 +152,7 @@ def load_config(path: str | None = None,
     url = store.get("url") or f"sqlite:///{os.path.join(data_dir, 'zcontrol.db')}"
     try:
         return Config(
-            node_id=node.get("id") or uuid.uuid4().hex,
+            node_id=node.get("id") or None,
             data_dir=data_dir,
             store=StoreConfig(url=url, pool_size=store.get("pool_size")),
             bus=BusConfig(**values["bus"]),

@@ -323,10 +323,16 @@ class ManagementNode(OrderedMultiService):
 def make_node(config: Config, reactor: Any,
               on_start_failure: Callable[[Failure], Any] | None = None) -> ManagementNode:
     """
-    Build (not start) a management node from C{config}.
+    Build (not start) a management node from C{config}. Its id is chosen (and on a first
+    start persisted) by L{zcontrol.identity.resolve_node_id}.
+
+    @raise ConfigError: the node id cannot be chosen (e.g. a corrupt id file).
     """
     from zcontrol.agentclient import AgentClient, CallbackEndpoint
     from zcontrol.db import open_store
+    from zcontrol.identity import with_node_id
+
+    config = with_node_id(config)
 
     if config.store.url.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(config.store.url[len("sqlite://"):]), exist_ok=True)

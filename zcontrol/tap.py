@@ -26,7 +26,8 @@ class Options(usage.Options):
 
     optParameters = [
         ["config", "c", None, "TOML config file (see zcontrol.config)."],
-        ["node-id", None, None, "This management node's id (default: a fresh uuid)."],
+        ["node-id", None, None, "This management node's id (default: the one kept in "
+                                   "<data-dir>/node-id, created on the first start)."],
         ["data-dir", "d", None, "Directory for the embedded SQLite store (default: ./var)."],
         ["db", None, None, "Store URL: sqlite:///abs/path.db or "
                            "postgresql://user@host:port/dbname."],
@@ -78,4 +79,7 @@ def makeService(options: Options):
         if reactor.running:
             reactor.stop()
 
-    return make_node(options["config_tree"], reactor, on_start_failure=give_up)
+    try:
+        return make_node(options["config_tree"], reactor, on_start_failure=give_up)
+    except ConfigError as e:  # e.g. a corrupt node-id file: say so, not a traceback
+        raise SystemExit(f"zcontrol: {e}") from None

@@ -14,22 +14,22 @@ Kinds:
  - L{Event}: published to every subscriber on every node; C{topic} is a dotted name that
    subscriptions match with AMQP-style wildcards (C{*} one word, C{#} any number of words).
 
-Decoding is strict: an unknown type name is C{SYS.1008}; a missing required field or a value
-of the wrong type is C{SYS.1007}. Both arrive as a L{DecodeError} (an L{OperationError}), never
-as a stray exception. Unknown extra fields are ignored, so that nodes of neighbouring versions
-can talk (the way ZStack's JSON decoding treats them).
+The JSON codec is the project's one codec, L{agent.codec}, shared with the agent wire, and
+so is its policy. An unknown type name is C{SYS.1008}; a missing required field, a value of
+the wrong type, or a wire version (C{"_v": "MAJOR.MINOR"} in the body) of another major is
+C{SYS.1007} naming the field. Both arrive as a L{DecodeError} (an L{OperationError}), never
+as a stray exception. Unknown extra fields are ignored (logged at debug level), so that nodes
+of neighbouring versions can talk (the way ZStack's JSON decoding treats them).
 """
 
 from __future__ import annotations
 
-import json
-import types
-import typing
 import uuid
-from typing import Any, Callable, ClassVar, Mapping, TypeVar, Union
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 
+from agent.codec import Codec, CodecError, dumps, loads
 from zcontrol.core.errors import SYS, ErrorCode, OperationError, error_code
 
 __all__ = [
@@ -142,203 +142,29 @@ class DecodeError(OperationError):
         self.message_id = message_id
 
 
-_NONE_TYPE = type(None)
-_JSON = json.JSONEncoder(separators=(",", ":"))
-_SCALARS = (str, int, float, bool)
-
-Converter = Callable[[Any, str], Any]
-
-# Note [compiled codec]: the codec is on the hot path of every bus message (over AMQP it was
-# half of the bus's CPU when each value was checked by walking its annotation). Each field
-# annotation is compiled once into a converter closure, and each class into a builder that
-# runs its fields' converters; encoding knows per class which fields are plain scalars.
-
-_CONVERTERS: dict[Any, Converter] = {}
-_BUILDERS: dict[type, Callable[[Mapping[str, Any], str], Any]] = {}
-_ENCODERS: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+#: The longest chain of causes an ErrorCode on the wire may have (from_dict, repr and to_dict
+#: recurse along it).
+MAX_CAUSE_DEPTH = 32
 
 
-def _converter(tp: Any) -> Converter:
-    conv = _CONVERTERS.get(tp)
-    if conv is None:
-        conv = _CONVERTERS[tp] = _make_converter(tp)
-    return conv
+def _decode_error_code(value: Any) -> ErrorCode:
+    link, depth = value, 0
+    while isinstance(link, dict) and link.get("cause") is not None:
+        depth += 1
+        if depth > MAX_CAUSE_DEPTH:
+            raise ValueError(f"a chain of causes longer than {MAX_CAUSE_DEPTH}")
+        link = link["cause"]
+    return ErrorCode.from_dict(value)
 
 
-def _any(value: Any, path: str) -> Any:
-    return value
+def _encode_error_code(value: ErrorCode) -> dict[str, Any]:
+    return value.to_dict()
 
 
-def _str(value: Any, path: str) -> Any:
-    if type(value) is str or isinstance(value, str):
-        return value
-    raise ValueError(f"{path} must be a str")
-
-
-def _bool(value: Any, path: str) -> Any:
-    if value is True or value is False:
-        return value
-    raise ValueError(f"{path} must be a bool")
-
-
-def _int(value: Any, path: str) -> Any:
-    if type(value) is int or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    raise ValueError(f"{path} must be an integer")
-
-
-def _float(value: Any, path: str) -> Any:
-    if type(value) is float:
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{path} must be a number")
-    return float(value)
-
-
-def _error_code(value: Any, path: str) -> Any:
-    try:
-        return ErrorCode.from_dict(value)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-def _make_converter(tp: Any) -> Converter:
-    if tp is Any:
-        return _any
-    if tp is str:
-        return _str
-    if tp is bool:
-        return _bool
-    if tp is int:
-        return _int
-    if tp is float:
-        return _float
-    if tp is ErrorCode:
-        return _error_code
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        optional = _NONE_TYPE in args
-        convs = [_converter(a) for a in args if a is not _NONE_TYPE]
-
-        def union(value: Any, path: str) -> Any:
-            if value is None:
-                if optional:
-                    return None
-                raise ValueError(f"{path} must not be null")
-            errors = []
-            for conv in convs:
-                try:
-                    return conv(value, path)
-                except ValueError as e:
-                    errors.append(str(e))
-            raise ValueError("; ".join(errors))
-
-        return union
-    if isinstance(tp, type) and attrs.has(tp):
-        build = _builder(tp)
-
-        def nested(value: Any, path: str) -> Any:
-            if not isinstance(value, Mapping):
-                raise ValueError(f"{path} must be an object")
-            return build(value, path)
-
-        return nested
-    if origin is list or tp is list:
-        item = _converter(args[0]) if args else _any
-
-        def list_(value: Any, path: str) -> Any:
-            if not isinstance(value, list):
-                raise ValueError(f"{path} must be a list")
-            if item is _any:
-                return value
-            return [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
-
-        return list_
-    if origin is dict or tp is dict:
-        item = _converter(args[1]) if args else _any
-
-        def dict_(value: Any, path: str) -> Any:
-            if not isinstance(value, dict):
-                raise ValueError(f"{path} must be an object")
-            if item is _any:
-                return value
-            return {k: item(v, f"{path}.{k}") for k, v in value.items()}
-
-        return dict_
-
-    def unsupported(value: Any, path: str) -> Any:
-        raise ValueError(f"{path}: unsupported field type {tp!r}")
-
-    return unsupported
-
-
-def _builder(cls: type) -> Callable[[Mapping[str, Any], str], Any]:
-    build = _BUILDERS.get(cls)
-    if build is not None:
-        return build
-    hints = typing.get_type_hints(cls)
-    fields = [
-        (f.name, "." + f.name, _converter(hints.get(f.name, Any)), f.default is attrs.NOTHING)
-        for f in attrs.fields(cls)
-    ]
-
-    def build(body: Mapping[str, Any], path: str) -> Any:
-        kwargs = {}
-        for name, suffix, conv, required in fields:
-            if name in body:
-                kwargs[name] = conv(body[name], path + suffix)
-            elif required:
-                raise ValueError(f"{path}{suffix} is missing")
-        return cls(**kwargs)
-
-    _BUILDERS[cls] = build
-    return build
-
-
-def _build(cls: type, body: Mapping[str, Any], path: str) -> Any:
-    return _builder(cls)(body, path)
-
-
-def _is_plain(tp: Any) -> bool:
-    if tp in _SCALARS or tp is _NONE_TYPE:
-        return True
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return all(_is_plain(a) for a in typing.get_args(tp))
-    return False
-
-
-def _field_split(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    split = _ENCODERS.get(cls)
-    if split is None:
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in attrs.fields(cls)]
-        plain = tuple(n for n in names if _is_plain(hints.get(n, Any)))
-        other = tuple(n for n in names if n not in plain)
-        split = _ENCODERS[cls] = (plain, other)
-    return split
-
-
-def _encode_value(value: Any) -> Any:
-    if value is None or type(value) in _SCALARS:
-        return value
-    if isinstance(value, ErrorCode):
-        return value.to_dict()
-    if attrs.has(type(value)):
-        return _encode_body(value)
-    if isinstance(value, (list, tuple)):
-        return [_encode_value(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _encode_value(v) for k, v in value.items()}
-    return value
-
-
-def _encode_body(obj: Any) -> dict[str, Any]:
-    plain, other = _field_split(type(obj))
-    body = {n: getattr(obj, n) for n in plain}
-    for n in other:
-        body[n] = _encode_value(getattr(obj, n))
-    return body
+# The bus's codec: the project's one codec (agent.codec, shared with the agent wire), with
+# attribute names as wire names, and ErrorCode as a leaf type.
+_CODEC = Codec()
+_CODEC.register(ErrorCode, _decode_error_code, _encode_error_code)
 
 
 @attrs.define
@@ -383,8 +209,10 @@ class Registry:
         name = getattr(type(obj), "type_name", None)
         if name is None or self._types.get(name) is not type(obj):
             raise ValueError(f"{type(obj).__name__} is not a registered message type")
-        body = _encode_body(obj)
-        return _JSON.encode({name: body}).encode("utf-8")
+        try:
+            return dumps({name: _CODEC.encode_top(obj)})
+        except CodecError as e:
+            raise ValueError(f"{name}: {e}") from None
 
     def decode(self, data: bytes | str) -> Any:
         """
@@ -393,9 +221,9 @@ class Registry:
         @raise DecodeError: SYS.1008 for an unknown type, SYS.1007 for anything else wrong.
         """
         try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise DecodeError(error_code(SYS.INVALID_ARGUMENT_ERROR, f"not JSON: {e}")) from None
+            doc = loads(data, "a message")
+        except CodecError as e:
+            raise DecodeError(error_code(SYS.INVALID_ARGUMENT_ERROR, str(e))) from None
         if not isinstance(doc, dict) or len(doc) != 1:
             raise DecodeError(
                 error_code(SYS.INVALID_ARGUMENT_ERROR, "a message is an object with one key")
@@ -404,6 +232,17 @@ class Registry:
         message_id = body.get("id") if isinstance(body, dict) else None
         if not isinstance(message_id, str):
             message_id = None
+        if not isinstance(body, dict):
+            raise DecodeError(
+                error_code(SYS.INVALID_ARGUMENT_ERROR, f"{name}: the body must be an object"),
+                message_id,
+            )
+        try:
+            # The version first: a message of another major may well be of a type unknown here.
+            reserved = _CODEC.check_version(body, name)
+        except CodecError as e:
+            raise DecodeError(error_code(SYS.INVALID_ARGUMENT_ERROR, str(e), type_name=name),
+                              message_id) from None
         cls = self._types.get(name)
         if cls is None:
             raise DecodeError(
@@ -411,15 +250,14 @@ class Registry:
                            type_name=name),
                 message_id,
             )
-        if not isinstance(body, dict):
-            raise DecodeError(
-                error_code(SYS.INVALID_ARGUMENT_ERROR, f"{name}: the body must be an object"),
-                message_id,
-            )
         try:
-            return _build(cls, body, name)
+            return _CODEC.decode_checked(cls, body, name, reserved)
         except (ValueError, TypeError) as e:
             raise DecodeError(error_code(SYS.INVALID_ARGUMENT_ERROR, str(e), type_name=name),
+                              message_id) from None
+        except RecursionError:
+            raise DecodeError(error_code(SYS.INVALID_ARGUMENT_ERROR,
+                                         f"{name}: nested too deeply", type_name=name),
                               message_id) from None
 
 

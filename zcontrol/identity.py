@@ -1,0 +1,138 @@
+# -*- test-case-name: tests.test_node -*-
+"""
+The management node's identity: one id that survives restarts, so that a restarted node finds
+the resources (hosts, jobs) it owned (the bus's ring routes each resource uuid to a node id,
+and the management-node table is keyed by it).
+
+How the id is chosen (L{resolve_node_id}), first match wins:
+ 1. C{node.id} in the config (or C{--node-id}): used as given.
+ 2. The file L{NODE_ID_FILE} in the data directory: read at every start. On the first start
+    it is created with a fresh uuid (hex), atomically: written to a temporary file, flushed
+    to disk, then hard-linked into place, so that neither a crash nor two starts racing can
+    leave a half-written file or two different ids. A file that is empty or does not hold
+    a valid id is a startup error (L{ConfigError}) naming the file, never silently replaced:
+    a node that takes a new id loses its resources to the ring's rebalancing.
+ 3. No persistent state (the store is C{sqlite://:memory:}): a fresh uuid, and a warning is
+    logged, since such a node owns nothing after a restart anyway.
+
+Two nodes must not share an id: two nodes with one id answer each other's requests and
+delete each other's heartbeat row. An explicit C{node.id} must therefore be unique per node,
+and a data directory belongs to one node: do not copy it (or a VM image holding it) to make
+a second node; delete L{NODE_ID_FILE} from the copy instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+
+import attrs
+from twisted.logger import Logger
+
+from zcontrol.config import Config, ConfigError
+
+__all__ = ["NODE_ID_FILE", "resolve_node_id", "with_node_id"]
+
+log = Logger()
+
+#: The file, in the data directory, that keeps the node id across restarts.
+NODE_ID_FILE = "node-id"
+
+# Ids end up in AMQP queue names and in the management-node table: keep them short and
+# printable.
+_VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _is_ephemeral(config: Config) -> bool:
+    url = config.store.url
+    return url.startswith("sqlite://") and url[len("sqlite://"):] in (":memory:", "/:memory:")
+
+
+def _check(node_id: str, source: str) -> str:
+    if not _VALID_ID.fullmatch(node_id):
+        raise ConfigError(
+            f"{source}: {node_id!r} is not a valid management-node id (1-64 characters of "
+            "letters, digits, '.', '_' and '-', starting with a letter or digit)")
+    return node_id
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1024)
+    except OSError as e:
+        raise ConfigError(f"cannot read the management-node id file {path}: {e.strerror}"
+                          ) from None
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        text = None
+    if not text or not _VALID_ID.fullmatch(text):
+        raise ConfigError(
+            f"the management-node id file {path} is corrupt (expected one id, found "
+            f"{raw[:80]!r}); restore it, or delete it to give this node a new id (its "
+            "resources then move to other nodes)")
+    return text
+
+
+def _create(data_dir: str, path: str) -> str:
+    os.makedirs(data_dir, exist_ok=True)
+    node_id = uuid.uuid4().hex
+    tmp = f"{path}.{node_id}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(node_id.encode("ascii") + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            # link() never replaces: a start that lost a race reads the winner's id.
+            os.link(tmp, path)
+        except FileExistsError:
+            return _read(path)
+    finally:
+        os.unlink(tmp)
+    try:
+        dir_fd = os.open(data_dir, os.O_RDONLY)
+    except OSError:  # pragma: no cover - a directory we just wrote into
+        pass
+    else:
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    log.info("new management-node id {node_id} kept in {path}", node_id=node_id, path=path)
+    return node_id
+
+
+def resolve_node_id(config: Config) -> str:
+    """
+    This node's id, chosen as the module docstring says; may create the id file.
+
+    @raise ConfigError: an invalid explicit id, or an id file that is unreadable or corrupt.
+    """
+    if config.node_id:
+        return _check(config.node_id, "node.id")
+    if _is_ephemeral(config):
+        node_id = uuid.uuid4().hex
+        log.warn("the store is in memory: this management node gets a fresh id {node_id} "
+                 "that will not survive a restart (set node.id to fix one)", node_id=node_id)
+        return node_id
+    path = os.path.join(config.data_dir, NODE_ID_FILE)
+    if os.path.lexists(path):
+        return _read(path)
+    try:
+        return _create(config.data_dir, path)
+    except OSError as e:
+        raise ConfigError(f"cannot create the management-node id file {path}: {e.strerror}"
+                          ) from None
+
+
+def with_node_id(config: Config) -> Config:
+    """
+    C{config} with its C{node_id} resolved by L{resolve_node_id}.
+
+    @raise ConfigError: as L{resolve_node_id}.
+    """
+    return attrs.evolve(config, node_id=resolve_node_id(config))
