@@ -19,6 +19,8 @@ from zope.interface.verify import verifyObject
 from agent import protocol as p
 from agent.hypervisor.simulator import parse_latency
 from tests.agent_fakes import InMemoryPair, base
+from zcontrol.agentclient.client import AGENT_LOST_WORK
+from zcontrol.bus._pending import deadline_scope
 from zcontrol.bus.local import LocalBus
 from zcontrol.core.errors import SYS, OperationError
 from zcontrol.db.query import Query, parse_condition
@@ -116,6 +118,18 @@ class DownHTTP:
 
     def post(self, *args: Any, **kwargs: Any) -> Deferred:
         return fail(ConnectionRefusedError())
+
+
+class HungHTTP:
+    """
+    An HTTP client whose every POST stays unanswered (a hung peer).
+    """
+
+    def post(self, *args: Any, **kwargs: Any) -> Deferred:
+        return Deferred()
+
+    def flush(self) -> None:
+        pass
 
 
 class HostServiceTestCase(SynchronousTestCase):
@@ -369,6 +383,81 @@ class CommandTests(HostServiceTestCase):
         self.pump(1)
         for d in calls:
             self.assertTrue(self.successResultOf(d).success)
+
+    def test_time_queued_counts_against_timeout(self) -> None:
+        """
+        Fault (issue 8 item 6): with 10 slots per host and a slow agent (1 s per command), the
+        30th call with a 1 s timeout waited two rounds in the host's chain and only then
+        started its 1 s timeout, failing after 3 s. The timeout now runs from the call: it
+        fails at 1 s with SYS.1001 and is never sent.
+        """
+        reply_d = self.add(1)
+        for _ in range(5):
+            self.pump(1)
+        self.assertTrue(self.successResultOf(reply_d).success)
+        accepted = self.pair.agent.stats["accepted"]
+        calls = [self.service.call("h1", p.HostCapacityCmd()) for _ in range(29)]
+        last = self.service.call("h1", p.HostCapacityCmd(), timeout=1)
+        self.pump()
+        self.assertNoResult(last)
+        self.pump(1)
+        err = self.failureResultOf(last, OperationError).value.error
+        self.assertEqual(err.code, SYS.TIMEOUT)
+        for _ in range(3):
+            self.pump(1)
+        for d in calls:
+            self.assertTrue(self.successResultOf(d).success)
+        self.assertEqual(self.pair.agent.stats["accepted"] - accepted, 29)
+
+    def test_bus_deadline_caps_queued_command(self) -> None:
+        """
+        Fault (issue 8 item 6): a command queued in a host's chain ran after the deadline of
+        the message that caused it had passed, and its agent call ignored that deadline.
+        Under a bus deadline, the queued command fails at that deadline without being sent,
+        and a started one's agent call times out at it.
+        """
+        reply_d = self.add(1)
+        for _ in range(5):
+            self.pump(1)
+        self.successResultOf(reply_d)
+        accepted = self.pair.agent.stats["accepted"]
+        self.pair.to_endpoint.stub = HungHTTP()  # the agent's callbacks never arrive
+        start = self.clock.seconds()
+        calls = [deadline_scope(start + 2, self.service.call, "h1", p.HostCapacityCmd())
+                 for _ in range(11)]
+        self.pump()
+        self.pump(2)
+        for d in calls:
+            self.assertEqual(self.failureResultOf(d, OperationError).value.error.code,
+                             SYS.TIMEOUT)
+        # Ten were sent and timed out at the deadline, the 11th never was.
+        self.assertEqual(self.pair.agent.stats["accepted"] - accepted, 10)
+        self.assertEqual(len(self.pair.client), 0)
+
+    def test_agent_restart_fails_pending_commands(self) -> None:
+        """
+        Fault (issue 8 item 8): when a ping showed that the agent had restarted (it answers
+        as never connected), the commands it had accepted waited out their 300 s timeout.
+        They now fail at once with AGENT.1001, and the host is reconnected.
+        """
+        reply_d = self.add(1)
+        for _ in range(5):
+            self.pump(1)
+        self.successResultOf(reply_d)
+        d = self.service.call("h1", p.HostCapacityCmd(), timeout=300)
+        self.pump()
+        self.assertNoResult(d)
+        self.pair.agent.crash_host("1")
+        ping = self.bus.send(PingHostMsg(service_id=SERVICE_ID, host_uuid="h1",
+                                         resource_uuid="h1"))
+        self.pump()
+        self.successResultOf(ping)
+        err = self.failureResultOf(d, OperationError).value.error
+        self.assertEqual(err.code, AGENT_LOST_WORK)
+        self.assertIn("restarted", err.details)
+        for _ in range(5):
+            self.pump(1)
+        self.assertEqual(self.store.rows["host"]["h1"]["status"], "Connected")
 
     def test_not_connected(self) -> None:
         """

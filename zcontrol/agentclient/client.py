@@ -26,8 +26,8 @@ Note [lost work]: when an agent is known to have restarted (its ping answers wit
 uuid it was connected with) or the host is forgotten, the commands it accepted are gone: they
 fail at once with C{AGENT.1001} (L{AGENT_LOST_WORK}) instead of waiting out their timeout.
 
-Note [inherited deadline]: a call made without a C{deadline} inherits the bus deadline of the
-message being handled (L{zcontrol.bus._pending.current_deadline}), on the same clock.
+Note [inherited deadline]: the bus deadline of the message being handled
+(L{zcontrol.bus._pending.current_deadline}, on the same clock) caps every call's deadline.
 """
 
 from __future__ import annotations
@@ -262,8 +262,9 @@ class AgentClient:
     # --- calls ----------------------------------------------------------------------------
 
     def _expiry(self, timeout: float | None, deadline: float | None) -> tuple[float, float]:
-        if deadline is None:
-            deadline = current_deadline()
+        inherited = current_deadline()
+        if inherited is not None and (deadline is None or inherited < deadline):
+            deadline = inherited
         now = self._clock.seconds()
         expiry = now + (self.default_timeout if timeout is None else timeout)
         if deadline is not None and deadline < expiry:

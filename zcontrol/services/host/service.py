@@ -25,6 +25,18 @@ Note [chain tasks per host]: commands to one host go through the chain-task queu
 C{host-<uuid>} with C{host_sync_level} (ZStack: 10) slots, so no host gets more than that many
 commands in flight however many VM operations target it; connect and ping are serialised per
 host under C{host-connect-<uuid>} so two reconnects never interleave.
+
+Note [deadlines]: a command's timeout runs from when L{HostService.call} is called, not from
+when it leaves the host's chain: the time it waits for a slot counts, and the deadline of the
+bus message being handled (if earlier) caps it; the chain drops a command whose deadline
+passed while it waited (C{SYS.1001}, it never ran), and the agent call gets the same deadline.
+Connect, ping and VM sync inherit the deadline of the message that caused them. Work the
+service starts on its own (a reconnect after failed pings, a VM sync after a ping) is new
+work: it runs with its own timeouts, not the deadline of the ping that triggered it.
+
+Note [lost work]: a ping (or the ping that precedes every connect) answered with no host uuid
+means the agent restarted and forgot the connect, and with it the commands it had accepted:
+they are failed at once (C{AGENT.1001}) rather than left to their timeouts.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ from zope.interface import implementer
 
 from agent import protocol as p
 from zcontrol._defer import DeferWaiter, async_to_deferred
+from zcontrol.bus._pending import current_deadline, deadline_scope
 from zcontrol.bus.message import Reply
 from zcontrol.core.chain import ChainTaskQueue
 from zcontrol.core.errors import SYS, OperationError, error_code, from_failure
@@ -206,13 +219,20 @@ class HostService:
              deadline: float | None = None) -> Deferred[Any]:
         """
         Send C{cmd} to the host's agent through the host's chain (at most C{host_sync_level}
-        commands in flight to one host). The timeout runs from when the command is sent;
-        C{deadline} (absolute, on the clock) bounds both the wait in the chain and the call.
+        commands in flight to one host). The timeout (default C{command_timeout}) runs from
+        this call, so the time spent waiting in the chain counts; C{deadline} (absolute, on
+        the clock) and the current bus deadline cap it (see Note [deadlines]).
 
         @return: a Deferred firing with the agent's response; fails as
-            L{zcontrol.agentclient.IAgentClient.call}, or with C{HOST.1002} when the host is
-            not Connected, C{HOST.1003} when unknown.
+            L{zcontrol.agentclient.IAgentClient.call}, with C{SYS.1001} when the deadline
+            passed while the command waited in the host's chain (it was not sent), with
+            C{CHAIN.1000} when too many commands already wait for the host, or with
+            C{HOST.1002} when the host is not Connected, C{HOST.1003} when unknown.
         """
+        expiry = self._clock.seconds() + (timeout or self.config.command_timeout)
+        for cap in (deadline, current_deadline()):
+            if cap is not None and cap < expiry:
+                expiry = cap
 
         async def run() -> Any:
             row = await self._host(host_uuid)
@@ -220,15 +240,10 @@ class HostService:
                 raise OperationError.of(HOST.NOT_CONNECTED,
                                         f"host {host_uuid} is {row['status']}",
                                         hostUuid=host_uuid)
-            return await self._agents.call(
-                self._base(row), cmd, timeout=timeout or self.config.command_timeout,
-                deadline=deadline)
+            return await self._agents.call(self._base(row), cmd, deadline=expiry)
 
-        wait = None
-        if deadline is not None:
-            wait = max(0.0, deadline - self._clock.seconds())
         return self._queue.run(f"host-{host_uuid}", lambda: Deferred.fromCoroutine(run()),
-                               sync_level=self.config.host_sync_level, timeout=wait)
+                               sync_level=self.config.host_sync_level, deadline=expiry)
 
     # --- add and connect ------------------------------------------------------------------
 
@@ -275,6 +290,11 @@ class HostService:
         row = await self._set_status(row, CONNECTING, "connecting")
         try:
             await self._echo_until_up(base)
+            ping = await self._agents.call(base, p.PingCmd(host_uuid=host_uuid),
+                                           timeout=self.config.ping_timeout)
+            if ping.host_uuid is None:
+                self._agents.lost_work(base, f"the agent of host {host_uuid} restarted "
+                                             "(it answers as never connected)")
             await self._agents.connect(base, host_uuid, self.config.send_command_url,
                                        timeout=self.config.echo_timeout * 2)
             fact = await self._agents.call(base, p.HostFactCmd(),
@@ -294,6 +314,9 @@ class HostService:
 
     async def _echo_until_up(self, base: str) -> None:
         give_up = self._clock.seconds() + self.config.connect_timeout
+        deadline = current_deadline()
+        if deadline is not None and deadline < give_up:
+            give_up = deadline
         while True:
             try:
                 await self._agents.call(base, p.EchoCmd(), timeout=self.config.echo_timeout)
@@ -343,16 +366,23 @@ class HostService:
         if rsp.host_uuid != host_uuid:
             log.info("host {uuid}: agent answered as {other}; reconnecting", uuid=host_uuid,
                      other=rsp.host_uuid)
+            if rsp.host_uuid is None:
+                self._agents.lost_work(base, f"the agent of host {host_uuid} restarted (its "
+                                             "ping answers as never connected)")
             self._reconnect_later(host_uuid)
         elif row["status"] == DISCONNECTED:
             self._reconnect_later(host_uuid)
         elif self.config.vm_sync_on_ping:
-            self._background(self.sync_vms(host_uuid), f"VM sync of host {host_uuid}")
+            # New work, not bounded by the ping's deadline (Note [deadlines]).
+            self._background(deadline_scope(None, self.sync_vms, host_uuid),
+                             f"VM sync of host {host_uuid}")
         return row
 
     def _reconnect_later(self, host_uuid: str) -> None:
-        # Queued behind the current ping in the host's connect chain.
-        self._background(self.connect(host_uuid), f"reconnect of host {host_uuid}")
+        # Queued behind the current ping in the host's connect chain; new work, not bounded
+        # by the ping's deadline (Note [deadlines]).
+        self._background(deadline_scope(None, self.connect, host_uuid),
+                         f"reconnect of host {host_uuid}")
 
     async def _my_hosts(self) -> list[str]:
         uuids: list[str] = []
