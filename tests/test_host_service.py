@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -338,6 +339,36 @@ class PingTests(HostServiceTestCase):
         self.assertNotEqual(self.pair.client.secret_for(base(1)), old)
         self.assertEqual(self.store.rows["host"]["h9"]["status"], "Disconnected")
 
+    def test_tracker_rounds_do_not_overlap(self) -> None:
+        """
+        Fault (issue 8 item 9): a tracking round slower than the ping interval (hung agents:
+        each ping waits its timeout) did not delay the next one, so rounds piled up, each
+        listing every host again. A round now starts only once the previous one ended.
+        """
+        self.service.stop()
+        config = attrs.evolve(self.config, ping_interval=1, auto_reconnect=False)
+        service = HostService(self.clock, self.bus, self.store, self.pair.client, config)
+        rounds = []
+        real = service._my_hosts
+
+        async def counted() -> list[str]:
+            rounds.append(self.clock.seconds())
+            return await real()
+
+        service._my_hosts = counted  # type: ignore[method-assign]
+        service.start()
+        self.pair.client._http = HungHTTP()  # every ping waits its 5 s timeout
+        for _ in range(12):
+            self.pump(1)
+        self.assertGreater(service.skipped_rounds, 0)
+        self.assertLessEqual(len(rounds), 3)
+        for earlier, later in zip(rounds, rounds[1:], strict=False):
+            self.assertGreaterEqual(later - earlier, 5)
+        d = service.stop()
+        for _ in range(15):
+            self.pump(1)
+        self.successResultOf(d)
+
     def test_periodic_tracking(self) -> None:
         """
         Started with tracking, the service pings on its interval; stop ends it.
@@ -458,6 +489,43 @@ class CommandTests(HostServiceTestCase):
         for _ in range(5):
             self.pump(1)
         self.assertEqual(self.store.rows["host"]["h1"]["status"], "Connected")
+
+    def test_stop_is_bounded(self) -> None:
+        """
+        Fault (issue 8 item 9): a stop did not wait for the commands in the hosts' chains, and
+        nothing failed them, so a node stopping with a 300 s command in flight either left it
+        hanging or (waiting for it) never exited. Now the stop drains for at most
+        C{drain_timeout} (10 s), then fails the running and the waiting commands with
+        SYS.1017 saying that the host service is stopping; the waiting one never runs.
+        """
+        reply_d = self.add(1)
+        for _ in range(5):
+            self.pump(1)
+        self.successResultOf(reply_d)
+        self.pair.to_endpoint.stub = HungHTTP()  # the agent's callbacks never arrive
+        accepted = self.pair.agent.stats["accepted"]
+        running = [self.service.call("h1", p.HostCapacityCmd(), timeout=300)
+                   for _ in range(10)]
+        waiting = self.service.call("h1", p.HostCapacityCmd(), timeout=300)
+        self.pump()
+        stopped = self.service.stop()
+        self.pump(9)
+        self.assertNoResult(stopped)
+        self.assertNoResult(running[0])
+        self.pump(1)
+        self.successResultOf(stopped)
+        for d in running + [waiting]:
+            err = self.failureResultOf(d, OperationError).value.error
+            self.assertEqual(err.code, SYS.CANCEL)
+        self.assertEqual(self.pair.agent.stats["accepted"] - accepted, 10)
+        self.assertEqual(len(self.pair.client), 0)
+        self.flushLoggedErrors()
+
+    def test_stop_drains_quickly_when_idle(self) -> None:
+        """
+        With nothing in flight, a stop is immediate (the drain limit is only an upper bound).
+        """
+        self.successResultOf(self.service.stop())
 
     def test_not_connected(self) -> None:
         """

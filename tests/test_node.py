@@ -100,6 +100,30 @@ class OrderedMultiServiceTests(SynchronousTestCase):
         self.assertIn(("stop", "store"), events)
 
 
+    def test_stop_is_bounded(self):
+        """
+        Fault (issue 8 item 9): a child whose stop never finished (a store waiting for a hung
+        query, an AMQP queue deletion without an answer) kept the node from ever exiting.
+        Each child's stop now has a drain limit: past it the stop is abandoned (logged) and
+        the next child stops.
+        """
+        events, clock = [], Clock()
+        hung = Deferred()
+        root = OrderedMultiService(drain_timeout=20, clock=clock)
+        Recorder("store", events).setServiceParent(root)
+        Recorder("bus", events, stop=hung).setServiceParent(root)
+        self.successResultOf(root.startService())
+        stopped = root.stopService()
+        self.assertEqual(events[2:], [("stop", "bus")])
+        clock.advance(19)
+        self.assertNoResult(stopped)
+        clock.advance(1)
+        self.successResultOf(stopped)
+        self.assertEqual(events[3:], [("stop", "store")])
+        self.assertTrue(hung.called)  # cancelled
+        self.flushLoggedErrors()
+
+
 class FakeStore:
     def __init__(self):
         self.beats = []
@@ -173,6 +197,28 @@ class ConfigTests(SynchronousTestCase):
             self.assertIn(fragment, str(e))
         e = self.assertRaises(ConfigError, load_config, "/nonexistent/zc.toml")
         self.assertIn("cannot read config file", str(e))
+
+    def test_service_settings_in_config_tree(self):
+        """
+        Fault (issue 8 item 17): the host service's settings were hard-coded (HostConfig()
+        built inside the node), so an operator could not set them. They are the C{[host]}
+        section of the config tree, with the drain limits in C{[shutdown]}; bad values are
+        clear errors.
+        """
+        path = self.write('[host]\nping_interval = 30\nauto_reconnect = false\n'
+                          'host_sync_level = 4\n[shutdown]\ndrain_timeout = 7\n')
+        c = load_config(path)
+        self.assertEqual((c.host.ping_interval, c.host.auto_reconnect, c.host.host_sync_level,
+                          c.shutdown.drain_timeout), (30.0, False, 4, 7.0))
+        self.assertEqual(load_config().host.command_timeout, 300.0)
+        for text, fragment in [
+            ("[host]\nping_interval = 0\n", "host.ping_interval must be positive"),
+            ("[host]\nauto_reconnect = 1\n", "host.auto_reconnect must be true or false"),
+            ("[host]\npingintervall = 1\n", "unknown config key host.pingintervall"),
+            ("[shutdown]\ndrain_timeout = -1\n", "shutdown.drain_timeout"),
+        ]:
+            e = self.assertRaises(ConfigError, load_config, self.write(text))
+            self.assertIn(fragment, str(e))
 
     def test_options(self):
         """

@@ -581,17 +581,25 @@ class AgentClient:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def close(self) -> Deferred[None]:
+    def close(self, reason: str = "the agent client was closed") -> Deferred[None]:
         """
-        Cancel every pending task (each fails with C{SYS.1017}) and close the connection pool
-        if this client made it.
+        Fail every pending task at once (C{SYS.1017}, with C{reason} in its details; nothing
+        waits out a command's own timeout) and close the connection pool if this client
+        made it.
 
         @return: a Deferred firing when the pool's connections are closed.
         """
         for taskuuid in list(self._pending):
-            entry = self._pending.get(taskuuid)
-            if entry is not None:
-                entry.result.cancel()
+            entry = self._pending.pop(taskuuid, None)
+            if entry is None:
+                continue
+            entry.timer.cancel()
+            accept, entry.accept = entry.accept, None
+            if accept is not None:
+                accept.cancel()
+            entry.result.errback(OperationError.of(
+                SYS.CANCEL, f"{entry.url}, taskuuid {taskuuid}: {reason}", url=entry.url,
+                taskUuid=taskuuid))
         if self._pool is not None:
             return self._pool.closeCachedConnections()
         return succeed(None)

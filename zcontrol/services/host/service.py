@@ -44,7 +44,6 @@ from __future__ import annotations
 import uuid as uuidlib
 from typing import Any
 
-import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -54,6 +53,7 @@ from agent import protocol as p
 from zcontrol._defer import DeferWaiter, async_to_deferred
 from zcontrol.bus._pending import current_deadline, deadline_scope
 from zcontrol.bus.message import Reply
+from zcontrol.config import HostConfig
 from zcontrol.core.chain import ChainTaskQueue
 from zcontrol.core.errors import SYS, OperationError, error_code, from_failure
 from zcontrol.db.query import Query
@@ -78,28 +78,6 @@ CONNECTING, CONNECTED, DISCONNECTED = "Connecting", "Connected", "Disconnected"
 #: VM states the agent reports and the sync reconciles (transitional states are left alone:
 #: an operation in progress owns them).
 _STABLE = {"Running", "Stopped", "Unknown"}
-
-
-@attrs.frozen
-class HostConfig:
-    """
-    Host service settings (ZStack's C{host.xml} global config where it has one).
-    """
-
-    ping_interval: float = 60.0
-    ping_timeout: float = 10.0
-    ping_parallelism: int = 100
-    max_ping_failures: int = 3
-    auto_reconnect: bool = True
-    vm_sync_on_ping: bool = True
-    connect_timeout: float = 300.0
-    echo_interval: float = 2.0
-    echo_timeout: float = 5.0
-    command_timeout: float = 300.0
-    host_sync_level: int = 10
-    agent_port: int = 7070
-    send_command_url: str | None = None
-    page_size: int = 1000
 
 
 def agent_base_url(management_ip: str, agent_port: int) -> str:
@@ -129,6 +107,9 @@ class HostService:
         self._facts: dict[str, p.HostFactRsp] = {}
         self._waiter = DeferWaiter()
         self._tracker: LoopingCall | None = None
+        self._round: Deferred | None = None
+        #: Tracker rounds skipped because the previous one was still running.
+        self.skipped_rounds = 0
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -144,14 +125,48 @@ class HostService:
                 lambda f: log.failure("host tracker stopped", f)
             )
 
-    def stop(self) -> Deferred[None]:
+    def stop(self, drain_timeout: float | None = None) -> Deferred[None]:
         """
-        Stop tracking and serving, and wait for the work in flight (reconnects, tracks).
+        Stop tracking and serving, and wait for the work in flight (reconnects, tracks, the
+        commands in the hosts' chains) for at most C{drain_timeout} seconds (default: the
+        config's C{drain_timeout}). Work still in flight then is failed: tasks waiting in a
+        host's chain never run and running ones are cancelled, with C{SYS.1017} saying that
+        the host service is stopping (an agent command's own 300 s are not waited out).
+
+        @return: a Deferred firing once drained, or at the drain limit.
         """
         if self._tracker is not None and self._tracker.running:
             self._tracker.stop()
         self._bus.unregister_service(SERVICE_ID)
-        return self._waiter.wait()
+        limit = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        drained = self._waiter.wait()
+        if drained.called and not self._queue:
+            self._queue.close("the host service stopped")
+            return drained
+        done: Deferred[None] = Deferred()
+
+        def give_up() -> None:
+            in_flight = len(self._waiter) + len(self._queue)
+            log.error("host service: {n} piece(s) of work still in flight after the {s}s "
+                      "drain limit; failing them", n=in_flight, s=limit)
+            reason = f"the host service is stopping (drain limit of {limit:g}s reached)"
+            self._queue.close(reason)
+            for d in list(self._waiter._waiting):
+                d.cancel()
+            if not done.called:
+                done.callback(None)
+
+        timer = self._clock.callLater(limit, give_up)
+
+        def finished(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                self._queue.close("the host service stopped")
+                done.callback(None)
+
+        drained.addBoth(finished)
+        return done
 
     def report_handlers(self) -> dict[str, Any]:
         """
@@ -242,8 +257,16 @@ class HostService:
                                         hostUuid=host_uuid)
             return await self._agents.call(self._base(row), cmd, deadline=expiry)
 
-        return self._queue.run(f"host-{host_uuid}", lambda: Deferred.fromCoroutine(run()),
-                               sync_level=self.config.host_sync_level, deadline=expiry)
+        return self._run(f"host-{host_uuid}", run, sync_level=self.config.host_sync_level,
+                         max_pending=self.config.max_pending_per_host, deadline=expiry)
+
+    def _run(self, signature: str, coroutine_fn: Any, **kwargs: Any) -> Deferred[Any]:
+        """
+        Run C{coroutine_fn()} in the chain C{signature}, counted as work in flight (a stop
+        drains it, see L{stop}).
+        """
+        return self._waiter.add(self._queue.run(
+            signature, lambda: Deferred.fromCoroutine(coroutine_fn()), **kwargs))
 
     # --- add and connect ------------------------------------------------------------------
 
@@ -281,8 +304,7 @@ class HostService:
         @return: a Deferred firing with the host row, Connected; fails with C{HOST.1001}
             wrapping the cause (the host is then Disconnected), or C{HOST.1003}.
         """
-        return self._queue.run(f"host-connect-{host_uuid}",
-                               lambda: Deferred.fromCoroutine(self._connect(host_uuid)))
+        return self._run(f"host-connect-{host_uuid}", lambda: self._connect(host_uuid))
 
     async def _connect(self, host_uuid: str) -> dict[str, Any]:
         row = await self._host(host_uuid)
@@ -336,8 +358,7 @@ class HostService:
 
         @return: a Deferred firing with the host row after the ping.
         """
-        return self._queue.run(f"host-connect-{host_uuid}",
-                               lambda: Deferred.fromCoroutine(self._ping(host_uuid)))
+        return self._run(f"host-connect-{host_uuid}", lambda: self._ping(host_uuid))
 
     async def _ping(self, host_uuid: str) -> dict[str, Any]:
         row = await self._host(host_uuid)
@@ -440,7 +461,21 @@ class HostService:
         return len(connected)
 
     def _track_once(self) -> None:
-        self._background(self.track_once(), "host tracking")
+        # Rounds never overlap: a round slower than the ping interval makes the next one
+        # skip (LoopingCall would not wait, since the round runs in the background).
+        if self._round is not None:
+            self.skipped_rounds += 1
+            log.warn("host tracking: the previous round is still running after "
+                     "{s}s; skipping this one", s=self.config.ping_interval)
+            return
+        d = self._round = self.track_once()
+
+        def ended(result: Any) -> Any:
+            self._round = None
+            return result
+
+        d.addBoth(ended)
+        self._background(d, "host tracking")
 
     # --- VM states ------------------------------------------------------------------------
 
