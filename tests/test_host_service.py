@@ -223,6 +223,26 @@ class AddConnectTests(HostServiceTestCase):
         self.assertTrue(reply.error.has_code(HOST.CONNECT_ERROR))
         self.assertNotIn("hx", self.store.rows["host"])
 
+    def test_add_rolls_back_per_flow(self) -> None:
+        """
+        Fault (issue 8 item 17): add_host rolled back by hand in one C{except} block, so a
+        failing delete replaced the real error (no HOST.1000) and skipped the rest of the
+        rollback (the callback secret agreed at connect stayed). As a FlowChain each flow
+        undoes its own work: the secret is forgotten even when the row's delete fails, and
+        the reply is HOST.1000 carrying the connect failure and the rollback error.
+        """
+        self.store.set_host_capacity = lambda *a, **k: fail(  # type: ignore[method-assign]
+            OperationError.of(SYS.IO_ERROR, "store down"))
+        self.store.delete = lambda *a, **k: fail(  # type: ignore[method-assign]
+            OperationError.of(SYS.IO_ERROR, "store still down"))
+        reply = self.successResultOf(self.add(3))
+        self.assertFalse(reply.success)
+        self.assertEqual(reply.error.code, HOST.ADD_ERROR)
+        self.assertTrue(reply.error.has_code(HOST.CONNECT_ERROR))
+        self.assertIn("store still down", str(reply.error.to_dict()))
+        self.assertIsNone(self.pair.client.secret_for(base(3)))
+        self.flushLoggedErrors()
+
     def test_echo_until_up(self) -> None:
         """
         The connect echoes until the agent answers, then proceeds.

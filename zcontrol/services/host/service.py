@@ -50,12 +50,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from agent import protocol as p
-from zcontrol._defer import DeferWaiter, async_to_deferred
+from zcontrol._defer import DeferWaiter, async_to_deferred, maybe_deferred
 from zcontrol.bus._pending import current_deadline, deadline_scope
 from zcontrol.bus.message import Reply
 from zcontrol.config import HostConfig
 from zcontrol.core.chain import ChainTaskQueue
 from zcontrol.core.errors import SYS, OperationError, error_code, from_failure
+from zcontrol.core.flow import FlowChain, flow
 from zcontrol.db.query import Query
 from zcontrol.services.host.interfaces import IHostService
 from zcontrol.services.host.messages import (
@@ -270,32 +271,63 @@ class HostService:
 
     # --- add and connect ------------------------------------------------------------------
 
-    @async_to_deferred
-    async def add_host(self, msg: AddHostMsg) -> dict[str, Any]:
+    def add_host(self, msg: AddHostMsg) -> Deferred[dict[str, Any]]:
         """
-        Insert the host and connect it; remove it again if it cannot be connected.
+        Insert the host and connect it, as a L{FlowChain} (C{add-host}) whose flows undo
+        their own work when a later one fails: C{insert-host} deletes the row it inserted
+        (never a row it did not insert, e.g. on a duplicate uuid), C{connect-host} forgets
+        the callback secret and fails the host's pending commands.
 
         @return: a Deferred firing with the host row, Connected; fails with C{HOST.1000}
-            wrapping the cause.
+            whose cause is the failing flow's error (e.g. C{HOST.1001} from the connect).
+            Rollback errors, if any, are in the cause's C{opaque["rollback_errors"]}.
         """
         host_uuid = msg.uuid or uuidlib.uuid4().hex
-        try:
+        base = agent_base_url(msg.management_ip, self.config.agent_port)
+
+        async def insert(ctx: dict[str, Any]) -> None:
             await self._store.add_host({
                 "uuid": host_uuid, "name": msg.name, "description": msg.description,
                 "zoneUuid": msg.zone_uuid, "clusterUuid": msg.cluster_uuid,
                 "managementIp": msg.management_ip, "hypervisorType": msg.hypervisor_type,
                 "status": CONNECTING,
             })
-        except OperationError as e:
+            ctx["inserted"] = True
+
+        async def uninsert(ctx: dict[str, Any]) -> None:
+            if ctx.get("inserted"):
+                await self._store.delete("host", host_uuid)
+
+        async def connect(ctx: dict[str, Any]) -> None:
+            ctx["row"] = await self.connect(host_uuid)
+
+        def disconnect(ctx: dict[str, Any]) -> None:
+            self._facts.pop(host_uuid, None)
+            self._failures.pop(host_uuid, None)
+            self._agents.forget(base, f"adding host {host_uuid} failed")
+
+        # Flows after the first are started from callbacks, outside the handler's context:
+        # each runs under the deadline of the message that asked for the host.
+        deadline = current_deadline()
+
+        def scoped(fn: Any) -> Any:
+            return lambda ctx: deadline_scope(
+                deadline, lambda: maybe_deferred(fn, ctx))
+
+        chain = FlowChain("add-host", [
+            flow("insert-host", scoped(insert), uninsert),
+            flow("connect-host", scoped(connect), disconnect),
+        ])
+
+        def failed(reason: Any) -> Any:
+            err = from_failure(reason)
+            cause = err.cause if err.cause is not None and err.location else err
+            if err.opaque.get("rollback_errors"):
+                cause = err
             raise OperationError(error_code(HOST.ADD_ERROR, f"cannot add host {msg.name}",
-                                            e.error)) from None
-        try:
-            return await self.connect(host_uuid)
-        except OperationError as e:
-            await self._store.delete("host", host_uuid)
-            self._agents.forget(agent_base_url(msg.management_ip, self.config.agent_port))
-            raise OperationError(error_code(HOST.ADD_ERROR, f"cannot add host {msg.name}",
-                                            e.error)) from None
+                                            cause, hostUuid=host_uuid))
+
+        return chain.run({}).addCallbacks(lambda ctx: ctx["row"], failed)
 
     def connect(self, host_uuid: str) -> Deferred[dict[str, Any]]:
         """
