@@ -11,11 +11,13 @@ import sys
 from twisted.application.service import IServiceMaker, Service
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from agent import protocol as p
+from agent.app import Faults
 from tests.bus_contract import SERVICE, ContractEcho, ContractEchoReply
 from tests.test_agent_loopback import LoopbackTestCase
 from zcontrol.config import ConfigError, load_config
@@ -326,3 +328,48 @@ class NodeWithAgentTests(LoopbackTestCase):
         host = [s for s in again if s.name == "host"][0]
         self.assertEqual(await host.reconnected, 1)
         await again.stopService()
+
+
+class NodeShutdownTests(LoopbackTestCase):
+    """
+    A node stopping with agent commands in flight, over loopback HTTP.
+    """
+
+    async def test_stop_does_not_wait_out_commands(self):
+        """
+        Fault (issue 8 item 9): a node told to stop (SIGTERM) while an agent command was in
+        flight waited for it: up to the command's 300 s timeout. The stop now takes about
+        the host service's drain limit: the command fails with SYS.1017 saying that the
+        host service is stopping, and every part of the node stops.
+        """
+        data = os.path.abspath(self.mktemp())
+        config = load_config(None, {"node": {"id": "mn-stop", "data_dir": data},
+                                    "http": {"port": 0},
+                                    "host": {"drain_timeout": 0.2},
+                                    "shutdown": {"drain_timeout": 5}})
+        node = make_node(config, reactor)
+        self.addCleanup(lambda: node.running and node.stopService())
+        await node.startService()
+        await node.store.insert("zone", {"uuid": "z", "name": "zone"})
+        await node.store.insert("cluster", {"uuid": "c", "name": "cluster", "zoneUuid": "z",
+                                            "hypervisorType": "KVM"})
+        reply = await node.bus.send(AddHostMsg(
+            service_id=HOST_SERVICE, name="h", zone_uuid="z", cluster_uuid="c", uuid="h1",
+            management_ip=self.base(2)))
+        self.assertTrue(reply.success, reply.error)
+        self.agent._faults = Faults(never_callback_rate=1.0)  # the agent goes silent
+        host = [s for s in node if s.name == "host"][0]
+        command = host.service.call("h1", p.StartVmCmd(vm_instance_uuid="v", cpu_num=1,
+                                                       memory_size=1), timeout=300)
+        failures = []
+        command.addErrback(failures.append)
+        while not node.agents.stats["sent"] or len(node.agents) == 0:
+            await deferLater(reactor, 0.01, lambda: None)
+        started = reactor.seconds()
+        await node.stopService()
+        self.assertLess(reactor.seconds() - started, 4)
+        [failure] = failures
+        self.assertEqual(failure.value.error.code, SYS.CANCEL)
+        self.assertIn("stopping", failure.value.error.details)
+        self.assertEqual(len(node.agents), 0)
+        self.flushLoggedErrors()

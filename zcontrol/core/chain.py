@@ -89,6 +89,8 @@ def _submitter_deadline() -> float | None:
     return _current_deadline()
 
 
+_BY_CLOSE = 2  # cancel_requested value of a task cancelled by close()
+
 _PENDING = 0
 _RUNNING = 1
 _FINISHED = 2
@@ -315,8 +317,14 @@ class ChainTaskQueue:
                         signature=str(q.signature)))
             running.extend(q.active)
         for task in running:
+            # Answer the caller with the reason now, then cancel the task's own work; what
+            # that work fails with afterwards is expected, not logged.
+            task.cancel_requested = _BY_CLOSE
             if not task.result.called:
-                task.result.cancel()
+                task.result.errback(OperationError.of(
+                    SYS.CANCEL, f"chain task cancelled while running: {reason}"))
+            if task.inner is not None:
+                task.inner.cancel()
 
     # -- internals ---------------------------------------------------------------------
 
@@ -397,7 +405,8 @@ class ChainTaskQueue:
                 d.errback(result)
             else:
                 d.callback(result)
-        elif isinstance(result, Failure) and not result.check(CancelledError):
+        elif (isinstance(result, Failure) and not result.check(CancelledError)
+              and task.cancel_requested != _BY_CLOSE):
             # The caller gave up (cancel) before the task ended: keep the error visible.
             log.failure(
                 "chain task of {signature!r} failed after its caller cancelled it",
