@@ -227,8 +227,10 @@ class ConfigTests(SynchronousTestCase):
         twistd options build the config tree; a bad value is a usage error.
         """
         o = Options()
-        o.parseOptions(["--bus", "local", "--http-port", "0", "--data-dir", "/tmp/zc"])
+        o.parseOptions(["--bus", "local", "--http-port", "0", "--data-dir", "/tmp/zc",
+                        "--drain-timeout", "3"])
         self.assertEqual(o["config_tree"].http.port, 0)
+        self.assertEqual(o["config_tree"].shutdown.drain_timeout, 3.0)
         self.assertEqual(o["config_tree"].data_dir, "/tmp/zc")
         self.assertRaises(UsageError, Options().parseOptions, ["--bus", "carrier-pigeon"])
 
