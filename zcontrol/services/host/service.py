@@ -103,6 +103,7 @@ class HostService:
         self._store = store
         self._agents = agents
         self.config = config
+        self._own_queue = queue is None
         self._queue = queue if queue is not None else ChainTaskQueue(clock)
         self._failures: dict[str, int] = {}
         self._facts: dict[str, p.HostFactRsp] = {}
@@ -141,18 +142,17 @@ class HostService:
         self._bus.unregister_service(SERVICE_ID)
         limit = self.config.drain_timeout if drain_timeout is None else drain_timeout
         drained = self._waiter.wait()
-        if drained.called and not self._queue:
-            self._queue.close("the host service stopped")
+        if drained.called:
+            self._close_queue("the host service stopped")
             return drained
         done: Deferred[None] = Deferred()
 
         def give_up() -> None:
-            in_flight = len(self._waiter) + len(self._queue)
             log.error("host service: {n} piece(s) of work still in flight after the {s}s "
-                      "drain limit; failing them", n=in_flight, s=limit)
-            reason = f"the host service is stopping (drain limit of {limit:g}s reached)"
-            self._queue.close(reason)
-            for d in list(self._waiter._waiting):
+                      "drain limit; failing them", n=len(self._waiter), s=limit)
+            self._close_queue(f"the host service is stopping (drain limit of {limit:g}s "
+                              "reached)")
+            for d in list(self._waiter._waiting):  # what is not in the queue
                 d.cancel()
             if not done.called:
                 done.callback(None)
@@ -163,11 +163,16 @@ class HostService:
             if timer.active():
                 timer.cancel()
             if not done.called:
-                self._queue.close("the host service stopped")
+                self._close_queue("the host service stopped")
                 done.callback(None)
 
         drained.addBoth(finished)
         return done
+
+    def _close_queue(self, reason: str) -> None:
+        # A queue given by the caller may be shared: its owner closes it.
+        if self._own_queue:
+            self._queue.close(reason)
 
     def report_handlers(self) -> dict[str, Any]:
         """
