@@ -547,6 +547,28 @@ class CommandTests(HostServiceTestCase):
         """
         self.successResultOf(self.service.stop())
 
+    def test_reconnect_after_agent_restart_fails_pending_commands(self) -> None:
+        """
+        Fault (issue 8 item 8): a reconnect to an agent that had restarted (so the commands
+        it had accepted are gone) left those commands waiting out their timeout. The ping
+        that precedes /host/connect shows the restart and they fail at once (AGENT.1001).
+        """
+        reply_d = self.add(1)
+        for _ in range(5):
+            self.pump(1)
+        self.successResultOf(reply_d)
+        d = self.service.call("h1", p.HostCapacityCmd(), timeout=300)
+        self.pump()
+        self.assertNoResult(d)
+        self.pair.agent.crash_host("1")
+        connected = self.service.connect("h1")
+        self.pump()
+        self.assertEqual(self.failureResultOf(d, OperationError).value.error.code,
+                         AGENT_LOST_WORK)
+        for _ in range(5):
+            self.pump(1)
+        self.assertEqual(self.successResultOf(connected)["status"], "Connected")
+
     def test_not_connected(self) -> None:
         """
         A command to a host that is not Connected fails with HOST.1002; to an unknown host

@@ -5,8 +5,9 @@ the bus, with hosts in the store and commands through the agent client.
 
 Lifecycle (ZStack's C{KVMHost} and C{HostTrackImpl})
 =====================================================
- - B{add}: insert the host C{Connecting}, connect it; if that fails, delete it again and fail
-   with C{HOST.1000}.
+ - B{add}: a L{FlowChain} C{add-host}: C{insert-host} (the host C{Connecting}), then
+   C{connect-host}; if a flow fails, each flow that ran undoes its own work (the row is
+   deleted, the callback secret forgotten) and the add fails with C{HOST.1000}.
  - B{connect}: C{Connecting}; echo the agent until it answers (at most C{connect_timeout});
    C{/host/connect} with a fresh callback secret; C{/host/fact} and C{/host/capacity}; the
    capacity into the store (totals, keeping what is reserved); C{Connected}. A failure leaves
