@@ -361,7 +361,6 @@ class ChainTaskQueue:
             task.timer = None
         task.state = _RUNNING
         q.running += 1
-        q.active.add(task)
         fn, task.fn = task.fn, None
         context, task.context = task.context, None
         try:
@@ -386,13 +385,15 @@ class ChainTaskQueue:
             return
         if task.state == _RUNNING:  # not finished synchronously by a re-entrant cancel
             task.inner = result
+            q.active.add(task)
         result.addBoth(self._finished, q, task)
 
     def _finished(self, result: Any, q: _SignatureQueue, task: _Task) -> None:
         task.state = _FINISHED
-        task.inner = None
+        if task.inner is not None:
+            task.inner = None
+            q.active.discard(task)
         q.running -= 1
-        q.active.discard(task)
         d = task.result
         if not d.called:
             if isinstance(result, Failure):
