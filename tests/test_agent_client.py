@@ -19,6 +19,8 @@ from agent import protocol as p
 from agent.hypervisor.simulator import parse_latency
 from tests.agent_fakes import CALLBACK_URL, InMemoryPair, RecordingHTTP, base
 from zcontrol.agentclient import AgentClient, CallbackEndpoint, IAgentClient
+from zcontrol.agentclient.client import AGENT_LOST_WORK, NOT_SENT
+from zcontrol.bus._pending import deadline_scope
 from zcontrol.core.errors import SYS, OperationError, from_failure
 
 SECRET = "s3cret"
@@ -327,6 +329,105 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(self.client.secret_for(base(2)), cmd.callback_secret)
         self.client.forget(base(2))
         self.assertIsNone(self.client.secret_for(base(2)))
+
+
+class DeadlineAndSlotTests(SynchronousTestCase):
+    """
+    Deadlines inherited from the bus, per-host slots, "not sent" and lost work (issue 8
+    items 6, 7 and 8).
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.http = RecordingHTTP()
+        self.client = AgentClient(self.clock, self.http, CALLBACK_URL, default_timeout=300,
+                                  max_in_flight=4, max_in_flight_per_host=2)
+        for i in range(4):
+            self.client._secrets[base(i)] = SECRET
+
+    def test_inherits_bus_deadline(self) -> None:
+        """
+        Fault (issue 8 item 6): an agent call made while handling a bus message ignored that
+        message's deadline and waited its own (300 s) timeout. A call without C{deadline}
+        now inherits the current bus deadline.
+        """
+        d = deadline_scope(7.0, self.client.call, base(0), p.HostCapacityCmd())
+        self.http.posts[0].answer(200)
+        self.clock.advance(7)
+        self.assertEqual(self.failureResultOf(d, OperationError).value.error.code, SYS.TIMEOUT)
+        sync = deadline_scope(9.0, self.client.call, base(1), p.EchoCmd())
+        self.clock.advance(2)
+        self.assertEqual(self.failureResultOf(sync, OperationError).value.error.code,
+                         SYS.TIMEOUT)
+
+    def test_hung_hosts_do_not_starve_healthy_ones(self) -> None:
+        """
+        Fault (issue 8 item 7): the in-flight limit was only global, so hosts that accept TCP
+        and never answer filled it and a healthy host's call timed out without being sent.
+        Now each host has its own share (2 of the 4 global slots here): the hung hosts' extra
+        calls wait on their own host's slots, and the healthy host's call is sent as soon as
+        one global slot is free.
+        """
+        hung = [self.client.call(base(0), p.EchoCmd(), timeout=100) for _ in range(5)]
+        hung += [self.client.call(base(1), p.EchoCmd(), timeout=100) for _ in range(5)]
+        self.assertEqual(len(self.http.posts), 4)  # 2 per hung host
+        healthy = self.client.call(base(2), p.EchoCmd(), timeout=10)
+        # The global limit (4) is reached: the healthy host waits for a global slot, which
+        # the first hung exchange to end frees; it is not stuck behind the hung hosts'
+        # own waiting calls.
+        self.http.posts[0].result.errback(Failure(ConnectionRefusedError()))
+        self.assertEqual(self.http.posts[-1].url, base(2) + "/host/echo")
+        self.http.posts[-1].answer(200, p.EchoRsp().to_json())
+        self.assertTrue(self.successResultOf(healthy).success)
+        self.clock.advance(100)
+        for d in hung:
+            self.failureResultOf(d, OperationError)
+
+    def test_not_sent(self) -> None:
+        """
+        Fault (issue 8 item 7): a call that only waited in the local queue timed out like one
+        the agent never answered, so callers could not know a retry is safe. It now fails
+        with C{AGENT.1000} saying "not sent", for sync and async commands; a call that was
+        sent still times out with C{SYS.1001}; no slot leaks.
+        """
+        sent = [self.client.call(base(0), p.EchoCmd(), timeout=5) for _ in range(2)]
+        waiting_sync = self.client.call(base(0), p.EchoCmd(), timeout=5)
+        waiting_async = self.client.call(base(0), p.HostCapacityCmd(), timeout=5)
+        self.assertEqual(len(self.http.posts), 2)
+        self.clock.advance(5)
+        for d in sent:
+            self.assertEqual(self.failureResultOf(d, OperationError).value.error.code,
+                             SYS.TIMEOUT)
+        for d in (waiting_sync, waiting_async):
+            err = self.failureResultOf(d, OperationError).value.error
+            self.assertEqual(err.code, NOT_SENT)
+            self.assertIn("not sent", err.details)
+        self.assertEqual(len(self.http.posts), 2)
+        self.assertEqual(self.client._host_sems, {})
+        self.assertEqual(self.client._sem.tokens, 4)
+        # The slots are free again.
+        self.client.call(base(0), p.EchoCmd(), timeout=5)
+        self.assertEqual(len(self.http.posts), 3)
+
+    def test_forget_fails_pending(self) -> None:
+        """
+        Fault (issue 8 item 8): forgetting a host left its pending commands waiting out their
+        timeout (300 s) although nothing would complete them. They now fail at once with
+        C{AGENT.1001}; other hosts' commands are untouched.
+        """
+        mine = self.client.call(base(0), p.HostCapacityCmd())
+        other = self.client.call(base(1), p.HostCapacityCmd())
+        for post in self.http.posts:
+            post.answer(200)
+        self.assertEqual(self.client.forget(base(0)), 1)
+        err = self.failureResultOf(mine, OperationError).value.error
+        self.assertEqual(err.code, AGENT_LOST_WORK)
+        self.assertNoResult(other)
+        self.assertEqual(len(self.client), 1)
+        self.assertEqual(self.client.lost_work(base(1), "the agent restarted"), 1)
+        self.assertIn("the agent restarted",
+                      self.failureResultOf(other, OperationError).value.error.details)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class EndpointTests(SynchronousTestCase):

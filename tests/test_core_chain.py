@@ -12,7 +12,8 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from zcontrol.core.chain import CHAIN_QUEUE_FULL, ChainTaskQueue
+from zcontrol.bus._pending import current_deadline, deadline_scope
+from zcontrol.core.chain import CHAIN_QUEUE_FULL, DEFAULT_MAX_PENDING, ChainTaskQueue
 from zcontrol.core.errors import SYS, OperationError
 
 
@@ -259,6 +260,101 @@ class ChainTaskQueueTests(SynchronousTestCase):
         self.assertEqual(self.queue.pending("vm-9"), 1)
         self.assertEqual(self.rec.started, [0])
 
+    def test_default_bound(self) -> None:
+        """
+        Fault (issue 8 item 6): a signature's queue had no bound unless each caller passed
+        C{max_pending}, so a hung task let its queue grow without limit. Now every queue is
+        bounded by default: past C{DEFAULT_MAX_PENDING} waiting tasks a new one is refused at
+        once with C{CHAIN.1000}; a queue built with a smaller bound applies it.
+        """
+        self.queue.run("s", self.rec.task("first"))
+        for _ in range(DEFAULT_MAX_PENDING):
+            self.queue.run("s", lambda: None)
+        f = self.failureResultOf(self.queue.run("s", lambda: None), OperationError)
+        self.assertEqual(f.value.error.code, CHAIN_QUEUE_FULL)
+        self.assertEqual(self.queue.pending("s"), DEFAULT_MAX_PENDING)
+
+        small = ChainTaskQueue(self.clock, max_pending=2)
+        small.run("t", self.rec.task("t0"))
+        small.run("t", lambda: None)
+        small.run("t", lambda: None)
+        f = self.failureResultOf(small.run("t", lambda: None), OperationError)
+        self.assertEqual(f.value.error.opaque["max_pending"], 2)
+        self.assertRaises(ValueError, ChainTaskQueue, self.clock, max_pending=-1)
+
+    def test_waiting_task_keeps_submitter_deadline(self) -> None:
+        """
+        Fault (issue 8 item 6): a task that waited ran in the context of whoever released the
+        slot, so the bus deadline of the message that queued it was lost (its agent calls and
+        child sends ran without a deadline, or with the releaser's). Now it runs in its
+        submitter's context.
+        """
+        seen: list[Any] = []
+        self.queue.run("s", self.rec.task("first"))
+        d = deadline_scope(
+            50.0, self.queue.run, "s", lambda: seen.append(current_deadline()) or "ok"
+        )
+        # The slot is freed outside any deadline scope (e.g. an agent callback).
+        self.assertIsNone(current_deadline())
+        self.clock.advance(10)
+        self.rec.deferreds["first"].callback(None)
+        self.assertEqual(seen, [50.0])
+        self.assertEqual(self.successResultOf(d), "ok")
+
+    def test_time_queued_counts_against_deadline(self) -> None:
+        """
+        Fault (issue 8 item 6): time spent waiting in the queue did not count against the
+        submitter's deadline; a task whose caller had given up still ran later. Now a task
+        still waiting at its submitter's deadline fails with C{SYS.1001} and never runs, and
+        one submitted after its deadline fails at once.
+        """
+        self.queue.run("s", self.rec.task("first"))
+        d = deadline_scope(5.0, self.queue.run, "s", self.rec.task("late"))
+        explicit = self.queue.run("s", self.rec.task("explicit"), deadline=3.0)
+        self.clock.advance(3)
+        self.assertEqual(
+            self.failureResultOf(explicit, OperationError).value.error.code, SYS.TIMEOUT)
+        self.assertNoResult(d)
+        self.clock.advance(2)
+        f = self.failureResultOf(d, OperationError)
+        self.assertEqual(f.value.error.code, SYS.TIMEOUT)
+        self.assertIn("did not run", f.value.error.details)
+        self.rec.deferreds["first"].callback(None)
+        self.assertEqual(self.rec.started, ["first"])
+        self.assertEqual(len(self.queue), 0)
+        # Already past its deadline: refused without waiting or running.
+        passed = deadline_scope(1.0, self.queue.run, "s", self.rec.task("never"))
+        self.assertEqual(
+            self.failureResultOf(passed, OperationError).value.error.code, SYS.TIMEOUT)
+        self.assertEqual(self.rec.started, ["first"])
+
+    def test_deadline_needs_clock(self) -> None:
+        """
+        An explicit deadline on a queue without a clock is a programming error.
+        """
+        self.assertRaises(ValueError, ChainTaskQueue().run, "s", lambda: None, deadline=1)
+
+    def test_close(self) -> None:
+        """
+        Fault (issue 8 item 9): nothing could fail the work of a queue at shutdown, so a stop
+        waited for every queued and running task. C{close} fails the waiting tasks (they
+        never run) and cancels the running ones, each with C{SYS.1017}, and refuses new ones.
+        """
+        running = self.queue.run("s", self.rec.task("running"))
+        waiting = self.queue.run("s", self.rec.task("waiting"))
+        self.queue.close("the node is stopping")
+        for d in (running, waiting):
+            f = self.failureResultOf(d, OperationError)
+            self.assertEqual(f.value.error.code, SYS.CANCEL)
+            if d is waiting:
+                self.assertIn("the node is stopping", f.value.error.details)
+        self.assertEqual(self.rec.started, ["running"])
+        later = self.queue.run("t", self.rec.task("later"))
+        self.assertEqual(self.failureResultOf(later, OperationError).value.error.code,
+                         SYS.CANCEL)
+        self.assertEqual(self.rec.started, ["running"])
+        self.assertEqual(len(self.queue), 0)
+
     def test_million_signatures_no_growth(self) -> None:
         """
         After a million distinct signatures ran to completion, no bookkeeping remains.
@@ -276,6 +372,7 @@ class ChainTaskQueueTests(SynchronousTestCase):
         task ends run without a C{RecursionError}.
         """
         gate: Deferred = Deferred()
+        self.queue = ChainTaskQueue(self.clock, max_pending=100_000)
         self.queue.run("s", lambda: gate)
         ds = [self.queue.run("s", lambda i=i: i) for i in range(100_000)]
         gate.callback(None)
@@ -290,6 +387,7 @@ class ChainTaskQueueTests(SynchronousTestCase):
         """
         results = []
         gate: Deferred = Deferred()
+        self.queue = ChainTaskQueue(self.clock, max_pending=100_000)
         self.queue.run("s", lambda: gate)
         for i in range(100_000):
             self.queue.run("s", lambda i=i: i).addCallback(results.append)

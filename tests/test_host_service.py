@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -19,6 +20,8 @@ from zope.interface.verify import verifyObject
 from agent import protocol as p
 from agent.hypervisor.simulator import parse_latency
 from tests.agent_fakes import InMemoryPair, base
+from zcontrol.agentclient.client import AGENT_LOST_WORK
+from zcontrol.bus._pending import deadline_scope
 from zcontrol.bus.local import LocalBus
 from zcontrol.core.errors import SYS, OperationError
 from zcontrol.db.query import Query, parse_condition
@@ -118,6 +121,18 @@ class DownHTTP:
         return fail(ConnectionRefusedError())
 
 
+class HungHTTP:
+    """
+    An HTTP client whose every POST stays unanswered (a hung peer).
+    """
+
+    def post(self, *args: Any, **kwargs: Any) -> Deferred:
+        return Deferred()
+
+    def flush(self) -> None:
+        pass
+
+
 class HostServiceTestCase(SynchronousTestCase):
     """
     One clock, one LocalBus, the fake store, an in-memory agent with 8 hosts.
@@ -207,6 +222,26 @@ class AddConnectTests(HostServiceTestCase):
         self.assertEqual(reply.error.code, HOST.ADD_ERROR)
         self.assertTrue(reply.error.has_code(HOST.CONNECT_ERROR))
         self.assertNotIn("hx", self.store.rows["host"])
+
+    def test_add_rolls_back_per_flow(self) -> None:
+        """
+        Fault (issue 8 item 17): add_host rolled back by hand in one C{except} block, so a
+        failing delete replaced the real error (no HOST.1000) and skipped the rest of the
+        rollback (the callback secret agreed at connect stayed). As a FlowChain each flow
+        undoes its own work: the secret is forgotten even when the row's delete fails, and
+        the reply is HOST.1000 carrying the connect failure and the rollback error.
+        """
+        self.store.set_host_capacity = lambda *a, **k: fail(  # type: ignore[method-assign]
+            OperationError.of(SYS.IO_ERROR, "store down"))
+        self.store.delete = lambda *a, **k: fail(  # type: ignore[method-assign]
+            OperationError.of(SYS.IO_ERROR, "store still down"))
+        reply = self.successResultOf(self.add(3))
+        self.assertFalse(reply.success)
+        self.assertEqual(reply.error.code, HOST.ADD_ERROR)
+        self.assertTrue(reply.error.has_code(HOST.CONNECT_ERROR))
+        self.assertIn("store still down", str(reply.error.to_dict()))
+        self.assertIsNone(self.pair.client.secret_for(base(3)))
+        self.flushLoggedErrors()
 
     def test_echo_until_up(self) -> None:
         """
@@ -324,6 +359,36 @@ class PingTests(HostServiceTestCase):
         self.assertNotEqual(self.pair.client.secret_for(base(1)), old)
         self.assertEqual(self.store.rows["host"]["h9"]["status"], "Disconnected")
 
+    def test_tracker_rounds_do_not_overlap(self) -> None:
+        """
+        Fault (issue 8 item 9): a tracking round slower than the ping interval (hung agents:
+        each ping waits its timeout) did not delay the next one, so rounds piled up, each
+        listing every host again. A round now starts only once the previous one ended.
+        """
+        self.service.stop()
+        config = attrs.evolve(self.config, ping_interval=1, auto_reconnect=False)
+        service = HostService(self.clock, self.bus, self.store, self.pair.client, config)
+        rounds = []
+        real = service._my_hosts
+
+        async def counted() -> list[str]:
+            rounds.append(self.clock.seconds())
+            return await real()
+
+        service._my_hosts = counted  # type: ignore[method-assign]
+        service.start()
+        self.pair.client._http = HungHTTP()  # every ping waits its 5 s timeout
+        for _ in range(12):
+            self.pump(1)
+        self.assertGreater(service.skipped_rounds, 0)
+        self.assertLessEqual(len(rounds), 3)
+        for earlier, later in zip(rounds, rounds[1:], strict=False):
+            self.assertGreaterEqual(later - earlier, 5)
+        d = service.stop()
+        for _ in range(15):
+            self.pump(1)
+        self.successResultOf(d)
+
     def test_periodic_tracking(self) -> None:
         """
         Started with tracking, the service pings on its interval; stop ends it.
@@ -369,6 +434,140 @@ class CommandTests(HostServiceTestCase):
         self.pump(1)
         for d in calls:
             self.assertTrue(self.successResultOf(d).success)
+
+    def test_time_queued_counts_against_timeout(self) -> None:
+        """
+        Fault (issue 8 item 6): with 10 slots per host and a slow agent (1 s per command), the
+        30th call with a 1 s timeout waited two rounds in the host's chain and only then
+        started its 1 s timeout, failing after 3 s. The timeout now runs from the call: it
+        fails at 1 s with SYS.1001 and is never sent.
+        """
+        reply_d = self.add(1)
+        for _ in range(5):
+            self.pump(1)
+        self.assertTrue(self.successResultOf(reply_d).success)
+        accepted = self.pair.agent.stats["accepted"]
+        calls = [self.service.call("h1", p.HostCapacityCmd()) for _ in range(29)]
+        last = self.service.call("h1", p.HostCapacityCmd(), timeout=1)
+        self.pump()
+        self.assertNoResult(last)
+        self.pump(1)
+        err = self.failureResultOf(last, OperationError).value.error
+        self.assertEqual(err.code, SYS.TIMEOUT)
+        for _ in range(3):
+            self.pump(1)
+        for d in calls:
+            self.assertTrue(self.successResultOf(d).success)
+        self.assertEqual(self.pair.agent.stats["accepted"] - accepted, 29)
+
+    def test_bus_deadline_caps_queued_command(self) -> None:
+        """
+        Fault (issue 8 item 6): a command queued in a host's chain ran after the deadline of
+        the message that caused it had passed, and its agent call ignored that deadline.
+        Under a bus deadline, the queued command fails at that deadline without being sent,
+        and a started one's agent call times out at it.
+        """
+        reply_d = self.add(1)
+        for _ in range(5):
+            self.pump(1)
+        self.successResultOf(reply_d)
+        accepted = self.pair.agent.stats["accepted"]
+        self.pair.to_endpoint.stub = HungHTTP()  # the agent's callbacks never arrive
+        start = self.clock.seconds()
+        calls = [deadline_scope(start + 2, self.service.call, "h1", p.HostCapacityCmd())
+                 for _ in range(11)]
+        self.pump()
+        self.pump(2)
+        for d in calls:
+            self.assertEqual(self.failureResultOf(d, OperationError).value.error.code,
+                             SYS.TIMEOUT)
+        # Ten were sent and timed out at the deadline, the 11th never was.
+        self.assertEqual(self.pair.agent.stats["accepted"] - accepted, 10)
+        self.assertEqual(len(self.pair.client), 0)
+
+    def test_agent_restart_fails_pending_commands(self) -> None:
+        """
+        Fault (issue 8 item 8): when a ping showed that the agent had restarted (it answers
+        as never connected), the commands it had accepted waited out their 300 s timeout.
+        They now fail at once with AGENT.1001, and the host is reconnected.
+        """
+        reply_d = self.add(1)
+        for _ in range(5):
+            self.pump(1)
+        self.successResultOf(reply_d)
+        d = self.service.call("h1", p.HostCapacityCmd(), timeout=300)
+        self.pump()
+        self.assertNoResult(d)
+        self.pair.agent.crash_host("1")
+        ping = self.bus.send(PingHostMsg(service_id=SERVICE_ID, host_uuid="h1",
+                                         resource_uuid="h1"))
+        self.pump()
+        self.successResultOf(ping)
+        err = self.failureResultOf(d, OperationError).value.error
+        self.assertEqual(err.code, AGENT_LOST_WORK)
+        self.assertIn("restarted", err.details)
+        for _ in range(5):
+            self.pump(1)
+        self.assertEqual(self.store.rows["host"]["h1"]["status"], "Connected")
+
+    def test_stop_is_bounded(self) -> None:
+        """
+        Fault (issue 8 item 9): a stop did not wait for the commands in the hosts' chains, and
+        nothing failed them, so a node stopping with a 300 s command in flight either left it
+        hanging or (waiting for it) never exited. Now the stop drains for at most
+        C{drain_timeout} (10 s), then fails the running and the waiting commands with
+        SYS.1017 saying that the host service is stopping; the waiting one never runs.
+        """
+        reply_d = self.add(1)
+        for _ in range(5):
+            self.pump(1)
+        self.successResultOf(reply_d)
+        self.pair.to_endpoint.stub = HungHTTP()  # the agent's callbacks never arrive
+        accepted = self.pair.agent.stats["accepted"]
+        running = [self.service.call("h1", p.HostCapacityCmd(), timeout=300)
+                   for _ in range(10)]
+        waiting = self.service.call("h1", p.HostCapacityCmd(), timeout=300)
+        self.pump()
+        stopped = self.service.stop()
+        self.pump(9)
+        self.assertNoResult(stopped)
+        self.assertNoResult(running[0])
+        self.pump(1)
+        self.successResultOf(stopped)
+        for d in running + [waiting]:
+            err = self.failureResultOf(d, OperationError).value.error
+            self.assertEqual(err.code, SYS.CANCEL)
+        self.assertEqual(self.pair.agent.stats["accepted"] - accepted, 10)
+        self.assertEqual(len(self.pair.client), 0)
+        self.flushLoggedErrors()
+
+    def test_stop_drains_quickly_when_idle(self) -> None:
+        """
+        With nothing in flight, a stop is immediate (the drain limit is only an upper bound).
+        """
+        self.successResultOf(self.service.stop())
+
+    def test_reconnect_after_agent_restart_fails_pending_commands(self) -> None:
+        """
+        Fault (issue 8 item 8): a reconnect to an agent that had restarted (so the commands
+        it had accepted are gone) left those commands waiting out their timeout. The ping
+        that precedes /host/connect shows the restart and they fail at once (AGENT.1001).
+        """
+        reply_d = self.add(1)
+        for _ in range(5):
+            self.pump(1)
+        self.successResultOf(reply_d)
+        d = self.service.call("h1", p.HostCapacityCmd(), timeout=300)
+        self.pump()
+        self.assertNoResult(d)
+        self.pair.agent.crash_host("1")
+        connected = self.service.connect("h1")
+        self.pump()
+        self.assertEqual(self.failureResultOf(d, OperationError).value.error.code,
+                         AGENT_LOST_WORK)
+        for _ in range(5):
+            self.pump(1)
+        self.assertEqual(self.successResultOf(connected)["status"], "Connected")
 
     def test_not_connected(self) -> None:
         """

@@ -11,12 +11,14 @@ import sys
 from twisted.application.service import IServiceMaker, Service
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from agent import protocol as p
+from agent.app import Faults
 from tests.bus_contract import SERVICE, ContractEcho, ContractEchoReply
 from tests.test_agent_loopback import LoopbackTestCase
 from zcontrol import identity
@@ -103,6 +105,30 @@ class OrderedMultiServiceTests(SynchronousTestCase):
         self.assertIn(("stop", "store"), events)
 
 
+    def test_stop_is_bounded(self):
+        """
+        Fault (issue 8 item 9): a child whose stop never finished (a store waiting for a hung
+        query, an AMQP queue deletion without an answer) kept the node from ever exiting.
+        Each child's stop now has a drain limit: past it the stop is abandoned (logged) and
+        the next child stops.
+        """
+        events, clock = [], Clock()
+        hung = Deferred()
+        root = OrderedMultiService(drain_timeout=20, clock=clock)
+        Recorder("store", events).setServiceParent(root)
+        Recorder("bus", events, stop=hung).setServiceParent(root)
+        self.successResultOf(root.startService())
+        stopped = root.stopService()
+        self.assertEqual(events[2:], [("stop", "bus")])
+        clock.advance(19)
+        self.assertNoResult(stopped)
+        clock.advance(1)
+        self.successResultOf(stopped)
+        self.assertEqual(events[3:], [("stop", "store")])
+        self.assertTrue(hung.called)  # cancelled
+        self.flushLoggedErrors()
+
+
 class FakeStore:
     def __init__(self):
         self.beats = []
@@ -177,13 +203,37 @@ class ConfigTests(SynchronousTestCase):
         e = self.assertRaises(ConfigError, load_config, "/nonexistent/zc.toml")
         self.assertIn("cannot read config file", str(e))
 
+    def test_service_settings_in_config_tree(self):
+        """
+        Fault (issue 8 item 17): the host service's settings were hard-coded (HostConfig()
+        built inside the node), so an operator could not set them. They are the C{[host]}
+        section of the config tree, with the drain limits in C{[shutdown]}; bad values are
+        clear errors.
+        """
+        path = self.write('[host]\nping_interval = 30\nauto_reconnect = false\n'
+                          'host_sync_level = 4\n[shutdown]\ndrain_timeout = 7\n')
+        c = load_config(path)
+        self.assertEqual((c.host.ping_interval, c.host.auto_reconnect, c.host.host_sync_level,
+                          c.shutdown.drain_timeout), (30.0, False, 4, 7.0))
+        self.assertEqual(load_config().host.command_timeout, 300.0)
+        for text, fragment in [
+            ("[host]\nping_interval = 0\n", "host.ping_interval must be positive"),
+            ("[host]\nauto_reconnect = 1\n", "host.auto_reconnect must be true or false"),
+            ("[host]\npingintervall = 1\n", "unknown config key host.pingintervall"),
+            ("[shutdown]\ndrain_timeout = -1\n", "shutdown.drain_timeout"),
+        ]:
+            e = self.assertRaises(ConfigError, load_config, self.write(text))
+            self.assertIn(fragment, str(e))
+
     def test_options(self):
         """
         twistd options build the config tree; a bad value is a usage error.
         """
         o = Options()
-        o.parseOptions(["--bus", "local", "--http-port", "0", "--data-dir", "/tmp/zc"])
+        o.parseOptions(["--bus", "local", "--http-port", "0", "--data-dir", "/tmp/zc",
+                        "--drain-timeout", "3"])
         self.assertEqual(o["config_tree"].http.port, 0)
+        self.assertEqual(o["config_tree"].shutdown.drain_timeout, 3.0)
         self.assertEqual(o["config_tree"].data_dir, "/tmp/zc")
         self.assertRaises(UsageError, Options().parseOptions, ["--bus", "carrier-pigeon"])
 
@@ -400,3 +450,48 @@ class NodeIdentityRestartTests(TestCase):
         self.assertEqual(ids[0], ids[1])
         with open(os.path.join(data, NODE_ID_FILE)) as f:
             self.assertEqual(f.read().strip(), ids[0])
+
+
+class NodeShutdownTests(LoopbackTestCase):
+    """
+    A node stopping with agent commands in flight, over loopback HTTP.
+    """
+
+    async def test_stop_does_not_wait_out_commands(self):
+        """
+        Fault (issue 8 item 9): a node told to stop (SIGTERM) while an agent command was in
+        flight waited for it: up to the command's 300 s timeout. The stop now takes about
+        the host service's drain limit: the command fails with SYS.1017 saying that the
+        host service is stopping, and every part of the node stops.
+        """
+        data = os.path.abspath(self.mktemp())
+        config = load_config(None, {"node": {"id": "mn-stop", "data_dir": data},
+                                    "http": {"port": 0},
+                                    "host": {"drain_timeout": 0.2},
+                                    "shutdown": {"drain_timeout": 5}})
+        node = make_node(config, reactor)
+        self.addCleanup(lambda: node.running and node.stopService())
+        await node.startService()
+        await node.store.insert("zone", {"uuid": "z", "name": "zone"})
+        await node.store.insert("cluster", {"uuid": "c", "name": "cluster", "zoneUuid": "z",
+                                            "hypervisorType": "KVM"})
+        reply = await node.bus.send(AddHostMsg(
+            service_id=HOST_SERVICE, name="h", zone_uuid="z", cluster_uuid="c", uuid="h1",
+            management_ip=self.base(2)))
+        self.assertTrue(reply.success, reply.error)
+        self.agent._faults = Faults(never_callback_rate=1.0)  # the agent goes silent
+        host = [s for s in node if s.name == "host"][0]
+        command = host.service.call("h1", p.StartVmCmd(vm_instance_uuid="v", cpu_num=1,
+                                                       memory_size=1), timeout=300)
+        failures = []
+        command.addErrback(failures.append)
+        while not node.agents.stats["sent"] or len(node.agents) == 0:
+            await deferLater(reactor, 0.01, lambda: None)
+        started = reactor.seconds()
+        await node.stopService()
+        self.assertLess(reactor.seconds() - started, 4)
+        [failure] = failures
+        self.assertEqual(failure.value.error.code, SYS.CANCEL)
+        self.assertIn("stopping", failure.value.error.details)
+        self.assertEqual(len(node.agents), 0)
+        self.flushLoggedErrors()

@@ -24,6 +24,14 @@ A config file looks like::
     interface = "127.0.0.1"
     backlog = 1024
     public_url = "http://10.0.0.5:8080"   # what agents call back; default from interface/port
+
+    [host]                      # the host service (see HostConfig for every key)
+    ping_interval = 60
+    command_timeout = 300
+    host_sync_level = 10
+
+    [shutdown]
+    drain_timeout = 20          # seconds each part of the node may take to stop
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from typing import Any, Mapping
 
 import attrs
 
-__all__ = ["BusConfig", "Config", "ConfigError", "HttpConfig", "StoreConfig", "load_config"]
+__all__ = ["BusConfig", "Config", "ConfigError", "HostConfig", "HttpConfig", "ShutdownConfig",
+           "StoreConfig", "load_config"]
 
 
 class ConfigError(ValueError):
@@ -81,12 +90,70 @@ class HttpConfig:
 
 
 @attrs.frozen
+class HostConfig:
+    """
+    Host service settings, the C{[host]} section (ZStack's C{host.xml} global config where
+    it has one). Times are seconds.
+
+    @ivar drain_timeout: how long a stop waits for the work in flight before failing it.
+    @ivar max_pending_per_host: commands that may wait in one host's chain (beyond the
+        C{host_sync_level} running); more are refused with C{CHAIN.1000}.
+    """
+
+    ping_interval: float = 60.0
+    ping_timeout: float = 10.0
+    ping_parallelism: int = 100
+    max_ping_failures: int = 3
+    auto_reconnect: bool = True
+    vm_sync_on_ping: bool = True
+    connect_timeout: float = 300.0
+    echo_interval: float = 2.0
+    echo_timeout: float = 5.0
+    command_timeout: float = 300.0
+    host_sync_level: int = 10
+    max_pending_per_host: int = 1000
+    agent_port: int = 7070
+    send_command_url: str | None = None
+    page_size: int = 1000
+    drain_timeout: float = 10.0
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("ping_interval", "ping_timeout", "connect_timeout", "echo_interval",
+                     "echo_timeout", "command_timeout", "ping_parallelism",
+                     "max_ping_failures", "host_sync_level", "agent_port", "page_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"host.{name} must be positive, not {getattr(self, name)!r}")
+        for name in ("drain_timeout", "max_pending_per_host"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"host.{name} must not be negative")
+
+
+@attrs.frozen
+class ShutdownConfig:
+    """
+    The C{[shutdown]} section.
+
+    @ivar drain_timeout: seconds each part of the node (host service, HTTP, agent client,
+        bus, heartbeat, store) may take to stop; then its stop is abandoned (logged) and
+        the next part stops, so a node always exits.
+    """
+
+    drain_timeout: float = 20.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.drain_timeout < 0:
+            raise ConfigError("shutdown.drain_timeout must not be negative")
+
+
+@attrs.frozen
 class Config:
     node_id: str | None  # None: chosen at start by zcontrol.identity.resolve_node_id
     data_dir: str
     store: StoreConfig
     bus: BusConfig = attrs.field(factory=BusConfig)
     http: HttpConfig = attrs.field(factory=HttpConfig)
+    host: HostConfig = attrs.field(factory=HostConfig)
+    shutdown: ShutdownConfig = attrs.field(factory=ShutdownConfig)
 
 
 _SECTIONS: dict[str, dict[str, type]] = {
@@ -95,6 +162,9 @@ _SECTIONS: dict[str, dict[str, type]] = {
     "bus": {"backend": str, "amqp_url": str, "message_timeout": float,
             "heartbeat_interval": float},
     "http": {"port": int, "interface": str, "backlog": int, "public_url": str},
+    "host": {a.name: {"float": float, "int": int, "bool": bool}.get(a.type, str)  # type: ignore[call-overload]
+             for a in attrs.fields(HostConfig)},
+    "shutdown": {"drain_timeout": float},
 }
 
 
@@ -105,6 +175,10 @@ def _coerce(section: str, key: str, value: Any) -> Any:
     kind = kinds.get(key)
     if kind is None:
         raise ConfigError(f"unknown config key {section}.{key}")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{section}.{key} must be true or false: {value!r}")
+        return value
     try:
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -157,6 +231,8 @@ def load_config(path: str | None = None,
             store=StoreConfig(url=url, pool_size=store.get("pool_size")),
             bus=BusConfig(**values["bus"]),
             http=HttpConfig(**values["http"]),
+            host=HostConfig(**values["host"]),
+            shutdown=ShutdownConfig(**values["shutdown"]),
         )
     except TypeError as e:
         raise ConfigError(str(e)) from None

@@ -9,6 +9,12 @@ does is reconnect the hosts, whose answers arrive as callbacks.
 Twisted's own C{MultiService} starts children without waiting for their Deferreds; a node
 whose bus came up before its store would take messages it cannot serve, hence
 L{OrderedMultiService}.
+
+Note [bounded shutdown]: every child's stop may take at most C{shutdown.drain_timeout}
+seconds; a stop still running then is cancelled and logged, and the next child stops, so
+SIGTERM always ends in an exit. The host service drains its own work within
+C{host.drain_timeout} (shorter) and then fails what is still in flight; the agent client then
+fails the commands still pending (C{SYS.1017}, saying the node is stopping).
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import socket
 from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
+import attrs
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
@@ -42,10 +49,17 @@ class OrderedMultiService(MultiService):
         (the children already started are then stopped again).
     """
 
-    def __init__(self, on_start_failure: Callable[[Failure], Any] | None = None):
+    def __init__(self, on_start_failure: Callable[[Failure], Any] | None = None,
+                 drain_timeout: float | None = None, clock: Any = None):
+        """
+        @param drain_timeout: seconds each child's stop may take (see Note [bounded
+            shutdown]); None waits without a limit. Needs C{clock}.
+        """
         super().__init__()
         self._up: list[Service] = []
         self._on_start_failure = on_start_failure
+        self._drain_timeout = drain_timeout
+        self._drain_clock = clock
         self.started: Deferred | None = None
 
     def startService(self) -> Deferred:
@@ -66,7 +80,10 @@ class OrderedMultiService(MultiService):
             child = self._up.pop()
             log.info("stopping {name}", name=child.name)
             try:
-                await maybeDeferred(child.stopService)
+                d = maybeDeferred(child.stopService)
+                if self._drain_timeout is not None and self._drain_clock is not None:
+                    d = _bounded(d, self._drain_clock, self._drain_timeout, child.name)
+                await d
             except Exception:
                 log.failure("stopping {name} failed", name=child.name)
 
@@ -84,6 +101,37 @@ class OrderedMultiService(MultiService):
         d = Deferred()
         starting.addBoth(lambda _: d.callback(None))
         return d.addCallback(lambda _: Deferred.fromCoroutine(self._stop_children()))
+
+
+def _bounded(d: Deferred, clock: Any, seconds: float, name: str | None) -> Deferred:
+    """
+    C{d}, but fired (with None) after C{seconds} if it has not fired by then; C{d} is then
+    cancelled and the overrun logged.
+    """
+    out: Deferred = Deferred()
+
+    def overrun() -> None:
+        log.error("stopping {name} took more than its {s}s drain limit; abandoning it",
+                  name=name, s=seconds)
+        d.cancel()
+        if not out.called:
+            out.callback(None)
+
+    timer = clock.callLater(seconds, overrun)
+
+    def done(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if not out.called:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+        elif isinstance(result, Failure) and not result.check(CancelledError):
+            log.failure("stopping {name} failed after its drain limit", result, name=name)
+
+    d.addBoth(done)
+    return out
 
 
 class ComponentService(Service):
@@ -255,7 +303,7 @@ class AgentClientService(Service):
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
-        return self.agents.close()
+        return self.agents.close("the management node is stopping")
 
 
 class HostComponent(Service):
@@ -277,11 +325,12 @@ class HostComponent(Service):
 
     def startService(self) -> None:
         from zcontrol.agentclient.endpoint import SEND_COMMAND_PATH
-        from zcontrol.services.host import HostConfig, HostService
+        from zcontrol.services.host import HostService
 
         Service.startService(self)
         node = self._node
-        config = HostConfig(send_command_url=self._http.base_url + SEND_COMMAND_PATH)
+        config = attrs.evolve(node.config.host,
+                              send_command_url=self._http.base_url + SEND_COMMAND_PATH)
         self.service = HostService(node.reactor, node.bus, node.store, node.agents, config)
         for path, handler in self.service.report_handlers().items():
             self._endpoint.on_report(path, handler)
@@ -312,7 +361,7 @@ class ManagementNode(OrderedMultiService):
 
     def __init__(self, config: Config, reactor: Any, store: Any, bus: Any, agents: Any,
                  on_start_failure: Callable[[Failure], Any] | None = None):
-        super().__init__(on_start_failure)
+        super().__init__(on_start_failure, config.shutdown.drain_timeout, reactor)
         self.config = config
         self.reactor = reactor
         self.store = store

@@ -40,6 +40,8 @@ class Options(usage.Options):
                                    "interface and port)."],
         ["message-timeout", None, None, "Default bus message timeout in seconds (1800).",
          float],
+        ["drain-timeout", None, None, "Seconds each part of the node may take to stop "
+                                      "(SIGTERM) before its work is failed (20).", float],
     ]
 
     def opt_version(self) -> None:
@@ -58,6 +60,7 @@ class Options(usage.Options):
                         "message_timeout": self["message-timeout"]},
                 "http": {"port": self["http-port"], "interface": self["http-interface"],
                          "public_url": self["public-url"]},
+                "shutdown": {"drain_timeout": self["drain-timeout"]},
             })
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None

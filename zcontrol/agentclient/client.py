@@ -14,6 +14,20 @@ semaphore of C{max_in_flight} over the accept exchanges (the pool itself never b
 concurrency). All simulated hosts of an agent process share one endpoint (see
 L{agent.protocol}), so one pool per agent process carries them. The callback endpoint must be
 listened on with a large backlog (L{zcontrol.agentclient.endpoint.listen_callback}).
+
+Note [per-host slots]: hosts that accept TCP and never answer would fill the global
+C{max_in_flight} and starve every healthy host. So an exchange first takes one of its host's
+C{max_in_flight_per_host} slots (per agent base URL), and only then one of the global slots: a
+hung host holds at most its own share of the global ones. A command whose deadline passes
+while it still waits for a slot was never sent; it fails with C{AGENT.1000} (L{NOT_SENT}), so
+callers know that retrying it is safe.
+
+Note [lost work]: when an agent is known to have restarted (its ping answers without the host
+uuid it was connected with) or the host is forgotten, the commands it accepted are gone: they
+fail at once with C{AGENT.1001} (L{AGENT_LOST_WORK}) instead of waiting out their timeout.
+
+Note [inherited deadline]: the bus deadline of the message being handled
+(L{zcontrol.bus._pending.current_deadline}, on the same clock) caps every call's deadline.
 """
 
 from __future__ import annotations
@@ -40,11 +54,26 @@ from agent import protocol
 from agent.http import DEFAULT_POOL_SIZE, make_http_client, make_pool
 from agent.protocol import CALLBACK_URL_HEADER, TASK_UUID_HEADER, Message, ProtocolError
 from zcontrol.agentclient.interfaces import IAgentClient
-from zcontrol.core.errors import SYS, OperationError, error_code
+from zcontrol.bus._pending import current_deadline
+from zcontrol.core.errors import SYS, OperationError, error_code, register_codes
 
-__all__ = ["AgentClient"]
+__all__ = ["AGENT_LOST_WORK", "AgentClient", "DEFAULT_MAX_IN_FLIGHT_PER_HOST", "NOT_SENT"]
 
 log = Logger()
+
+_codes = register_codes("AGENT", {
+    1000: "An agent command was not sent: it waited for a free connection slot until its "
+          "deadline (retrying it is safe)",
+    1001: "The agent lost a command it had accepted (it restarted, or the host was forgotten)",
+})
+#: C{AGENT.1000}: the command's deadline passed while it waited in the local queue for a
+#: connection slot; nothing reached the agent.
+NOT_SENT = _codes[1000]
+#: C{AGENT.1001}: the agent restarted (or the host was forgotten) after accepting the command.
+AGENT_LOST_WORK = _codes[1001]
+
+#: The default bound of exchanges in flight to one agent base URL (one host).
+DEFAULT_MAX_IN_FLIGHT_PER_HOST = 32
 
 _TASK = TASK_UUID_HEADER.encode("ascii")
 _CALLBACK = CALLBACK_URL_HEADER.encode("ascii")
@@ -61,11 +90,15 @@ class _Pending:
     One command waiting for its callback.
     """
 
-    __slots__ = ("result", "url", "secret", "rsp_type", "timer", "accept", "raise_on_failure")
+    __slots__ = ("result", "url", "secret", "rsp_type", "timer", "accept", "raise_on_failure",
+                 "base", "sent", "expiry")
 
     def __init__(self, result: Deferred, url: str, secret: str, rsp_type: type,
-                 raise_on_failure: bool) -> None:
+                 raise_on_failure: bool, base: str = "") -> None:
         self.result = result
+        self.base = base
+        self.sent = False
+        self.expiry = 0.0
         self.url = url
         self.secret = secret
         self.rsp_type = rsp_type
@@ -95,19 +128,24 @@ class AgentClient:
     """
 
     def __init__(self, clock: Any, http: Any, callback_url: str, *,
-                 default_timeout: float = 300.0, max_in_flight: int = DEFAULT_POOL_SIZE) -> None:
+                 default_timeout: float = 300.0, max_in_flight: int = DEFAULT_POOL_SIZE,
+                 max_in_flight_per_host: int = DEFAULT_MAX_IN_FLIGHT_PER_HOST) -> None:
         """
-        @param clock: C{IReactorTime}: timeouts and deadlines are on this clock.
+        @param clock: C{IReactorTime}: timeouts and deadlines are on this clock (the bus's).
         @param http: a treq C{HTTPClient} (or C{StubTreq}) for the POSTs.
         @param callback_url: the callback endpoint's URL as agents reach it.
         @param default_timeout: seconds a command may take when the caller gives none.
         @param max_in_flight: accept exchanges (HTTP requests) in flight at once.
+        @param max_in_flight_per_host: accept exchanges in flight at once to one agent base
+            URL (see Note [per-host slots]); capped by C{max_in_flight}.
         """
         self._clock = clock
         self._http = http
         self.callback_url = callback_url
         self.default_timeout = default_timeout
         self._sem = DeferredSemaphore(max_in_flight)
+        self._per_host = max(1, min(max_in_flight_per_host, max_in_flight))
+        self._host_sems: dict[str, DeferredSemaphore] = {}
         self._pending: dict[str, _Pending] = {}
         self._secrets: dict[str, str] = {}
         self._base_of_host: dict[str, str] = {}
@@ -118,10 +156,12 @@ class AgentClient:
     @classmethod
     def create(cls, reactor: Any, callback_url: str, *, pool_size: int = DEFAULT_POOL_SIZE,
                max_in_flight: int | None = None, default_timeout: float = 300.0,
-               connect_timeout: float = 10.0) -> AgentClient:
+               connect_timeout: float = 10.0,
+               max_in_flight_per_host: int = DEFAULT_MAX_IN_FLIGHT_PER_HOST) -> AgentClient:
         """
         A client with its own connection pool keeping C{pool_size} persistent connections per
-        agent endpoint, and C{max_in_flight} (default: C{pool_size}) requests at once.
+        agent endpoint, C{max_in_flight} (default: C{pool_size}) requests at once and
+        C{max_in_flight_per_host} per agent base URL.
         """
         pool = make_pool(reactor, pool_size)
         client = cls(
@@ -130,6 +170,7 @@ class AgentClient:
             callback_url,
             default_timeout=default_timeout,
             max_in_flight=max_in_flight or pool_size,
+            max_in_flight_per_host=max_in_flight_per_host,
         )
         client._pool = pool
         return client
@@ -154,11 +195,41 @@ class AgentClient:
         """
         return self._secrets.get(base_url)
 
-    def forget(self, base_url: str) -> None:
+    def forget(self, base_url: str, reason: str = "the host was forgotten") -> int:
+        """
+        Drop the callback secret of C{base_url} and fail its pending commands at once (see
+        L{lost_work}).
+
+        @return: the number of pending commands failed.
+        """
         self._secrets.pop(base_url, None)
         for host_uuid, base in list(self._base_of_host.items()):
             if base == base_url:
                 del self._base_of_host[host_uuid]
+        return self.lost_work(base_url, reason)
+
+    def lost_work(self, base_url: str, reason: str) -> int:
+        """
+        Fail every command pending at C{base_url} at once with C{AGENT.1001}
+        (L{AGENT_LOST_WORK}), e.g. when its agent restarted after accepting them.
+
+        @param reason: why the work is gone, put in the errors' details.
+        @return: the number of commands failed.
+        """
+        lost = [t for t, e in self._pending.items() if e.base == base_url]
+        for taskuuid in lost:
+            entry = self._pending.pop(taskuuid)
+            entry.timer.cancel()
+            accept, entry.accept = entry.accept, None
+            if accept is not None:
+                accept.cancel()  # a no-op once it has its result
+            entry.result.errback(OperationError.of(
+                AGENT_LOST_WORK, f"{entry.url}, taskuuid {taskuuid}: {reason}; the agent "
+                "will not call back", url=entry.url, taskUuid=taskuuid))
+        if lost:
+            log.warn("{n} command(s) pending at {base} failed: {reason}", n=len(lost),
+                     base=base_url, reason=reason)
+        return len(lost)
 
     def verify_report(self, host_uuid: str | None, taskuuid: str | None, body: bytes,
                       signature: str | bytes | None) -> bool:
@@ -191,6 +262,9 @@ class AgentClient:
     # --- calls ----------------------------------------------------------------------------
 
     def _expiry(self, timeout: float | None, deadline: float | None) -> tuple[float, float]:
+        inherited = current_deadline()
+        if inherited is not None and (deadline is None or inherited < deadline):
+            deadline = inherited
         now = self._clock.seconds()
         expiry = now + (self.default_timeout if timeout is None else timeout)
         if deadline is not None and deadline < expiry:
@@ -211,7 +285,7 @@ class AgentClient:
                 SYS.TIMEOUT, f"[Async Http Timeout] deadline passed before sending to {url}",
                 url=url))
         if definition.sync:
-            return self._call_sync(url, cmd, definition.rsp_type, expiry - now,
+            return self._call_sync(base_url, url, cmd, definition.rsp_type, expiry - now,
                                    raise_on_failure)
         secret = self._secrets.get(base_url)
         if secret is None:
@@ -221,7 +295,8 @@ class AgentClient:
                 url=url))
         taskuuid = uuid.uuid4().hex
         result: Deferred[Any] = Deferred(partial(self._cancelled, taskuuid))
-        entry = _Pending(result, url, secret, definition.rsp_type, raise_on_failure)
+        entry = _Pending(result, url, secret, definition.rsp_type, raise_on_failure, base_url)
+        entry.expiry = expiry
         self._pending[taskuuid] = entry
         entry.timer = self._clock.callLater(expiry - now, self._timed_out, taskuuid,
                                             expiry - now)
@@ -229,14 +304,115 @@ class AgentClient:
         self._send(taskuuid, entry, cmd.to_json(), 1)
         return result
 
+    # --- slots (Note [per-host slots]) ---------------------------------------------------
+
+    def _slot(self, base_url: str) -> Deferred[None]:
+        """
+        Take one of C{base_url}'s slots, then one global slot. Cancelling the result while
+        it waits gives back whatever was taken.
+        """
+        host = self._host_sems.get(base_url)
+        if host is None:
+            host = self._host_sems[base_url] = DeferredSemaphore(self._per_host)
+        step: list[Deferred | None] = [host.acquire()]
+
+        def cancel(_d: Deferred) -> None:
+            waiting = step[0]
+            if waiting is not None:
+                waiting.cancel()
+
+        slot: Deferred[None] = Deferred(cancel)
+
+        def got_host(_: Any) -> None:
+            if slot.called:  # cancelled meanwhile
+                self._release(base_url)
+                return
+            g = self._sem.acquire()
+            step[0] = g
+
+            def got_global(_: Any) -> None:
+                step[0] = None
+                if slot.called:
+                    self._sem.release()
+                    self._release(base_url)
+                else:
+                    slot.callback(None)
+
+            def global_cancelled(_f: Failure) -> None:
+                step[0] = None
+                self._release(base_url)
+
+            g.addCallbacks(got_global, global_cancelled)
+
+        def host_cancelled(_f: Failure) -> None:
+            step[0] = None
+            self._drop_host_sem(base_url)
+
+        step[0].addCallbacks(got_host, host_cancelled)  # type: ignore[union-attr]
+        return slot
+
+    def _release(self, base_url: str) -> None:
+        host = self._host_sems.get(base_url)
+        if host is not None:
+            host.release()
+            self._drop_host_sem(base_url)
+
+    def _drop_host_sem(self, base_url: str) -> None:
+        host = self._host_sems.get(base_url)
+        if host is not None and host.tokens == host.limit and not host.waiting:
+            del self._host_sems[base_url]
+
+    def _post(self, base_url: str, url: str, expiry: float, on_sent: Any = None,
+              **kwargs: Any) -> Deferred:
+        """
+        POST once a slot is free; the slots are given back when the exchange ends.
+        C{on_sent()} is called when the request is handed to the HTTP client. A slot that
+        comes free only at C{expiry} (absolute) or later is given back unused and the POST
+        fails with C{AGENT.1000}.
+        """
+        slot = self._slot(base_url)
+        queued = self._clock.seconds()
+
+        def send(_: Any) -> Deferred:
+            now = self._clock.seconds()
+            if now >= expiry:
+                self._sem.release()
+                self._release(base_url)
+                return fail(self._not_sent(url, now - queued))
+            if on_sent is not None:
+                on_sent()
+            try:
+                d = self._http.post(url, **kwargs)
+            except BaseException:
+                d = fail()
+
+            def done(result: Any) -> Any:
+                self._sem.release()
+                self._release(base_url)
+                return result
+
+            return d.addBoth(done)
+
+        return slot.addCallback(send)
+
+    def _not_sent(self, url: str, waited: float, **details: Any) -> OperationError:
+        return OperationError.of(
+            NOT_SENT, f"not sent: {url} waited {waited:g}s for a free connection slot "
+            "(every slot to this host or in total was busy); nothing reached the agent",
+            url=url, **details)
+
     def _send(self, taskuuid: str, entry: _Pending, body: bytes, attempt: int) -> None:
         headers = {
             _TASK: [taskuuid.encode("ascii")],
             _CALLBACK: [self.callback_url.encode("utf-8")],
             _CONTENT_TYPE: _JSON,
         }
-        accept = self._sem.run(self._http.post, entry.url, data=body, headers=headers,
-                               allow_redirects=False, unbuffered=True)
+
+        def sent() -> None:
+            entry.sent = True
+
+        accept = self._post(entry.base, entry.url, entry.expiry, sent, data=body,
+                            headers=headers, allow_redirects=False, unbuffered=True)
         entry.accept = accept
         accept.addCallbacks(self._accepted, self._accept_failed, callbackArgs=(taskuuid,),
                             errbackArgs=(taskuuid, body, attempt))
@@ -271,7 +447,10 @@ class AgentClient:
         del self._pending[taskuuid]
         entry.timer.cancel()
         self.stats["rejected"] += 1
-        entry.result.errback(_connection_error(entry.url, reason))
+        if reason.check(OperationError):  # not sent
+            entry.result.errback(reason)
+        else:
+            entry.result.errback(_connection_error(entry.url, reason))
         return None
 
     def _timed_out(self, taskuuid: str, seconds: float) -> None:
@@ -282,6 +461,9 @@ class AgentClient:
         accept, entry.accept = entry.accept, None
         if accept is not None:
             accept.cancel()  # a no-op once it has its result
+        if not entry.sent:
+            entry.result.errback(self._not_sent(entry.url, seconds, taskUuid=taskuuid))
+            return
         entry.result.errback(OperationError.of(
             SYS.TIMEOUT,
             f"[Async Http Timeout] url: {entry.url}, taskuuid: {taskuuid}, "
@@ -299,11 +481,13 @@ class AgentClient:
         result.errback(OperationError.of(SYS.CANCEL, f"cancelled: {entry.url}", url=entry.url,
                                          taskUuid=taskuuid))
 
-    def _call_sync(self, url: str, cmd: Message, rsp_type: type, timeout: float,
-                   raise_on_failure: bool) -> Deferred[Any]:
-        d = self._sem.run(self._http.post, url, data=cmd.to_json(),
-                          headers={_CONTENT_TYPE: _JSON}, allow_redirects=False,
-                          unbuffered=True)
+    def _call_sync(self, base_url: str, url: str, cmd: Message, rsp_type: type,
+                   timeout: float, raise_on_failure: bool) -> Deferred[Any]:
+        sent: list[bool] = []
+        d = self._post(base_url, url, self._clock.seconds() + timeout, lambda: sent.append(True),
+                       data=cmd.to_json(),
+                       headers={_CONTENT_TYPE: _JSON}, allow_redirects=False,
+                       unbuffered=True)
         timer = self._clock.callLater(timeout, d.cancel)
         timed_out = []
 
@@ -327,6 +511,8 @@ class AgentClient:
             if reason.check(OperationError):
                 return reason
             if reason.check(CancelledError) and timed_out:
+                if not sent:
+                    raise self._not_sent(url, timeout)
                 raise OperationError.of(
                     SYS.TIMEOUT, f"[Http Timeout] url: {url}, no answer after {timeout:g}s",
                     url=url)
@@ -395,17 +581,25 @@ class AgentClient:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def close(self) -> Deferred[None]:
+    def close(self, reason: str = "the agent client was closed") -> Deferred[None]:
         """
-        Cancel every pending task (each fails with C{SYS.1017}) and close the connection pool
-        if this client made it.
+        Fail every pending task at once (C{SYS.1017}, with C{reason} in its details; nothing
+        waits out a command's own timeout) and close the connection pool if this client
+        made it.
 
         @return: a Deferred firing when the pool's connections are closed.
         """
         for taskuuid in list(self._pending):
-            entry = self._pending.get(taskuuid)
-            if entry is not None:
-                entry.result.cancel()
+            entry = self._pending.pop(taskuuid, None)
+            if entry is None:
+                continue
+            entry.timer.cancel()
+            accept, entry.accept = entry.accept, None
+            if accept is not None:
+                accept.cancel()
+            entry.result.errback(OperationError.of(
+                SYS.CANCEL, f"{entry.url}, taskuuid {taskuuid}: {reason}", url=entry.url,
+                taskUuid=taskuuid))
         if self._pool is not None:
             return self._pool.closeCachedConnections()
         return succeed(None)

@@ -37,14 +37,17 @@ class IAgentClient(Interface):
 
         @param timeout: seconds (default: the client's default timeout).
         @param deadline: an absolute time on the client's clock (the deadline of the message
-            that caused the call); the call times out at the earlier of the two.
+            that caused the call); the call times out at the earlier of the two. The bus
+            deadline of the message being handled, if any, caps it too.
         @param raise_on_failure: fail (C{SYS.1006}, the agent's error as details) when the
             response says C{success=false}; otherwise fire with it.
         @return: a Deferred firing with the decoded response (the command's response type).
             It fails with an L{OperationError} carrying C{SYS.1001} (timeout, naming the URL;
             the pending entry is gone), C{SYS.1015} (the agent answered a non-2xx status, or an
             HTTP exchange broke, or the callback was malformed), C{SYS.1016} (could not connect),
-            C{SYS.1006} (the agent reported a failure) or C{SYS.1017} (cancelled). Cancelling it
+            C{SYS.1006} (the agent reported a failure), C{SYS.1017} (cancelled), C{AGENT.1000}
+            (not sent: it waited for a free connection slot until its deadline; safe to
+            retry) or C{AGENT.1001} (the agent lost it, see L{lost_work}). Cancelling it
             forgets the task.
         """
 
@@ -54,7 +57,19 @@ class IAgentClient(Interface):
         C{taskuuid} and C{body}) with the secret agreed with that host at its last connect.
         """
 
-    def forget(base_url):
+    def forget(base_url, reason="the host was forgotten"):
         """
-        Drop the callback secret of C{base_url} (e.g. the host was deleted or disconnected).
+        Drop the callback secret of C{base_url} (e.g. the host was deleted or disconnected)
+        and fail its pending commands at once with C{AGENT.1001}.
+
+        @return: the number of pending commands failed.
+        """
+
+    def lost_work(base_url, reason):
+        """
+        Fail every command pending at C{base_url} at once with C{AGENT.1001} (its agent
+        restarted after accepting them: they will never call back).
+
+        @param reason: why, put in the errors' details.
+        @return: the number of commands failed.
         """

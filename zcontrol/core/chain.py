@@ -28,10 +28,29 @@ per-task cost of the common "already done" case.
 
 Cancelled and timed-out pending tasks are marked dead and skipped lazily (O(1) cancel); the
 deque is compacted when dead entries dominate it, so a hung queue cannot accumulate them.
+
+Note [Deadlines through the queue]
+==================================
+A task that has to wait is started later by whoever frees the slot, in I{that} caller's
+context. So a waiting task keeps a copy of its submitter's C{contextvars} context and runs in
+it: the bus's current deadline (L{zcontrol.bus._pending.current_deadline}) and anything else
+kept in context variables travel with the task. A task that starts at once runs in the
+submitter's context anyway and pays nothing for this.
+
+The time a task waits counts against its deadline: the task's start deadline is the earliest
+of C{deadline}, the submitter's current (bus) deadline and C{now + timeout}. A task whose
+deadline passes while it waits is dropped with C{SYS.1001} and never runs; one submitted
+after its deadline fails at once. Deadlines are only enforced on a queue with a clock (the
+bus's clock: deadlines are absolute times on it).
+
+Every signature's queue is bounded: C{max_pending} defaults to the queue's own bound
+(L{DEFAULT_MAX_PENDING}), and a task that would wait beyond it is refused at once with
+C{CHAIN.1000}.
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections import deque
 from typing import Any, Callable, Hashable
 
@@ -42,7 +61,7 @@ from twisted.python.failure import Failure
 
 from zcontrol.core.errors import SYS, OperationError, error_code, register_codes
 
-__all__ = ["CHAIN_QUEUE_FULL", "ChainTaskQueue"]
+__all__ = ["CHAIN_QUEUE_FULL", "ChainTaskQueue", "DEFAULT_MAX_PENDING"]
 
 log = Logger()
 
@@ -51,6 +70,26 @@ log = Logger()
 CHAIN_QUEUE_FULL = register_codes(
     "CHAIN", {1000: "Too many tasks are waiting in a chain-task queue"}
 )[1000]
+
+#: The default bound of one signature's waiting tasks.
+DEFAULT_MAX_PENDING = 10_000
+
+_current_deadline: Callable[[], float | None] | None = None
+
+
+def _submitter_deadline() -> float | None:
+    """
+    The bus's deadline of the current context (imported lazily: the bus imports core).
+    """
+    global _current_deadline
+    if _current_deadline is None:
+        from zcontrol.bus._pending import current_deadline
+
+        _current_deadline = current_deadline
+    return _current_deadline()
+
+
+_BY_CLOSE = 2  # cancel_requested value of a task cancelled by close()
 
 _PENDING = 0
 _RUNNING = 1
@@ -63,10 +102,13 @@ class _Task:
     One submitted task and the Deferred its caller holds.
     """
 
-    __slots__ = ("fn", "result", "state", "inner", "timer", "cancel_requested")
+    __slots__ = ("fn", "result", "state", "inner", "timer", "cancel_requested", "context",
+                 "deadline")
 
     def __init__(self, fn: Callable[[], Any]) -> None:
         self.fn = fn
+        self.context: contextvars.Context | None = None
+        self.deadline: float | None = None
         self.result: Deferred = None  # type: ignore[assignment]
         self.state = _PENDING
         self.inner: Deferred | None = None
@@ -79,7 +121,8 @@ class _SignatureQueue:
     The bookkeeping of one live signature.
     """
 
-    __slots__ = ("signature", "pending", "live_pending", "running", "level", "draining")
+    __slots__ = ("signature", "pending", "live_pending", "running", "level", "draining",
+                 "active")
 
     def __init__(self, signature: Hashable, level: int) -> None:
         self.signature = signature
@@ -88,21 +131,32 @@ class _SignatureQueue:
         self.running = 0
         self.level = level
         self.draining = False
+        self.active: set[_Task] = set()  # running tasks, for close()
 
 
 class ChainTaskQueue:
     """
     Per-signature FIFO task queues with a concurrency level (ZStack's chain tasks).
 
-    @ivar _clock: the L{IReactorTime} used for pending timeouts, or None (no timeouts).
+    @ivar _clock: the L{IReactorTime} used for pending timeouts and deadlines, or None
+        (neither is enforced).
+    @ivar max_pending: the default bound of one signature's waiting tasks.
     """
 
-    def __init__(self, clock: IReactorTime | None = None) -> None:
+    def __init__(self, clock: IReactorTime | None = None,
+                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
         """
-        @param clock: needed only for the C{timeout} argument of L{run}.
+        @param clock: needed for the C{timeout} and C{deadline} arguments of L{run} and for
+            the submitters' bus deadlines to be enforced while tasks wait.
+        @param max_pending: the default of L{run}'s C{max_pending} (>= 0).
+        @raise ValueError: a negative C{max_pending}.
         """
+        if max_pending < 0:
+            raise ValueError(f"max_pending must be >= 0, not {max_pending!r}")
         self._clock = clock
+        self.max_pending = max_pending
         self._queues: dict[Hashable, _SignatureQueue] = {}
+        self._closed: OperationError | None = None
 
     # -- introspection -----------------------------------------------------------------
 
@@ -142,6 +196,7 @@ class ChainTaskQueue:
         sync_level: int = 1,
         max_pending: int | None = None,
         timeout: float | None = None,
+        deadline: float | None = None,
     ) -> Deferred:
         """
         Queue C{fn} under C{signature}.
@@ -155,25 +210,51 @@ class ChainTaskQueue:
             Deferred or a coroutine.
         @param sync_level: how many tasks of this signature may run at once (>= 1).
         @param max_pending: when the task would have to wait and this many tasks already
-            wait, refuse it at once with C{CHAIN.1000} (L{CHAIN_QUEUE_FULL}).
+            wait, refuse it at once with C{CHAIN.1000} (L{CHAIN_QUEUE_FULL}). Default: the
+            queue's C{max_pending}.
         @param timeout: seconds the task may wait before it starts; if still waiting then,
             it is dropped with C{SYS.1001}. Requires a clock. The task's own run time is not
             limited.
+        @param deadline: absolute time (on the clock) by which the task must have started,
+            else it is dropped with C{SYS.1001}; the submitter's bus deadline caps it (see
+            Note [Deadlines through the queue]). Requires a clock.
 
         @return: a Deferred firing with the task's result, or failing with its failure.
             Cancelling it before the task starts drops the task (it never runs) and fails
             it with an L{OperationError} C{SYS.1017}; cancelling it while the task runs
             forwards C{cancel()} to the task's own Deferred.
 
-        @raise ValueError: C{sync_level} < 1, C{max_pending} < 0, or a C{timeout} without
-            a clock (programming errors).
+            A queue that was closed (L{close}) fails every new task at once with its
+            close error.
+
+        @raise ValueError: C{sync_level} < 1, C{max_pending} < 0, or a C{timeout} or
+            C{deadline} without a clock (programming errors).
         """
         if sync_level < 1:
             raise ValueError(f"sync_level must be >= 1, not {sync_level!r}")
-        if max_pending is not None and max_pending < 0:
+        if max_pending is None:
+            max_pending = self.max_pending
+        elif max_pending < 0:
             raise ValueError(f"max_pending must be >= 0, not {max_pending!r}")
-        if timeout is not None and self._clock is None:
-            raise ValueError("a pending timeout needs a ChainTaskQueue built with a clock")
+        clock = self._clock
+        if clock is None:
+            if timeout is not None or deadline is not None:
+                raise ValueError("a pending timeout needs a ChainTaskQueue built with a clock")
+        else:
+            inherited = _submitter_deadline()
+            if inherited is not None and (deadline is None or inherited < deadline):
+                deadline = inherited
+            if timeout is not None or deadline is not None:
+                now = clock.seconds()
+                if timeout is not None and (deadline is None or now + timeout < deadline):
+                    deadline = now + timeout
+                if deadline <= now:  # type: ignore[operator]
+                    return fail(OperationError.of(
+                        SYS.TIMEOUT,
+                        f"chain task of {signature!r}: its deadline passed before it was "
+                        "submitted", signature=str(signature)))
+        if self._closed is not None:
+            return fail(OperationError(self._closed.error))
 
         q = self._queues.get(signature)
         if q is None:
@@ -187,11 +268,8 @@ class ChainTaskQueue:
             )
             q.level = sync_level
 
-        if (
-            max_pending is not None
-            and q.running >= q.level
-            and q.live_pending >= max_pending
-        ):
+        must_wait = q.running >= q.level or q.live_pending > 0
+        if must_wait and q.live_pending >= max_pending:
             return fail(
                 OperationError(
                     error_code(
@@ -209,14 +287,49 @@ class ChainTaskQueue:
         task.result = Deferred(lambda _d: self._cancel(q, task))
         q.pending.append(task)
         q.live_pending += 1
-        if timeout is not None:
-            task.timer = self._clock.callLater(  # type: ignore[union-attr]
-                timeout, self._expire, q, task, timeout
-            )
+        if must_wait:
+            # Started later by whoever frees a slot: keep the submitter's context.
+            task.context = contextvars.copy_context()
+            if deadline is not None:
+                task.deadline = deadline
+                task.timer = clock.callLater(  # type: ignore[union-attr]
+                    deadline - clock.seconds(),  # type: ignore[union-attr]
+                    self._expire, q, task, deadline,
+                )
         self._drain(q)
         return task.result
 
+    def close(self, reason: str = "the chain-task queue was closed") -> None:
+        """
+        Fail every waiting task (it never runs) and cancel every running one, each with an
+        L{OperationError} C{SYS.1017} whose details are C{reason}; later submissions fail at
+        once the same way. Used to bound a shutdown: work still in flight after the drain
+        limit is failed rather than waited for.
+        """
+        self._closed = OperationError.of(SYS.CANCEL, reason)
+        running: list[_Task] = []
+        for q in list(self._queues.values()):
+            for task in list(q.pending):
+                if task.state == _PENDING:
+                    self._drop(q, task)
+                    task.result.errback(OperationError.of(
+                        SYS.CANCEL, f"chain task of {q.signature!r} never started: {reason}",
+                        signature=str(q.signature)))
+            running.extend(q.active)
+        for task in running:
+            # Answer the caller with the reason now, then cancel the task's own work; what
+            # that work fails with afterwards is expected, not logged.
+            task.cancel_requested = _BY_CLOSE
+            if not task.result.called:
+                task.result.errback(OperationError.of(
+                    SYS.CANCEL, f"chain task cancelled while running: {reason}"))
+            if task.inner is not None:
+                task.inner.cancel()
+
     # -- internals ---------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self._clock.seconds()  # type: ignore[union-attr]
 
     def _drain(self, q: _SignatureQueue) -> None:
         """
@@ -230,6 +343,9 @@ class ChainTaskQueue:
             while pending and q.running < q.level:
                 task = pending.popleft()
                 if task.state == _DEAD:
+                    continue
+                if task.deadline is not None and task.deadline <= self._now():
+                    self._expire(q, task, task.deadline)
                     continue
                 q.live_pending -= 1
                 self._start(q, task)
@@ -246,8 +362,9 @@ class ChainTaskQueue:
         task.state = _RUNNING
         q.running += 1
         fn, task.fn = task.fn, None
+        context, task.context = task.context, None
         try:
-            result = fn()
+            result = fn() if context is None else context.run(fn)
         except BaseException:
             self._finished(Failure(), q, task)
             return
@@ -268,11 +385,14 @@ class ChainTaskQueue:
             return
         if task.state == _RUNNING:  # not finished synchronously by a re-entrant cancel
             task.inner = result
+            q.active.add(task)
         result.addBoth(self._finished, q, task)
 
     def _finished(self, result: Any, q: _SignatureQueue, task: _Task) -> None:
         task.state = _FINISHED
-        task.inner = None
+        if task.inner is not None:
+            task.inner = None
+            q.active.discard(task)
         q.running -= 1
         d = task.result
         if not d.called:
@@ -286,7 +406,8 @@ class ChainTaskQueue:
                 d.errback(result)
             else:
                 d.callback(result)
-        elif isinstance(result, Failure) and not result.check(CancelledError):
+        elif (isinstance(result, Failure) and not result.check(CancelledError)
+              and task.cancel_requested != _BY_CLOSE):
             # The caller gave up (cancel) before the task ended: keep the error visible.
             log.failure(
                 "chain task of {signature!r} failed after its caller cancelled it",
@@ -323,7 +444,7 @@ class ChainTaskQueue:
                     )
                 )
 
-    def _expire(self, q: _SignatureQueue, task: _Task, timeout: float) -> None:
+    def _expire(self, q: _SignatureQueue, task: _Task, deadline: float) -> None:
         task.timer = None
         if task.state != _PENDING:
             return
@@ -331,8 +452,9 @@ class ChainTaskQueue:
         task.result.errback(
             OperationError.of(
                 SYS.TIMEOUT,
-                f"chain task of {q.signature!r} waited more than {timeout}s to start",
-                timeout=timeout,
+                f"chain task of {q.signature!r} was still waiting to start at its deadline "
+                f"(t={deadline:g}); it did not run",
+                signature=str(q.signature),
             )
         )
 
@@ -342,6 +464,7 @@ class ChainTaskQueue:
         """
         task.state = _DEAD
         task.fn = None  # type: ignore[assignment]
+        task.context = None
         if task.timer is not None:
             if task.timer.active():
                 task.timer.cancel()

@@ -5,8 +5,9 @@ the bus, with hosts in the store and commands through the agent client.
 
 Lifecycle (ZStack's C{KVMHost} and C{HostTrackImpl})
 =====================================================
- - B{add}: insert the host C{Connecting}, connect it; if that fails, delete it again and fail
-   with C{HOST.1000}.
+ - B{add}: a L{FlowChain} C{add-host}: C{insert-host} (the host C{Connecting}), then
+   C{connect-host}; if a flow fails, each flow that ran undoes its own work (the row is
+   deleted, the callback secret forgotten) and the add fails with C{HOST.1000}.
  - B{connect}: C{Connecting}; echo the agent until it answers (at most C{connect_timeout});
    C{/host/connect} with a fresh callback secret; C{/host/fact} and C{/host/capacity}; the
    capacity into the store (totals, keeping what is reserved); C{Connected}. A failure leaves
@@ -25,6 +26,18 @@ Note [chain tasks per host]: commands to one host go through the chain-task queu
 C{host-<uuid>} with C{host_sync_level} (ZStack: 10) slots, so no host gets more than that many
 commands in flight however many VM operations target it; connect and ping are serialised per
 host under C{host-connect-<uuid>} so two reconnects never interleave.
+
+Note [deadlines]: a command's timeout runs from when L{HostService.call} is called, not from
+when it leaves the host's chain: the time it waits for a slot counts, and the deadline of the
+bus message being handled (if earlier) caps it; the chain drops a command whose deadline
+passed while it waited (C{SYS.1001}, it never ran), and the agent call gets the same deadline.
+Connect, ping and VM sync inherit the deadline of the message that caused them. Work the
+service starts on its own (a reconnect after failed pings, a VM sync after a ping) is new
+work: it runs with its own timeouts, not the deadline of the ping that triggered it.
+
+Note [lost work]: a ping (or the ping that precedes every connect) answered with no host uuid
+means the agent restarted and forgot the connect, and with it the commands it had accepted:
+they are failed at once (C{AGENT.1001}) rather than left to their timeouts.
 """
 
 from __future__ import annotations
@@ -32,17 +45,19 @@ from __future__ import annotations
 import uuid as uuidlib
 from typing import Any
 
-import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from agent import protocol as p
-from zcontrol._defer import DeferWaiter, async_to_deferred
+from zcontrol._defer import DeferWaiter, async_to_deferred, maybe_deferred
+from zcontrol.bus._pending import current_deadline, deadline_scope
 from zcontrol.bus.message import Reply
+from zcontrol.config import HostConfig
 from zcontrol.core.chain import ChainTaskQueue
 from zcontrol.core.errors import SYS, OperationError, error_code, from_failure
+from zcontrol.core.flow import FlowChain, flow
 from zcontrol.db.query import Query
 from zcontrol.services.host.interfaces import IHostService
 from zcontrol.services.host.messages import (
@@ -67,28 +82,6 @@ CONNECTING, CONNECTED, DISCONNECTED = "Connecting", "Connected", "Disconnected"
 _STABLE = {"Running", "Stopped", "Unknown"}
 
 
-@attrs.frozen
-class HostConfig:
-    """
-    Host service settings (ZStack's C{host.xml} global config where it has one).
-    """
-
-    ping_interval: float = 60.0
-    ping_timeout: float = 10.0
-    ping_parallelism: int = 100
-    max_ping_failures: int = 3
-    auto_reconnect: bool = True
-    vm_sync_on_ping: bool = True
-    connect_timeout: float = 300.0
-    echo_interval: float = 2.0
-    echo_timeout: float = 5.0
-    command_timeout: float = 300.0
-    host_sync_level: int = 10
-    agent_port: int = 7070
-    send_command_url: str | None = None
-    page_size: int = 1000
-
-
 def agent_base_url(management_ip: str, agent_port: int) -> str:
     """
     The agent base URL of a host whose C{managementIp} is C{management_ip}.
@@ -111,11 +104,15 @@ class HostService:
         self._store = store
         self._agents = agents
         self.config = config
+        self._own_queue = queue is None
         self._queue = queue if queue is not None else ChainTaskQueue(clock)
         self._failures: dict[str, int] = {}
         self._facts: dict[str, p.HostFactRsp] = {}
         self._waiter = DeferWaiter()
         self._tracker: LoopingCall | None = None
+        self._round: Deferred | None = None
+        #: Tracker rounds skipped because the previous one was still running.
+        self.skipped_rounds = 0
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -131,14 +128,52 @@ class HostService:
                 lambda f: log.failure("host tracker stopped", f)
             )
 
-    def stop(self) -> Deferred[None]:
+    def stop(self, drain_timeout: float | None = None) -> Deferred[None]:
         """
-        Stop tracking and serving, and wait for the work in flight (reconnects, tracks).
+        Stop tracking and serving, and wait for the work in flight (reconnects, tracks, the
+        commands in the hosts' chains) for at most C{drain_timeout} seconds (default: the
+        config's C{drain_timeout}). Work still in flight then is failed: tasks waiting in a
+        host's chain never run and running ones are cancelled, with C{SYS.1017} saying that
+        the host service is stopping (an agent command's own 300 s are not waited out).
+
+        @return: a Deferred firing once drained, or at the drain limit.
         """
         if self._tracker is not None and self._tracker.running:
             self._tracker.stop()
         self._bus.unregister_service(SERVICE_ID)
-        return self._waiter.wait()
+        limit = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        drained = self._waiter.wait()
+        if drained.called:
+            self._close_queue("the host service stopped")
+            return drained
+        done: Deferred[None] = Deferred()
+
+        def give_up() -> None:
+            log.error("host service: {n} piece(s) of work still in flight after the {s}s "
+                      "drain limit; failing them", n=len(self._waiter), s=limit)
+            self._close_queue(f"the host service is stopping (drain limit of {limit:g}s "
+                              "reached)")
+            for d in list(self._waiter._waiting):  # what is not in the queue
+                d.cancel()
+            if not done.called:
+                done.callback(None)
+
+        timer = self._clock.callLater(limit, give_up)
+
+        def finished(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                self._close_queue("the host service stopped")
+                done.callback(None)
+
+        drained.addBoth(finished)
+        return done
+
+    def _close_queue(self, reason: str) -> None:
+        # A queue given by the caller may be shared: its owner closes it.
+        if self._own_queue:
+            self._queue.close(reason)
 
     def report_handlers(self) -> dict[str, Any]:
         """
@@ -206,13 +241,20 @@ class HostService:
              deadline: float | None = None) -> Deferred[Any]:
         """
         Send C{cmd} to the host's agent through the host's chain (at most C{host_sync_level}
-        commands in flight to one host). The timeout runs from when the command is sent;
-        C{deadline} (absolute, on the clock) bounds both the wait in the chain and the call.
+        commands in flight to one host). The timeout (default C{command_timeout}) runs from
+        this call, so the time spent waiting in the chain counts; C{deadline} (absolute, on
+        the clock) and the current bus deadline cap it (see Note [deadlines]).
 
         @return: a Deferred firing with the agent's response; fails as
-            L{zcontrol.agentclient.IAgentClient.call}, or with C{HOST.1002} when the host is
-            not Connected, C{HOST.1003} when unknown.
+            L{zcontrol.agentclient.IAgentClient.call}, with C{SYS.1001} when the deadline
+            passed while the command waited in the host's chain (it was not sent), with
+            C{CHAIN.1000} when too many commands already wait for the host, or with
+            C{HOST.1002} when the host is not Connected, C{HOST.1003} when unknown.
         """
+        expiry = self._clock.seconds() + (timeout or self.config.command_timeout)
+        for cap in (deadline, current_deadline()):
+            if cap is not None and cap < expiry:
+                expiry = cap
 
         async def run() -> Any:
             row = await self._host(host_uuid)
@@ -220,44 +262,78 @@ class HostService:
                 raise OperationError.of(HOST.NOT_CONNECTED,
                                         f"host {host_uuid} is {row['status']}",
                                         hostUuid=host_uuid)
-            return await self._agents.call(
-                self._base(row), cmd, timeout=timeout or self.config.command_timeout,
-                deadline=deadline)
+            return await self._agents.call(self._base(row), cmd, deadline=expiry)
 
-        wait = None
-        if deadline is not None:
-            wait = max(0.0, deadline - self._clock.seconds())
-        return self._queue.run(f"host-{host_uuid}", lambda: Deferred.fromCoroutine(run()),
-                               sync_level=self.config.host_sync_level, timeout=wait)
+        return self._run(f"host-{host_uuid}", run, sync_level=self.config.host_sync_level,
+                         max_pending=self.config.max_pending_per_host, deadline=expiry)
+
+    def _run(self, signature: str, coroutine_fn: Any, **kwargs: Any) -> Deferred[Any]:
+        """
+        Run C{coroutine_fn()} in the chain C{signature}, counted as work in flight (a stop
+        drains it, see L{stop}).
+        """
+        return self._waiter.add(self._queue.run(
+            signature, lambda: Deferred.fromCoroutine(coroutine_fn()), **kwargs))
 
     # --- add and connect ------------------------------------------------------------------
 
-    @async_to_deferred
-    async def add_host(self, msg: AddHostMsg) -> dict[str, Any]:
+    def add_host(self, msg: AddHostMsg) -> Deferred[dict[str, Any]]:
         """
-        Insert the host and connect it; remove it again if it cannot be connected.
+        Insert the host and connect it, as a L{FlowChain} (C{add-host}) whose flows undo
+        their own work when a later one fails: C{insert-host} deletes the row it inserted
+        (never a row it did not insert, e.g. on a duplicate uuid), C{connect-host} forgets
+        the callback secret and fails the host's pending commands.
 
         @return: a Deferred firing with the host row, Connected; fails with C{HOST.1000}
-            wrapping the cause.
+            whose cause is the failing flow's error (e.g. C{HOST.1001} from the connect).
+            Rollback errors, if any, are in the cause's C{opaque["rollback_errors"]}.
         """
         host_uuid = msg.uuid or uuidlib.uuid4().hex
-        try:
+        base = agent_base_url(msg.management_ip, self.config.agent_port)
+
+        async def insert(ctx: dict[str, Any]) -> None:
             await self._store.add_host({
                 "uuid": host_uuid, "name": msg.name, "description": msg.description,
                 "zoneUuid": msg.zone_uuid, "clusterUuid": msg.cluster_uuid,
                 "managementIp": msg.management_ip, "hypervisorType": msg.hypervisor_type,
                 "status": CONNECTING,
             })
-        except OperationError as e:
+            ctx["inserted"] = True
+
+        async def uninsert(ctx: dict[str, Any]) -> None:
+            if ctx.get("inserted"):
+                await self._store.delete("host", host_uuid)
+
+        async def connect(ctx: dict[str, Any]) -> None:
+            ctx["row"] = await self.connect(host_uuid)
+
+        def disconnect(ctx: dict[str, Any]) -> None:
+            self._facts.pop(host_uuid, None)
+            self._failures.pop(host_uuid, None)
+            self._agents.forget(base, f"adding host {host_uuid} failed")
+
+        # Flows after the first are started from callbacks, outside the handler's context:
+        # each runs under the deadline of the message that asked for the host.
+        deadline = current_deadline()
+
+        def scoped(fn: Any) -> Any:
+            return lambda ctx: deadline_scope(
+                deadline, lambda: maybe_deferred(fn, ctx))
+
+        chain = FlowChain("add-host", [
+            flow("insert-host", scoped(insert), uninsert),
+            flow("connect-host", scoped(connect), disconnect),
+        ])
+
+        def failed(reason: Any) -> Any:
+            err = from_failure(reason)
+            cause = err.cause if err.cause is not None and err.location else err
+            if err.opaque.get("rollback_errors"):
+                cause = err
             raise OperationError(error_code(HOST.ADD_ERROR, f"cannot add host {msg.name}",
-                                            e.error)) from None
-        try:
-            return await self.connect(host_uuid)
-        except OperationError as e:
-            await self._store.delete("host", host_uuid)
-            self._agents.forget(agent_base_url(msg.management_ip, self.config.agent_port))
-            raise OperationError(error_code(HOST.ADD_ERROR, f"cannot add host {msg.name}",
-                                            e.error)) from None
+                                            cause, hostUuid=host_uuid))
+
+        return chain.run({}).addCallbacks(lambda ctx: ctx["row"], failed)
 
     def connect(self, host_uuid: str) -> Deferred[dict[str, Any]]:
         """
@@ -266,8 +342,7 @@ class HostService:
         @return: a Deferred firing with the host row, Connected; fails with C{HOST.1001}
             wrapping the cause (the host is then Disconnected), or C{HOST.1003}.
         """
-        return self._queue.run(f"host-connect-{host_uuid}",
-                               lambda: Deferred.fromCoroutine(self._connect(host_uuid)))
+        return self._run(f"host-connect-{host_uuid}", lambda: self._connect(host_uuid))
 
     async def _connect(self, host_uuid: str) -> dict[str, Any]:
         row = await self._host(host_uuid)
@@ -275,6 +350,11 @@ class HostService:
         row = await self._set_status(row, CONNECTING, "connecting")
         try:
             await self._echo_until_up(base)
+            ping = await self._agents.call(base, p.PingCmd(host_uuid=host_uuid),
+                                           timeout=self.config.ping_timeout)
+            if ping.host_uuid is None:
+                self._agents.lost_work(base, f"the agent of host {host_uuid} restarted "
+                                             "(it answers as never connected)")
             await self._agents.connect(base, host_uuid, self.config.send_command_url,
                                        timeout=self.config.echo_timeout * 2)
             fact = await self._agents.call(base, p.HostFactCmd(),
@@ -294,6 +374,9 @@ class HostService:
 
     async def _echo_until_up(self, base: str) -> None:
         give_up = self._clock.seconds() + self.config.connect_timeout
+        deadline = current_deadline()
+        if deadline is not None and deadline < give_up:
+            give_up = deadline
         while True:
             try:
                 await self._agents.call(base, p.EchoCmd(), timeout=self.config.echo_timeout)
@@ -313,8 +396,7 @@ class HostService:
 
         @return: a Deferred firing with the host row after the ping.
         """
-        return self._queue.run(f"host-connect-{host_uuid}",
-                               lambda: Deferred.fromCoroutine(self._ping(host_uuid)))
+        return self._run(f"host-connect-{host_uuid}", lambda: self._ping(host_uuid))
 
     async def _ping(self, host_uuid: str) -> dict[str, Any]:
         row = await self._host(host_uuid)
@@ -343,16 +425,23 @@ class HostService:
         if rsp.host_uuid != host_uuid:
             log.info("host {uuid}: agent answered as {other}; reconnecting", uuid=host_uuid,
                      other=rsp.host_uuid)
+            if rsp.host_uuid is None:
+                self._agents.lost_work(base, f"the agent of host {host_uuid} restarted (its "
+                                             "ping answers as never connected)")
             self._reconnect_later(host_uuid)
         elif row["status"] == DISCONNECTED:
             self._reconnect_later(host_uuid)
         elif self.config.vm_sync_on_ping:
-            self._background(self.sync_vms(host_uuid), f"VM sync of host {host_uuid}")
+            # New work, not bounded by the ping's deadline (Note [deadlines]).
+            self._background(deadline_scope(None, self.sync_vms, host_uuid),
+                             f"VM sync of host {host_uuid}")
         return row
 
     def _reconnect_later(self, host_uuid: str) -> None:
-        # Queued behind the current ping in the host's connect chain.
-        self._background(self.connect(host_uuid), f"reconnect of host {host_uuid}")
+        # Queued behind the current ping in the host's connect chain; new work, not bounded
+        # by the ping's deadline (Note [deadlines]).
+        self._background(deadline_scope(None, self.connect, host_uuid),
+                         f"reconnect of host {host_uuid}")
 
     async def _my_hosts(self) -> list[str]:
         uuids: list[str] = []
@@ -410,7 +499,21 @@ class HostService:
         return len(connected)
 
     def _track_once(self) -> None:
-        self._background(self.track_once(), "host tracking")
+        # Rounds never overlap: a round slower than the ping interval makes the next one
+        # skip (LoopingCall would not wait, since the round runs in the background).
+        if self._round is not None:
+            self.skipped_rounds += 1
+            log.warn("host tracking: the previous round is still running after "
+                     "{s}s; skipping this one", s=self.config.ping_interval)
+            return
+        d = self._round = self.track_once()
+
+        def ended(result: Any) -> Any:
+            self._round = None
+            return result
+
+        d.addBoth(ended)
+        self._background(d, "host tracking")
 
     # --- VM states ------------------------------------------------------------------------
 
