@@ -55,7 +55,8 @@ class AgentTestCase(SynchronousTestCase):
     def connect(self, i: int, host_uuid: str | None = None) -> p.ConnectRsp:
         code, body = self.post(base(i) + p.CONNECT_PATH, p.ConnectCmd(
             host_uuid=host_uuid or f"host-{i}", callback_secret=SECRET,
-            send_command_url="http://mn/asyncrest/sendcommand"))
+            send_command_url="http://mn/asyncrest/sendcommand",
+            callback_url_prefixes=[CALLBACK_URL]))
         self.assertEqual(code, 200)
         return p.ConnectRsp.from_json(body)
 

@@ -49,7 +49,8 @@ class CodecTests(SynchronousTestCase):
         Wire names are camelCase.
         """
         data = json.loads(p.ConnectCmd(host_uuid="h", callback_secret="s").to_json())
-        self.assertEqual(set(data), {"hostUuid", "callbackSecret", "sendCommandUrl", "version"})
+        self.assertEqual(set(data), {"hostUuid", "callbackSecret", "sendCommandUrl", "version",
+                                     "bootstrapToken", "callbackUrlPrefixes"})
 
     def test_strict(self) -> None:
         """
