@@ -195,8 +195,16 @@ class HttpService(Service):
         Service.startService(self)
         http = self._config.http
         self._factory = _TrackingFactory(callback_site(self._endpoint))
-        self._port = self._reactor.listenTCP(http.port, self._factory, backlog=http.backlog,
-                                             interface=http.interface)
+        if http.tls_cert is not None:
+            from agent.http import server_tls_options
+
+            self._port = self._reactor.listenSSL(
+                http.port, self._factory, server_tls_options(http.tls_cert, http.tls_key),
+                backlog=http.backlog, interface=http.interface)
+        else:
+            self._port = self._reactor.listenTCP(http.port, self._factory,
+                                                 backlog=http.backlog,
+                                                 interface=http.interface)
         self.base_url = http.callback_base(self._port.getHost().port)
         self._agents.callback_url = self.base_url + CALLBACK_PATH
         log.info("HTTP on {url} (agent callbacks at {cb})", url=self.base_url,
@@ -320,6 +328,17 @@ class ManagementNode(OrderedMultiService):
         self.agents = agents
 
 
+def _trust_root(config: Config) -> Any:
+    if config.agents.tls_ca is None:
+        return None
+    from agent.http import trust_root_from_pem
+
+    try:
+        return trust_root_from_pem(config.agents.tls_ca)
+    except ValueError as e:
+        raise ConfigError(f"agents.tls_ca: {e}") from None
+
+
 def make_node(config: Config, reactor: Any,
               on_start_failure: Callable[[Failure], Any] | None = None) -> ManagementNode:
     """
@@ -336,7 +355,8 @@ def make_node(config: Config, reactor: Any,
     store = open_store(config.store.url, reactor, **options)
     bus = make_bus(config, reactor)
     # The callback URL is known once HTTP listens (the port may be chosen by the OS).
-    agents = AgentClient.create(reactor, "")
+    agents = AgentClient.create(reactor, "", bootstrap_token=config.agents.token(),
+                                trust_root=_trust_root(config))
     endpoint = CallbackEndpoint(agents)
     node = ManagementNode(config, reactor, store, bus, agents, on_start_failure)
     ComponentService("store", store).setServiceParent(node)

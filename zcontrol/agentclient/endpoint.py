@@ -203,19 +203,27 @@ def callback_site(endpoint: CallbackEndpoint) -> QuietSite:
 
 
 def listen_callback(reactor: Any, endpoint: CallbackEndpoint, port: int = 0,
-                    interface: str = "", backlog: int = DEFAULT_BACKLOG) -> IListeningPort:
+                    interface: str = "", backlog: int = DEFAULT_BACKLOG,
+                    tls_options: Any = None) -> IListeningPort:
     """
     Listen for callbacks with a deliberate backlog (Twisted's default of 50 overflows when a
     thousand agents call back at once), and point the client's C{callback_url} at the
-    endpoint if it is unset (C{http://<interface or 127.0.0.1>:<port><path>}).
+    endpoint if it is unset (C{http(s)://<interface or 127.0.0.1>:<port><path>}).
 
+    @param tls_options: server TLS options (e.g. L{agent.http.server_tls_options}) to serve
+        HTTPS; None serves plain HTTP.
     @return: the listening port.
     """
-    listening = reactor.listenTCP(port, callback_site(endpoint), backlog=backlog,
-                                  interface=interface)
+    if tls_options is not None:
+        listening = reactor.listenSSL(port, callback_site(endpoint), tls_options,
+                                      backlog=backlog, interface=interface)
+    else:
+        listening = reactor.listenTCP(port, callback_site(endpoint), backlog=backlog,
+                                      interface=interface)
     if not endpoint.client.callback_url:
         host = interface or "127.0.0.1"
+        scheme = "http" if tls_options is None else "https"
         endpoint.client.callback_url = (
-            f"http://{host}:{listening.getHost().port}{endpoint.path}"
+            f"{scheme}://{host}:{listening.getHost().port}{endpoint.path}"
         )
     return listening
