@@ -5,8 +5,10 @@ connect, ping) and the asynchronous command pattern, with plugins supplying the 
 
 Asynchronous URIs
 =================
-A command POSTed without a C{taskuuid} or C{callbackurl} header gets C{400}; a body that does
-not decode gets C{400}; a host that was never connected (no callback secret) gets C{409}. Else
+A command POSTed without a C{taskuuid} or C{callbackurl} header gets C{400}; a host that was
+never connected (no callback secret) gets C{409}; a command not signed with the host's secret
+(the L{SIGNATURE_HEADER} over its task uuid and body, as callbacks are) gets C{403}; a body
+that does not decode gets C{400}; a callback URL not agreed at connect gets C{403}. Else
 the agent answers C{200} with an empty body at once, runs the plugin's handler, and POSTs the
 response (a L{Response}; a handler failure becomes C{success=false} with the error text) to the
 callback URL with the same C{taskuuid}, signed with the host's secret. A task uuid seen before
@@ -28,6 +30,9 @@ Only the management node commands an agent:
    --bootstrap-token-file}) answers a C{/host/connect} without it C{401} and with another one
    C{403} (compared in constant time), and keeps the host's previous secret. Without a token
    configured, connect is open (a simulation convenience; the agent logs a warning at start).
+ - Asynchronous commands are signed with the host's secret (agreed at connect), checked
+   before the body is parsed; a captured command replayed within L{TaskMemory.ttl} is a
+   duplicate and ignored (TLS keeps commands from being captured at all).
  - A host calls back only under the URL prefixes agreed at its last connect
    (L{protocol.allowed_callback_prefixes}); a command naming another C{callbackurl} is refused
    with C{403} before anything runs, and nothing is ever POSTed there.
@@ -98,6 +103,7 @@ log = Logger()
 
 _TASK = TASK_UUID_HEADER.encode("ascii")
 _CALLBACK = CALLBACK_URL_HEADER.encode("ascii")
+_SIGNATURE = SIGNATURE_HEADER.encode("ascii")
 _JSON = b"application/json"
 
 #: A plugin's command handler: (host, decoded command) -> Response or Deferred[Response].
@@ -408,14 +414,25 @@ class AgentApp:
         except UnicodeDecodeError:
             request.setResponseCode(400)
             return b"callbackurl header is not ASCII"
-        try:
-            cmd = protocol.decode_body(definition.cmd_type, request.content.read())
-        except ProtocolError as e:
-            request.setResponseCode(400)
-            return str(e).encode()
         if host.secret is None:
             request.setResponseCode(409)
             return f"host {key} is not connected".encode()
+        body = request.content.read(protocol.MAX_BODY_SIZE + 1)
+        if len(body) > protocol.MAX_BODY_SIZE:
+            request.setResponseCode(413)
+            return f"body over {protocol.MAX_BODY_SIZE} bytes".encode()
+        # The signature is checked before the body is parsed: unsigned input is never parsed.
+        signatures = headers.getRawHeaders(_SIGNATURE)
+        if not protocol.verify(host.secret, taskuuid, body, signatures[0] if signatures else None):
+            request.setResponseCode(403)
+            log.warn("refused {path} for host {key}: bad or missing signature", path=path,
+                     key=key)
+            return b"bad or missing signature"
+        try:
+            cmd = protocol.decode_body(definition.cmd_type, body)
+        except ProtocolError as e:
+            request.setResponseCode(400)
+            return str(e).encode()
         if not protocol.url_under(callback_url, host.callback_prefixes):
             request.setResponseCode(403)
             log.warn("refused {path} for host {key}: callback URL {url!r} is not under {ok}",

@@ -49,6 +49,8 @@ class AgentTestCase(SynchronousTestCase):
         if callback is not None and taskuuid is not None:
             headers["callbackurl"] = callback
         data = body if body is not None else cmd.to_json()
+        if taskuuid is not None:
+            headers[p.SIGNATURE_HEADER] = p.sign(SECRET, taskuuid, data)
         response = self.successResultOf(self.stub.post(url, data=data, headers=headers))
         return response.code, self.successResultOf(response.content())
 

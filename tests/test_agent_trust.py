@@ -152,9 +152,28 @@ class CallbackUrlTests(SynchronousTestCase):
         self.assertEqual(_post(self.stub, self, base(0) + p.CONNECT_PATH, cmd.to_json())[0],
                          200)
 
-    def command(self, callback: bytes | str, taskuuid: str = "t") -> tuple[int, bytes]:
-        return _post(self.stub, self, base(0) + "/host/capacity", b"{}",
-                     {"taskuuid": taskuuid, "callbackurl": callback})
+    def command(self, callback: bytes | str, taskuuid: str = "t", body: bytes = b"{}",
+                signature: str | None = None) -> tuple[int, bytes]:
+        if signature is None:
+            signature = p.sign(SECRET, taskuuid, body)
+        return _post(self.stub, self, base(0) + "/host/capacity", body,
+                     {"taskuuid": taskuuid, "callbackurl": callback,
+                      p.SIGNATURE_HEADER: signature})
+
+    def test_unsigned_command_refused(self) -> None:
+        """
+        Fault (issue 8 item 10): anyone reaching an agent could command a connected host
+        (destroy its VMs) by naming the management node's callback URL. A command not signed
+        with the host's secret is refused with 403 before its body is parsed; nothing runs.
+        """
+        parsed: list = []
+        real = p.loads
+        self.patch(p, "loads", lambda *a, **k: parsed.append(a) or real(*a, **k))
+        for i, signature in enumerate(["", "00" * 32, p.sign("other", "t0", b"{}"),
+                                       p.sign(SECRET, "another-task", b"{}")]):
+            code, body = self.command(CALLBACK_URL, taskuuid=f"t{i}", signature=signature)
+            self.assertEqual((code, body), (403, b"bad or missing signature"))
+        self.assertEqual((parsed, self.http.posts, self.agent.stats["accepted"]), ([], [], 0))
 
     def test_foreign_callback_url_refused(self) -> None:
         """
@@ -247,19 +266,23 @@ class AgentHostileInputTests(SynchronousTestCase):
             code, _ = _post(self.stub, self, base(0) + p.CONNECT_PATH, body)
             self.assertEqual(code, 400, body[:40])
             code, _ = _post(self.stub, self, base(0) + "/vm/start", body,
-                            {"taskuuid": f"t{i}", "callbackurl": CALLBACK_URL})
+                            {"taskuuid": f"t{i}", "callbackurl": CALLBACK_URL,
+                             p.SIGNATURE_HEADER: p.sign(SECRET, f"t{i}", body)})
             self.assertEqual(code, 400, body[:40])
         self.assertEqual(self.flushLoggedErrors(), [])
         self.assertEqual(self.http.posts, [])
 
     def test_oversized_body(self) -> None:
         """
-        A body over the limit is refused (400 from the decoder; 413 from the site, see
-        L{tests.test_agent_tls}).
+        A body over the limit is refused (413 here and from the site, see
+        L{tests.test_agent_tls}; 400 from the decoder of a synchronous URI).
         """
         body = b'{"vmUuids": [' + b'"x",' * (p.MAX_BODY_SIZE // 4) + b'"x"]}'
         code, text = _post(self.stub, self, base(0) + "/vm/checkstate", body,
-                           {"taskuuid": "big", "callbackurl": CALLBACK_URL})
+                           {"taskuuid": "big", "callbackurl": CALLBACK_URL,
+                            p.SIGNATURE_HEADER: p.sign(SECRET, "big", body)})
+        self.assertEqual(code, 413)
+        code, text = _post(self.stub, self, base(0) + p.CONNECT_PATH, body)
         self.assertEqual(code, 400)
         self.assertIn(b"over the limit", text)
 

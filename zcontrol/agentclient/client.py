@@ -48,6 +48,7 @@ log = Logger()
 
 _TASK = TASK_UUID_HEADER.encode("ascii")
 _CALLBACK = CALLBACK_URL_HEADER.encode("ascii")
+_SIGNATURE = protocol.SIGNATURE_HEADER.encode("ascii")
 _CONTENT_TYPE = b"content-type"
 _JSON = [b"application/json"]
 
@@ -265,6 +266,7 @@ class AgentClient:
             _TASK: [taskuuid.encode("ascii")],
             _CALLBACK: [self.callback_url.encode("utf-8")],
             _CONTENT_TYPE: _JSON,
+            _SIGNATURE: [protocol.sign(entry.secret, taskuuid, body).encode("ascii")],
         }
         accept = self._sem.run(self._http.post, entry.url, data=body, headers=headers,
                                allow_redirects=False, unbuffered=True)
