@@ -246,7 +246,9 @@ class _TrackingFactory(WrappingFactory):
         d: Deferred = Deferred()
         self._gone.append(d)
         for p in list(self.protocols):
-            p.transport.loseConnection()
+            # HTTPChannel.loseConnection unregisters the channel as the transport's producer
+            # first: a TLS transport with a producer never starts its shutdown.
+            getattr(p.wrappedProtocol, "loseConnection", p.transport.loseConnection)()
         return d
 
 
