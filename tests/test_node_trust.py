@@ -69,7 +69,9 @@ class NodeTrustTests(TestCase):
             service_id=HOST_SERVICE, name="h", zone_uuid="z", cluster_uuid="c", uuid="h1",
             management_ip=base))
         row = await node.store.get("host", "h1")
-        await node.stopService()
+        # Fault: the TLS callback connections were only closed by the channel's 60 s idle
+        # timeout (a TLS transport with a producer registered never starts its shutdown).
+        await node.stopService().addTimeout(10, reactor)
         return reply, row
 
     async def test_add_host_over_tls_with_token(self) -> None:

@@ -246,9 +246,11 @@ class _TrackingFactory(WrappingFactory):
         d: Deferred = Deferred()
         self._gone.append(d)
         for p in list(self.protocols):
-            # HTTPChannel.loseConnection unregisters the channel as the transport's producer
-            # first: a TLS transport with a producer never starts its shutdown.
-            getattr(p.wrappedProtocol, "loseConnection", p.transport.loseConnection)()
+            # Unregister the channel as the transport's producer first (as
+            # HTTPChannel.loseConnection does): a TLS transport with a producer never starts
+            # its shutdown, and the connection lingers until the channel's idle timeout.
+            p.transport.unregisterProducer()
+            p.transport.loseConnection()
         return d
 
 
