@@ -35,6 +35,16 @@ C{HMAC-SHA256(secret, taskuuid + "\\n" + body)} in hex in the L{SIGNATURE_HEADER
 signature binds the task uuid, so a callback captured for one task cannot complete another;
 a callback replayed after its task completed finds no pending task.
 
+Asynchronous commands carry the same signature (over their task uuid and body, under the host's
+secret), so only the management node that connected a host commands it. A connect carries the
+operator's bootstrap token (L{ConnectCmd.bootstrap_token}, checked by L{token_matches}) and the
+URL prefixes the host's callbacks may go to (L{ConnectCmd.callback_url_prefixes}, see
+L{url_under}). Agent-initiated reports are signed too and carry a sequence number (Note
+[report order]). Every body is bounded (L{MAX_BODY_SIZE}), its signature is checked before it
+is parsed, and it is parsed by L{decode_body}, which raises nothing but L{ProtocolError}.
+Either side may serve HTTPS (L{agent.http.server_tls_options}) and check the other's
+certificate against a configured CA (L{agent.http.trust_root_from_pem}).
+
 Encoding
 ========
 Commands and responses are frozen attrs classes (L{Message}) with snake_case attributes and
