@@ -154,8 +154,12 @@ class NodeFuzzTests(SynchronousTestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
     @SETTINGS
-    @given(data=st.data(), signed=st.booleans(), host=st.sampled_from(["h", "x", ""]))
-    def test_any_report(self, data: Any, signed: bool, host: str) -> None:
+    @given(data=st.data(), signed=st.booleans(),
+           host=st.one_of(st.sampled_from(["h", "x", ""]), st.binary(max_size=20)),
+           taskuuid=st.one_of(st.just(b"r"), st.binary(max_size=20)),
+           path=st.one_of(st.just(p.REPORT_VM_STATE_PATH), st.binary(max_size=20)))
+    def test_any_report(self, data: Any, signed: bool, host: Any, taskuuid: bytes,
+                        path: Any) -> None:
         """
         Any report body gets 200, 400, 403, 404, 409 or 413; the handler only ever sees a
         decoded report of the signing host; nothing is logged as an error.
@@ -164,13 +168,42 @@ class NodeFuzzTests(SynchronousTestCase):
         got: list = []
         endpoint.on_report(p.REPORT_VM_STATE_PATH, got.append)
         body = data.draw(_body_for(p.ReportVmStateCmd))
-        headers = {p.COMMAND_PATH_HEADER: p.REPORT_VM_STATE_PATH, p.RESOURCE_UUID_HEADER: host,
-                   "taskuuid": "r"}
+        def raw(v: Any) -> bytes:
+            return v.encode() if isinstance(v, str) else v
+
+        headers = {p.COMMAND_PATH_HEADER.encode(): [raw(path)],
+                   p.RESOURCE_UUID_HEADER.encode(): [raw(host)], b"taskuuid": [taskuuid]}
         if signed:
-            headers[p.SIGNATURE_HEADER] = p.sign(SECRET, "r", body)
+            headers[p.SIGNATURE_HEADER.encode()] = [
+                p.sign(SECRET, taskuuid.decode("utf-8", "replace"), body).encode()]
         code = _status(self, stub, "http://mn" + endpoint.send_command_path, body, headers)
         self.assertIn(code, (200, 400, 403, 404, 409, 413))
         for cmd in got:
             self.assertIsInstance(cmd, p.ReportVmStateCmd)
             self.assertEqual(cmd.host_uuid, "h")
+        self.assertEqual(len(got), int(code == 200))
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class UrlUnderTests(SynchronousTestCase):
+    """
+    L{p.url_under} by property.
+    """
+
+    @SETTINGS
+    @given(url=st.one_of(st.text(max_size=60), st.from_regex(
+        r"\Ahttps?://[a-z.@:\[\]0-9]{1,20}(:[0-9]{1,6})?(/[a-z./%?#]{0,20})?\Z")))
+    def test_only_the_agreed_origin(self, url: str) -> None:
+        """
+        Whatever the URL, url_under never raises, and admits it only if it parses to the
+        prefix's scheme, host and port, with no user info, below the prefix's path.
+        """
+        prefix = "http://mn.example:8080/cb"
+        if p.url_under(url, [prefix]):
+            import urllib.parse
+
+            parts = urllib.parse.urlsplit(url)
+            self.assertEqual((parts.scheme, parts.hostname, parts.port or 80),
+                             ("http", "mn.example", 8080))
+            self.assertIsNone(parts.username)
+            self.assertTrue(parts.path == "/cb" or parts.path.startswith("/cb/"))
