@@ -7,7 +7,7 @@ Asynchronous URIs
 =================
 A command POSTed without a C{taskuuid} or C{callbackurl} header gets C{400}; a host that was
 never connected (no callback secret) gets C{409}; a command not signed with the host's secret
-(the L{SIGNATURE_HEADER} over its task uuid and body, as callbacks are) gets C{403}; a body
+(L{protocol.sign_command} in the L{SIGNATURE_HEADER}) gets C{403}; a body
 that does not decode gets C{400}; a callback URL not agreed at connect gets C{403}. Else
 the agent answers C{200} with an empty body at once, runs the plugin's handler, and POSTs the
 response (a L{Response}; a handler failure becomes C{success=false} with the error text) to the
@@ -423,7 +423,8 @@ class AgentApp:
             return f"body over {protocol.MAX_BODY_SIZE} bytes".encode()
         # The signature is checked before the body is parsed: unsigned input is never parsed.
         signatures = headers.getRawHeaders(_SIGNATURE)
-        if not protocol.verify(host.secret, taskuuid, body, signatures[0] if signatures else None):
+        if not protocol.verify_command(host.secret, taskuuid, body,
+                                       signatures[0] if signatures else None):
             request.setResponseCode(403)
             log.warn("refused {path} for host {key}: bad or missing signature", path=path,
                      key=key)

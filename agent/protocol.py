@@ -35,8 +35,8 @@ C{HMAC-SHA256(secret, taskuuid + "\\n" + body)} in hex in the L{SIGNATURE_HEADER
 signature binds the task uuid, so a callback captured for one task cannot complete another;
 a callback replayed after its task completed finds no pending task.
 
-Asynchronous commands carry the same signature (over their task uuid and body, under the host's
-secret), so only the management node that connected a host commands it. A connect carries the
+Asynchronous commands carry a signature too (L{sign_command}: labelled, so that it is never
+valid as a callback's), so only the management node that connected a host commands it. A connect carries the
 operator's bootstrap token (L{ConnectCmd.bootstrap_token}, checked by L{token_matches}) and the
 URL prefixes the host's callbacks may go to (L{ConnectCmd.callback_url_prefixes}, see
 L{url_under}). Agent-initiated reports are signed too and carry a sequence number (Note
@@ -92,9 +92,11 @@ __all__ = [
     "host_base_url",
     "loads",
     "sign",
+    "sign_command",
     "token_matches",
     "url_under",
     "verify",
+    "verify_command",
 ]
 
 #: Header naming the task; the same value comes back on the callback.
@@ -1006,3 +1008,29 @@ def allowed_callback_prefixes(cmd: ConnectCmd) -> tuple[str, ...]:
                 host = f"[{host}]"
             return (f"{scheme}://{host}:{port}/",)
     return ()
+
+
+def sign_command(secret: str, taskuuid: str, body: bytes) -> str:
+    """
+    The signature of an asynchronous command (management node -> agent): hex HMAC-SHA256
+    keyed by the host's secret over C{"command"}, a newline, the task uuid, a newline and the
+    body. The label keeps a command's signature from being valid for a callback with the same
+    task uuid and body (a captured command reflected to the callback endpoint).
+    """
+    return hmac.new(secret.encode("utf-8"),
+                    b"command\n" + taskuuid.encode("utf-8") + b"\n" + body,
+                    hashlib.sha256).hexdigest()
+
+
+def verify_command(secret: str, taskuuid: str, body: bytes,
+                   signature: str | bytes | None) -> bool:
+    """
+    Whether C{signature} is L{sign_command} of (C{taskuuid}, C{body}) under C{secret},
+    compared in constant time.
+    """
+    if not signature:
+        return False
+    if isinstance(signature, str):
+        signature = signature.encode("ascii", "replace")
+    expected = sign_command(secret, taskuuid, body).encode("ascii")
+    return hmac.compare_digest(expected, signature)

@@ -50,7 +50,7 @@ class AgentTestCase(SynchronousTestCase):
             headers["callbackurl"] = callback
         data = body if body is not None else cmd.to_json()
         if taskuuid is not None:
-            headers[p.SIGNATURE_HEADER] = p.sign(SECRET, taskuuid, data)
+            headers[p.SIGNATURE_HEADER] = p.sign_command(SECRET, taskuuid, data)
         response = self.successResultOf(self.stub.post(url, data=data, headers=headers))
         return response.code, self.successResultOf(response.content())
 

@@ -104,7 +104,7 @@ class AgentFuzzTests(SynchronousTestCase):
                 callback.encode() if isinstance(callback, str) else callback]}
             if signed:
                 tu = task.decode("utf-8", "replace")
-                headers[p.SIGNATURE_HEADER.encode()] = [p.sign(SECRET, tu, body).encode()]
+                headers[p.SIGNATURE_HEADER.encode()] = [p.sign_command(SECRET, tu, body).encode()]
         code = _status(self, stub, base(0) + path, body, headers)
         self.assertIn(code, (200, 400, 401, 403, 409, 413))
         self.assertEqual(self.flushLoggedErrors(), [])

@@ -155,7 +155,7 @@ class CallbackUrlTests(SynchronousTestCase):
     def command(self, callback: bytes | str, taskuuid: str = "t", body: bytes = b"{}",
                 signature: str | None = None) -> tuple[int, bytes]:
         if signature is None:
-            signature = p.sign(SECRET, taskuuid, body)
+            signature = p.sign_command(SECRET, taskuuid, body)
         return _post(self.stub, self, base(0) + "/host/capacity", body,
                      {"taskuuid": taskuuid, "callbackurl": callback,
                       p.SIGNATURE_HEADER: signature})
@@ -169,8 +169,9 @@ class CallbackUrlTests(SynchronousTestCase):
         parsed: list = []
         real = p.loads
         self.patch(p, "loads", lambda *a, **k: parsed.append(a) or real(*a, **k))
-        for i, signature in enumerate(["", "00" * 32, p.sign("other", "t0", b"{}"),
-                                       p.sign(SECRET, "another-task", b"{}")]):
+        for i, signature in enumerate(["", "00" * 32, p.sign_command("other", "t0", b"{}"),
+                                       p.sign_command(SECRET, "another-task", b"{}"),
+                                       p.sign(SECRET, "t4", b"{}")]):
             code, body = self.command(CALLBACK_URL, taskuuid=f"t{i}", signature=signature)
             self.assertEqual((code, body), (403, b"bad or missing signature"))
         self.assertEqual((parsed, self.http.posts, self.agent.stats["accepted"]), ([], [], 0))
@@ -267,7 +268,7 @@ class AgentHostileInputTests(SynchronousTestCase):
             self.assertEqual(code, 400, body[:40])
             code, _ = _post(self.stub, self, base(0) + "/vm/start", body,
                             {"taskuuid": f"t{i}", "callbackurl": CALLBACK_URL,
-                             p.SIGNATURE_HEADER: p.sign(SECRET, f"t{i}", body)})
+                             p.SIGNATURE_HEADER: p.sign_command(SECRET, f"t{i}", body)})
             self.assertEqual(code, 400, body[:40])
         self.assertEqual(self.flushLoggedErrors(), [])
         self.assertEqual(self.http.posts, [])
@@ -280,7 +281,7 @@ class AgentHostileInputTests(SynchronousTestCase):
         body = b'{"vmUuids": [' + b'"x",' * (p.MAX_BODY_SIZE // 4) + b'"x"]}'
         code, text = _post(self.stub, self, base(0) + "/vm/checkstate", body,
                            {"taskuuid": "big", "callbackurl": CALLBACK_URL,
-                            p.SIGNATURE_HEADER: p.sign(SECRET, "big", body)})
+                            p.SIGNATURE_HEADER: p.sign_command(SECRET, "big", body)})
         self.assertEqual(code, 413)
         code, text = _post(self.stub, self, base(0) + p.CONNECT_PATH, body)
         self.assertEqual(code, 400)
@@ -373,6 +374,25 @@ class NodeHostileInputTests(SynchronousTestCase):
         body = json.dumps({"cpuNum": [[[]]], "success": "yes"}).encode()
         self.assertEqual(self.callback(taskuuid, body), 400)
         self.assertEqual(self.failureResultOf(d, OperationError).value.error.code, "SYS.1015")
+
+    def test_command_not_reflectable_as_callback(self) -> None:
+        """
+        A command's signature is labelled: a captured command (task uuid, body, signature)
+        POSTed back to the callback endpoint does not complete its task (a command body such
+        as C{{}} would otherwise decode as a successful response).
+        """
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        post = self.http.posts[-1]
+        taskuuid = post.header("taskuuid")
+        self.assertTrue(p.verify_command(SECRET, taskuuid, post.data,
+                                         post.header(p.SIGNATURE_HEADER)))
+        code = _post(self.stub, self, "http://mn" + self.endpoint.path, post.data,
+                     {"taskuuid": taskuuid,
+                      p.SIGNATURE_HEADER: post.header(p.SIGNATURE_HEADER)})[0]
+        self.assertEqual(code, 403)
+        self.assertNoResult(d)
+        d.cancel()
+        self.failureResultOf(d)
 
     def test_oversized_callback(self) -> None:
         """

@@ -266,7 +266,7 @@ class AgentClient:
             _TASK: [taskuuid.encode("ascii")],
             _CALLBACK: [self.callback_url.encode("utf-8")],
             _CONTENT_TYPE: _JSON,
-            _SIGNATURE: [protocol.sign(entry.secret, taskuuid, body).encode("ascii")],
+            _SIGNATURE: [protocol.sign_command(entry.secret, taskuuid, body).encode("ascii")],
         }
         accept = self._sem.run(self._http.post, entry.url, data=body, headers=headers,
                                allow_redirects=False, unbuffered=True)
