@@ -5,8 +5,10 @@ connect, ping) and the asynchronous command pattern, with plugins supplying the 
 
 Asynchronous URIs
 =================
-A command POSTed without a C{taskuuid} or C{callbackurl} header gets C{400}; a body that does
-not decode gets C{400}; a host that was never connected (no callback secret) gets C{409}. Else
+A command POSTed without a C{taskuuid} or C{callbackurl} header gets C{400}; a host that was
+never connected (no callback secret) gets C{409}; a command not signed with the host's secret
+(L{protocol.sign_command} in the L{SIGNATURE_HEADER}) gets C{403}; a body
+that does not decode gets C{400}; a callback URL not agreed at connect gets C{403}. Else
 the agent answers C{200} with an empty body at once, runs the plugin's handler, and POSTs the
 response (a L{Response}; a handler failure becomes C{success=false} with the error text) to the
 callback URL with the same C{taskuuid}, signed with the host's secret. A task uuid seen before
@@ -19,6 +21,26 @@ expired or already completed task, bad signature), or the attempts run out.
 
 Synchronous URIs (echo, connect, ping) are answered inline and refuse a C{taskuuid} (as
 ZStack's agents do).
+
+Trust
+=====
+Only the management node commands an agent:
+
+ - An agent configured with a bootstrap token (L{AgentApp} C{bootstrap_token}, C{twistd zagent
+   --bootstrap-token-file}) answers a C{/host/connect} without it C{401} and with another one
+   C{403} (compared in constant time), and keeps the host's previous secret. Without a token
+   configured, connect is open (a simulation convenience; the agent logs a warning at start).
+ - Asynchronous commands are signed with the host's secret (agreed at connect), checked
+   before the body is parsed; a captured command replayed within L{TaskMemory.ttl} is a
+   duplicate and ignored (TLS keeps commands from being captured at all).
+ - A host calls back only under the URL prefixes agreed at its last connect
+   (L{protocol.allowed_callback_prefixes}); a command naming another C{callbackurl} is refused
+   with C{403} before anything runs, and nothing is ever POSTed there.
+ - Request bodies are limited to C{max_body_size} bytes (C{413} past it, read into no
+   buffer, see L{agent.http.JSONRequest}) and decoded by L{protocol.decode_body}, which
+   turns any malformed input (deep nesting, huge numbers, wrong types, bad UTF-8) into a
+   C{400}.
+ - Reports carry a sequence number (Note [report order] in L{agent.protocol}).
 
 Note [callback outbox]
 ======================
@@ -81,6 +103,7 @@ log = Logger()
 
 _TASK = TASK_UUID_HEADER.encode("ascii")
 _CALLBACK = CALLBACK_URL_HEADER.encode("ascii")
+_SIGNATURE = SIGNATURE_HEADER.encode("ascii")
 _JSON = b"application/json"
 
 #: A plugin's command handler: (host, decoded command) -> Response or Deferred[Response].
@@ -112,6 +135,8 @@ class HostState:
     @ivar host_uuid: the uuid given at connect (None before).
     @ivar secret: the callback secret given at connect (None before).
     @ivar send_command_url: where agent-initiated commands go.
+    @ivar callback_prefixes: the URL prefixes callbacks may go to (agreed at connect).
+    @ivar report_seq: the sequence number of the last report sent since connect.
     """
 
     key: str
@@ -119,6 +144,8 @@ class HostState:
     host_uuid: str | None = None
     secret: str | None = None
     send_command_url: str | None = None
+    callback_prefixes: tuple[str, ...] = ()
+    report_seq: int = 0
 
 
 class TaskMemory:
@@ -230,6 +257,7 @@ class AgentApp:
         rng: random.Random | None = None,
         tasks: TaskMemory | None = None,
         reset_host: Callable[[str], None] | None = None,
+        bootstrap_token: str | None = None,
     ) -> None:
         """
         @param clock: an C{IReactorTime} for backoff and POST timeouts.
@@ -238,7 +266,12 @@ class AgentApp:
         @param plugins: L{IAgentPlugin} providers.
         @param reset_host: called with a host key when that host crashes (a simulated fault),
             so that the backend forgets it.
+        @param bootstrap_token: the token a C{/host/connect} must carry (None: connect is
+            open).
         """
+        if bootstrap_token is not None and not bootstrap_token:
+            raise ValueError("an empty bootstrap token would admit anyone; give None or a token")
+        self.bootstrap_token = bootstrap_token
         self._clock = clock
         self._http = http
         self._backend_factory = backend_factory
@@ -354,10 +387,17 @@ class AgentApp:
                 request.setResponseCode(400)
                 return f"{path} is synchronous: no taskuuid".encode()
             try:
-                cmd = definition.cmd_type.from_json(request.content.read())
+                cmd = protocol.decode_body(definition.cmd_type, request.content.read())
             except ProtocolError as e:
                 request.setResponseCode(400)
                 return str(e).encode()
+            if path == CONNECT_PATH and not protocol.token_matches(self.bootstrap_token,
+                                                                   cmd.bootstrap_token):
+                request.setResponseCode(401 if not cmd.bootstrap_token else 403)
+                log.warn("refused /host/connect of host {key}: {why} bootstrap token",
+                         key=key, why="no" if not cmd.bootstrap_token else "a wrong")
+                return (b"bootstrap token missing" if not cmd.bootstrap_token
+                        else b"bootstrap token refused")
             d = self._handle(definition, handler, host, cmd)
             request.setHeader(b"content-type", _JSON)
             return d.addCallback(lambda rsp: rsp.to_json())
@@ -370,18 +410,41 @@ class AgentApp:
             return b"callbackurl header missing"
         taskuuid = taskuuids[0].decode("utf-8", "replace")
         try:
-            cmd = definition.cmd_type.from_json(request.content.read())
-        except ProtocolError as e:
+            callback_url = callbacks[0].decode("ascii")
+        except UnicodeDecodeError:
             request.setResponseCode(400)
-            return str(e).encode()
+            return b"callbackurl header is not ASCII"
         if host.secret is None:
             request.setResponseCode(409)
             return f"host {key} is not connected".encode()
+        body = request.content.read(protocol.MAX_BODY_SIZE + 1)
+        if len(body) > protocol.MAX_BODY_SIZE:
+            request.setResponseCode(413)
+            return f"body over {protocol.MAX_BODY_SIZE} bytes".encode()
+        # The signature is checked before the body is parsed: unsigned input is never parsed.
+        signatures = headers.getRawHeaders(_SIGNATURE)
+        if not protocol.verify_command(host.secret, taskuuid, body,
+                                       signatures[0] if signatures else None):
+            request.setResponseCode(403)
+            log.warn("refused {path} for host {key}: bad or missing signature", path=path,
+                     key=key)
+            return b"bad or missing signature"
+        try:
+            cmd = protocol.decode_body(definition.cmd_type, body)
+        except ProtocolError as e:
+            request.setResponseCode(400)
+            return str(e).encode()
+        if not protocol.url_under(callback_url, host.callback_prefixes):
+            request.setResponseCode(403)
+            log.warn("refused {path} for host {key}: callback URL {url!r} is not under {ok}",
+                     path=path, key=key, url=callback_url[:200], ok=host.callback_prefixes)
+            return (f"callbackurl {callback_url[:200]!r} is not under the management node URLs "
+                    f"agreed at connect {list(host.callback_prefixes)}").encode()
         if self.tasks.seen(taskuuid):
             self.stats["duplicates"] += 1
             return b""
         self.stats["accepted"] += 1
-        self._accepted(definition, handler, host, taskuuid, callbacks[0].decode("utf-8"), cmd)
+        self._accepted(definition, handler, host, taskuuid, callback_url, cmd)
         return b""
 
     # --- the asynchronous pattern ---------------------------------------------------------
@@ -533,13 +596,15 @@ class AgentApp:
     def report_vm_state(self, key: str, vm_uuid: str, state: str) -> Deferred[bool]:
         """
         Tell the management node that a VM of host C{key} changed state on its own
-        (C{/kvm/reportvmstate}).
+        (C{/kvm/reportvmstate}), numbered with the host's next report sequence number (see
+        Note [report order] in L{agent.protocol}).
         """
         host = self._hosts.get(key)
         if host is None or host.host_uuid is None:
             return succeed(False)
+        host.report_seq += 1
         return self.report(key, protocol.REPORT_VM_STATE_PATH, protocol.ReportVmStateCmd(
-            host_uuid=host.host_uuid, vm_uuid=vm_uuid, vm_state=state))
+            host_uuid=host.host_uuid, vm_uuid=vm_uuid, vm_state=state, seq=host.report_seq))
 
     # --- synchronous host URIs ------------------------------------------------------------
 
@@ -550,6 +615,8 @@ class AgentApp:
         host.host_uuid = cmd.host_uuid
         host.secret = cmd.callback_secret
         host.send_command_url = cmd.send_command_url
+        host.callback_prefixes = protocol.allowed_callback_prefixes(cmd)
+        host.report_seq = 0
         log.info("host {key} connected as {uuid}", key=host.key, uuid=cmd.host_uuid)
         return protocol.ConnectRsp()
 

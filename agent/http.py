@@ -14,6 +14,7 @@ with a semaphore of the same size, so that the pool never opens more connections
 
 from __future__ import annotations
 
+from io import BytesIO
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -29,10 +30,21 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProduce
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-__all__ = ["BytesProducer", "CachingEndpointFactory", "JSONRequest", "QuietSite", "make_http_client", "make_pool"]
+__all__ = [
+    "BytesProducer",
+    "CachingEndpointFactory",
+    "JSONRequest",
+    "QuietSite",
+    "make_http_client",
+    "make_pool",
+    "server_tls_options",
+    "trust_root_from_pem",
+]
 
 DEFAULT_POOL_SIZE = 1000
 DEFAULT_BACKLOG = 1024
+#: The largest request body a L{QuietSite} reads, bytes (as L{agent.protocol.MAX_BODY_SIZE}).
+DEFAULT_MAX_BODY_SIZE = 4 * 1024 * 1024
 
 
 @implementer(IBodyProducer)
@@ -85,10 +97,14 @@ class CachingEndpointFactory:
     """
 
     def __init__(self, reactor: Any, connect_timeout: float | None = None,
-                 max_entries: int = 100_000) -> None:
+                 max_entries: int = 100_000, trust_root: Any = None) -> None:
+        """
+        @param trust_root: an C{IOpenSSLTrustRoot} HTTPS servers' certificates are checked
+            against (e.g. L{trust_root_from_pem}); None: the platform's CAs.
+        """
         self._reactor = reactor
         self._connect_timeout = connect_timeout
-        self._policy = BrowserLikePolicyForHTTPS()
+        self._policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root)
         self._max_entries = max_entries
         self._cache: dict[tuple[bytes, bytes, int], Any] = {}
 
@@ -108,15 +124,20 @@ class CachingEndpointFactory:
         return endpoint
 
 
-def make_http_client(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float = 10.0):
+def make_http_client(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float = 10.0,
+                     trust_root: Any = None):
     """
     A treq C{HTTPClient} over C{pool} (endpoints cached by L{CachingEndpointFactory}) that
     sends byte bodies with L{BytesProducer}.
+
+    @param trust_root: what HTTPS servers' certificates are checked against (see
+        L{CachingEndpointFactory}).
     """
     from treq.client import HTTPClient
 
     agent = Agent.usingEndpointFactory(
-        reactor, CachingEndpointFactory(reactor, connect_timeout), pool=pool
+        reactor, CachingEndpointFactory(reactor, connect_timeout, trust_root=trust_root),
+        pool=pool
     )
     return HTTPClient(agent, data_to_body_producer=BytesProducer)
 
@@ -125,11 +146,49 @@ class JSONRequest(Request):
     """
     A request that never parses its body as an HTML form: commands and callbacks are JSON, and
     form parsing costs an C{email.message} parse of the C{Content-Type} on every POST.
+
+    Its body is bounded by its site's C{max_body_size} (bytes; L{DEFAULT_MAX_BODY_SIZE} for a
+    site without one): a body declared or found larger is discarded as it arrives (never
+    buffered) and the request is answered C{413} without reaching the resource.
     """
+
+    _too_large = False
+    _body_size = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["parsePOSTFormSubmission"] = False
         super().__init__(*args, **kwargs)
+
+    def _limit(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return getattr(site, "max_body_size", DEFAULT_MAX_BODY_SIZE)
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self._too_large = True
+            self.content = BytesIO()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        self._body_size += len(data)
+        if self._body_size > self._limit():
+            self._too_large = True
+            self.content.close()
+            self.content = BytesIO()
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if self._too_large:
+            self.setResponseCode(413)
+            self.setHeader(b"content-type", b"text/plain")
+            self.write(f"request body over {self._limit()} bytes".encode())
+            self.finish()
+            return
+        super().process()
 
 
 class QuietSite(Site):
@@ -141,6 +200,63 @@ class QuietSite(Site):
 
     noisy = False
     requestFactory = JSONRequest
+    #: The largest request body read, bytes (see L{JSONRequest}).
+    max_body_size = DEFAULT_MAX_BODY_SIZE
 
     def log(self, request: Any) -> None:
         pass
+
+
+def trust_root_from_pem(path: str) -> Any:
+    """
+    A trust root of the CA certificates in the PEM file at C{path} (a self-signed server
+    certificate is its own CA), for L{make_http_client}.
+
+    @raise ValueError: the file cannot be read or holds no certificate.
+    """
+    from twisted.internet.ssl import Certificate, trustRootFromCertificates
+
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read CA file {path}: {e.strerror}") from None
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [b + marker for b in pem.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
+    if not blocks:
+        raise ValueError(f"no certificate in {path}")
+    try:
+        return trustRootFromCertificates([Certificate.loadPEM(b) for b in blocks])
+    except Exception as e:
+        raise ValueError(f"bad certificate in {path}: {e}") from None
+
+
+def server_tls_options(cert_path: str, key_path: str) -> Any:
+    """
+    Server TLS options (an C{IOpenSSLContextFactory}) from a PEM certificate (chain) and its
+    PEM private key, for C{SSL4ServerEndpoint} / C{listenSSL}.
+
+    @raise ValueError: a file cannot be read or does not hold what it should.
+    """
+    from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair
+
+    try:
+        with open(cert_path, "rb") as f:
+            cert_pem = f.read()
+        with open(key_path, "rb") as f:
+            key_pem = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {e.filename}: {e.strerror}") from None
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [b + marker for b in cert_pem.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
+    if not blocks:
+        raise ValueError(f"no certificate in {cert_path}")
+    try:
+        certs = [Certificate.loadPEM(b) for b in blocks]
+        key = KeyPair.load(key_pem, format=1)  # FILETYPE_PEM
+        return CertificateOptions(
+            privateKey=key.original, certificate=certs[0].original,
+            extraCertChain=[c.original for c in certs[1:]],
+        )
+    except Exception as e:
+        raise ValueError(f"bad TLS certificate {cert_path} or key {key_path}: {e}") from None

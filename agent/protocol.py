@@ -35,6 +35,16 @@ C{HMAC-SHA256(secret, taskuuid + "\\n" + body)} in hex in the L{SIGNATURE_HEADER
 signature binds the task uuid, so a callback captured for one task cannot complete another;
 a callback replayed after its task completed finds no pending task.
 
+Asynchronous commands carry a signature too (L{sign_command}: labelled, so that it is never
+valid as a callback's), so only the management node that connected a host commands it. A connect carries the
+operator's bootstrap token (L{ConnectCmd.bootstrap_token}, checked by L{token_matches}) and the
+URL prefixes the host's callbacks may go to (L{ConnectCmd.callback_url_prefixes}, see
+L{url_under}). Agent-initiated reports are signed too and carry a sequence number (Note
+[report order]). Every body is bounded (L{MAX_BODY_SIZE}), its signature is checked before it
+is parsed, and it is parsed by L{decode_body}, which raises nothing but L{ProtocolError}.
+Either side may serve HTTPS (L{agent.http.server_tls_options}) and check the other's
+certificate against a configured CA (L{agent.http.trust_root_from_pem}).
+
 Encoding
 ========
 Commands and responses are frozen attrs classes (L{Message}) with snake_case attributes and
@@ -50,11 +60,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import re
+import urllib.parse
 from typing import Any, ClassVar, Mapping, TypeVar
 
 import attrs
 
-from agent.codec import Codec, CodecError, camel_case, dumps, loads
+from agent.codec import Codec, CodecError, camel_case, dumps
 
 __all__ = [
     "CALLBACK_URL_HEADER",
@@ -69,15 +82,23 @@ __all__ = [
     "REPORTS",
     "REPORT_VM_STATE_PATH",
     "RESOURCE_UUID_HEADER",
+    "MAX_BODY_SIZE",
     "ProtocolError",
     "Response",
     "SIGNATURE_HEADER",
     "TASK_UUID_HEADER",
     "VmState",
+    "allowed_callback_prefixes",
     "command_for",
+    "decode_body",
     "host_base_url",
+    "loads",
     "sign",
+    "sign_command",
+    "token_matches",
+    "url_under",
     "verify",
+    "verify_command",
 ]
 
 #: Header naming the task; the same value comes back on the callback.
@@ -188,7 +209,7 @@ class Message:
 
         @raise ProtocolError: not JSON, or not this message.
         """
-        return _CODEC.decode_top(cls, loads(body, cls.__name__))
+        return _CODEC.decode_top(cls, loads(body))
 
 
 def message(cls: type[M]) -> type[M]:
@@ -265,12 +286,19 @@ class ConnectCmd(Message):
     C{/host/connect} (sync): the management node takes the host over.
 
     @ivar callback_secret: the per-host secret that signs this host's callbacks from now on.
+    @ivar bootstrap_token: the token the operator configured on both the management node and
+        the agent; an agent configured with one refuses a connect without it (see
+        L{token_matches}).
+    @ivar callback_url_prefixes: the management-node URLs under which this host's callbacks
+        may be POSTed from now on (see L{allowed_callback_prefixes} and L{url_under}).
     """
 
     host_uuid: str
     callback_secret: str
     send_command_url: str | None = None
     version: str | None = None
+    bootstrap_token: str | None = None
+    callback_url_prefixes: list[str] = attrs.Factory(list)
 
 
 @message
@@ -482,11 +510,14 @@ class ReportVmStateCmd(Message):
     """
     C{/kvm/reportvmstate}: the agent tells the management node a VM changed state on its own;
     POSTed to the C{sendCommandUrl} given at connect with the L{COMMAND_PATH_HEADER}.
+
+    @ivar seq: the report's sequence number (see Note [report order]).
     """
 
     host_uuid: str
     vm_uuid: str
     vm_state: str
+    seq: int | None = None
 
 
 # --- console proxy ---------------------------------------------------------------------------
@@ -720,3 +751,218 @@ def command_for(cmd: Message) -> CommandDef:
     @raise KeyError: C{cmd} is not a command of the contract.
     """
     return _BY_TYPE[type(cmd)]
+
+
+# --- hardening: bounded decoding, the bootstrap token, callback URLs, report order -----------
+#
+# Note [report order]: agent-initiated reports carry C{seq}, a number the agent increases by
+# one per report of a host and resets to 1 at every C{/host/connect}. The pair (callback secret
+# agreed at that connect, seq) orders a host's reports and survives an agent restart: a
+# restarted agent forgets its secret and cannot report until the management node connects it
+# again with a fresh secret, which starts a new sequence on both sides; a report signed with an
+# older secret fails its signature. The management node applies a host's reports one at a
+# time in arrival order and refuses (C{409}) any whose seq is not above the last one applied
+# with the current secret: a replayed report, or a retried one that a later one overtook.
+
+#: Largest request or callback body accepted, bytes (commands and responses are small; the
+#: largest, a VM sync of a full host, is a few hundred kilobytes).
+MAX_BODY_SIZE = 4 * 1024 * 1024
+#: Bounds of integers on the wire (signed 64 bits, as ZStack's Java C{long}).
+MAX_INT = 2**63 - 1
+MIN_INT = -(2**63)
+#: Sequence numbers of reports run from 1 to this.
+MAX_SEQ = MAX_INT
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+#: A run of digits that may be an integer beyond 64 bits (18 digits always fit).
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > 20:
+        raise ProtocolError(f"integer out of range: {text[:24]}...")
+    value = int(text)
+    if not MIN_INT <= value <= MAX_INT:
+        raise ProtocolError(f"integer out of range: {text}")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ProtocolError(f"number out of range: {text[:24]}")
+    return value
+
+
+def _parse_constant(text: str) -> Any:
+    raise ProtocolError(f"{text} is not JSON")
+
+
+#: Decoders built once (C{json.loads} with hooks builds one per call, which costs as much as
+#: the parse of a small body).
+_DECODER = json.JSONDecoder(parse_float=_parse_float, parse_constant=_parse_constant)
+_CHECKED_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float,
+                                    parse_constant=_parse_constant)
+
+
+def loads(body: bytes | str, max_size: int = MAX_BODY_SIZE) -> Any:
+    """
+    Parse a UTF-8 JSON body defensively: bounded size, no C{NaN}/C{Infinity}, integers within 64
+    bits, finite floats, no lone surrogates (which no UTF-8 encoder accepts later), and nesting
+    too deep for the parser is an error rather than a C{RecursionError}.
+
+    @param max_size: the largest body accepted, bytes.
+    @raise ProtocolError: whatever is wrong with C{body}; nothing else is raised.
+    """
+    if isinstance(body, str):
+        try:
+            body = body.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError("malformed JSON: not encodable as UTF-8") from None
+    if not isinstance(body, (bytes, bytearray)):
+        raise ProtocolError(f"a body is bytes, not {type(body).__name__}")
+    if len(body) > max_size:
+        raise ProtocolError(f"body of {len(body)} bytes is over the limit of {max_size} bytes")
+    # Integers are checked by a hook only when the body has a digit run long enough to be
+    # out of range: a hook called for every integer costs a third of the parse.
+    decoder = _CHECKED_DECODER if _LONG_DIGITS.search(body) is not None else _DECODER
+    try:
+        data = decoder.decode(body.decode("utf-8"))
+    except ProtocolError:
+        raise
+    except RecursionError:
+        raise ProtocolError("malformed JSON: nested too deeply") from None
+    except (ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        raise ProtocolError(f"malformed JSON: {e}") from None
+    if _SURROGATE_ESCAPE.search(body) is not None:
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError("malformed JSON: a string holds a lone surrogate") from None
+        except RecursionError:  # pragma: no cover - loads would have refused it
+            raise ProtocolError("malformed JSON: nested too deeply") from None
+    return data
+
+
+def decode_body(cls: type[M], body: bytes | str, max_size: int = MAX_BODY_SIZE) -> M:
+    """
+    Decode a request or callback body into message type C{cls}: L{loads}, then the strict
+    decoding of C{cls.from_dict}.
+
+    @raise ProtocolError: the body is too large, not JSON, or not a C{cls}; nothing else is
+        raised, whatever the input.
+    """
+    data = loads(body, max_size)
+    try:
+        return cls.from_dict(data)
+    except ProtocolError:
+        raise
+    except RecursionError:
+        raise ProtocolError(f"{cls.__name__}: nested too deeply") from None
+    except (ValueError, TypeError) as e:
+        raise ProtocolError(f"{cls.__name__}: {e}") from None
+
+
+def token_matches(expected: str | None, given: str | None) -> bool:
+    """
+    Whether the bootstrap token C{given} at connect is the one configured, compared in
+    constant time. With none configured (C{expected} None), any connect is accepted.
+    """
+    if expected is None:
+        return True
+    if not given:
+        return False
+    # Digests of equal length: the comparison does not even leak the token's length.
+    return hmac.compare_digest(
+        hashlib.sha256(expected.encode("utf-8", "surrogatepass")).digest(),
+        hashlib.sha256(given.encode("utf-8", "surrogatepass")).digest())
+
+
+def _split(url: str) -> tuple[str, str, int | None, str] | None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    if parts.username is not None or parts.password is not None:
+        return None
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    return scheme, parts.hostname.lower(), port, parts.path or "/"
+
+
+def url_under(url: str, prefixes: list[str] | tuple[str, ...]) -> bool:
+    """
+    Whether C{url} is under one of C{prefixes}: the same scheme, host and port (default ports
+    made explicit), no user info, and a path equal to the prefix's path or below it as a
+    directory (C{/cb} admits C{/cb} and C{/cb/x}, not C{/cbx}); a path with C{..} or C{.}
+    segments, a query or a fragment is never admitted.
+    """
+    target = _split(url)
+    if target is None:
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # pragma: no cover - _split parsed it
+        return False
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return False
+    segments = target[3].split("/")
+    if ".." in segments or "." in segments or "%" in target[3]:
+        return False
+    for prefix in prefixes:
+        allowed = _split(prefix)
+        if allowed is None or allowed[:3] != target[:3]:
+            continue
+        path = allowed[3].rstrip("/")
+        if target[3] == path or target[3].startswith(path + "/") or not path:
+            return True
+    return False
+
+
+def allowed_callback_prefixes(cmd: ConnectCmd) -> tuple[str, ...]:
+    """
+    The URL prefixes a host connected with C{cmd} may call back under: the command's
+    C{callback_url_prefixes}, or if it names none, the origin (scheme, host and port) of its
+    C{send_command_url}; none at all if it has neither (every command is then refused).
+    """
+    prefixes = [u for u in cmd.callback_url_prefixes if _split(u) is not None]
+    if prefixes:
+        return tuple(prefixes)
+    if cmd.send_command_url:
+        split = _split(cmd.send_command_url)
+        if split is not None:
+            scheme, host, port, _ = split
+            if ":" in host:
+                host = f"[{host}]"
+            return (f"{scheme}://{host}:{port}/",)
+    return ()
+
+
+def sign_command(secret: str, taskuuid: str, body: bytes) -> str:
+    """
+    The signature of an asynchronous command (management node -> agent): hex HMAC-SHA256
+    keyed by the host's secret over C{"command"}, a newline, the task uuid, a newline and the
+    body. The label keeps a command's signature from being valid for a callback with the same
+    task uuid and body (a captured command reflected to the callback endpoint).
+    """
+    return hmac.new(secret.encode("utf-8"),
+                    b"command\n" + taskuuid.encode("utf-8") + b"\n" + body,
+                    hashlib.sha256).hexdigest()
+
+
+def verify_command(secret: str, taskuuid: str, body: bytes,
+                   signature: str | bytes | None) -> bool:
+    """
+    Whether C{signature} is L{sign_command} of (C{taskuuid}, C{body}) under C{secret},
+    compared in constant time.
+    """
+    if not signature:
+        return False
+    if isinstance(signature, str):
+        signature = signature.encode("ascii", "replace")
+    expected = sign_command(secret, taskuuid, body).encode("ascii")
+    return hmac.compare_digest(expected, signature)

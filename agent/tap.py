@@ -12,13 +12,24 @@ import random
 from typing import Any
 
 from twisted.application import internet, service
+from twisted.logger import Logger
 from twisted.python import usage
 
 from agent.app import AgentApp, CallbackPolicy, Faults, TaskMemory
-from agent.http import DEFAULT_BACKLOG, DEFAULT_POOL_SIZE, QuietSite, make_http_client, make_pool
+from agent.http import (
+    DEFAULT_BACKLOG,
+    DEFAULT_POOL_SIZE,
+    QuietSite,
+    make_http_client,
+    make_pool,
+    server_tls_options,
+    trust_root_from_pem,
+)
 from agent.hypervisor.simulator import SimulatedCluster, SimulatorConfig, parse_latency
 
 __all__ = ["Options", "PLUGINS", "build_agent", "makeService"]
+
+log = Logger()
 
 #: Plugin name -> (dotted class path, description).
 PLUGINS: dict[str, tuple[str, str]] = {
@@ -56,7 +67,12 @@ class Options(usage.Options):
         + ". Framework URIs on every host: /host/echo, /host/connect, /host/ping (synchronous)."
         " Latency: --latency PATH=DIST, repeatable, DIST one of const:S, uniform:A,B, "
         "normal:MU,SIGMA, exp:MEAN (seconds); PATH '*' is the default, e.g. "
-        "--latency '*=const:0' --latency /vm/start=uniform:1,5."
+        "--latency '*=const:0' --latency /vm/start=uniform:1,5. "
+        "Trust: with --bootstrap-token-file (or --bootstrap-token) a /host/connect must carry "
+        "that token (the management node's [agents] bootstrap_token); without one, connect is "
+        "open and a warning is logged. --tls-cert/--tls-key serve HTTPS; --tls-ca is the CA "
+        "(or self-signed certificate) the management node's HTTPS callback URL is checked "
+        "against."
     )
 
     optParameters = [
@@ -85,6 +101,16 @@ class Options(usage.Options):
         ["task-memory", None, 3600.0, "Seconds a task uuid is remembered for deduplication.",
          float],
         ["seed", None, None, "Random seed (latency and fault draws).", int],
+        ["bootstrap-token-file", None, None,
+         "File whose content (stripped) is the token a /host/connect must carry."],
+        ["bootstrap-token", None, None,
+         "The token a /host/connect must carry (visible in the process list: prefer "
+         "--bootstrap-token-file)."],
+        ["tls-cert", None, None, "PEM certificate (chain) to serve HTTPS with."],
+        ["tls-key", None, None, "PEM private key of --tls-cert."],
+        ["tls-ca", None, None,
+         "PEM CA certificate(s) to check the management node's HTTPS certificate against "
+         "(default: the platform's CAs)."],
     ]
 
     optFlags = [
@@ -95,6 +121,8 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["latency"] = {}
+        self["tls-options"] = None
+        self["trust-root"] = None
 
     def opt_latency(self, value: str) -> None:
         """
@@ -114,6 +142,28 @@ class Options(usage.Options):
         if unknown:
             raise usage.UsageError(f"unknown plugin(s) {unknown}; known: {list(PLUGINS)}")
         self["plugins"] = names
+        token, path = self["bootstrap-token"], self["bootstrap-token-file"]
+        if token is not None and path is not None:
+            raise usage.UsageError("give --bootstrap-token or --bootstrap-token-file, not both")
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    token = f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise usage.UsageError(f"cannot read --bootstrap-token-file {path}: {e}"
+                                       ) from None
+        if token is not None and not token:
+            raise usage.UsageError("the bootstrap token is empty")
+        self["bootstrap-token"] = token
+        if (self["tls-cert"] is None) != (self["tls-key"] is None):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        try:
+            self["tls-options"] = (None if self["tls-cert"] is None
+                                   else server_tls_options(self["tls-cert"], self["tls-key"]))
+            self["trust-root"] = (None if self["tls-ca"] is None
+                                  else trust_root_from_pem(self["tls-ca"]))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 def build_agent(options: Options, reactor: Any) -> AgentApp:
@@ -141,7 +191,7 @@ def build_agent(options: Options, reactor: Any) -> AgentApp:
     )
     return AgentApp(
         clock=reactor,
-        http=make_http_client(reactor, pool),
+        http=make_http_client(reactor, pool, trust_root=options["trust-root"]),
         backend_factory=cluster.backends,
         plugins=[namedAny(PLUGINS[name][0])() for name in options["plugins"]],
         host_count=options["hosts"],
@@ -153,6 +203,7 @@ def build_agent(options: Options, reactor: Any) -> AgentApp:
         rng=rng,
         tasks=TaskMemory(reactor, ttl=options["task-memory"]),
         reset_host=cluster.reset,
+        bootstrap_token=options["bootstrap-token"],
     )
 
 
@@ -184,17 +235,27 @@ class _GCFreeze(service.Service):
 
 def makeService(options: Options) -> service.IService:
     """
-    The agent service: a TCP server with the configured backlog serving the agent's site.
+    The agent service: a TCP (or, with C{--tls-cert}, TLS) server with the configured backlog
+    serving the agent's site.
     """
     from twisted.internet import reactor
 
     agent = build_agent(options, reactor)
+    if agent.bootstrap_token is None:
+        log.warn("no bootstrap token configured: anyone reaching this agent can connect its "
+                 "hosts (give --bootstrap-token-file)")
     site = QuietSite(agent.app.resource())
     top = service.MultiService()
     _Drain(agent, reactor).setServiceParent(top)
-    server = internet.TCPServer(
-        options["port"], site, backlog=options["backlog"], interface=options["interface"]
-    )
+    if options["tls-options"] is not None:
+        server = internet.SSLServer(
+            options["port"], site, options["tls-options"], backlog=options["backlog"],
+            interface=options["interface"]
+        )
+    else:
+        server = internet.TCPServer(
+            options["port"], site, backlog=options["backlog"], interface=options["interface"]
+        )
     server.setServiceParent(top)
     if options["gc-freeze"]:
         _GCFreeze().setServiceParent(top)

@@ -49,13 +49,16 @@ class AgentTestCase(SynchronousTestCase):
         if callback is not None and taskuuid is not None:
             headers["callbackurl"] = callback
         data = body if body is not None else cmd.to_json()
+        if taskuuid is not None:
+            headers[p.SIGNATURE_HEADER] = p.sign_command(SECRET, taskuuid, data)
         response = self.successResultOf(self.stub.post(url, data=data, headers=headers))
         return response.code, self.successResultOf(response.content())
 
     def connect(self, i: int, host_uuid: str | None = None) -> p.ConnectRsp:
         code, body = self.post(base(i) + p.CONNECT_PATH, p.ConnectCmd(
             host_uuid=host_uuid or f"host-{i}", callback_secret=SECRET,
-            send_command_url="http://mn/asyncrest/sendcommand"))
+            send_command_url="http://mn/asyncrest/sendcommand",
+            callback_url_prefixes=[CALLBACK_URL]))
         self.assertEqual(code, 200)
         return p.ConnectRsp.from_json(body)
 

@@ -459,7 +459,9 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual(self.post({"taskuuid": "nope", p.SIGNATURE_HEADER: signature}, body),
                          404)
         self.assertEqual(self.post({"taskuuid": taskuuid}, body), 403)
-        self.assertEqual(self.post({"taskuuid": taskuuid}, b"]"), 400)
+        self.assertEqual(self.post({"taskuuid": taskuuid,
+                                    p.SIGNATURE_HEADER: p.sign(SECRET, taskuuid, b"]")}, b"]"),
+                         400)
         good = {"taskuuid": taskuuid, p.SIGNATURE_HEADER: signature}
         self.assertEqual(self.post(good, body), 200)
         self.assertEqual(self.successResultOf(d).cpu_num, 4)
@@ -485,7 +487,7 @@ class EndpointTests(SynchronousTestCase):
         self.stub = StubTreq(endpoint.resource())
         self.client._base_of_host["host-0"] = base(0)
         got: list = []
-        cmd = p.ReportVmStateCmd(host_uuid="host-0", vm_uuid="v", vm_state="Stopped")
+        cmd = p.ReportVmStateCmd(host_uuid="host-0", vm_uuid="v", vm_state="Stopped", seq=1)
         body = cmd.to_json()
         self.assertEqual(self.report("host-0", body), 404)
         endpoint.on_report(p.REPORT_VM_STATE_PATH, got.append)
@@ -499,6 +501,7 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual(self.report("host-0", body), 200)
         self.assertEqual(got, [cmd])
         endpoint.on_report(p.REPORT_VM_STATE_PATH, lambda c: 1 / 0)
+        body = p.ReportVmStateCmd(host_uuid="host-0", vm_uuid="v", vm_state="Stopped", seq=2).to_json()
         self.assertEqual(self.report("host-0", body), 500)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.client.forget(base(0))

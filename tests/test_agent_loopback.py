@@ -164,11 +164,12 @@ class CallbackPathTests(LoopbackTestCase):
 
     def test_malformed_json(self) -> defer.Deferred:
         """
-        A callback whose body is not JSON gets 400; one without taskuuid gets 400.
+        A callback for no pending task gets 404 before its body is looked at (a body is
+        parsed only once its signature is verified); one without taskuuid gets 400.
         """
 
         async def go() -> None:
-            self.assertEqual(await self.post_callback({"taskuuid": "t"}, b"{nope"), 400)
+            self.assertEqual(await self.post_callback({"taskuuid": "t"}, b"{nope"), 404)
             self.assertEqual(await self.post_callback({}, b"{}"), 400)
 
         return defer.Deferred.fromCoroutine(go())

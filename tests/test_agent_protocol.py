@@ -51,8 +51,8 @@ class CodecTests(SynchronousTestCase):
         Wire names are camelCase; the body carries the wire version.
         """
         data = json.loads(p.ConnectCmd(host_uuid="h", callback_secret="s").to_json())
-        self.assertEqual(set(data),
-                         {"hostUuid", "callbackSecret", "sendCommandUrl", "version", "_v"})
+        self.assertEqual(set(data), {"hostUuid", "callbackSecret", "sendCommandUrl", "version",
+                                     "bootstrapToken", "callbackUrlPrefixes", "_v"})
 
     def test_strict(self) -> None:
         """

@@ -24,6 +24,12 @@ A config file looks like::
     interface = "127.0.0.1"
     backlog = 1024
     public_url = "http://10.0.0.5:8080"   # what agents call back; default from interface/port
+    tls_cert = "/etc/zcontrol/mn.pem"      # serve HTTPS (agents' callbacks) with this chain
+    tls_key = "/etc/zcontrol/mn.key"
+
+    [agents]
+    bootstrap_token_file = "/etc/zcontrol/agent-token"  # or bootstrap_token = "..."
+    tls_ca = "/etc/zcontrol/agents-ca.pem"  # checks agents' HTTPS certificates
 
     [host]                      # the host service (see HostConfig for every key)
     ping_interval = 60
@@ -42,8 +48,8 @@ from typing import Any, Mapping
 
 import attrs
 
-__all__ = ["BusConfig", "Config", "ConfigError", "HostConfig", "HttpConfig", "ShutdownConfig",
-           "StoreConfig", "load_config"]
+__all__ = ["AgentsConfig", "BusConfig", "Config", "ConfigError", "HostConfig", "HttpConfig",
+           "ShutdownConfig", "StoreConfig", "load_config"]
 
 
 class ConfigError(ValueError):
@@ -78,6 +84,12 @@ class HttpConfig:
     interface: str = "127.0.0.1"
     backlog: int = 1024
     public_url: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("http.tls_cert and http.tls_key go together")
 
     def callback_base(self, actual_port: int) -> str:
         """
@@ -86,7 +98,47 @@ class HttpConfig:
         if self.public_url:
             return self.public_url.rstrip("/")
         host = self.interface if self.interface not in ("", "0.0.0.0", "::") else "127.0.0.1"
-        return f"http://{host}:{actual_port}"
+        scheme = "http" if self.tls_cert is None else "https"
+        return f"{scheme}://{host}:{actual_port}"
+
+
+@attrs.frozen
+class AgentsConfig:
+    """
+    How the node deals with agents.
+
+    @ivar bootstrap_token: the token agents require at C{/host/connect} (C{twistd zagent
+        --bootstrap-token-file}); C{bootstrap_token_file} names a file holding it instead.
+    @ivar tls_ca: PEM CA certificate(s) agents' HTTPS certificates are checked against
+        (default: the platform's CAs).
+    """
+
+    bootstrap_token: str | None = None
+    bootstrap_token_file: str | None = None
+    tls_ca: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.bootstrap_token is not None and self.bootstrap_token_file is not None:
+            raise ConfigError("give agents.bootstrap_token or agents.bootstrap_token_file")
+        if self.bootstrap_token == "":
+            raise ConfigError("agents.bootstrap_token is empty")
+
+    def token(self) -> str | None:
+        """
+        The bootstrap token, read from C{bootstrap_token_file} if that is set.
+
+        @raise ConfigError: the file cannot be read or is empty.
+        """
+        if self.bootstrap_token_file is None:
+            return self.bootstrap_token
+        try:
+            with open(self.bootstrap_token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read agents.bootstrap_token_file: {e}") from None
+        if not token:
+            raise ConfigError(f"agents.bootstrap_token_file {self.bootstrap_token_file} is empty")
+        return token
 
 
 @attrs.frozen
@@ -154,6 +206,7 @@ class Config:
     http: HttpConfig = attrs.field(factory=HttpConfig)
     host: HostConfig = attrs.field(factory=HostConfig)
     shutdown: ShutdownConfig = attrs.field(factory=ShutdownConfig)
+    agents: AgentsConfig = attrs.field(factory=AgentsConfig)
 
 
 _SECTIONS: dict[str, dict[str, type]] = {
@@ -161,7 +214,9 @@ _SECTIONS: dict[str, dict[str, type]] = {
     "store": {"url": str, "pool_size": int},
     "bus": {"backend": str, "amqp_url": str, "message_timeout": float,
             "heartbeat_interval": float},
-    "http": {"port": int, "interface": str, "backlog": int, "public_url": str},
+    "http": {"port": int, "interface": str, "backlog": int, "public_url": str,
+             "tls_cert": str, "tls_key": str},
+    "agents": {"bootstrap_token": str, "bootstrap_token_file": str, "tls_ca": str},
     "host": {a.name: {"float": float, "int": int, "bool": bool}.get(a.type, str)  # type: ignore[call-overload]
              for a in attrs.fields(HostConfig)},
     "shutdown": {"drain_timeout": float},
@@ -233,6 +288,7 @@ def load_config(path: str | None = None,
             http=HttpConfig(**values["http"]),
             host=HostConfig(**values["host"]),
             shutdown=ShutdownConfig(**values["shutdown"]),
+            agents=AgentsConfig(**values["agents"]),
         )
     except TypeError as e:
         raise ConfigError(str(e)) from None

@@ -243,8 +243,16 @@ class HttpService(Service):
         Service.startService(self)
         http = self._config.http
         self._factory = _TrackingFactory(callback_site(self._endpoint))
-        self._port = self._reactor.listenTCP(http.port, self._factory, backlog=http.backlog,
-                                             interface=http.interface)
+        if http.tls_cert is not None:
+            from agent.http import server_tls_options
+
+            self._port = self._reactor.listenSSL(
+                http.port, self._factory, server_tls_options(http.tls_cert, http.tls_key),
+                backlog=http.backlog, interface=http.interface)
+        else:
+            self._port = self._reactor.listenTCP(http.port, self._factory,
+                                                 backlog=http.backlog,
+                                                 interface=http.interface)
         self.base_url = http.callback_base(self._port.getHost().port)
         self._agents.callback_url = self.base_url + CALLBACK_PATH
         log.info("HTTP on {url} (agent callbacks at {cb})", url=self.base_url,
@@ -286,6 +294,10 @@ class _TrackingFactory(WrappingFactory):
         d: Deferred = Deferred()
         self._gone.append(d)
         for p in list(self.protocols):
+            # Unregister the channel as the transport's producer first (as
+            # HTTPChannel.loseConnection does): a TLS transport with a producer never starts
+            # its shutdown, and the connection lingers until the channel's idle timeout.
+            p.transport.unregisterProducer()
             p.transport.loseConnection()
         return d
 
@@ -369,6 +381,17 @@ class ManagementNode(OrderedMultiService):
         self.agents = agents
 
 
+def _trust_root(config: Config) -> Any:
+    if config.agents.tls_ca is None:
+        return None
+    from agent.http import trust_root_from_pem
+
+    try:
+        return trust_root_from_pem(config.agents.tls_ca)
+    except ValueError as e:
+        raise ConfigError(f"agents.tls_ca: {e}") from None
+
+
 def make_node(config: Config, reactor: Any,
               on_start_failure: Callable[[Failure], Any] | None = None) -> ManagementNode:
     """
@@ -391,7 +414,8 @@ def make_node(config: Config, reactor: Any,
     store = open_store(config.store.url, reactor, **options)
     bus = make_bus(config, reactor)
     # The callback URL is known once HTTP listens (the port may be chosen by the OS).
-    agents = AgentClient.create(reactor, "")
+    agents = AgentClient.create(reactor, "", bootstrap_token=config.agents.token(),
+                                trust_root=_trust_root(config))
     endpoint = CallbackEndpoint(agents)
     node = ManagementNode(config, reactor, store, bus, agents, on_start_failure)
     ComponentService("store", store).setServiceParent(node)

@@ -32,7 +32,6 @@ Note [inherited deadline]: the bus deadline of the message being handled
 
 from __future__ import annotations
 
-import json
 import secrets
 import uuid
 from functools import partial
@@ -53,30 +52,27 @@ from zope.interface import implementer
 from agent import protocol
 from agent.http import DEFAULT_POOL_SIZE, make_http_client, make_pool
 from agent.protocol import CALLBACK_URL_HEADER, TASK_UUID_HEADER, Message, ProtocolError
+from zcontrol.agentclient.errors import AGENT
 from zcontrol.agentclient.interfaces import IAgentClient
 from zcontrol.bus._pending import current_deadline
-from zcontrol.core.errors import SYS, OperationError, error_code, register_codes
+from zcontrol.core.errors import SYS, OperationError, error_code
 
 __all__ = ["AGENT_LOST_WORK", "AgentClient", "DEFAULT_MAX_IN_FLIGHT_PER_HOST", "NOT_SENT"]
 
 log = Logger()
 
-_codes = register_codes("AGENT", {
-    1000: "An agent command was not sent: it waited for a free connection slot until its "
-          "deadline (retrying it is safe)",
-    1001: "The agent lost a command it had accepted (it restarted, or the host was forgotten)",
-})
 #: C{AGENT.1000}: the command's deadline passed while it waited in the local queue for a
 #: connection slot; nothing reached the agent.
-NOT_SENT = _codes[1000]
+NOT_SENT = AGENT.NOT_SENT
 #: C{AGENT.1001}: the agent restarted (or the host was forgotten) after accepting the command.
-AGENT_LOST_WORK = _codes[1001]
+AGENT_LOST_WORK = AGENT.LOST_WORK
 
 #: The default bound of exchanges in flight to one agent base URL (one host).
 DEFAULT_MAX_IN_FLIGHT_PER_HOST = 32
 
 _TASK = TASK_UUID_HEADER.encode("ascii")
 _CALLBACK = CALLBACK_URL_HEADER.encode("ascii")
+_SIGNATURE = protocol.SIGNATURE_HEADER.encode("ascii")
 _CONTENT_TYPE = b"content-type"
 _JSON = [b"application/json"]
 
@@ -129,7 +125,8 @@ class AgentClient:
 
     def __init__(self, clock: Any, http: Any, callback_url: str, *,
                  default_timeout: float = 300.0, max_in_flight: int = DEFAULT_POOL_SIZE,
-                 max_in_flight_per_host: int = DEFAULT_MAX_IN_FLIGHT_PER_HOST) -> None:
+                 max_in_flight_per_host: int = DEFAULT_MAX_IN_FLIGHT_PER_HOST,
+                 bootstrap_token: str | None = None) -> None:
         """
         @param clock: C{IReactorTime}: timeouts and deadlines are on this clock (the bus's).
         @param http: a treq C{HTTPClient} (or C{StubTreq}) for the POSTs.
@@ -138,7 +135,10 @@ class AgentClient:
         @param max_in_flight: accept exchanges (HTTP requests) in flight at once.
         @param max_in_flight_per_host: accept exchanges in flight at once to one agent base
             URL (see Note [per-host slots]); capped by C{max_in_flight}.
+        @param bootstrap_token: the token agents require at C{/host/connect} (see
+            L{agent.app}); an agent refusing it fails the connect with C{AGENT.1002}.
         """
+        self.bootstrap_token = bootstrap_token
         self._clock = clock
         self._http = http
         self.callback_url = callback_url
@@ -157,20 +157,25 @@ class AgentClient:
     def create(cls, reactor: Any, callback_url: str, *, pool_size: int = DEFAULT_POOL_SIZE,
                max_in_flight: int | None = None, default_timeout: float = 300.0,
                connect_timeout: float = 10.0,
-               max_in_flight_per_host: int = DEFAULT_MAX_IN_FLIGHT_PER_HOST) -> AgentClient:
+               max_in_flight_per_host: int = DEFAULT_MAX_IN_FLIGHT_PER_HOST,
+               bootstrap_token: str | None = None, trust_root: Any = None) -> AgentClient:
         """
         A client with its own connection pool keeping C{pool_size} persistent connections per
         agent endpoint, C{max_in_flight} (default: C{pool_size}) requests at once and
         C{max_in_flight_per_host} per agent base URL.
+
+        @param trust_root: the C{IOpenSSLTrustRoot} agents' HTTPS certificates are checked
+            against (None: the platform's CAs).
         """
         pool = make_pool(reactor, pool_size)
         client = cls(
             reactor,
-            make_http_client(reactor, pool, connect_timeout),
+            make_http_client(reactor, pool, connect_timeout, trust_root=trust_root),
             callback_url,
             default_timeout=default_timeout,
             max_in_flight=max_in_flight or pool_size,
             max_in_flight_per_host=max_in_flight_per_host,
+            bootstrap_token=bootstrap_token,
         )
         client._pool = pool
         return client
@@ -239,25 +244,47 @@ class AgentClient:
         """
         if not host_uuid or not taskuuid:
             return False
-        base = self._base_of_host.get(host_uuid)
-        secret = None if base is None else self._secrets.get(base)
+        secret = self.report_secret(host_uuid)
         return secret is not None and protocol.verify(secret, taskuuid, body, signature)
+
+    def report_secret(self, host_uuid: str | None) -> str | None:
+        """
+        The secret agreed with host C{host_uuid} at its last connect (its reports' epoch, see
+        Note [report order] in L{agent.protocol}), or None.
+        """
+        base = self._base_of_host.get(host_uuid or "")
+        return None if base is None else self._secrets.get(base)
 
     def connect(self, base_url: str, host_uuid: str, send_command_url: str | None = None,
                 timeout: float | None = None, deadline: float | None = None,
                 version: str | None = None) -> Deferred[protocol.ConnectRsp]:
         secret = secrets.token_hex(32)
         cmd = protocol.ConnectCmd(host_uuid=host_uuid, callback_secret=secret,
-                                  send_command_url=send_command_url, version=version)
+                                  send_command_url=send_command_url, version=version,
+                                  bootstrap_token=self.bootstrap_token,
+                                  callback_url_prefixes=[self.callback_url] if self.callback_url
+                                  else [])
 
         def connected(rsp: protocol.ConnectRsp) -> protocol.ConnectRsp:
             self._secrets[base_url] = secret
             self._base_of_host[host_uuid] = base_url
             return rsp
 
-        return self.call(base_url, cmd, timeout=timeout, deadline=deadline).addCallback(
-            connected
-        )
+        def refused_credentials(reason: Failure, url: str) -> Failure:
+            error = getattr(reason.value, "error", None)
+            status = error.opaque.get("status") if error is not None else None
+            if reason.check(OperationError) and status in (401, 403):
+                raise OperationError.of(
+                    AGENT.TOKEN_REFUSED,
+                    f"the agent at {url} refused the connect ({status}: "
+                    f"{'no bootstrap token configured here' if status == 401 else 'wrong token'});"
+                    " configure the same bootstrap token on the node ([agents] bootstrap_token)"
+                    " and the agent (--bootstrap-token-file)",
+                    cause=error, url=url, status=status, field="bootstrap_token")
+            return reason
+
+        return self.call(base_url, cmd, timeout=timeout, deadline=deadline).addCallbacks(
+            connected, refused_credentials, errbackArgs=(base_url,))
 
     # --- calls ----------------------------------------------------------------------------
 
@@ -406,6 +433,7 @@ class AgentClient:
             _TASK: [taskuuid.encode("ascii")],
             _CALLBACK: [self.callback_url.encode("utf-8")],
             _CONTENT_TYPE: _JSON,
+            _SIGNATURE: [protocol.sign_command(entry.secret, taskuuid, body).encode("ascii")],
         }
 
         def sent() -> None:
@@ -501,7 +529,7 @@ class AgentClient:
                     f"{url} answered {code}: {body.decode('utf-8', 'replace')[:500]}",
                     url=url, status=code)
             try:
-                rsp = rsp_type.from_json(body)
+                rsp = protocol.decode_body(rsp_type, body)
             except ProtocolError as e:
                 raise OperationError.of(SYS.HTTP_ERROR, f"{url} answered a malformed body: {e}",
                                         url=url) from None
@@ -550,22 +578,25 @@ class AgentClient:
         """
         if not taskuuid:
             return 400, "taskuuid header missing"
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return 400, "malformed JSON"
+        if len(body) > protocol.MAX_BODY_SIZE:
+            return 413, f"body over {protocol.MAX_BODY_SIZE} bytes"
         entry = self._pending.get(taskuuid)
         if entry is None:
             return 404, f"no pending task {taskuuid}"
+        # The signature is checked before the body is parsed: unsigned input is never parsed.
         if not protocol.verify(entry.secret, taskuuid, body, signature):
             log.warn("callback for {task} with a bad or missing signature", task=taskuuid)
             return 403, "bad or missing signature"
+        try:
+            data = protocol.loads(body)
+        except ProtocolError as e:
+            return 400, str(e)
         del self._pending[taskuuid]
         entry.timer.cancel()
         entry.accept = None
         try:
             rsp = entry.rsp_type.from_dict(data)
-        except ProtocolError as e:
+        except (ProtocolError, ValueError, TypeError, RecursionError) as e:
             entry.result.errback(OperationError.of(
                 SYS.HTTP_ERROR, f"{entry.url} called back with a malformed response: {e}",
                 url=entry.url, taskUuid=taskuuid))

@@ -9,21 +9,31 @@ L{AgentClient.complete}).
 
 Agent-initiated commands (C{/kvm/reportvmstate}) arrive at L{SEND_COMMAND_PATH}: 404 for a
 command path nobody handles, 403 unless signed with the secret of the host named in
-C{X-Resource-UUID}, 400 for a body that is not the command, 500 if the handler fails (the agent
-retries), else 200.
+C{X-Resource-UUID}, 400 for a body that is not the command or has no sequence number, 409 for
+a report whose sequence number is not above the last one applied for that host since its last
+connect (a replay, or a retried report that a later one overtook: it is dropped, see Note
+[report order] in L{agent.protocol}), 503 when too many reports of the host wait, 500 if the
+handler fails (the agent retries; the sequence does not advance), else 200. A host's reports
+reach the handler one at a time, in the order of their sequence numbers.
+
+Every body is checked for its signature B{before} it is parsed, is bounded in size
+(L{agent.http.QuietSite.max_body_size}, and L{agent.protocol.MAX_BODY_SIZE} again here) and
+parsed by L{agent.protocol.decode_body}, so that no input raises past the endpoint.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import attrs
 from klein import Klein
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import DeferredLock, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 
+from agent import protocol
 from agent.http import DEFAULT_BACKLOG, QuietSite
 from agent.protocol import (
     COMMAND_PATH_HEADER,
@@ -54,6 +64,18 @@ _TASK = TASK_UUID_HEADER.encode("ascii")
 _SIGNATURE = SIGNATURE_HEADER.encode("ascii")
 
 
+@attrs.define
+class _ReportOrder:
+    """
+    The reports of one host since its last connect: C{epoch} is the secret agreed then, C{last}
+    the highest sequence number applied, C{lock} serialises the handler.
+    """
+
+    epoch: str
+    last: int = 0
+    lock: DeferredLock = attrs.Factory(DeferredLock)
+
+
 class CallbackEndpoint:
     """
     Receives agents' callbacks and hands them to an L{AgentClient}.
@@ -62,8 +84,15 @@ class CallbackEndpoint:
     """
 
     def __init__(self, client: AgentClient, path: str = CALLBACK_PATH,
-                 send_command_path: str = SEND_COMMAND_PATH) -> None:
+                 send_command_path: str = SEND_COMMAND_PATH,
+                 max_queued_reports: int = 1000) -> None:
+        """
+        @param max_queued_reports: reports of one host waiting for the handler at most; more
+            are answered 503 (the agent retries).
+        """
         self.client = client
+        self.max_queued_reports = max_queued_reports
+        self._order: dict[str, _ReportOrder] = {}
         self.path = path
         self.send_command_path = send_command_path
         self._reports: dict[str, Callable[[Any], Any]] = {}
@@ -92,26 +121,60 @@ class CallbackEndpoint:
         if handler is None:
             request.setResponseCode(404)
             return f"no handler for command path {path!r}".encode()
-        body = request.content.read()
-        if not self.client.verify_report(first(RESOURCE_UUID_HEADER), first(TASK_UUID_HEADER),
+        body = request.content.read(protocol.MAX_BODY_SIZE + 1)
+        if len(body) > protocol.MAX_BODY_SIZE:
+            request.setResponseCode(413)
+            return f"body over {protocol.MAX_BODY_SIZE} bytes".encode()
+        host_uuid = first(RESOURCE_UUID_HEADER)
+        # The signature is checked before the body is parsed: unsigned input is never parsed.
+        if not self.client.verify_report(host_uuid, first(TASK_UUID_HEADER),
                                          body, first(SIGNATURE_HEADER)):
             request.setResponseCode(403)
             return b"bad or missing signature"
         try:
-            cmd = REPORTS[path].from_json(body)
+            cmd = protocol.decode_body(REPORTS[path], body)
         except ProtocolError as e:
             request.setResponseCode(400)
             return str(e).encode()
-        if getattr(cmd, "host_uuid", None) not in (None, first(RESOURCE_UUID_HEADER)):
+        if getattr(cmd, "host_uuid", None) not in (None, host_uuid):
             request.setResponseCode(403)
             return b"the command names another host"
+        seq = getattr(cmd, "seq", None)
+        if seq is None or not 1 <= seq <= protocol.MAX_SEQ:
+            request.setResponseCode(400)
+            return b"a report needs a sequence number (seq) from 1"
+        epoch = self.client.report_secret(host_uuid)
+        order = self._order.get(host_uuid)
+        if order is None or order.epoch != epoch:
+            order = self._order[host_uuid] = _ReportOrder(epoch)
+        if seq <= order.last:
+            return self._stale(request, host_uuid, seq, order.last)
+        if len(order.lock.waiting) >= self.max_queued_reports:
+            request.setResponseCode(503)
+            return f"too many reports of host {host_uuid} waiting".encode()
+        return order.lock.run(self._apply, request, order, path, handler, host_uuid, cmd, seq)
+
+    def _stale(self, request: Any, host_uuid: str, seq: int, last: int) -> bytes:
+        log.info("dropped report {seq} of host {host}: not after {last}", seq=seq,
+                 host=host_uuid, last=last)
+        request.setResponseCode(409)
+        return f"report {seq} of host {host_uuid} is stale or replayed (last {last})".encode()
+
+    def _apply(self, request: Any, order: _ReportOrder, path: str,
+               handler: Callable[[Any], Any], host_uuid: str, cmd: Any, seq: int) -> Any:
+        if seq <= order.last:  # a later report overtook this one while it waited
+            return self._stale(request, host_uuid, seq, order.last)
+
+        def applied(_: Any) -> bytes:
+            order.last = max(order.last, seq)
+            return b""
 
         def failed(reason: Failure) -> bytes:
             log.failure("handler of {path} failed", reason, path=path)
             request.setResponseCode(500)
             return b"handler failed"
 
-        return maybeDeferred(handler, cmd).addCallbacks(lambda _: b"", failed)
+        return maybeDeferred(handler, cmd).addCallbacks(applied, failed)
 
     def resource(self) -> IResource:
         """
@@ -125,7 +188,8 @@ class CallbackEndpoint:
         signatures = headers.getRawHeaders(_SIGNATURE)
         taskuuid = tasks[0].decode("utf-8", "replace") if tasks else None
         status, message = self.client.complete(
-            taskuuid, request.content.read(), signatures[0] if signatures else None
+            taskuuid, request.content.read(protocol.MAX_BODY_SIZE + 1),
+            signatures[0] if signatures else None
         )
         request.setResponseCode(status)
         return message.encode("utf-8")
@@ -139,19 +203,27 @@ def callback_site(endpoint: CallbackEndpoint) -> QuietSite:
 
 
 def listen_callback(reactor: Any, endpoint: CallbackEndpoint, port: int = 0,
-                    interface: str = "", backlog: int = DEFAULT_BACKLOG) -> IListeningPort:
+                    interface: str = "", backlog: int = DEFAULT_BACKLOG,
+                    tls_options: Any = None) -> IListeningPort:
     """
     Listen for callbacks with a deliberate backlog (Twisted's default of 50 overflows when a
     thousand agents call back at once), and point the client's C{callback_url} at the
-    endpoint if it is unset (C{http://<interface or 127.0.0.1>:<port><path>}).
+    endpoint if it is unset (C{http(s)://<interface or 127.0.0.1>:<port><path>}).
 
+    @param tls_options: server TLS options (e.g. L{agent.http.server_tls_options}) to serve
+        HTTPS; None serves plain HTTP.
     @return: the listening port.
     """
-    listening = reactor.listenTCP(port, callback_site(endpoint), backlog=backlog,
-                                  interface=interface)
+    if tls_options is not None:
+        listening = reactor.listenSSL(port, callback_site(endpoint), tls_options,
+                                      backlog=backlog, interface=interface)
+    else:
+        listening = reactor.listenTCP(port, callback_site(endpoint), backlog=backlog,
+                                      interface=interface)
     if not endpoint.client.callback_url:
         host = interface or "127.0.0.1"
+        scheme = "http" if tls_options is None else "https"
         endpoint.client.callback_url = (
-            f"http://{host}:{listening.getHost().port}{endpoint.path}"
+            f"{scheme}://{host}:{listening.getHost().port}{endpoint.path}"
         )
     return listening
