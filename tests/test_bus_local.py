@@ -201,3 +201,40 @@ class LocalBusSyncTests(SynchronousTestCase):
         self.assertLessEqual(peak[0], parallelism)
         self.assertEqual(answers, {i: 1 for i in range(n)})
         self.flushLoggedErrors(ValueError, RuntimeError)
+
+    def test_expiry_never_raises_into_the_reactor(self):
+        """
+        Fault (issue 8 item 1): two sends of one id left an orphaned timer entry whose
+        expiry raised KeyError out of the DelayedCall (into the reactor), and the sends of
+        that tick after it were never answered. The second send is refused at once; the
+        expiry answers every send of its tick and raises nothing.
+        """
+        bus, clock = make_bus()
+        bus.register_service(SERVICE, lambda m: Deferred())
+        first = ContractEcho(service_id=SERVICE)
+        d1 = bus.send(first, timeout=5)
+        d2 = bus.send(ContractEcho(id=first.id, service_id=SERVICE), timeout=5)
+        others = [bus.send(ContractEcho(service_id=SERVICE), timeout=5) for _ in range(3)]
+        pump(clock)
+        self.assertEqual(self.successResultOf(d2).error.code, SYS.INVALID_ARGUMENT_ERROR)
+        clock.advance(5.1)  # a DelayedCall that raises would raise here
+        for d in [d1, *others]:
+            self.assertEqual(self.successResultOf(d).error.code, SYS.TIMEOUT)
+        self.assertEqual(len(bus._pending), 0)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_expiry_survives_a_misbehaving_waiter(self):
+        """
+        Fault (issue 8 item 1): a waiter's Deferred fired by someone else before its timer
+        made the expiry raise AlreadyCalledError into the reactor, leaving the rest of its
+        tick unanswered. The expiry skips it and answers the others.
+        """
+        bus, clock = make_bus()
+        bus.register_service(SERVICE, lambda m: Deferred())
+        ds = [bus.send(ContractEcho(service_id=SERVICE), timeout=5) for _ in range(3)]
+        pump(clock)
+        ds[0].callback(ContractEchoReply(text="fired behind the bus's back"))
+        clock.advance(5.1)
+        self.assertEqual(self.successResultOf(ds[0]).text, "fired behind the bus's back")
+        for d in ds[1:]:
+            self.assertEqual(self.successResultOf(d).error.code, SYS.TIMEOUT)
