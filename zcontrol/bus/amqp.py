@@ -367,14 +367,14 @@ class AMQPBus(BusSendMixin):
         if proto.transport is None or proto.transport.disconnecting:
             raise OperationError(error_code(SYS.IO_ERROR, "connection lost while preparing"))
         self._proto = proto
+        # Note [who may judge]: the silence of the outage says nothing about the peers.
+        self._restart_heartbeat_counts()
         for sub in self._subs:
             _fire(sub.ready)
         if not self._lost_consumers:
             waiters, self._ready_waiters = self._ready_waiters, []
             for w in waiters:
                 _fire(w)
-        # Note [who may judge]: the silence of the outage says nothing about the peers.
-        self._restart_heartbeat_counts()
         if self._running:
             log.info("bus of {node} reconnected to RabbitMQ", node=self.node_id)
             self._publish_node("hello")
