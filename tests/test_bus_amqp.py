@@ -541,7 +541,7 @@ class AMQPBusTests(AMQPBusFactory, TestCase):
         A Deferred firing once C{bus} has taken the broker's next consumer cancellation.
         """
         d = Deferred()
-        original = bus.amqp_cancelled
+        original = getattr(bus, "amqp_cancelled", lambda channel, tag: None)
 
         def hooked(channel, tag):
             original(channel, tag)
