@@ -738,3 +738,20 @@ class AMQPBusTests(AMQPBusFactory, TestCase):
         reply = await a.send(ContractEcho(service_id=SERVICE, resource_uuid=key))
         self.assertEqual(reply.node_id, b.node_id)
         self.flushLoggedErrors()
+
+    def test_max_message_size_from_config(self):
+        """
+        The limit of issue 8 item 4 is C{bus.max_message_size} in the config tree (8 MiB by
+        default, below RabbitMQ's own default); a nonsensical value is refused.
+        """
+        from zcontrol.config import ConfigError, load_config
+        from zcontrol.node import make_bus
+
+        default = make_bus(load_config(overrides={"bus": {"backend": "amqp"}}), reactor)
+        self.assertEqual(default._max_message_size, 8 * 1024 * 1024)
+        bus = make_bus(load_config(overrides={"bus": {"backend": "amqp",
+                                                      "max_message_size": 65536}}), reactor)
+        self.assertEqual(bus._max_message_size, 65536)
+        with self.assertRaises(ConfigError) as e:
+            load_config(overrides={"bus": {"max_message_size": 0}})
+        self.assertIn("bus.max_message_size", str(e.exception))
