@@ -279,6 +279,7 @@ class AMQPBus(BusSendMixin):
         self._ready_waiters: list[Deferred] = []
         # consumers the broker cancelled (their queue was deleted), being re-established
         self._lost_consumers: set[str] = set()
+        self._recover_again: set[str] = set()  # cancelled again while being re-established
         # our last heartbeat has not come back through the broker yet (Note [who may judge])
         self._echo_pending = False
         self._max_message_size = max_message_size
@@ -324,6 +325,7 @@ class AMQPBus(BusSendMixin):
         proto.handler = self
         self._consuming = set()
         self._lost_consumers = set()
+        self._recover_again = set()
         self._seq = 0
         self._fail_unconfirmed(error_code(
             SYS.IO_ERROR, f"the connection of management node {self.node_id} to RabbitMQ "
@@ -431,6 +433,7 @@ class AMQPBus(BusSendMixin):
             log.warn("bus of {node} lost its RabbitMQ connection: {reason}", node=self.node_id,
                      reason=reason.getErrorMessage())
         self._lost_consumers = set()
+        self._recover_again = set()
         # Every post and publish awaiting its confirm is answered now (issue 8 item 2).
         self._fail_unconfirmed(err)
         # The requests and the replies they wait for travelled on this connection: answer
@@ -492,6 +495,8 @@ class AMQPBus(BusSendMixin):
         log.warn("the broker cancelled consumer {tag} of {node}: queue {queue} was deleted; "
                  "declaring it again", tag=consumer_tag, node=self.node_id, queue=queue)
         first = consumer_tag not in self._lost_consumers
+        if not first:
+            self._recover_again.add(consumer_tag)
         self._lost_consumers.add(consumer_tag)
         if consumer_tag == "reply":
             self._fail_remote_pending(error_code(
@@ -506,6 +511,25 @@ class AMQPBus(BusSendMixin):
                 error=f.getErrorMessage()))
 
     async def _redeclare(self, ch: Any, consumer_tag: str) -> None:
+        while True:
+            await self._redeclare_once(ch, consumer_tag)
+            if ch is not self._open_channel:
+                return  # the connection was replaced meanwhile: preparing it redid all
+            if consumer_tag not in self._recover_again:
+                break
+            # the new consumer was cancelled too (the queue deleted again): once more
+            self._recover_again.discard(consumer_tag)
+        self._lost_consumers.discard(consumer_tag)
+        log.info("queue of consumer {tag} of {node} is back", tag=consumer_tag,
+                 node=self.node_id)
+        if consumer_tag == "event":
+            self._restart_heartbeat_counts()
+        if not self._lost_consumers and self._proto is not None:
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for w in waiters:
+                _fire(w)
+
+    async def _redeclare_once(self, ch: Any, consumer_tag: str) -> None:
         topo = self.topology
         if consumer_tag == "reply":
             rq = topo.reply_queue(self.node_id)
@@ -525,20 +549,9 @@ class AMQPBus(BusSendMixin):
             ch.queue_bind(queue=topo.no_route_queue, exchange=topo.no_route, routing_key="",
                           nowait=True)
             ch.basic_consume(queue=topo.no_route_queue, consumer_tag="noroute", nowait=True)
-        else:
+        elif consumer_tag[2:] in self._services:
             self._declare_service(ch, consumer_tag[2:])
         await self._barrier(ch)
-        if ch is not self._open_channel:
-            return  # the connection was replaced meanwhile: preparing it redid everything
-        self._lost_consumers.discard(consumer_tag)
-        log.info("queue of consumer {tag} of {node} is back", tag=consumer_tag,
-                 node=self.node_id)
-        if consumer_tag == "event":
-            self._restart_heartbeat_counts()
-        if not self._lost_consumers and self._proto is not None:
-            waiters, self._ready_waiters = self._ready_waiters, []
-            for w in waiters:
-                _fire(w)
 
     def stop(self) -> Deferred[None]:
         if self._stopped:
