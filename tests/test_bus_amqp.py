@@ -437,6 +437,8 @@ class AMQPBusTests(AMQPBusFactory, TestCase):
         """
         A channel error (here a publish to an exchange that is gone) makes the bus start
         afresh: the waiting send is answered, the topology is declared again, sends work.
+        Fault (issue 8 item 4): the waiting sends were told "connection closed cleanly"
+        while the real cause was only in the log; they are told the broker's reason.
         """
         self.clock = Clock()
         (bus,) = await self.make_buses(1, self.clock)
@@ -449,6 +451,8 @@ class AMQPBusTests(AMQPBusFactory, TestCase):
         bus._publish("no-such-exchange", "x", b"{}", kind="msg")
         reply = await d
         self.assertEqual(reply.error.code, SYS.IO_ERROR)
+        # the waiters are told the real cause, not "connection closed cleanly"
+        self.assertIn("no-such-exchange", reply.error.details)
         await bus.when_connected()
         again = await bus.send(ContractEcho(service_id="echo", text="back"))
         self.assertEqual(again.text, "back")

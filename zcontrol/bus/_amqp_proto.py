@@ -256,6 +256,8 @@ class BusProtocol(AMQClient):
 
     handler: Any = None
     _rx = b""
+    #: why the connection is being closed, when a channel error is the cause
+    channel_error: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -357,6 +359,8 @@ class BusProtocol(AMQClient):
         """
         log.error("the broker closed AMQP channel {id}: {reason}", id=channel.id,
                   reason=reason.getErrorMessage())
+        # what the sends lost with the connection are told (not "closed cleanly")
+        self.channel_error = f"the broker closed the channel: {reason.getErrorMessage()}"
         if self.transport is not None:
             self.transport.loseConnection()
 

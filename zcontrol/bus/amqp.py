@@ -426,9 +426,10 @@ class AMQPBus(BusSendMixin):
         self._proto = None
         self._writer = None
         self._channel = self._open_channel = None
+        why = getattr(proto, "channel_error", None) or reason.getErrorMessage()
         err = error_code(SYS.IO_ERROR,
                          f"the connection of management node {self.node_id} to RabbitMQ "
-                         f"was lost: {reason.getErrorMessage()}")
+                         f"was lost: {why}")
         if self._running:
             log.warn("bus of {node} lost its RabbitMQ connection: {reason}", node=self.node_id,
                      reason=reason.getErrorMessage())
