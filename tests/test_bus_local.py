@@ -369,7 +369,7 @@ class HostServicePublishTests(HostServiceTestCase):
         self.bus.publish = broken_publish
         reply = self.successResultOf(self.add(1))
         self.assertTrue(reply.success, reply.error)
-        self.assertEqual(self.store.rows["host"]["h1"]["status"], "Connected")
+        self.assertEqual(reply.inventory["status"], "Connected")
         for _ in range(60):
             self.pump(1)
         self.assertEqual(len(attempts), 5)  # Connecting -> Connected, five attempts
