@@ -322,6 +322,22 @@ class PublishAfterCommitTests(SynchronousTestCase):
         self.assertEqual(len(permanent.published), 1)
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_total_time_bounded(self):
+        """
+        Whoever waits for it waits at most C{total_timeout}: attempts that never answer are
+        cut at the total, whatever the attempt count left.
+        """
+        clock = Clock()
+        bus = FlakyBus([None] * 10)
+        d = publish_after_commit(bus, self.event(), clock, attempts=10, attempt_timeout=10,
+                                 total_timeout=25)
+        clock.pump([0.5] * 49)
+        self.assertNoResult(d)
+        clock.advance(0.5)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertEqual(len(bus.published), 3)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_cancel_stops_retrying(self):
         """
         Cancelling (a node shutting down) fires False at once and publishes no more.

@@ -55,17 +55,19 @@ def publish_after_commit(
     attempts: int = 5,
     initial_delay: float = 0.5,
     max_delay: float = 8.0,
-    attempt_timeout: float = 30.0,
+    attempt_timeout: float = 10.0,
+    total_timeout: float = 30.0,
 ) -> Deferred[bool]:
     """
     Publish C{event} on C{bus} for a state change already committed (Note [after commit]).
 
     Each attempt waits at most C{attempt_timeout} seconds for the bus to take the event; a
     failed attempt is retried after C{initial_delay} seconds, doubling up to C{max_delay},
-    C{attempts} times in all (about 15 s with the defaults), unless the failure is
-    permanent (C{SYS.1007}, C{SYS.1008}: the event cannot be encoded or is too large).
-    Every failure is logged; giving up is logged at error level with the event's topic
-    and id.
+    C{attempts} times in all (spanning about 15 s with the defaults), and never past
+    C{total_timeout} seconds from the call; a permanent failure (C{SYS.1007},
+    C{SYS.1008}: the event cannot be encoded or is too large) is not retried. Every
+    failure is logged; giving up is logged at error level with the event's topic and id.
+    So whoever waits for it (a service's stop) waits at most C{total_timeout} seconds.
 
     @param clock: times the retries and the attempt timeout (C{IReactorTime}).
     @return: a Deferred that never errbacks, firing with True once the bus took the event,
@@ -74,6 +76,7 @@ def publish_after_commit(
     result: Deferred[bool] = Deferred(lambda d: stop())
     state: dict[str, Any] = {"attempt": 0, "delay": initial_delay, "call": None,
                              "inner": None}
+    started = clock.seconds()
     what = f"{type(event).type_name} {event.id} (topic {type(event).topic})"
 
     def stop() -> None:
@@ -93,7 +96,8 @@ def publish_after_commit(
             return
         state["attempt"] += 1
         inner = maybe_deferred(bus.publish, event)
-        inner.addTimeout(attempt_timeout, clock)
+        left = total_timeout - (clock.seconds() - started)
+        inner.addTimeout(max(0.001, min(attempt_timeout, left)), clock)
         state["inner"] = inner
         inner.addCallbacks(published, failed)
 
@@ -109,13 +113,14 @@ def publish_after_commit(
         if result.called:
             return
         err = from_failure(reason)
-        if err.code in PERMANENT or state["attempt"] >= attempts:
+        delay = state["delay"]
+        if err.code in PERMANENT or state["attempt"] >= attempts \
+                or clock.seconds() + delay - started >= total_timeout:
             log.error("giving up publishing {what} after {n} attempt(s): {error} (the "
                       "state change stands; subscribers catch up from the store)",
                       what=what, n=state["attempt"], error=str(err))
             result.callback(False)
             return
-        delay = state["delay"]
         state["delay"] = min(delay * 2, max_delay)
         log.warn("publishing {what} failed (attempt {n} of {total}): {error}; retrying in "
                  "{delay:g} s", what=what, n=state["attempt"], total=attempts,
