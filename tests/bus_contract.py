@@ -13,6 +13,7 @@ Tests wait on Deferreds that handlers fire, never on time.
 from __future__ import annotations
 
 import attrs
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
@@ -509,3 +510,128 @@ class BusContractMixin:
         self.assertEqual(reply.error.code, SYS.CANCEL)
         await stopping
         release.callback(ContractEchoReply())
+
+    # issue 8 item 1: one exchange per send
+
+    async def test_same_message_sent_twice(self):
+        """
+        Fault (issue 8 item 1): sending one message object twice left the first Deferred
+        unfired forever (the second send took over its table entry), and the expiry of the
+        orphaned entry raised into the reactor. Each send is its own exchange: both get
+        their own reply.
+        """
+        bus = await self.one_bus()
+        queue = DeferredQueue()
+
+        def handler(msg):
+            d = Deferred()
+            queue.put((msg, d))
+            return d
+
+        bus.register_service(SERVICE, handler)
+        msg = ContractEcho(service_id=SERVICE, timeout=10)
+        first = bus.send(msg)
+        second = bus.send(msg)
+        held = [await queue.get(), await queue.get()]
+        self.assertNotEqual(held[0][0].id, held[1][0].id)
+        for n, (_m, d) in enumerate(held):
+            d.callback(ContractEchoReply(text=str(n)))
+        await self.barrier(bus)
+        self.assertTrue(first.called and second.called)
+        replies = [await first, await second]
+        self.assertTrue(all(r.success for r in replies), replies)
+        self.assertEqual(sorted(r.text for r in replies), ["0", "1"])
+        self.assertNotEqual(replies[0].correlation_id, replies[1].correlation_id)
+        self.assertEqual(len(bus._pending), 0)
+        # nothing left to expire, and no timer raises
+        self.clock.advance(10 + self.tick)
+
+    async def test_resend_after_timeout_gets_its_own_reply(self):
+        """
+        Fault (issue 8 item 1): a message resent after its timeout took the late reply of
+        the first attempt (same id). The resend waits for its own reply.
+        """
+        bus = await self.one_bus()
+        queue = DeferredQueue()
+
+        def handler(msg):
+            d = Deferred()
+            queue.put((msg, d))
+            return d
+
+        bus.register_service(SERVICE, handler)
+        msg = ContractEcho(service_id=SERVICE)
+        d1 = bus.send(msg, timeout=5)
+        _m1, h1 = await queue.get()
+        self.clock.advance(5 + self.tick)
+        self.assertEqual((await d1).error.code, SYS.TIMEOUT)
+        d2 = bus.send(msg, timeout=5)
+        _m2, h2 = await queue.get()
+        h1.callback(ContractEchoReply(text="late reply of the first attempt"))
+        await self.barrier(bus)
+        self.assertNoResult(d2)
+        h2.callback(ContractEchoReply(text="second"))
+        reply = await d2
+        self.assertEqual(reply.text, "second")
+
+    async def test_pending_id_reused_refused(self):
+        """
+        Fault (issue 8 item 1): a different message carrying the id of a send still waiting
+        replaced its waiter (which then never fired). It is refused at once with SYS.1007
+        naming the id; the first send still gets its reply.
+        """
+        bus = await self.one_bus()
+        started, release = Deferred(), Deferred()
+        bus.register_service(SERVICE, lambda m: started.callback(m) or release)
+        first = ContractEcho(service_id=SERVICE, text="first")
+        d1 = bus.send(first)
+        await started
+        d2 = bus.send(ContractEcho(id=first.id, service_id=SERVICE, text="same id"))
+        refused = self.successResultOf(d2)
+        self.assertEqual(refused.error.code, SYS.INVALID_ARGUMENT_ERROR)
+        self.assertIn(first.id, refused.error.details)
+        self.assertEqual(refused.error.opaque["field"], "id")
+        release.callback(ContractEchoReply(text="first"))
+        self.assertEqual((await d1).text, "first")
+
+    # issue 8 item 5: send_stepping
+
+    async def test_send_stepping_survives_failed_sends(self):
+        """
+        Fault (issue 8 item 5): send_stepping hung when a send errbacked (its window slot
+        was never given back and its Deferred never fired). A failed send counts as
+        answered with its error; the others go on.
+        """
+        bus = await self.one_bus()
+        bus.register_service(SERVICE, echo(bus))
+        msgs = [ContractEcho(service_id=SERVICE, text="a"),
+                ContractNote(service_id=SERVICE, text="not a request"),
+                ContractEcho(service_id=SERVICE, text="b"),
+                ContractNote(service_id=SERVICE, text="not one either"),
+                ContractEcho(service_id=SERVICE, text="c")]
+        answered = []
+        done = bus.send_stepping(msgs, 1, lambda m, r: answered.append(
+            (m.text, r.text if r.success else r.error.code)))
+        await done.addTimeout(10, reactor)
+        self.assertEqual(answered, [("a", "a"), ("not a request", SYS.INVALID_ARGUMENT_ERROR),
+                                    ("b", "b"), ("not one either", SYS.INVALID_ARGUMENT_ERROR),
+                                    ("c", "c")])
+
+    async def test_send_stepping_broken_iterator(self):
+        """
+        Fault (issue 8 item 5): an iterator that raises must not hang send_stepping: the
+        sends in flight are answered, then its Deferred fails with the error.
+        """
+        bus = await self.one_bus()
+        bus.register_service(SERVICE, echo(bus))
+        answered = []
+
+        def messages():
+            yield ContractEcho(service_id=SERVICE, text="a")
+            raise RuntimeError("the message source broke")
+
+        done = bus.send_stepping(messages(), 2, lambda m, r: answered.append(r.text))
+        with self.assertRaises(RuntimeError):
+            await done.addTimeout(10, reactor)
+        self.assertEqual(answered, ["a"])
+        self.flushLoggedErrors(RuntimeError)

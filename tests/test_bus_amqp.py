@@ -15,7 +15,7 @@ import subprocess
 import uuid
 
 from twisted.internet import reactor, threads
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredQueue, gatherResults
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from txamqp.endpoint import AMQEndpoint
@@ -114,7 +114,9 @@ class AMQPBusFactory:
         await bus._simulate_crash()
         peers = [b for b in self.buses if b is not bus and b._running]
         for _ in range(bus._heartbeat_misses + 2):
-            heard = [p.when_heard(q.node_id) for p in peers for q in peers if p is not q]
+            # each live node hears the others and its own heartbeat back (a node judges
+            # its peers only when its own heartbeat came back: Note [who may judge])
+            heard = [p.when_heard(q.node_id) for p in peers for q in peers]
             self.clock.advance(bus._heartbeat_interval)
             if heard:
                 await gatherResults(heard)
@@ -376,7 +378,10 @@ class AMQPBusTests(AMQPBusFactory, TestCase):
         (bus,) = await self.make_buses(1, self.clock)
         admin = await Admin.connect()
         self.addCleanup(admin.close)
-        await admin.ch.queue_delete(queue=bus.topology.no_route_queue)
+        # unbound rather than deleted: the bus would declare a deleted queue again
+        topo = bus.topology
+        await admin.ch.queue_unbind(queue=topo.no_route_queue, exchange=topo.no_route,
+                                    routing_key="")
         reply = await bus.send(ContractEcho(service_id="nobody"))
         self.assertEqual(reply.error.code, SYS.UNDELIVERABLE_ERROR)
         with self.assertRaises(Exception) as e:
@@ -432,6 +437,8 @@ class AMQPBusTests(AMQPBusFactory, TestCase):
         """
         A channel error (here a publish to an exchange that is gone) makes the bus start
         afresh: the waiting send is answered, the topology is declared again, sends work.
+        Fault (issue 8 item 4): the waiting sends were told "connection closed cleanly"
+        while the real cause was only in the log; they are told the broker's reason.
         """
         self.clock = Clock()
         (bus,) = await self.make_buses(1, self.clock)
@@ -444,6 +451,8 @@ class AMQPBusTests(AMQPBusFactory, TestCase):
         bus._publish("no-such-exchange", "x", b"{}", kind="msg")
         reply = await d
         self.assertEqual(reply.error.code, SYS.IO_ERROR)
+        # the waiters are told the real cause, not "connection closed cleanly"
+        self.assertIn("no-such-exchange", reply.error.details)
         await bus.when_connected()
         again = await bus.send(ContractEcho(service_id="echo", text="back"))
         self.assertEqual(again.text, "back")
@@ -504,3 +513,250 @@ class AMQPBusTests(AMQPBusFactory, TestCase):
         reply = await bus.send(ContractEcho(service_id=SERVICE, text=text))
         self.assertEqual(reply.text, text)
 
+
+    # issue 8 item 2
+
+    async def test_connection_lost_fails_pending_publish_and_post(self):
+        """
+        Fault (issue 8 item 2): on connection loss only the waiting requests were answered;
+        a publish or a post waiting for the broker's confirm was never answered, so whoever
+        awaited it (the host service, in a host's chain slot) waited forever. Both fail
+        with SYS.1016 at once.
+        """
+        self.clock = Clock()
+        (bus,) = await self.make_buses(1, self.clock)
+        await bus.register_service(SERVICE, echo(bus))
+        published = bus.publish(ContractVmStateChanged(vm_uuid="v"))
+        posted = bus.post(ContractNote(service_id=SERVICE))
+        self.assertEqual(len(bus._unconfirmed), 2)
+        # cut before the broker's confirms can be read
+        bus._proto.transport.abortConnection()
+        for d in (published, posted):
+            with self.assertRaises(Exception) as e:
+                await d.addTimeout(5, reactor)
+            self.assertEqual(e.exception.error.code, SYS.IO_ERROR)
+        await bus.when_connected()
+        self.assertIsNone(await bus.publish(ContractVmStateChanged(vm_uuid="after")))
+
+    # issue 8 item 3
+
+    def _cancelled(self, bus):
+        """
+        A Deferred firing once C{bus} has taken the broker's next consumer cancellation.
+        """
+        d = Deferred()
+        original = getattr(bus, "amqp_cancelled", lambda channel, tag: None)
+
+        def hooked(channel, tag):
+            original(channel, tag)
+            if not d.called:
+                d.callback(tag)
+
+        bus.amqp_cancelled = hooked
+        return d
+
+    async def test_reply_queue_deleted(self):
+        """
+        Fault (issue 8 item 3): the reply queue deleted while the connection stays up left
+        every later send waiting for its full timeout while the bus said it was connected.
+        The waiting send is answered SYS.1016 at once, the queue is declared and consumed
+        again, and sends work.
+        """
+        self.clock = Clock()
+        (bus,) = await self.make_buses(1, self.clock)
+        started, never = Deferred(), Deferred()
+        self.addCleanup(lambda: never.called or never.callback(None))
+        await bus.register_service(SERVICE, lambda m: started.callback(m) or never)
+        await bus.register_service("echo", echo(bus))
+        d = bus.send(ContractEcho(service_id=SERVICE))
+        await started
+        cancelled = self._cancelled(bus)
+        admin = await Admin.connect()
+        self.addCleanup(admin.close)
+        await admin.ch.queue_delete(queue=bus.topology.reply_queue(bus.node_id))
+        self.assertEqual(await cancelled.addTimeout(5, reactor), "reply")
+        reply = self.successResultOf(d)
+        self.assertEqual(reply.error.code, SYS.IO_ERROR)
+        self.assertIn("reply queue", reply.error.details)
+        # until the queue is back (a round trip away), sends are refused at once
+        self.assertFalse(bus.connected)
+        refused = self.successResultOf(bus.send(ContractEcho(service_id="echo")))
+        self.assertEqual(refused.error.code, SYS.IO_ERROR)
+        await bus.when_connected().addTimeout(5, reactor)
+        again = await bus.send(ContractEcho(service_id="echo", text="back"))
+        self.assertEqual(again.text, "back")
+        # the queue exists again, with the bus's arguments
+        declared = await admin.ch.queue_declare(
+            queue=bus.topology.reply_queue(bus.node_id), passive=True)
+        self.assertEqual(declared.consumer_count, 1)
+
+    async def test_service_and_event_queues_deleted(self):
+        """
+        Fault (issue 8 item 3): a deleted service queue left the service unreachable (every
+        send to it answered SYS.1009) and a deleted event queue left the node deaf, with
+        the consumer silently gone. Both are declared, bound and consumed again.
+        """
+        self.clock = Clock()
+        a, b = await self.make_buses(2, self.clock)
+        await a.register_service(SERVICE, echo(a))
+        got = DeferredQueue()
+        await a.subscribe("contract.vm.*", lambda e: got.put(e.vm_uuid)).ready
+        admin = await Admin.connect()
+        self.addCleanup(admin.close)
+        topo = a.topology
+        for queue, tag in [(topo.service_queue(SERVICE, a.node_id), f"s.{SERVICE}"),
+                           (topo.event_queue(a.node_id), "event"),
+                           (topo.no_route_queue, "noroute")]:
+            cancelled = self._cancelled(a)
+            await admin.ch.queue_delete(queue=queue)
+            self.assertEqual(await cancelled.addTimeout(5, reactor), tag)
+            await a.when_connected().addTimeout(5, reactor)
+        key = uuid_owned_by(b, a.node_id)
+        reply = await b.send(ContractEcho(service_id=SERVICE, resource_uuid=key, text="hi"))
+        self.assertEqual((reply.text, reply.node_id), ("hi", a.node_id))
+        await b.publish(ContractVmStateChanged(vm_uuid="heard"))
+        self.assertEqual(await got.get(), "heard")
+        # NO_ROUTE is back too: a send to a service nobody serves is answered at once
+        nobody = await b.send(ContractEcho(service_id="nobody", resource_uuid=key))
+        self.assertEqual(nobody.error.code, SYS.NO_ROUTE_ERROR)
+
+    # issue 8 item 4
+
+    async def test_oversized_message_fails_alone(self):
+        """
+        Fault (issue 8 item 4): a message over the broker's max_message_size made the broker
+        close the channel; the bus dropped the connection and every unrelated send in flight
+        failed with "connection closed cleanly". The size is checked before publishing:
+        only that send fails, with SYS.1007 naming the size and the limit; the others and
+        the connection are unaffected. Oversized posts, publishes and replies too.
+        """
+        self.clock = Clock()
+        limit = 64 * 1024
+        a, b = await self.make_buses(2, self.clock, max_message_size=limit)
+        started, release = Deferred(), Deferred()
+        await b.register_service(SERVICE, lambda m: started.callback(m) or release)
+        await b.register_service("big", lambda m: ContractEchoReply(text="x" * limit))
+        await b.register_service("echo", echo(b))
+        key = uuid_owned_by(a, b.node_id)
+        inflight = a.send(ContractEcho(service_id=SERVICE, resource_uuid=key))
+        await started
+        proto = a._proto
+        big = ContractEcho(service_id="echo", resource_uuid=key, text="x" * limit)
+        reply = self.successResultOf(a.send(big))
+        self.assertEqual(reply.error.code, SYS.INVALID_ARGUMENT_ERROR)
+        self.assertIn(f"over the bus limit of {limit} bytes", reply.error.details)
+        self.assertGreater(reply.error.opaque["size"], limit)
+        self.assertEqual(reply.error.opaque["limit"], limit)
+        for d in (a.post(ContractNote(service_id="echo", resource_uuid=key, text="x" * limit)),
+                  a.publish(ContractVmStateChanged(vm_uuid="x" * limit))):
+            self.assertEqual(self.failureResultOf(d).value.error.code,
+                             SYS.INVALID_ARGUMENT_ERROR)
+        # an oversized reply becomes an error reply naming it
+        big_reply = await a.send(ContractEcho(service_id="big", resource_uuid=key))
+        self.assertEqual(big_reply.error.code, SYS.INVALID_ARGUMENT_ERROR)
+        self.assertIn("the reply to", big_reply.error.details)
+        # the send in flight is untouched and the connection survived
+        release.callback(ContractEchoReply(text="unaffected"))
+        self.assertEqual((await inflight).text, "unaffected")
+        ok = await a.send(ContractEcho(service_id="echo", resource_uuid=key, text="small"))
+        self.assertEqual(ok.text, "small")
+        self.assertIs(a._proto, proto)
+        self.flushLoggedErrors()
+
+    # issue 8 item 5
+
+    async def test_heartbeat_loop_survives_an_exception(self):
+        """
+        Fault (issue 8 item 5): one exception in a heartbeat round stopped the loop for good
+        and silently; membership froze. The round is logged and the loop goes on.
+        """
+        self.clock = Clock()
+        a, b = await self.make_buses(2, self.clock)
+        original = a._publish_node
+        calls = []
+
+        def broken(op):
+            calls.append(op)
+            if len(calls) == 1:
+                raise RuntimeError("heartbeat bug")
+            return original(op)
+
+        a._publish_node = broken
+        self.clock.advance(a._heartbeat_interval)
+        self.assertTrue(a._beat_loop.running)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        heard = b.when_heard(a.node_id)
+        self.clock.advance(a._heartbeat_interval)
+        await heard.addTimeout(5, reactor)
+        self.assertEqual(calls, ["beat", "beat"])
+
+    async def test_no_judging_without_own_heartbeat_echo(self):
+        """
+        Fault (issue 8 item 5): a node whose own path through the broker is stalled counted
+        its peers' missing heartbeats and evicted them all. A node judges only when its own
+        previous heartbeat came back; rounds without it are not counted.
+        """
+        self.clock = Clock()
+        a, b = await self.make_buses(2, self.clock)
+        # no reactor turn between rounds: nothing, not even a's own heartbeat, comes back
+        for _ in range(a._heartbeat_misses + 3):
+            self.clock.advance(a._heartbeat_interval)
+        self.assertEqual(a.members, frozenset({a.node_id, b.node_id}))
+        self.assertEqual(b.members, frozenset({a.node_id, b.node_id}))
+
+    async def test_broker_outage_no_split_brain(self):
+        """
+        Fault (issue 8 item 5): during its own broker outage a node counted its peers'
+        missed heartbeats, evicted them all and owned every resource once it reconnected
+        (split brain). A node whose connection is down does not judge; after reconnecting
+        its counts restart from zero.
+        """
+        from twisted.internet import protocol
+
+        self.clock = Clock()
+        a, b = await self.make_buses(2, self.clock, retry_policy=lambda n: 0.05)
+        await b.register_service(SERVICE, echo(b))
+        key = uuid_owned_by(a, b.node_id)
+        a._missed[b.node_id] = a._heartbeat_misses  # one more miss would evict b
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol))
+        closed = port.getHost().port
+        await port.stopListening()
+        lost = Deferred()
+        original = a.amqp_lost
+
+        def hooked(proto, reason):
+            original(proto, reason)
+            lost.called or lost.callback(None)
+
+        a.amqp_lost = hooked
+        a._endpoint._port = closed  # reconnection attempts fail while the outage lasts
+        a._proto.transport.abortConnection()
+        await lost.addTimeout(5, reactor)
+        self.assertFalse(a.connected)
+        for _ in range(3 * a._heartbeat_misses):
+            self.clock.advance(a._heartbeat_interval)
+        self.assertIn(b.node_id, a.members)
+        self.assertEqual(a.owner_of(key), b.node_id)
+        a._endpoint._port = PORT
+        await a.when_connected().addTimeout(10, reactor)
+        self.assertEqual(a._missed, {b.node_id: 0})
+        reply = await a.send(ContractEcho(service_id=SERVICE, resource_uuid=key))
+        self.assertEqual(reply.node_id, b.node_id)
+        self.flushLoggedErrors()
+
+    def test_max_message_size_from_config(self):
+        """
+        The limit of issue 8 item 4 is C{bus.max_message_size} in the config tree (8 MiB by
+        default, below RabbitMQ's own default); a nonsensical value is refused.
+        """
+        from zcontrol.config import ConfigError, load_config
+        from zcontrol.node import make_bus
+
+        default = make_bus(load_config(overrides={"bus": {"backend": "amqp"}}), reactor)
+        self.assertEqual(default._max_message_size, 8 * 1024 * 1024)
+        bus = make_bus(load_config(overrides={"bus": {"backend": "amqp",
+                                                      "max_message_size": 65536}}), reactor)
+        self.assertEqual(bus._max_message_size, 65536)
+        with self.assertRaises(ConfigError) as e:
+            load_config(overrides={"bus": {"max_message_size": 0}})
+        self.assertIn("bus.max_message_size", str(e.exception))

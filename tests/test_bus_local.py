@@ -10,14 +10,24 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.bus_contract import SERVICE, BusContractMixin, ContractEcho, ContractEchoReply, echo
+from tests.bus_contract import (
+    SERVICE,
+    BusContractMixin,
+    ContractEcho,
+    ContractEchoReply,
+    ContractVmStateChanged,
+    echo,
+)
+from tests.test_host_service import HostServiceTestCase
 from zcontrol.bus.local import LocalBroker, LocalBus
 from zcontrol.bus.message import registry
-from zcontrol.core.errors import SYS
+from zcontrol.bus.publishing import publish_after_commit
+from zcontrol.core.errors import SYS, OperationError
+from zcontrol.services.host.messages import HostStatusChangedEvent
 
 
 class LocalBusFactory:
@@ -201,3 +211,184 @@ class LocalBusSyncTests(SynchronousTestCase):
         self.assertLessEqual(peak[0], parallelism)
         self.assertEqual(answers, {i: 1 for i in range(n)})
         self.flushLoggedErrors(ValueError, RuntimeError)
+
+    def test_expiry_never_raises_into_the_reactor(self):
+        """
+        Fault (issue 8 item 1): two sends of one id left an orphaned timer entry whose
+        expiry raised KeyError out of the DelayedCall (into the reactor), and the sends of
+        that tick after it were never answered. The second send is refused at once; the
+        expiry answers every send of its tick and raises nothing.
+        """
+        bus, clock = make_bus()
+        bus.register_service(SERVICE, lambda m: Deferred())
+        first = ContractEcho(service_id=SERVICE)
+        d1 = bus.send(first, timeout=5)
+        d2 = bus.send(ContractEcho(id=first.id, service_id=SERVICE), timeout=5)
+        others = [bus.send(ContractEcho(service_id=SERVICE), timeout=5) for _ in range(3)]
+        pump(clock)
+        self.assertEqual(self.successResultOf(d2).error.code, SYS.INVALID_ARGUMENT_ERROR)
+        clock.advance(5.1)  # a DelayedCall that raises would raise here
+        for d in [d1, *others]:
+            self.assertEqual(self.successResultOf(d).error.code, SYS.TIMEOUT)
+        self.assertEqual(len(bus._pending), 0)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_expiry_survives_a_misbehaving_waiter(self):
+        """
+        Fault (issue 8 item 1): a waiter's Deferred fired by someone else before its timer
+        made the expiry raise AlreadyCalledError into the reactor, leaving the rest of its
+        tick unanswered. The expiry skips it and answers the others.
+        """
+        bus, clock = make_bus()
+        bus.register_service(SERVICE, lambda m: Deferred())
+        ds = [bus.send(ContractEcho(service_id=SERVICE), timeout=5) for _ in range(3)]
+        pump(clock)
+        ds[0].callback(ContractEchoReply(text="fired behind the bus's back"))
+        clock.advance(5.1)
+        self.assertEqual(self.successResultOf(ds[0]).text, "fired behind the bus's back")
+        for d in ds[1:]:
+            self.assertEqual(self.successResultOf(d).error.code, SYS.TIMEOUT)
+
+
+class FlakyBus:
+    """
+    A bus whose publish fails with the given ErrorCodes in turn, then succeeds (or never
+    answers, for C{None}).
+    """
+
+    def __init__(self, outcomes):
+        self.outcomes = list(outcomes)
+        self.published = []
+
+    def publish(self, event):
+        self.published.append(event)
+        outcome = self.outcomes.pop(0) if self.outcomes else "ok"
+        if outcome == "ok":
+            return succeed(None)
+        if outcome is None:
+            return Deferred()
+        if outcome == "raise":
+            raise RuntimeError("publish raised")
+        return fail(OperationError.of(outcome, "refused"))
+
+
+class PublishAfterCommitTests(SynchronousTestCase):
+    """
+    publish_after_commit (issue 8 item 2): a committed state change whose event fails to
+    publish does not fail; the event is retried a bounded number of times, and logged.
+    """
+
+    def event(self):
+        return ContractVmStateChanged(vm_uuid="v1", state="Running")
+
+    def test_retries_until_published(self):
+        """
+        Fault (issue 8 item 2): a failed publish failed the operation whose state change
+        was already committed. Transient failures (SYS.1016, a raise, a publish that never
+        answers) are retried with a growing delay until the bus takes the event.
+        """
+        clock = Clock()
+        bus = FlakyBus([SYS.IO_ERROR, "raise", None, SYS.UNDELIVERABLE_ERROR])
+        d = publish_after_commit(bus, self.event(), clock, attempt_timeout=10)
+        self.assertNoResult(d)
+        for delay in (0.5, 1.0):
+            clock.advance(delay)
+        self.assertEqual(len(bus.published), 3)
+        clock.advance(10)  # the third attempt never answered: timed out, retried in 2 s
+        clock.advance(2)
+        self.assertEqual(len(bus.published), 4)
+        clock.advance(4)
+        self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(len(bus.published), 5)
+        self.assertEqual(len({e.id for e in bus.published}), 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_gives_up_without_failing(self):
+        """
+        After its attempts, or at once for a failure no retry cures (SYS.1007: the event is
+        too large or cannot be encoded), it gives up: False, never an errback, and an
+        error in the log.
+        """
+        clock = Clock()
+        bus = FlakyBus([SYS.IO_ERROR] * 10)
+        d = publish_after_commit(bus, self.event(), clock, attempts=3)
+        clock.pump([1] * 10)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertEqual(len(bus.published), 3)
+        permanent = FlakyBus([SYS.INVALID_ARGUMENT_ERROR])
+        d = publish_after_commit(permanent, self.event(), clock)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertEqual(len(permanent.published), 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_total_time_bounded(self):
+        """
+        Whoever waits for it waits at most C{total_timeout}: attempts that never answer are
+        cut at the total, whatever the attempt count left.
+        """
+        clock = Clock()
+        bus = FlakyBus([None] * 10)
+        d = publish_after_commit(bus, self.event(), clock, attempts=10, attempt_timeout=10,
+                                 total_timeout=25)
+        clock.pump([0.5] * 49)
+        self.assertNoResult(d)
+        clock.advance(0.5)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertEqual(len(bus.published), 3)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_cancel_stops_retrying(self):
+        """
+        Cancelling (a node shutting down) fires False at once and publishes no more.
+        """
+        clock = Clock()
+        bus = FlakyBus([SYS.IO_ERROR] * 10)
+        d = publish_after_commit(bus, self.event(), clock)
+        d.cancel()
+        self.assertIs(self.successResultOf(d), False)
+        clock.pump([1] * 20)
+        self.assertEqual(len(bus.published), 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_local_bus_publishes_at_once(self):
+        """
+        On a bus that takes the event, it is published before the call returns.
+        """
+        bus, clock = make_bus()
+        got = []
+        bus.subscribe("contract.#", got.append)
+        d = publish_after_commit(bus, self.event(), clock)
+        self.assertIs(self.successResultOf(d), True)
+        pump(clock)
+        self.assertEqual([e.vm_uuid for e in got], ["v1"])
+
+
+class HostServicePublishTests(HostServiceTestCase):
+    """
+    The host service publishes its events with publish_after_commit.
+    """
+
+    def test_failed_event_does_not_fail_add_host(self):
+        """
+        Fault (issue 8 item 2): the host service awaited bus.publish after committing a
+        status change, so a publish that failed (SYS.1016: the broker connection dropped)
+        failed add_host although the host was connected and stored. The operation
+        succeeds; the event is retried, then given up with an error in the log.
+        """
+        attempts = []
+
+        def broken_publish(event):
+            attempts.append(event)
+            return fail(OperationError.of(SYS.IO_ERROR, "not connected to RabbitMQ"))
+
+        self.bus.publish = broken_publish
+        reply = self.successResultOf(self.add(1))
+        self.assertTrue(reply.success, reply.error)
+        self.assertEqual(reply.inventory["status"], "Connected")
+        for _ in range(60):
+            self.pump(1)
+        self.assertEqual(len(attempts), 5)  # Connecting -> Connected, five attempts
+        self.assertEqual(len({e.id for e in attempts}), 1)
+        self.assertTrue(all(isinstance(e, HostStatusChangedEvent) for e in attempts))
+        self.successResultOf(self.service.stop())

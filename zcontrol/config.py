@@ -18,6 +18,7 @@ A config file looks like::
     backend = "amqp"            # "local" (default) or "amqp"
     amqp_url = "amqp://guest:guest@127.0.0.1:5672/"
     message_timeout = 1800
+    max_message_size = 8388608  # bytes (AMQP): keep below the broker's max_message_size
 
     [http]
     port = 8080
@@ -70,12 +71,17 @@ class BusConfig:
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     message_timeout: float = 1800.0
     heartbeat_interval: float = 5.0
+    #: the largest encoded message body the AMQP bus publishes (bytes); 8 MiB stays below
+    #: RabbitMQ's default max_message_size (3.x: 128 MiB, 4.x: 16 MiB)
+    max_message_size: int = 8 * 1024 * 1024
 
     def __attrs_post_init__(self) -> None:
         if self.backend not in ("local", "amqp"):
             raise ConfigError(f"bus.backend must be 'local' or 'amqp', not {self.backend!r}")
         if self.message_timeout <= 0:
             raise ConfigError("bus.message_timeout must be positive")
+        if self.max_message_size < 1024:
+            raise ConfigError("bus.max_message_size must be at least 1024 bytes")
 
 
 @attrs.frozen
@@ -213,7 +219,7 @@ _SECTIONS: dict[str, dict[str, type]] = {
     "node": {"id": str, "data_dir": str},
     "store": {"url": str, "pool_size": int},
     "bus": {"backend": str, "amqp_url": str, "message_timeout": float,
-            "heartbeat_interval": float},
+            "heartbeat_interval": float, "max_message_size": int},
     "http": {"port": int, "interface": str, "backlog": int, "public_url": str,
              "tls_cert": str, "tls_key": str},
     "agents": {"bootstrap_token": str, "bootstrap_token_file": str, "tls_ca": str},

@@ -29,7 +29,7 @@ from txamqp.client import TwistedDelegate
 from txamqp.factory import AMQFactory
 from txamqp.protocol import AMQClient
 
-__all__ = ["BusFactory", "BusProtocol", "load_spec", "spec_path"]
+__all__ = ["BusFactory", "BusProtocol", "encode_table", "load_spec", "spec_path"]
 
 log = Logger()
 
@@ -41,8 +41,9 @@ _QB = struct.Struct("!QB")
 _HEADER = struct.Struct("!HHQH")
 _METHOD_ACK = struct.Struct("!HHQB")
 
+CONNECTION, START_OK = 10, 11
 BASIC = 60
-DELIVER, RETURN, ACK, NACK, REJECT, PUBLISH = 60, 50, 80, 120, 90, 40
+DELIVER, RETURN, ACK, NACK, REJECT, PUBLISH, CANCEL = 60, 50, 80, 120, 90, 40, 30
 
 
 def spec_path() -> str:
@@ -161,6 +162,43 @@ def _ss(s: str | bytes) -> bytes:
     return bytes((len(b),)) + b
 
 
+def _longstr(b: bytes) -> bytes:
+    return _LONG.pack(len(b)) + b
+
+
+def encode_table(table: dict[str, Any]) -> bytes:
+    """
+    An AMQP 0-9-1 field table as RabbitMQ reads it: C{str} (S), C{bool} (t), C{int} (l),
+    C{dict} (F, nested). txAMQP's own encoder knows only strings and 32-bit integers, and
+    RabbitMQ wants the client C{capabilities} as a nested table of booleans.
+    """
+    out = []
+    for key, value in table.items():
+        out.append(_ss(key))
+        if isinstance(value, bool):
+            out.append(b"t\x01" if value else b"t\x00")
+        elif isinstance(value, int):
+            out.append(b"l" + struct.pack("!q", value))
+        elif isinstance(value, str):
+            out.append(b"S" + _longstr(value.encode("utf-8")))
+        elif isinstance(value, dict):
+            out.append(b"F" + encode_table(value))
+        else:
+            raise TypeError(f"cannot encode {type(value).__name__} in an AMQP table")
+    return _longstr(b"".join(out))
+
+
+#: What the bus asks of the broker (client properties C{capabilities}): without
+#: C{consumer_cancel_notify}, RabbitMQ drops the consumers of a deleted queue silently and
+#: the bus would wait for replies that cannot come (issue 8 item 3).
+CAPABILITIES = {
+    "consumer_cancel_notify": True,
+    "publisher_confirms": True,
+    "basic.nack": True,
+    "connection.blocked": False,
+}
+
+
 class _Assembly:
     __slots__ = ("kind", "args", "props", "chunks", "left")
 
@@ -183,10 +221,15 @@ class BusDelegate(TwistedDelegate):
         self.client_properties = client_properties
 
     def connection_start(self, ch: Any, msg: Any) -> None:
-        ch.connection_start_ok(client_properties=self.client_properties,
-                               mechanism=self.client.mechanism,
-                               response=self.client.response,
-                               locale=self.client.locale)
+        # Written here rather than through txAMQP: its table encoder cannot write the
+        # nested table of booleans that C{capabilities} is (see L{encode_table}).
+        client = self.client
+        response = client.response
+        response = (encode_table(response) if isinstance(response, dict)
+                    else _longstr(response.encode("utf-8")))
+        payload = (_HH.pack(CONNECTION, START_OK) + encode_table(self.client_properties)
+                   + _ss(client.mechanism) + response + _ss(client.locale))
+        client.transport.write(_FRAME_HEAD.pack(1, 0, len(payload)) + payload + b"\xce")
 
     def basic_ack(self, ch: Any, msg: Any) -> None:
         """
@@ -196,6 +239,7 @@ class BusDelegate(TwistedDelegate):
     basic_nack = basic_ack
 
     def basic_cancel(self, ch: Any, msg: Any) -> None:
+        # Normally taken by the fast path (L{BusProtocol._frame}); here when no bus listens.
         log.warn("the broker cancelled consumer {tag}", tag=msg.consumer_tag)
 
 
@@ -205,12 +249,15 @@ class BusProtocol(AMQClient):
     object with C{amqp_deliver(channel, consumer_tag, delivery_tag, exchange, routing_key,
     props, body)}, C{amqp_return(channel, reply_code, reply_text, exchange, routing_key,
     props, body)}, C{amqp_confirm(channel, delivery_tag, multiple, ok)},
-    C{amqp_flush(protocol)} (called after each batch of received data) and
-    C{amqp_lost(protocol, reason)}.
+    C{amqp_flush(protocol)} (called after each batch of received data),
+    C{amqp_cancelled(channel, consumer_tag)} (the broker cancelled a consumer: its queue was
+    deleted) and C{amqp_lost(protocol, reason)}.
     """
 
     handler: Any = None
     _rx = b""
+    #: why the connection is being closed, when a channel error is the cause
+    channel_error: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -286,6 +333,11 @@ class BusProtocol(AMQClient):
                     dtag, bits = _QB.unpack_from(buf, p)
                     self.handler.amqp_confirm(ch, dtag, bool(bits & 1), meth == ACK)
                     return
+                if meth == CANCEL:
+                    # consumer cancel notification (sent with no-wait: nothing to answer)
+                    tag, p = _shortstr(buf, p)
+                    self.handler.amqp_cancelled(ch, tag)
+                    return
         # everything else: txAMQP's own path
         frame = self._unpack_frame(bytes(buf[start - 7:end + 1]))
         self.frame_received(frame)
@@ -307,6 +359,8 @@ class BusProtocol(AMQClient):
         """
         log.error("the broker closed AMQP channel {id}: {reason}", id=channel.id,
                   reason=reason.getErrorMessage())
+        # what the sends lost with the connection are told (not "closed cleanly")
+        self.channel_error = f"the broker closed the channel: {reason.getErrorMessage()}"
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -390,6 +444,6 @@ class BusFactory(AMQFactory):
 
     def buildProtocol(self, addr: Any) -> BusProtocol:
         delegate = BusDelegate({"connection_name": self.connection_name,
-                                "product": "zcontrol"})
+                                "product": "zcontrol", "capabilities": dict(CAPABILITIES)})
         return self.protocol(delegate, vhost=self._vhost, spec=self._spec,
                              heartbeat=self._heartbeat, clock=self._clock)

@@ -13,6 +13,14 @@ Note [deadline propagation]: while a handler runs, the deadline of the message i
 in a context variable. C{Deferred.fromCoroutine} runs a coroutine in a copy of the context it
 was created in, so an C{async def} handler's child sends see the parent's deadline at every
 step; code written with explicit callbacks that fire later should pass C{timeout=} itself.
+
+Note [one exchange per send]: a reply finds its waiter by the request's C{id}. A message
+object that was already sent (the bus set its C{deadline}) goes out again as a copy under a
+fresh id (L{exchange_of}): sending one object twice gives two exchanges, and a resend after
+a timeout never takes the late reply of the first attempt. The copy matters on the
+in-process paths, where the receiver holds the very object sent and reads its id when it
+replies. A different message that reuses an id still waiting is refused at once (SYS.1007)
+rather than replacing the waiter, whose Deferred would then never fire.
 """
 
 from __future__ import annotations
@@ -21,13 +29,14 @@ import contextvars
 import math
 from typing import Any, Callable
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from zcontrol.bus.message import NeedReplyMessage, Reply
+from zcontrol.bus.message import NeedReplyMessage, Reply, new_id
 from zcontrol.core.errors import SYS, ErrorCode, error_code
 
-__all__ = ["PendingTable", "current_deadline", "deadline_scope"]
+__all__ = ["PendingTable", "current_deadline", "deadline_scope", "exchange_of"]
 
 log = Logger()
 
@@ -52,6 +61,16 @@ def deadline_scope(deadline: float | None, fn: Callable[..., Any], *args: Any) -
         return fn(*args)
     finally:
         _deadline.reset(token)
+
+
+def exchange_of(msg: NeedReplyMessage) -> NeedReplyMessage:
+    """
+    The message to send for C{msg}: C{msg} itself the first time, a copy under a fresh id
+    when it was sent before (its C{deadline} is set). See Note [one exchange per send].
+    """
+    if msg.deadline is None:
+        return msg
+    return attrs.evolve(msg, id=new_id())
 
 
 class _Envelope:
@@ -106,9 +125,19 @@ class PendingTable:
 
     def add(self, msg: NeedReplyMessage, target: str | None = None) -> Deferred[Reply]:
         """
-        Wait for the reply to C{msg} (already L{prepare}d).
+        Wait for the reply to C{msg} (already L{prepare}d). The Deferred has already fired
+        when the message cannot be sent: its deadline passed (SYS.1001), or its id is still
+        waiting for the reply of another send (SYS.1007, the waiter in place is kept); the
+        caller checks C{d.called} before sending.
         """
         d: Deferred[Reply] = Deferred(self._cancel)
+        if msg.id in self._pending:
+            d.callback(Reply.failure(error_code(
+                SYS.INVALID_ARGUMENT_ERROR,
+                f"{msg.describe()}: message id {msg.id} is already waiting for a reply; "
+                "every send needs its own id",
+                field="id", message_id=msg.id), msg.id))
+            return d
         left = msg.deadline - self._clock.seconds()
         if left <= 0:
             d.callback(self._timeout_reply(msg.id, msg.describe(), msg.timeout or 0.0))
@@ -127,7 +156,8 @@ class PendingTable:
         return d
 
     def _remove(self, env: _Envelope) -> None:
-        del self._pending[env.msg_id]
+        if self._pending.get(env.msg_id) is env:
+            del self._pending[env.msg_id]
         bucket = self._buckets.get(env.tick)
         if bucket is not None:
             bucket.pop(env.msg_id, None)
@@ -187,14 +217,23 @@ class PendingTable:
         )
 
     def _expire(self, tick: int) -> None:
+        # Runs from the reactor: nothing may raise out of here (a DelayedCall that raises is
+        # only logged, and the sends after the faulty one would never be answered).
         self._timers.pop(tick, None)
         bucket = self._buckets.pop(tick, None) or {}
+        due = []
         for env in bucket.values():
-            del self._pending[env.msg_id]
-        for env in bucket.values():
-            log.warn("{name} timeout after {timeout:g} seconds", name=env.name,
-                     timeout=env.timeout)
-            env.d.callback(self._timeout_reply(env.msg_id, env.name, env.timeout))
+            if self._pending.get(env.msg_id) is env:
+                del self._pending[env.msg_id]
+                due.append(env)
+        for env in due:
+            try:
+                log.warn("{name} timeout after {timeout:g} seconds", name=env.name,
+                         timeout=env.timeout)
+                if not env.d.called:
+                    env.d.callback(self._timeout_reply(env.msg_id, env.name, env.timeout))
+            except Exception:
+                log.failure("answering the timeout of {name} failed", name=env.name)
 
     def _cancel(self, d: Deferred) -> None:
         env = getattr(d, "_zenv", None)

@@ -28,6 +28,26 @@ Membership: every node publishes a heartbeat every C{heartbeat_interval} seconds
 a node not heard from for C{heartbeat_misses} intervals leaves the ring, and the sends that
 were waiting on it are answered C{SYS.1012}. A node that stops says so at once. Membership
 can be fed from elsewhere instead (C{heartbeat_interval=None} and L{AMQPBus.set_members}).
+Note [who may judge]: a node counts its peers' missed heartbeats only while it can hear
+them: its connection is up, its event queue is consumed, and its own previous heartbeat came
+back through the broker. Otherwise silence says nothing about the peers (during a broker
+outage every node would evict every other and own everything when it reconnects: a
+split-brain window), so the round is not counted; after a reconnection the counts restart
+from zero.
+
+Note [lost queues]: a queue of this node can be deleted while the connection stays up (an
+operator, a broker policy). The bus asks for RabbitMQ's consumer cancel notification
+(client capability C{consumer_cancel_notify}), and on C{basic.cancel} declares the queue
+again, binds and consumes it. Losing the reply queue loses the replies on their way: the
+sends waiting for them are answered C{SYS.1016} at once, and new sends are refused with
+C{SYS.1016} until the queue is back (L{AMQPBus.connected} is False meanwhile).
+
+Note [message size]: RabbitMQ closes the channel on a message over its C{max_message_size}
+(128 MiB by default in 3.x, 16 MiB in 4.x), which drops every send in flight on the
+connection. The bus checks each encoded body against C{max_message_size} (8 MiB by default,
+C{bus.max_message_size} in the config) before publishing: only that send fails, with
+C{SYS.1007} naming the size and the limit. An oversized reply is replaced by such an error
+reply. Messages delivered by the local short-cut are not encoded and not checked.
 
 Two clocks: C{reactor} runs the I/O and the reconnection backoff; C{clock} times message
 timeouts and heartbeats (tests give a L{task.Clock} there and keep the real reactor for I/O).
@@ -51,7 +71,7 @@ from zope.interface import implementer
 from zcontrol._defer import DeferWaiter
 from zcontrol.bus._amqp_proto import BusFactory, BusProtocol
 from zcontrol.bus._dispatch import call_handler, deliver_event
-from zcontrol.bus._pending import PendingTable
+from zcontrol.bus._pending import PendingTable, exchange_of
 from zcontrol.bus.interfaces import IBus, ISubscription
 from zcontrol.bus.local import BusSendMixin, _EventualQueue
 from zcontrol.bus.message import (
@@ -120,6 +140,10 @@ class Topology:
 
 NODE_TOPIC = "zcontrol.node.*"
 
+#: The default largest encoded message body (bytes): below the broker's own default limit
+#: (RabbitMQ 3.x: 128 MiB; 4.x: 16 MiB), so that an oversized message fails alone.
+DEFAULT_MAX_MESSAGE_SIZE = 8 * 1024 * 1024
+
 
 @implementer(ISubscription)
 @attrs.define(eq=False)
@@ -167,6 +191,9 @@ class AMQPBus(BusSendMixin):
         C{zcontrol-bus-<node id>} by default.
     @param prefetch: unacknowledged deliveries per consumer (deliveries are acknowledged
         as soon as they are decoded and dispatched, batched per read).
+    @param max_message_size: the largest encoded body (bytes) the bus publishes; a larger
+        send, post or publish fails alone with C{SYS.1007} (Note [message size]). Keep it
+        below the broker's C{max_message_size}.
     """
 
     def __init__(
@@ -196,7 +223,10 @@ class AMQPBus(BusSendMixin):
         start_attempts: int = 5,
         amqp_heartbeat: int = 30,
         connection_name: str | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ):
+        if max_message_size < 1:
+            raise ValueError("max_message_size must be a positive number of bytes")
         self.node_id = node_id or new_id()
         if "." in self.node_id or "#" in self.node_id or "*" in self.node_id:
             raise ValueError("a node id cannot contain '.', '*' or '#'")
@@ -239,6 +269,7 @@ class AMQPBus(BusSendMixin):
         self._proto: BusProtocol | None = None  # set once the connection is ready
         self._writer: BusProtocol | None = None  # set as soon as it can publish
         self._channel: Any = None
+        self._open_channel: Any = None  # as soon as it is open (lost-queue recovery)
         self._consuming: set[str] = set()
         self._seq = 0
         self._unconfirmed: dict[int, tuple] = {}
@@ -246,6 +277,12 @@ class AMQPBus(BusSendMixin):
         self._returned: set[str] = set()
         self._ack_tag = 0
         self._ready_waiters: list[Deferred] = []
+        # consumers the broker cancelled (their queue was deleted), being re-established
+        self._lost_consumers: set[str] = set()
+        self._recover_again: set[str] = set()  # cancelled again while being re-established
+        # our last heartbeat has not come back through the broker yet (Note [who may judge])
+        self._echo_pending = False
+        self._max_message_size = max_message_size
         self._running = False
         self._stopped = False
 
@@ -287,13 +324,17 @@ class AMQPBus(BusSendMixin):
         topo = self.topology
         proto.handler = self
         self._consuming = set()
+        self._lost_consumers = set()
+        self._recover_again = set()
         self._seq = 0
-        self._unconfirmed.clear()
-        self._unconfirmed_order.clear()
+        self._fail_unconfirmed(error_code(
+            SYS.IO_ERROR, f"the connection of management node {self.node_id} to RabbitMQ "
+            "was replaced before the broker confirmed"))
         self._returned.clear()
         self._ack_tag = 0
         ch = await proto.channel(CHANNEL)
         await ch.channel_open()
+        self._open_channel = ch
         await ch.basic_qos(prefetch_count=min(self._prefetch, 65535))
         await ch.confirm_select()
         # Consumers start before the connection is declared ready: replies and NO_ROUTE
@@ -328,11 +369,14 @@ class AMQPBus(BusSendMixin):
         if proto.transport is None or proto.transport.disconnecting:
             raise OperationError(error_code(SYS.IO_ERROR, "connection lost while preparing"))
         self._proto = proto
+        # Note [who may judge]: the silence of the outage says nothing about the peers.
+        self._restart_heartbeat_counts()
         for sub in self._subs:
             _fire(sub.ready)
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for w in waiters:
-            _fire(w)
+        if not self._lost_consumers:
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for w in waiters:
+                _fire(w)
         if self._running:
             log.info("bus of {node} reconnected to RabbitMQ", node=self.node_id)
             self._publish_node("hello")
@@ -348,7 +392,7 @@ class AMQPBus(BusSendMixin):
             log.failure("preparing the AMQP connection failed", reason)
             proto.handler = None
             if self._proto is None:
-                self._channel = self._writer = None
+                self._channel = self._writer = self._open_channel = None
             return reason
 
         return d.addErrback(failed)
@@ -381,18 +425,18 @@ class AMQPBus(BusSendMixin):
             return
         self._proto = None
         self._writer = None
-        self._channel = None
+        self._channel = self._open_channel = None
+        why = getattr(proto, "channel_error", None) or reason.getErrorMessage()
         err = error_code(SYS.IO_ERROR,
                          f"the connection of management node {self.node_id} to RabbitMQ "
-                         f"was lost: {reason.getErrorMessage()}")
+                         f"was lost: {why}")
         if self._running:
             log.warn("bus of {node} lost its RabbitMQ connection: {reason}", node=self.node_id,
                      reason=reason.getErrorMessage())
-        unconfirmed, self._unconfirmed = self._unconfirmed, {}
-        self._unconfirmed_order.clear()
-        for entry in unconfirmed.values():
-            if entry[0] == POST:
-                entry[1].errback(OperationError(err))
+        self._lost_consumers = set()
+        self._recover_again = set()
+        # Every post and publish awaiting its confirm is answered now (issue 8 item 2).
+        self._fail_unconfirmed(err)
         # The requests and the replies they wait for travelled on this connection: answer
         # the waiters now rather than at their timeout (local short-cut sends are unaffected).
         for env in list(self._pending._pending.values()):
@@ -401,6 +445,114 @@ class AMQPBus(BusSendMixin):
         for sub in self._subs:
             if sub.ready.called:
                 sub.ready = Deferred()
+
+    def _fail_unconfirmed(self, err: Any) -> None:
+        """
+        Fail every post and publish still waiting for the broker's confirm with C{err};
+        requests in the table need nothing (their waiters are answered by the caller).
+        """
+        unconfirmed, self._unconfirmed = self._unconfirmed, {}
+        self._unconfirmed_order.clear()
+        self._returned.clear()
+        for kind, target, _msg_id in unconfirmed.values():
+            if kind in (POST, EVENT) and target is not None and not target.called:
+                try:
+                    target.errback(OperationError(err))
+                except Exception:
+                    log.failure("answering an unconfirmed {kind} failed", kind=kind)
+
+    def _fail_remote_pending(self, err: Any) -> None:
+        """
+        Answer every waiting send whose reply comes through the broker with C{err} (local
+        short-cut sends are unaffected).
+        """
+        for env in list(self._pending._pending.values()):
+            if not (self._local_shortcut and env.target == self.node_id):
+                self._pending.fail(env.msg_id, err)
+
+    # lost queues (Note [lost queues])
+
+    def amqp_cancelled(self, channel: int, consumer_tag: str) -> None:
+        """
+        The broker cancelled one of our consumers (its queue was deleted): declare the
+        queue again and consume it; answer the sends whose replies were in a lost reply
+        queue.
+        """
+        if self._stopped or self._writer is None:
+            return
+        topo = self.topology
+        if consumer_tag == "reply":
+            queue = topo.reply_queue(self.node_id)
+        elif consumer_tag == "event":
+            queue = topo.event_queue(self.node_id)
+        elif consumer_tag == "noroute":
+            queue = topo.no_route_queue
+        elif consumer_tag.startswith("s.") and consumer_tag[2:] in self._services:
+            queue = topo.service_queue(consumer_tag[2:], self.node_id)
+        else:
+            log.info("the broker cancelled consumer {tag} (not ours any more)",
+                     tag=consumer_tag)
+            return
+        log.warn("the broker cancelled consumer {tag} of {node}: queue {queue} was deleted; "
+                 "declaring it again", tag=consumer_tag, node=self.node_id, queue=queue)
+        first = consumer_tag not in self._lost_consumers
+        if not first:
+            self._recover_again.add(consumer_tag)
+        self._lost_consumers.add(consumer_tag)
+        if consumer_tag == "reply":
+            self._fail_remote_pending(error_code(
+                SYS.IO_ERROR,
+                f"the reply queue {queue} of management node {self.node_id} was deleted "
+                "while the reply was on its way", queue=queue))
+        ch = self._open_channel
+        if first and ch is not None:
+            d = Deferred.fromCoroutine(self._redeclare(ch, consumer_tag))
+            d.addErrback(lambda f: log.warn(
+                "declaring queue {queue} again failed: {error}", queue=queue,
+                error=f.getErrorMessage()))
+
+    async def _redeclare(self, ch: Any, consumer_tag: str) -> None:
+        while True:
+            await self._redeclare_once(ch, consumer_tag)
+            if ch is not self._open_channel:
+                return  # the connection was replaced meanwhile: preparing it redid all
+            if consumer_tag not in self._recover_again:
+                break
+            # the new consumer was cancelled too (the queue deleted again): once more
+            self._recover_again.discard(consumer_tag)
+        self._lost_consumers.discard(consumer_tag)
+        log.info("queue of consumer {tag} of {node} is back", tag=consumer_tag,
+                 node=self.node_id)
+        if consumer_tag == "event":
+            self._restart_heartbeat_counts()
+        if not self._lost_consumers and self._proto is not None:
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for w in waiters:
+                _fire(w)
+
+    async def _redeclare_once(self, ch: Any, consumer_tag: str) -> None:
+        topo = self.topology
+        if consumer_tag == "reply":
+            rq = topo.reply_queue(self.node_id)
+            ch.queue_declare(queue=rq, arguments=self._queue_args, nowait=True)
+            ch.queue_bind(queue=rq, exchange=topo.p2p, routing_key=topo.reply_key(self.node_id),
+                          nowait=True)
+            ch.basic_consume(queue=rq, consumer_tag="reply", no_ack=True, nowait=True)
+        elif consumer_tag == "event":
+            eq = topo.event_queue(self.node_id)
+            ch.queue_declare(queue=eq, arguments=self._queue_args, nowait=True)
+            for pattern in {NODE_TOPIC} | {s.pattern for s in self._subs}:
+                ch.queue_bind(queue=eq, exchange=topo.broadcast, routing_key=pattern,
+                              nowait=True)
+            ch.basic_consume(queue=eq, consumer_tag="event", no_ack=True, nowait=True)
+        elif consumer_tag == "noroute":
+            ch.queue_declare(queue=topo.no_route_queue, nowait=True)
+            ch.queue_bind(queue=topo.no_route_queue, exchange=topo.no_route, routing_key="",
+                          nowait=True)
+            ch.basic_consume(queue=topo.no_route_queue, consumer_tag="noroute", nowait=True)
+        elif consumer_tag[2:] in self._services:
+            self._declare_service(ch, consumer_tag[2:])
+        await self._barrier(ch)
 
     def stop(self) -> Deferred[None]:
         if self._stopped:
@@ -446,6 +598,9 @@ class AMQPBus(BusSendMixin):
         self._proto = self._writer = None
         if proto is not None:
             proto.handler = None
+        self._fail_unconfirmed(error_code(
+            SYS.CANCEL, f"the bus of management node {self.node_id} stopped before the "
+            "broker confirmed"))
         if self._service is not None:
             await self._service.stopService()
         waiters, self._ready_waiters = self._ready_waiters, []
@@ -464,6 +619,7 @@ class AMQPBus(BusSendMixin):
         if proto is not None:
             proto.handler = None
         self._pending.fail_all(error_code(SYS.CANCEL, "crashed"))
+        self._fail_unconfirmed(error_code(SYS.CANCEL, "crashed"))
         service, self._service = self._service, None
         return service.stopService() if service is not None else succeed(None)
 
@@ -503,16 +659,17 @@ class AMQPBus(BusSendMixin):
     @property
     def connected(self) -> bool:
         """
-        Whether the bus has a ready connection to the broker now.
+        Whether the bus has a ready connection to the broker now, with all its queues
+        (False while a queue the broker deleted is declared again).
         """
-        return self._proto is not None
+        return self._proto is not None and not self._lost_consumers
 
     def when_connected(self) -> Deferred[None]:
         """
         A Deferred firing once the bus has a ready connection (its topology declared and
         its consumers back); at once if it has one.
         """
-        if self._proto is not None:
+        if self.connected:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._ready_waiters.append(d)
@@ -560,11 +717,40 @@ class AMQPBus(BusSendMixin):
                 f"management node {node} left ({why})", node_id=node))
 
     def _beat(self) -> None:
+        # The loop must survive anything (a LoopingCall stops for good at the first
+        # exception, and membership would freeze without a word).
+        try:
+            self._beat_once()
+        except Exception:
+            log.failure("membership heartbeat of {node} failed (the loop goes on)",
+                        node=self.node_id)
+
+    def _can_judge(self) -> bool:
+        """
+        Whether this node can hear its peers now (Note [who may judge]).
+        """
+        return (self._proto is not None and "event" not in self._lost_consumers
+                and not self._echo_pending)
+
+    def _beat_once(self) -> None:
+        judge = self._can_judge()
+        if self._writer is not None:
+            self._echo_pending = True
         self._publish_node("beat")
+        if not judge:
+            if self._missed:
+                log.info("bus of {node} cannot hear the broker: not counting its peers' "
+                         "heartbeats this round", node=self.node_id)
+            return
         for node in list(self._missed):
             self._missed[node] += 1
             if self._missed[node] > self._heartbeat_misses:
                 self._node_left(node, f"no heartbeat for {self._heartbeat_misses} intervals")
+
+    def _restart_heartbeat_counts(self) -> None:
+        self._echo_pending = False
+        for node in self._missed:
+            self._missed[node] = 0
 
     def _publish_node(self, op: str) -> None:
         body = json.dumps({"node": self.node_id, "op": op}).encode()
@@ -580,6 +766,10 @@ class AMQPBus(BusSendMixin):
             log.error("dropping a malformed node heartbeat: {body!r}", body=body[:200])
             return
         if node == self.node_id:
+            # our own heartbeat came back: the path through the broker works
+            self._echo_pending = False
+            for d in self._heard.pop(node, []):
+                _fire(d)
             return
         if op == "left":
             self._node_left(node, "it stopped")
@@ -691,17 +881,22 @@ class AMQPBus(BusSendMixin):
             return fail(OperationError.of(
                 SYS.INVALID_ARGUMENT_ERROR,
                 f"send() takes a NeedReplyMessage, not {type(message).__name__}"))
+        message = exchange_of(message)
         left = self._pending.prepare(message, timeout)
         message.reply_to = self.node_id
         target = self._target(message)
         d = self._pending.add(message, target)
-        if message.id not in self._pending:
+        if d.called:
             return d
         if self._local_shortcut and target == self.node_id \
                 and message.service_id in self._services:
             self._local.put(self._deliver_local, message)
             return d
         try:
+            if "reply" in self._lost_consumers:
+                raise OperationError.of(
+                    SYS.IO_ERROR, f"the reply queue of management node {self.node_id} is "
+                    "being declared again: no reply could reach it")
             body = self._wire_body(message, message.describe())
         except OperationError as e:
             self._pending.fail(message.id, e.error)
@@ -754,6 +949,10 @@ class AMQPBus(BusSendMixin):
                       message_id=reply.correlation_id, e=e)
             body = self.registry.encode(Reply.failure(
                 error_code(SYS.INTERNAL, f"cannot encode the reply: {e}"), reply.correlation_id))
+        if len(body) > self._max_message_size:
+            err = self._too_large(f"the reply to {reply.correlation_id}", len(body))
+            log.error("{error}", error=err.details)
+            body = self.registry.encode(Reply.failure(err, reply.correlation_id))
         left = None if deadline is None else max(0.001, deadline - self._clock.seconds())
         self._publish(self.topology.p2p, self.topology.reply_key(reply_to), body,
                       mandatory=True, kind=REPLY, correlation_id=reply.correlation_id,
@@ -904,16 +1103,26 @@ class AMQPBus(BusSendMixin):
         The bytes to publish for C{obj}.
 
         @raise OperationError: SYS.1016 while not connected, SYS.1007 if it cannot be
-            encoded.
+            encoded or its body is over C{max_message_size} (Note [message size]).
         """
         if self._proto is None:
             raise OperationError.of(
                 SYS.IO_ERROR, f"management node {self.node_id} is not connected to RabbitMQ")
         try:
-            return self.registry.encode(obj)
+            body = self.registry.encode(obj)
         except Exception as e:
             raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
                                     f"cannot encode {what}: {e}") from None
+        if len(body) > self._max_message_size:
+            raise OperationError(self._too_large(what, len(body)))
+        return body
+
+    def _too_large(self, what: str, size: int) -> Any:
+        return error_code(
+            SYS.INVALID_ARGUMENT_ERROR,
+            f"{what} is {size} bytes encoded, over the bus limit of "
+            f"{self._max_message_size} bytes (bus.max_message_size)",
+            field="message size", size=size, limit=self._max_message_size)
 
     def publish(self, event: Event) -> Deferred[None]:
         event.node_id = self.node_id

@@ -35,10 +35,14 @@ class IBus(Interface):
      - C{SYS.1001}: no reply before the timeout (details name the message);
      - C{SYS.1009}: no such service (at once, never a timeout);
      - C{SYS.1008}: the receiver does not know the message type;
-     - C{SYS.1007}: a field is missing or ill-typed;
+     - C{SYS.1007}: a field is missing or ill-typed; the message is over the bus's size
+       limit (details name the size and the limit); its id is still waiting for the reply
+       of another send;
      - C{SYS.1000}: the handler raised an unexpected exception (details say which);
      - C{SYS.1011}: the message could not be delivered (broker refused it);
      - C{SYS.1012}: the management node that owns the destination left;
+     - C{SYS.1016}: the connection to the broker was lost, or the reply queue was deleted,
+       while the send waited (at once, never a timeout);
      - C{SYS.1017}: the send was cancelled, or this bus stopped while it waited.
     """
 
@@ -87,7 +91,14 @@ class IBus(Interface):
         bus default; a send made while handling another message gets at most the time its
         parent has left (deadline propagation).
 
-        @rtype: L{Deferred} firing with the Reply. Cancelling it answers C{SYS.1017}.
+        Every send is its own exchange: the first send of a message uses its C{id}; a
+        message object sent before goes out as a copy under a fresh id (so the reply's
+        C{correlation_id} is the copy's), and never receives the reply of an earlier
+        attempt. A different message whose C{id} is still waiting is answered C{SYS.1007}
+        at once.
+
+        @rtype: L{Deferred} firing exactly once with the Reply. Cancelling it answers
+            C{SYS.1017}.
         """
 
     def send_all(messages, timeout=None):
@@ -101,9 +112,11 @@ class IBus(Interface):
         """
         Send an iterable of messages with at most C{parallelism} in flight; the next goes out
         when a reply comes back. C{on_reply(message, reply)} runs once per message; an
-        exception it raises is logged.
+        exception it raises is logged. A send that fails (a message that is not a
+        L{NeedReplyMessage}) is answered with an error reply carrying its ErrorCode.
 
-        @rtype: L{Deferred} firing with None once every message has been answered.
+        @rtype: L{Deferred} firing with None once every message has been answered; it fails
+            (after the sends in flight are answered) if iterating C{messages} raises.
         """
 
     def post(message):
@@ -111,7 +124,10 @@ class IBus(Interface):
         Send a fire-and-forget L{Message}; the receiver's return value is dropped.
 
         @rtype: L{Deferred} firing with None once the bus has taken the message (an error
-            reply is not possible; a refused message errbacks with an OperationError).
+            reply is not possible; a refused message errbacks with an OperationError:
+            C{SYS.1011} refused by the broker, C{SYS.1016} not connected or the connection
+            lost before the broker confirmed, C{SYS.1007} not encodable or too large). It
+            always fires: a lost connection fails it at once.
         """
 
     def reply(request, reply):
@@ -124,7 +140,11 @@ class IBus(Interface):
         """
         Publish an L{Event} to every matching subscription on every node.
 
-        @rtype: L{Deferred} firing with None once the bus has taken the event.
+        The event of a state change already committed is better published with
+        L{zcontrol.bus.publishing.publish_after_commit} (bounded retries, never fails).
+
+        @rtype: L{Deferred} firing with None once the bus has taken the event, or failing
+            as L{post} does; it always fires.
         """
 
     def subscribe(pattern, handler):

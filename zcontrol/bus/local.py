@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from zcontrol._defer import DeferWaiter
 from zcontrol.bus._dispatch import call_handler, deliver_event
-from zcontrol.bus._pending import PendingTable
+from zcontrol.bus._pending import PendingTable, exchange_of
 from zcontrol.bus.interfaces import IBus, ISubscription
 from zcontrol.bus.message import (
     DecodeError,
@@ -42,7 +42,7 @@ from zcontrol.bus.message import (
     registry as default_registry,
 )
 from zcontrol.bus.ring import ConsistentHashRing
-from zcontrol.core.errors import SYS, OperationError, error_code
+from zcontrol.core.errors import SYS, OperationError, error_code, from_failure
 
 __all__ = ["BusSendMixin", "LocalBroker", "LocalBus", "send_stepping"]
 
@@ -245,11 +245,12 @@ class LocalBus(BusSendMixin):
             return fail(OperationError.of(
                 SYS.INVALID_ARGUMENT_ERROR,
                 f"send() takes a NeedReplyMessage, not {type(message).__name__}"))
+        message = exchange_of(message)
         self._pending.prepare(message, timeout)
         message.reply_to = self.node_id
         target = self._target(message)
         d = self._pending.add(message, target)
-        if message.id in self._pending:
+        if not d.called:
             self._queue.put(self._deliver, message, target)
         return d
 
@@ -352,12 +353,20 @@ def send_stepping(bus: IBus, messages: Iterable[NeedReplyMessage], parallelism: 
                   on_reply: Callable[[NeedReplyMessage, Reply], Any]) -> Deferred[None]:
     """
     L{IBus.send_stepping} on top of C{bus.send}: a window of C{parallelism} sends.
+
+    Every message gets exactly one C{on_reply}: a send that errbacks or raises (a message
+    that is not a L{NeedReplyMessage}, a bus that refuses it) counts as answered with an
+    error reply carrying its ErrorCode, so the window never loses a slot. If iterating
+    C{messages} raises, no further message is taken and the Deferred fails with that
+    error once the sends in flight are answered.
     """
     if parallelism < 1:
-        return fail(OperationError.of(SYS.INVALID_ARGUMENT_ERROR, "parallelism must be >= 1"))
+        return fail(OperationError.of(SYS.INVALID_ARGUMENT_ERROR, "parallelism must be >= 1",
+                                      field="parallelism"))
     it = iter(messages)
     done: Deferred[None] = Deferred()
-    state = {"inflight": 0, "exhausted": False, "pumping": False}
+    state: dict[str, Any] = {"inflight": 0, "exhausted": False, "pumping": False,
+                             "broken": None}
 
     def pump() -> None:
         # Replies that arrive synchronously (an immediate error reply) re-enter here: the
@@ -372,19 +381,34 @@ def send_stepping(bus: IBus, messages: Iterable[NeedReplyMessage], parallelism: 
                 except StopIteration:
                     state["exhausted"] = True
                     break
+                except Exception:
+                    log.failure("send_stepping: iterating the messages failed")
+                    state["exhausted"] = True
+                    state["broken"] = Failure()
+                    break
                 state["inflight"] += 1
-                bus.send(msg).addCallback(answered, msg)
+                try:
+                    d = bus.send(msg)
+                except Exception:
+                    d = fail()
+                d.addErrback(lambda f, m=msg: Reply.failure(from_failure(f),
+                                                            getattr(m, "id", "")))
+                d.addCallback(answered, msg)
         finally:
             state["pumping"] = False
         if state["exhausted"] and state["inflight"] == 0 and not done.called:
-            done.callback(None)
+            if state["broken"] is not None:
+                done.errback(state["broken"])
+            else:
+                done.callback(None)
 
     def answered(reply: Reply, msg: NeedReplyMessage) -> None:
         state["inflight"] -= 1
         try:
             on_reply(msg, reply)
         except Exception:
-            log.failure("on_reply failed for {message}", message=msg.describe())
+            log.failure("on_reply failed for {message}",
+                        message=getattr(msg, "describe", lambda: repr(msg))())
         pump()
 
     pump()

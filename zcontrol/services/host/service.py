@@ -54,6 +54,7 @@ from agent import protocol as p
 from zcontrol._defer import DeferWaiter, async_to_deferred, maybe_deferred
 from zcontrol.bus._pending import current_deadline, deadline_scope
 from zcontrol.bus.message import Reply
+from zcontrol.bus.publishing import publish_after_commit
 from zcontrol.config import HostConfig
 from zcontrol.core.chain import ChainTaskQueue
 from zcontrol.core.errors import SYS, OperationError, error_code, from_failure
@@ -226,8 +227,9 @@ class HostService:
         if old != status:
             log.info("host {uuid} {old} -> {new}: {reason}", uuid=row["uuid"], old=old,
                      new=status, reason=reason)
-            await self._bus.publish(HostStatusChangedEvent(
-                host_uuid=row["uuid"], old_status=old, new_status=status, reason=reason))
+            self._background(publish_after_commit(self._bus, HostStatusChangedEvent(
+                host_uuid=row["uuid"], old_status=old, new_status=status, reason=reason),
+                self._clock), "publishing a host status change")
         return new_row
 
     def _background(self, d: Deferred, what: str) -> None:
@@ -558,6 +560,7 @@ class HostService:
             if e.error.code in (SYS.CHANGE_RESOURCE_STATE_ERROR, SYS.RESOURCE_NOT_FOUND):
                 return False  # an operation changed it meanwhile: it wins
             raise
-        await self._bus.publish(VmStateChangedOnHostEvent(
-            host_uuid=host_uuid, vm_uuid=vm_uuid, from_state=known, to_state=actual))
+        self._background(publish_after_commit(self._bus, VmStateChangedOnHostEvent(
+            host_uuid=host_uuid, vm_uuid=vm_uuid, from_state=known, to_state=actual),
+            self._clock), "publishing a VM state change")
         return True
