@@ -1,17 +1,15 @@
 """
-The host service, deterministically: LocalBus and the in-memory agent pair on one task.Clock,
-and an in-memory store fake holding the few store methods the host service uses (the real
-stores are exercised against the same calls by the integration test in
-C{tests/test_host_integration.py}).
+The host service, deterministically: LocalBus, the in-memory agent pair and the in-memory
+store (L{MemoryStore}: the real schema and SQL, held to the store contract) on one
+task.Clock.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -24,7 +22,8 @@ from zcontrol.agentclient.client import AGENT_LOST_WORK
 from zcontrol.bus._pending import deadline_scope
 from zcontrol.bus.local import LocalBus
 from zcontrol.core.errors import SYS, OperationError
-from zcontrol.db.query import Query, parse_condition
+from zcontrol.db.memory import MemoryStore
+from zcontrol.db.query import Query
 from zcontrol.services.host import (
     HOST,
     SERVICE_ID,
@@ -37,79 +36,6 @@ from zcontrol.services.host import (
     VmStateChangedOnHostEvent,
     agent_base_url,
 )
-
-
-class FakeStore:
-    """
-    The host-related part of IStore, in memory.
-    """
-
-    def __init__(self) -> None:
-        self.rows: dict[str, dict[str, dict[str, Any]]] = {"host": {}, "vmInstance": {}}
-
-    def add_host(self, values: dict[str, Any]) -> Deferred:
-        row = {"status": "Connecting", "state": "Enabled", "cpuNum": 0, "totalCpuCapacity": 0,
-               "availableCpuCapacity": 0, "totalMemoryCapacity": 0,
-               "availableMemoryCapacity": 0, **values}
-        if row["uuid"] in self.rows["host"]:
-            return fail(OperationError.of("DB.1000", "duplicate"))
-        self.rows["host"][row["uuid"]] = row
-        return succeed(dict(row))
-
-    def get(self, resource: str, uuid: str) -> Deferred:
-        row = self.rows[resource].get(uuid)
-        return succeed(None if row is None else dict(row))
-
-    def delete(self, resource: str, uuid: str) -> Deferred:
-        return succeed(self.rows[resource].pop(uuid, None) is not None)
-
-    def update_host_status(self, uuid: str, status: str, expected: Any = None) -> Deferred:
-        row = self.rows["host"].get(uuid)
-        if row is None:
-            return fail(OperationError.of(SYS.RESOURCE_NOT_FOUND, uuid))
-        allowed = [expected] if isinstance(expected, str) else expected
-        if allowed is not None and row["status"] not in allowed:
-            return fail(OperationError.of(SYS.CHANGE_RESOURCE_STATE_ERROR, uuid))
-        row["status"] = status
-        return succeed(dict(row))
-
-    def set_host_capacity(self, uuid: str, total_cpu: int, total_memory: int,
-                          cpu_num: int | None = None) -> Deferred:
-        row = self.rows["host"][uuid]
-        reserved_cpu = row["totalCpuCapacity"] - row["availableCpuCapacity"]
-        reserved_mem = row["totalMemoryCapacity"] - row["availableMemoryCapacity"]
-        row.update(totalCpuCapacity=total_cpu, availableCpuCapacity=total_cpu - reserved_cpu,
-                   totalMemoryCapacity=total_memory,
-                   availableMemoryCapacity=total_memory - reserved_mem)
-        if cpu_num is not None:
-            row["cpuNum"] = cpu_num
-        return succeed(dict(row))
-
-    def query(self, resource: str, query: Query) -> Deferred:
-        rows = list(self.rows[resource].values())
-        for text in query.conditions:
-            cond = parse_condition(text)
-            rows = [r for r in rows if r.get(cond.name) == cond.value]
-        rows.sort(key=lambda r: r["uuid"])
-        rows = rows[query.start:query.start + query.limit]
-        if query.fields:
-            rows = [{f: r.get(f) for f in query.fields} for r in rows]
-
-        class Result:
-            inventories = copy.deepcopy(rows)
-
-        return succeed(Result())
-
-    def change_vm_state(self, vm_uuid: str, expected: Any, new: str,
-                        changes: Any = None) -> Deferred:
-        row = self.rows["vmInstance"].get(vm_uuid)
-        if row is None:
-            return fail(OperationError.of(SYS.RESOURCE_NOT_FOUND, vm_uuid))
-        allowed = [expected] if isinstance(expected, str) else expected
-        if row["state"] not in allowed:
-            return fail(OperationError.of(SYS.CHANGE_RESOURCE_STATE_ERROR, vm_uuid))
-        row["state"] = new
-        return succeed(dict(row))
 
 
 class DownHTTP:
@@ -135,7 +61,8 @@ class HungHTTP:
 
 class HostServiceTestCase(SynchronousTestCase):
     """
-    One clock, one LocalBus, the fake store, an in-memory agent with 8 hosts.
+    One clock, one LocalBus, the in-memory store (zone C{z} and cluster C{c} seeded), an
+    in-memory agent with 8 hosts.
     """
 
     config = HostConfig(ping_interval=60, ping_timeout=5, max_ping_failures=3,
@@ -148,7 +75,12 @@ class HostServiceTestCase(SynchronousTestCase):
         self.pair = InMemoryPair(host_count=8, clock=self.clock, latency=dict(self.latency))
         self.bus = LocalBus(self.clock, node_id="mn-1")
         self.bus.start()
-        self.store = FakeStore()
+        self.store = MemoryStore(self.clock)
+        self.successResultOf(self.store.start())
+        self.addCleanup(self.stop_store)
+        self.seed("zone", {"uuid": "z", "name": "zone"})
+        self.seed("cluster", {"uuid": "c", "name": "cluster", "zoneUuid": "z",
+                              "hypervisorType": "KVM"})
         self.service = HostService(self.clock, self.bus, self.store, self.pair.client,
                                    self.config)
         self.service.start(track=False)
@@ -167,6 +99,47 @@ class HostServiceTestCase(SynchronousTestCase):
             for _ in range(20):
                 self.pair.flush()
                 self.clock.advance(0)
+
+    def stop_store(self) -> None:
+        self.store.flush()
+        d = self.store.stop()
+        self.store.flush()
+        self.successResultOf(d)
+
+    def result(self, d: Deferred) -> Any:
+        """
+        The result of C{d}, once the store operations it waits for have run.
+        """
+        self.pump()
+        return self.successResultOf(d)
+
+    def seed(self, resource: str, values: dict[str, Any]) -> dict[str, Any]:
+        """
+        Insert a row directly (as another service or an operator would have).
+        """
+        return self.result(self.store.insert(resource, values))
+
+    def seed_host(self, uuid: str, status: str, management_ip: str) -> dict[str, Any]:
+        return self.seed("host", {"uuid": uuid, "name": uuid, "zoneUuid": "z",
+                                  "clusterUuid": "c", "hypervisorType": "KVM",
+                                  "managementIp": management_ip, "status": status})
+
+    def seed_vm(self, uuid: str, host_uuid: str, state: str) -> dict[str, Any]:
+        return self.seed("vmInstance", {"uuid": uuid, "name": uuid, "hostUuid": host_uuid,
+                                        "state": state, "cpuNum": 1, "memorySize": 1})
+
+    def vm_states(self) -> dict[str, str]:
+        """
+        Every stored VM's state, by uuid.
+        """
+        page = self.result(self.store.query("vmInstance", Query(fields=["uuid", "state"])))
+        return {vm["uuid"]: vm["state"] for vm in page.inventories}
+
+    def row(self, resource: str, uuid: str) -> dict[str, Any] | None:
+        """
+        The stored row, read through the store (None when there is none).
+        """
+        return self.result(self.store.get(resource, uuid))
 
     def add(self, i: int, name: str | None = None) -> Any:
         d = self.bus.send(AddHostMsg(service_id=SERVICE_ID, name=name or f"host-{i}",
@@ -198,7 +171,7 @@ class AddConnectTests(HostServiceTestCase):
         """
         reply = self.successResultOf(self.add(1))
         self.assertTrue(reply.success, reply.error)
-        row = self.store.rows["host"]["h1"]
+        row = self.row("host", "h1")
         self.assertEqual(row["status"], "Connected")
         self.assertEqual((row["cpuNum"], row["totalCpuCapacity"]), (32, 32))
         self.assertEqual(row["totalMemoryCapacity"], 128 * 1024**3)
@@ -221,7 +194,7 @@ class AddConnectTests(HostServiceTestCase):
         self.assertFalse(reply.success)
         self.assertEqual(reply.error.code, HOST.ADD_ERROR)
         self.assertTrue(reply.error.has_code(HOST.CONNECT_ERROR))
-        self.assertNotIn("hx", self.store.rows["host"])
+        self.assertIsNone(self.row("host", "hx"))
 
     def test_add_rolls_back_per_flow(self) -> None:
         """
@@ -312,12 +285,12 @@ class PingTests(HostServiceTestCase):
         self.assertFalse(reply.connected)
         for _ in range(15):
             self.pump(1)
-        self.assertEqual(self.store.rows["host"]["h1"]["status"], "Disconnected")
+        self.assertEqual(self.row("host", "h1")["status"], "Disconnected")
         self.assertEqual(self.statuses()[0], ("h1", "Connected", "Disconnected"))
         client._http = real
         self.ping()
         self.pump()
-        self.assertEqual(self.store.rows["host"]["h1"]["status"], "Connected")
+        self.assertEqual(self.row("host", "h1")["status"], "Connected")
 
     def test_other_uuid_forces_reconnect(self) -> None:
         """
@@ -328,7 +301,7 @@ class PingTests(HostServiceTestCase):
         self.pair.agent.crash_host("1")
         self.ping()
         self.pump()
-        self.assertEqual(self.store.rows["host"]["h1"]["status"], "Connected")
+        self.assertEqual(self.row("host", "h1")["status"], "Connected")
         self.assertNotEqual(self.pair.client.secret_for(base(1)), old)
         self.assertEqual(self.statuses(), [("h1", "Connected", "Connecting"),
                                            ("h1", "Connecting", "Connected")])
@@ -349,15 +322,14 @@ class PingTests(HostServiceTestCase):
         bound; a host that cannot be reached ends Disconnected.
         """
         self.successResultOf(self.add(2))
-        self.store.rows["host"]["h9"] = {"uuid": "h9", "status": "Connected",
-                                         "managementIp": base(99)}
+        self.seed_host("h9", "Connected", base(99))
         old = self.pair.client.secret_for(base(1))
         d = self.service.reconnect_all(parallelism=2)
         for _ in range(15):
             self.pump(1)
         self.assertEqual(self.successResultOf(d), 2)
         self.assertNotEqual(self.pair.client.secret_for(base(1)), old)
-        self.assertEqual(self.store.rows["host"]["h9"]["status"], "Disconnected")
+        self.assertEqual(self.row("host", "h9")["status"], "Disconnected")
 
     def test_tracker_rounds_do_not_overlap(self) -> None:
         """
@@ -402,7 +374,7 @@ class PingTests(HostServiceTestCase):
             self.pump(60)
         for _ in range(15):  # the automatic reconnect fails too
             self.pump(1)
-        self.assertEqual(self.store.rows["host"]["h1"]["status"], "Disconnected")
+        self.assertEqual(self.row("host", "h1")["status"], "Disconnected")
         self.assertIn(("h1", "Connected", "Disconnected"), self.statuses())
         d = service.stop()
         for _ in range(15):
@@ -508,7 +480,7 @@ class CommandTests(HostServiceTestCase):
         self.assertIn("restarted", err.details)
         for _ in range(5):
             self.pump(1)
-        self.assertEqual(self.store.rows["host"]["h1"]["status"], "Connected")
+        self.assertEqual(self.row("host", "h1")["status"], "Connected")
 
     def test_stop_is_bounded(self) -> None:
         """
@@ -574,14 +546,14 @@ class CommandTests(HostServiceTestCase):
         A command to a host that is not Connected fails with HOST.1002; to an unknown host
         with HOST.1003.
         """
-        self.store.rows["host"]["hz"] = {"uuid": "hz", "status": "Disconnected",
-                                         "managementIp": base(5)}
+        self.seed_host("hz", "Disconnected", base(5))
+        to_hz = self.service.call("hz", p.HostCapacityCmd())
+        to_nope = self.service.call("nope", p.HostCapacityCmd())
+        self.pump()
         self.assertEqual(
-            self.failureResultOf(self.service.call("hz", p.HostCapacityCmd()),
-                                 OperationError).value.error.code, HOST.NOT_CONNECTED)
+            self.failureResultOf(to_hz, OperationError).value.error.code, HOST.NOT_CONNECTED)
         self.assertEqual(
-            self.failureResultOf(self.service.call("nope", p.HostCapacityCmd()),
-                                 OperationError).value.error.code, HOST.NOT_FOUND)
+            self.failureResultOf(to_nope, OperationError).value.error.code, HOST.NOT_FOUND)
 
 
 class VmSyncTests(HostServiceTestCase):
@@ -597,10 +569,8 @@ class VmSyncTests(HostServiceTestCase):
 
         self.successResultOf(hv.start_vm(VmSpec(uuid="vm-a", name=None, cpu_num=1,
                                                 memory_size=1)))
-        vms = self.store.rows["vmInstance"]
-        vms["vm-a"] = {"uuid": "vm-a", "hostUuid": "h1", "state": "Stopped"}
-        vms["vm-b"] = {"uuid": "vm-b", "hostUuid": "h1", "state": "Running"}
-        vms["vm-c"] = {"uuid": "vm-c", "hostUuid": "h1", "state": "Starting"}
+        for vm, state in (("vm-a", "Stopped"), ("vm-b", "Running"), ("vm-c", "Starting")):
+            self.seed_vm(vm, "h1", state)
         del self.events[:]
 
     def test_sync(self) -> None:
@@ -610,8 +580,7 @@ class VmSyncTests(HostServiceTestCase):
         d = self.service.sync_vms("h1")
         self.pump()
         self.assertEqual(self.successResultOf(d), 2)
-        vms = self.store.rows["vmInstance"]
-        self.assertEqual({u: v["state"] for u, v in vms.items()},
+        self.assertEqual(self.vm_states(),
                          {"vm-a": "Running", "vm-b": "Stopped", "vm-c": "Starting"})
         changes = {(e.vm_uuid, e.from_state, e.to_state) for e in self.events
                    if isinstance(e, VmStateChangedOnHostEvent)}
@@ -623,19 +592,19 @@ class VmSyncTests(HostServiceTestCase):
         With vm_sync_on_ping, a successful ping reconciles the VMs.
         """
         self.service.config = HostConfig(vm_sync_on_ping=True)
-        self.successResultOf(self.service.ping("h1"))
+        self.result(self.service.ping("h1"))
         self.pump()
-        self.assertEqual(self.store.rows["vmInstance"]["vm-a"]["state"], "Running")
+        self.assertEqual(self.row("vmInstance", "vm-a")["state"], "Running")
 
     def test_report(self) -> None:
         """
         An agent's VM state report changes the store once; unknown VMs are ignored.
         """
         cmd = p.ReportVmStateCmd(host_uuid="h1", vm_uuid="vm-b", vm_state="Stopped")
-        self.assertTrue(self.successResultOf(self.service.report_vm_state(cmd)))
-        self.assertFalse(self.successResultOf(self.service.report_vm_state(cmd)))
+        self.assertTrue(self.result(self.service.report_vm_state(cmd)))
+        self.assertFalse(self.result(self.service.report_vm_state(cmd)))
         ghost = p.ReportVmStateCmd(host_uuid="h1", vm_uuid="ghost", vm_state="Stopped")
-        self.assertFalse(self.successResultOf(self.service.report_vm_state(ghost)))
+        self.assertFalse(self.result(self.service.report_vm_state(ghost)))
 
     def test_unknown_message(self) -> None:
         """
