@@ -24,6 +24,7 @@ from tests.test_agent_loopback import LoopbackTestCase
 from zcontrol import identity
 from zcontrol.config import ConfigError, load_config
 from zcontrol.core.errors import SYS
+from zcontrol.db.memory import MemoryStore
 from zcontrol.identity import NODE_ID_FILE, resolve_node_id
 from zcontrol.node import HeartbeatService, OrderedMultiService, make_node
 from zcontrol.services.host import SERVICE_ID as HOST_SERVICE
@@ -129,34 +130,46 @@ class OrderedMultiServiceTests(SynchronousTestCase):
         self.flushLoggedErrors()
 
 
-class FakeStore:
-    def __init__(self):
-        self.beats = []
-        self.deleted = []
-
-    def heartbeat(self, uuid, hostname, port=None, state="RUNNING"):
-        self.beats.append(uuid)
-        return succeed(None)
-
-    def delete_management_node(self, uuid):
-        self.deleted.append(uuid)
-        return succeed(None)
-
-
 class HeartbeatTests(SynchronousTestCase):
     def test_beats_and_leaves(self):
         """
         The heartbeat writes the node's row at start and every interval, and deletes it on
         stop.
         """
-        store, clock = FakeStore(), Clock()
+        clock = Clock()
+        store = MemoryStore(clock)
+        self.successResultOf(store.start())
+        # What the store wrote: the uuid of each heartbeat row, the deleted node rows.
+        beats, deleted = [], []
+        heartbeat, delete = store.heartbeat, store.delete_management_node
+
+        def recorded_heartbeat(*args, **kwargs):
+            return heartbeat(*args, **kwargs).addCallback(
+                lambda row: beats.append(row["uuid"]) or row)
+
+        def recorded_delete(uuid):
+            return delete(uuid).addCallback(lambda gone: deleted.append(uuid) or gone)
+
+        store.heartbeat, store.delete_management_node = recorded_heartbeat, recorded_delete
         svc = HeartbeatService(store, "mn-1", clock, interval=5)
-        self.successResultOf(svc.startService())
+        started = svc.startService()
+        clock.advance(0)
+        self.successResultOf(started)
         clock.advance(5)
         clock.advance(5)
-        self.assertEqual(store.beats, ["mn-1"] * 3)
-        self.successResultOf(svc.stopService())
-        self.assertEqual(store.deleted, ["mn-1"])
+        self.assertEqual(beats, ["mn-1"] * 3)
+        live = store.live_management_nodes(60)
+        clock.advance(0)
+        self.assertEqual([(n["uuid"], n["heartbeat"]) for n in self.successResultOf(live)],
+                         [("mn-1", 10.0)])
+        stopped = svc.stopService()
+        clock.advance(0)
+        self.successResultOf(stopped)
+        self.assertEqual(deleted, ["mn-1"])
+        live = store.live_management_nodes(60)
+        clock.advance(0)
+        self.assertEqual(self.successResultOf(live), [])
+        self.successResultOf(store.stop())
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
