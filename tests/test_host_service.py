@@ -239,6 +239,45 @@ class AddConnectTests(HostServiceTestCase):
         reply = self.successResultOf(self.add(1))
         self.assertEqual(reply.error.code, HOST.ADD_ERROR)
 
+    def test_add_host_at_a_taken_management_ip(self) -> None:
+        """
+        Fault (issue 8 item 14): these tests ran on a hand-written store fake without the
+        schema's constraints (and reading every query condition as C{=}), so they passed on
+        what no real store does. Here the fake added a second host at the management IP of
+        a Connected one, and its connect took that agent over (a new callback secret). The
+        real stores (so the memory store) refuse the duplicate C{managementIp}: HOST.1000,
+        no row, the agent never contacted, the first host untouched.
+        """
+        self.successResultOf(self.add(1))
+        secret = self.pair.client.secret_for(base(1))
+        d = self.bus.send(AddHostMsg(service_id=SERVICE_ID, name="twin", zone_uuid="z",
+                                     cluster_uuid="c", uuid="h2", management_ip=base(1)))
+        self.pump()
+        reply = self.successResultOf(d)
+        self.assertFalse(reply.success)
+        self.assertEqual(reply.error.code, HOST.ADD_ERROR)
+        self.assertIsNone(self.row("host", "h2"))
+        self.assertEqual(self.pair.client.secret_for(base(1)), secret)
+        self.assertEqual(self.row("host", "h1")["status"], "Connected")
+        self.assertEqual(self.statuses(), [("h1", "Connecting", "Connected")])
+
+    def test_add_host_to_unknown_cluster(self) -> None:
+        """
+        Fault (issue 8 item 14): the store fake had no foreign keys, so a host was added
+        (and connected) in a cluster that does not exist. The real stores refuse it:
+        HOST.1000, no row, no callback secret agreed with the agent.
+        """
+        d = self.bus.send(AddHostMsg(service_id=SERVICE_ID, name="stray", zone_uuid="z",
+                                     cluster_uuid="no-such-cluster", uuid="h2",
+                                     management_ip=base(2)))
+        self.pump()
+        reply = self.successResultOf(d)
+        self.assertFalse(reply.success)
+        self.assertEqual(reply.error.code, HOST.ADD_ERROR)
+        self.assertIsNone(self.row("host", "h2"))
+        self.assertIsNone(self.pair.client.secret_for(base(2)))
+        self.assertEqual(self.statuses(), [])
+
     def test_management_ip_forms(self) -> None:
         """
         A URL is the agent base URL; a bare IP gets the agent port.
