@@ -645,6 +645,25 @@ class VmSyncTests(HostServiceTestCase):
         ghost = p.ReportVmStateCmd(host_uuid="h1", vm_uuid="ghost", vm_state="Stopped")
         self.assertFalse(self.result(self.service.report_vm_state(ghost)))
 
+    def test_sync_queries_exactly_its_host(self) -> None:
+        """
+        Fault: the VM sync built its query condition as text (C{f"hostUuid={uuid}"}), and
+        the condition parser trims the text, so the sync of host C{"h1 "} read the VMs of
+        host C{h1} and reconciled them against the wrong agent's list (here marking h1's
+        running vm-b Stopped). The condition is now a L{Condition}: the value is taken as
+        is, on every store.
+        """
+        d = self.bus.send(AddHostMsg(service_id=SERVICE_ID, name="h1-twin", zone_uuid="z",
+                                     cluster_uuid="c", uuid="h1 ", management_ip=base(2)))
+        self.pump()
+        self.assertTrue(self.successResultOf(d).success)
+        del self.events[:]
+        self.assertEqual(self.result(self.service.sync_vms("h1 ")), 0)
+        self.assertEqual(self.vm_states(),
+                         {"vm-a": "Stopped", "vm-b": "Running", "vm-c": "Starting"})
+        self.assertEqual([e for e in self.events if isinstance(e, VmStateChangedOnHostEvent)],
+                         [])
+
     def test_unknown_message(self) -> None:
         """
         The handler refuses messages it does not know.

@@ -59,7 +59,7 @@ from zcontrol.config import HostConfig
 from zcontrol.core.chain import ChainTaskQueue
 from zcontrol.core.errors import SYS, OperationError, error_code, from_failure
 from zcontrol.core.flow import FlowChain, flow
-from zcontrol.db.query import Query
+from zcontrol.db.query import Condition, Query
 from zcontrol.services.host.interfaces import IHostService
 from zcontrol.services.host.messages import (
     HOST,
@@ -528,7 +528,9 @@ class HostService:
         """
         rsp = await self.call(host_uuid, p.VmSyncCmd(), timeout=self.config.ping_timeout * 3)
         page = await self._store.query("vmInstance", Query(
-            conditions=[f"hostUuid={host_uuid}"], fields=["uuid", "state"],
+            # A Condition, not the text "hostUuid=<uuid>": the parser trims text, which
+            # would make the sync of host "h1 " read the VMs of host "h1".
+            conditions=[Condition("hostUuid", "=", host_uuid)], fields=["uuid", "state"],
             limit=100_000))
         changed = 0
         for vm in page.inventories:
