@@ -355,6 +355,28 @@ class PingTests(HostServiceTestCase):
         self.pump()
         self.assertEqual(self.successResultOf(d), 4)
 
+    def test_track_pages_through_every_host(self) -> None:
+        """
+        The tracker lists the hosts a page at a time (sorted by uuid, C{page_size} rows from
+        C{start}), on the store's real paging: with 5 hosts and pages of 2, and with 4 (the
+        last page empty), every host is pinged once.
+        """
+        self.service.config = attrs.evolve(self.config, page_size=2)
+        for i in (2, 3, 4):
+            self.successResultOf(self.add(i))
+        accepted = []
+        real = self.service._ping
+
+        async def counted(host_uuid: str) -> Any:
+            accepted.append(host_uuid)
+            return await real(host_uuid)
+
+        self.service._ping = counted  # type: ignore[method-assign]
+        self.assertEqual(self.result(self.service.track_once()), 4)
+        self.successResultOf(self.add(5))
+        self.assertEqual(self.result(self.service.track_once()), 5)
+        self.assertEqual(sorted(accepted), sorted(["h1", "h2", "h3", "h4"] * 2 + ["h5"]))
+
     def test_reconnect_all(self) -> None:
         """
         reconnect_all agrees new secrets with every host (as at boot) with a parallelism
