@@ -8,6 +8,7 @@ The only place in C{agent/} that imports the global reactor is L{makeService}.
 from __future__ import annotations
 
 import gc
+import os
 import random
 from typing import Any
 
@@ -189,6 +190,13 @@ def _require_token(options: Options) -> None:
         raise usage.UsageError(NO_TOKEN)
 
 
+def _readable_by_others(path: str) -> bool:
+    try:
+        return bool(os.stat(path).st_mode & 0o077)
+    except OSError:
+        return False
+
+
 def build_agent(options: Options, reactor: Any) -> AgentApp:
     """
     The L{AgentApp} described by C{options}, on C{reactor}.
@@ -271,6 +279,10 @@ def makeService(options: Options) -> service.IService:
     if agent.bootstrap_token is None:
         log.warn("--insecure-no-token: anyone reaching this agent can connect its hosts and "
                  "command them (give --bootstrap-token-file)")
+    path = options["bootstrap-token-file"]
+    if path is not None and _readable_by_others(path):
+        log.warn("the bootstrap token file {path} is readable by other users: chmod 600 it",
+                 path=path)
     site = QuietSite(agent.app.resource())
     top = service.MultiService()
     _Drain(agent, reactor).setServiceParent(top)

@@ -134,8 +134,9 @@ class TokenRequiredTests(SynchronousTestCase):
 
     def test_token_file(self) -> None:
         """
-        --bootstrap-token-file reads the token (stripped); no warning is logged then. A
-        missing or empty file is a usage error naming the file.
+        --bootstrap-token-file reads the token (stripped); no warning is logged then, unless
+        the file is readable by other users. A missing or empty file is a usage error naming
+        the file.
         """
         from twisted.logger import globalLogPublisher
 
@@ -145,12 +146,18 @@ class TokenRequiredTests(SynchronousTestCase):
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("secret-token\n")
+        os.chmod(path, 0o600)
         options = tap.Options()
         options.parseOptions(["--port", "0", "--bootstrap-token-file", path])
         self.assertEqual(options["bootstrap-token"], "secret-token")
         tap.makeService(options)
         self.assertEqual([e for e in events if e.get("log_level") is not None
                           and e["log_level"].name in ("warn", "error")], [])
+        os.chmod(path, 0o644)
+        tap.makeService(options)
+        [warning] = [e for e in events if e.get("log_level") is not None
+                     and e["log_level"].name == "warn"]
+        self.assertIn("chmod 600", warning["log_format"])
         for content in (None, "  \n"):
             bad = self.mktemp()
             if content is not None:
