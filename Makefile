@@ -22,13 +22,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check zcontrol agent tests bench twisted
 
 # A management node in the foreground on the embedded defaults (LocalBus, SQLite under ./var).
+# Its agents' bootstrap token is kept in var/agent-token (created on the first start).
 run: $(STAMP)
 	mkdir -p var
 	$(BIN)/twistd --nodaemon --pidfile= zcontrol --data-dir var
 
-# A simulated-hypervisor agent in the foreground.
+# A simulated-hypervisor agent in the foreground, requiring the token of `make run`'s node
+# (var/agent-token, created here if the node has not run yet: either may start first).
 run-agent: $(STAMP)
-	$(BIN)/twistd --nodaemon --pidfile= zagent
+	$(BIN)/python -m agent.bootstrap var/agent-token
+	$(BIN)/twistd --nodaemon --pidfile= zagent --bootstrap-token-file var/agent-token
 
 bench: bench-core bench-bus bench-db bench-agent
 	$(BIN)/python -m bench.summary

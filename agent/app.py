@@ -28,8 +28,10 @@ Only the management node commands an agent:
 
  - An agent configured with a bootstrap token (L{AgentApp} C{bootstrap_token}, C{twistd zagent
    --bootstrap-token-file}) answers a C{/host/connect} without it C{401} and with another one
-   C{403} (compared in constant time), and keeps the host's previous secret. Without a token
-   configured, connect is open (a simulation convenience; the agent logs a warning at start).
+   C{403} (compared in constant time), and keeps the host's previous secret. C{twistd zagent}
+   refuses to start without a token unless told C{--insecure-no-token} (it then logs a
+   warning); the management node by default keeps its token in C{<data_dir>/agent-token}
+   (L{agent.bootstrap}). An L{AgentApp} built in code with C{bootstrap_token=None} is open.
  - Asynchronous commands are signed with the host's secret (agreed at connect), checked
    before the body is parsed; a captured command replayed within L{TaskMemory.ttl} is a
    duplicate and ignored (TLS keeps commands from being captured at all).
@@ -267,7 +269,7 @@ class AgentApp:
         @param reset_host: called with a host key when that host crashes (a simulated fault),
             so that the backend forgets it.
         @param bootstrap_token: the token a C{/host/connect} must carry (None: connect is
-            open).
+            open; C{twistd zagent} allows that only with C{--insecure-no-token}).
         """
         if bootstrap_token is not None and not bootstrap_token:
             raise ValueError("an empty bootstrap token would admit anyone; give None or a token")

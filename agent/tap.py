@@ -8,6 +8,7 @@ The only place in C{agent/} that imports the global reactor is L{makeService}.
 from __future__ import annotations
 
 import gc
+import os
 import random
 from typing import Any
 
@@ -16,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from agent.app import AgentApp, CallbackPolicy, Faults, TaskMemory
+from agent.bootstrap import TokenFileError, read_token_file
 from agent.http import (
     DEFAULT_BACKLOG,
     DEFAULT_POOL_SIZE,
@@ -27,7 +29,7 @@ from agent.http import (
 )
 from agent.hypervisor.simulator import SimulatedCluster, SimulatorConfig, parse_latency
 
-__all__ = ["Options", "PLUGINS", "build_agent", "makeService"]
+__all__ = ["NO_TOKEN", "Options", "PLUGINS", "build_agent", "makeService"]
 
 log = Logger()
 
@@ -68,9 +70,11 @@ class Options(usage.Options):
         " Latency: --latency PATH=DIST, repeatable, DIST one of const:S, uniform:A,B, "
         "normal:MU,SIGMA, exp:MEAN (seconds); PATH '*' is the default, e.g. "
         "--latency '*=const:0' --latency /vm/start=uniform:1,5. "
-        "Trust: with --bootstrap-token-file (or --bootstrap-token) a /host/connect must carry "
-        "that token (the management node's [agents] bootstrap_token); without one, connect is "
-        "open and a warning is logged. --tls-cert/--tls-key serve HTTPS; --tls-ca is the CA "
+        "Trust: a /host/connect must carry the bootstrap token given by --bootstrap-token-file "
+        "(or --bootstrap-token): the management node's [agents] bootstrap_token, by default "
+        "the one it keeps in <data_dir>/agent-token. Without a token the agent refuses to "
+        "start, unless --insecure-no-token lets anyone who reaches it connect its hosts. "
+        "--tls-cert/--tls-key serve HTTPS; --tls-ca is the CA "
         "(or self-signed certificate) the management node's HTTPS callback URL is checked "
         "against."
     )
@@ -114,6 +118,8 @@ class Options(usage.Options):
     ]
 
     optFlags = [
+        ["insecure-no-token", None, "Run without a bootstrap token: anyone who reaches this "
+         "agent can connect its hosts and command them (tests and demos only)."],
         ["gc-freeze", None, "gc.freeze() after start-up and raise GC thresholds "
          "(large pending tables are dominated by the cyclic GC)."],
     ]
@@ -147,13 +153,15 @@ class Options(usage.Options):
             raise usage.UsageError("give --bootstrap-token or --bootstrap-token-file, not both")
         if path is not None:
             try:
-                with open(path, encoding="utf-8") as f:
-                    token = f.read().strip()
-            except (OSError, UnicodeDecodeError) as e:
-                raise usage.UsageError(f"cannot read --bootstrap-token-file {path}: {e}"
-                                       ) from None
-        if token is not None and not token:
-            raise usage.UsageError("the bootstrap token is empty")
+                token = read_token_file(path)
+            except TokenFileError as e:
+                raise usage.UsageError(f"--bootstrap-token-file: {e}") from None
+        if token is not None:
+            token = token.strip()
+            if not token:
+                raise usage.UsageError("the bootstrap token is empty")
+        if token is not None and self["insecure-no-token"]:
+            raise usage.UsageError("--insecure-no-token contradicts the bootstrap token given")
         self["bootstrap-token"] = token
         if (self["tls-cert"] is None) != (self["tls-key"] is None):
             raise usage.UsageError("--tls-cert and --tls-key go together")
@@ -164,6 +172,29 @@ class Options(usage.Options):
                                   else trust_root_from_pem(self["tls-ca"]))
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        # Last, so that a wrong value among the other options is reported as such.
+        _require_token(self)
+
+
+#: Why an agent without a token does not start, and what to pass instead.
+NO_TOKEN = (
+    "no bootstrap token: anyone who can reach this agent could connect its hosts and "
+    "command them. Give --bootstrap-token-file PATH (the management node's token file: by "
+    "default <data_dir>/agent-token, e.g. var/agent-token for `make run`; create one with "
+    "`python -m agent.bootstrap PATH`) or --bootstrap-token TOKEN, or pass "
+    "--insecure-no-token to accept any connect (tests and demos only).")
+
+
+def _require_token(options: Options) -> None:
+    if options["bootstrap-token"] is None and not options["insecure-no-token"]:
+        raise usage.UsageError(NO_TOKEN)
+
+
+def _readable_by_others(path: str) -> bool:
+    try:
+        return bool(os.stat(path).st_mode & 0o077)
+    except OSError:
+        return False
 
 
 def build_agent(options: Options, reactor: Any) -> AgentApp:
@@ -237,13 +268,21 @@ def makeService(options: Options) -> service.IService:
     """
     The agent service: a TCP (or, with C{--tls-cert}, TLS) server with the configured backlog
     serving the agent's site.
+
+    @raise usage.UsageError: no bootstrap token and no C{--insecure-no-token} (checked here
+        too, for options that did not go through L{Options.postOptions}).
     """
     from twisted.internet import reactor
 
+    _require_token(options)
     agent = build_agent(options, reactor)
     if agent.bootstrap_token is None:
-        log.warn("no bootstrap token configured: anyone reaching this agent can connect its "
-                 "hosts (give --bootstrap-token-file)")
+        log.warn("--insecure-no-token: anyone reaching this agent can connect its hosts and "
+                 "command them (give --bootstrap-token-file)")
+    path = options["bootstrap-token-file"]
+    if path is not None and _readable_by_others(path):
+        log.warn("the bootstrap token file {path} is readable by other users: chmod 600 it",
+                 path=path)
     site = QuietSite(agent.app.resource())
     top = service.MultiService()
     _Drain(agent, reactor).setServiceParent(top)

@@ -34,6 +34,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -45,6 +46,7 @@ from typing import Any
 from twisted.internet import defer, task
 
 from agent import protocol as p
+from agent.bootstrap import TOKEN_FILE, ensure_token_file
 from agent.http import make_http_client, make_pool
 from zcontrol.agentclient import AgentClient, CallbackEndpoint, listen_callback
 
@@ -122,14 +124,18 @@ async def run(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     port = _free_port()
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     logfile = tempfile.NamedTemporaryFile(prefix="zagent-", suffix=".log", delete=False).name
+    # The agent requires a bootstrap token, as in production (agent.bootstrap).
+    token_dir = tempfile.mkdtemp(prefix="zagent-token-")
+    token_file = os.path.join(token_dir, TOKEN_FILE)
+    token, _ = ensure_token_file(token_file)
     proc = subprocess.Popen(
         [twistd, "-n", "--pidfile=", f"--logfile={logfile}", "zagent", "--port", str(port),
          "--hosts", str(args.hosts), "--gc-freeze", "--seed", "1",
-         "--callback-time-slice", str(args.time_slice)],
+         "--callback-time-slice", str(args.time_slice), "--bootstrap-token-file", token_file],
     )
     agent_url = f"http://127.0.0.1:{port}"
     client = AgentClient.create(reactor, "", pool_size=args.concurrency,
-                                default_timeout=args.timeout)
+                                default_timeout=args.timeout, bootstrap_token=token)
     endpoint = CallbackEndpoint(client)
     listening = listen_callback(reactor, endpoint, interface="127.0.0.1", backlog=1024)
     bare_pool = make_pool(reactor, args.concurrency)
@@ -237,6 +243,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
         proc.terminate()
         proc.wait(10)
         os.unlink(logfile)
+        shutil.rmtree(token_dir, ignore_errors=True)
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ for name in names:
 from agent.tap import Options, build_agent
 from twisted.internet.task import Clock
 options = Options()
-options.parseOptions(["--hosts", "2"])
+options.parseOptions(["--hosts", "2", "--bootstrap-token", "t"])
 build_agent(options, Clock())
 assert not [m for m in sys.modules if m.split(".")[0] == "zcontrol"]
 print("ok", len(names))

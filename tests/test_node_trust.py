@@ -7,14 +7,18 @@ both ways, and an agent requiring another token refuses the node with AGENT.1002
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from agent import protocol as p
+from agent import tap
 from agent.app import CallbackPolicy
+from agent.bootstrap import TOKEN_FILE, ensure_token_file, read_token_file
 from agent.http import (
+    DEFAULT_POOL_SIZE,
     QuietSite,
     make_http_client,
     make_pool,
@@ -23,8 +27,10 @@ from agent.http import (
 )
 from tests.agent_fakes import make_agent
 from tests.test_agent_tls import make_self_signed
+from zcontrol.agentclient import AgentClient
+from zcontrol.agentclient.client import DEFAULT_MAX_IN_FLIGHT_PER_HOST
 from zcontrol.agentclient.errors import AGENT
-from zcontrol.config import load_config
+from zcontrol.config import AgentsConfig, ConfigError, load_config
 from zcontrol.node import make_node
 from zcontrol.services.host import SERVICE_ID as HOST_SERVICE
 from zcontrol.services.host import AddHostMsg
@@ -100,3 +106,184 @@ class NodeTrustTests(TestCase):
             error = error.cause
         self.assertIn(AGENT.TOKEN_REFUSED, codes)
         self.assertIsNone(row)
+
+
+class DefaultTokenTests(TestCase):
+    """
+    Issue 8 item 10, secure by default: a node with no token configured used to connect
+    agents without one, and agents without one accepted anyone. Now the node keeps its token
+    in C{<data_dir>/agent-token} and C{twistd zagent --bootstrap-token-file} reads that file.
+    """
+
+    def setUp(self) -> None:
+        self.data_dir = os.path.abspath(self.mktemp())
+        self.path = os.path.join(self.data_dir, TOKEN_FILE)
+
+    def node(self, agents: dict[str, Any] | None = None) -> Any:
+        config = load_config(None, {
+            "node": {"id": "mn-token", "data_dir": self.data_dir},
+            "store": {"url": "sqlite://:memory:"},
+            "http": {"port": 0},
+            "agents": agents or {}})
+        node = make_node(config, reactor)
+        self.addCleanup(node.agents.close, "test over")
+        return node
+
+    def test_token_file_created_and_reused(self) -> None:
+        """
+        Fault (issue 8 item 10, default): a node without a configured token had none. Its
+        first start creates <data_dir>/agent-token (mode 0600, a fresh token) and uses it;
+        later starts reuse it.
+        """
+        first = self.node().agents.bootstrap_token
+        self.assertIsNotNone(first)
+        self.assertGreaterEqual(len(first), 40)
+        self.assertEqual(read_token_file(self.path), first)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.assertEqual(self.node().agents.bootstrap_token, first)
+
+    def test_agent_side_created_first(self) -> None:
+        """
+        When C{make run-agent} ran first (C{python -m agent.bootstrap var/agent-token}), the
+        node takes that token.
+        """
+        token, created = ensure_token_file(self.path)
+        self.assertTrue(created)
+        self.assertEqual(self.node().agents.bootstrap_token, token)
+
+    def test_explicit_config_wins(self) -> None:
+        """
+        agents.bootstrap_token, or the file agents.bootstrap_token_file names, takes
+        precedence over the data directory's file, which is then not created; a configured
+        file that is missing is an error (never created: the operator manages it).
+        """
+        self.assertEqual(self.node({"bootstrap_token": "cfg"}).agents.bootstrap_token, "cfg")
+        other = os.path.abspath(self.mktemp())
+        with open(other, "w") as f:
+            f.write("from-file\n")
+        node = self.node({"bootstrap_token_file": other})
+        self.assertEqual(node.agents.bootstrap_token, "from-file")
+        self.assertFalse(os.path.lexists(self.path))
+        e = self.assertRaises(ConfigError, self.node,
+                              {"bootstrap_token_file": other + ".missing"})
+        self.assertIn("agents.bootstrap_token_file", str(e))
+        self.assertFalse(os.path.lexists(other + ".missing"))
+
+    def test_corrupt_token_file(self) -> None:
+        """
+        An empty token file in the data directory stops the node with an error naming it; it
+        is not replaced (agents holding the old token would be locked out).
+        """
+        os.makedirs(self.data_dir)
+        with open(self.path, "w") as f:
+            f.write("\n")
+        e = self.assertRaises(ConfigError, self.node)
+        self.assertIn(self.path, str(e))
+        with open(self.path) as f:
+            self.assertEqual(f.read(), "\n")
+
+    async def test_make_run_pairing(self) -> None:
+        """
+        C{make run} then C{make run-agent}: a node with a data dir and no token configured,
+        and a C{twistd zagent --bootstrap-token-file <data_dir>/agent-token} agent (built from
+        its twistd options): a host on that agent is added and Connected. The same agent
+        refuses a node with another data dir (hence another token) with AGENT.1002.
+        """
+        node = self.node()
+        options = tap.Options()
+        options.parseOptions(["--port", "0", "--hosts", "2", "--callback-time-slice", "-1",
+                              "--bootstrap-token-file", self.path])
+        agent = tap.build_agent(options, reactor)
+        self.assertEqual(agent.bootstrap_token, node.agents.bootstrap_token)
+        port = reactor.listenTCP(0, QuietSite(agent.app.resource()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        # The agent's callback pool (built inside build_agent, as twistd does).
+        pool = getattr(getattr(agent._http, "_agent", None), "_pool", None)
+        if pool is not None:
+            self.addCleanup(pool.closeCachedConnections)
+        base = p.host_base_url(f"http://127.0.0.1:{port.getHost().port}", 1)
+        reply, row = await _add_host(self, node, base)
+        self.assertTrue(reply.success, reply.error)
+        self.assertEqual(row["status"], "Connected")
+        self.assertGreater(row["totalCpuCapacity"], 0)
+
+        self.data_dir = os.path.abspath(self.mktemp())
+        stranger = self.node()
+        reply, row = await _add_host(self, stranger, base)
+        self.assertFalse(reply.success)
+        self.assertIn(AGENT.TOKEN_REFUSED, _codes(reply.error))
+        self.assertIsNone(row)
+
+
+async def _add_host(case: TestCase, node: Any, base: str) -> Any:
+    case.addCleanup(lambda: node.running and node.stopService())
+    await node.startService()
+    await node.store.insert("zone", {"uuid": "z", "name": "zone"})
+    await node.store.insert("cluster", {"uuid": "c", "name": "cluster", "zoneUuid": "z",
+                                        "hypervisorType": "KVM"})
+    reply = await node.bus.send(AddHostMsg(
+        service_id=HOST_SERVICE, name="h", zone_uuid="z", cluster_uuid="c", uuid="h1",
+        management_ip=base))
+    row = await node.store.get("host", "h1")
+    await node.stopService().addTimeout(10, reactor)
+    return reply, row
+
+
+def _codes(error: Any) -> list[str]:
+    codes = []
+    while error is not None:
+        codes.append(error.code)
+        error = error.cause
+    return codes
+
+
+class AgentsConfigTests(TestCase):
+    """
+    The agent client's pool and in-flight limits come from [agents].
+    """
+
+    def test_limits_from_config(self) -> None:
+        """
+        Fault (issue 8 item 17, agents): AgentClient.create's pool size and in-flight limits
+        were hard-coded in make_node. [agents] pool_size, max_in_flight and
+        max_in_flight_per_host reach the node's agent client.
+        """
+        config = load_config(None, {
+            "node": {"id": "mn-limits", "data_dir": os.path.abspath(self.mktemp())},
+            "store": {"url": "sqlite://:memory:"},
+            "agents": {"bootstrap_token": "t", "pool_size": 7, "max_in_flight": 50,
+                       "max_in_flight_per_host": 5}})
+        self.assertEqual((config.agents.pool_size, config.agents.max_in_flight,
+                          config.agents.max_in_flight_per_host), (7, 50, 5))
+        node = make_node(config, reactor)
+        self.addCleanup(node.agents.close, "test over")
+        self.assertEqual(node.agents._pool.maxPersistentPerHost, 7)
+        self.assertEqual(node.agents._sem.limit, 50)
+        self.assertEqual(node.agents._per_host, 5)
+
+    def test_defaults(self) -> None:
+        """
+        The defaults are the client's: max_in_flight follows pool_size.
+        """
+        config = load_config(None, {"agents": {"bootstrap_token": "t", "pool_size": 9}})
+        self.assertIsNone(config.agents.max_in_flight)
+        self.assertEqual(AgentsConfig().pool_size, DEFAULT_POOL_SIZE)
+        self.assertEqual(AgentsConfig().max_in_flight_per_host, DEFAULT_MAX_IN_FLIGHT_PER_HOST)
+        agents = AgentClient.create(reactor, "", pool_size=config.agents.pool_size,
+                                    max_in_flight=config.agents.max_in_flight)
+        self.addCleanup(agents.close, "test over")
+        self.assertEqual(agents._sem.limit, 9)
+
+    def test_invalid(self) -> None:
+        """
+        Non-positive or ill-typed limits are refused naming the key, in the config and in
+        AgentClient.create.
+        """
+        for key in ("pool_size", "max_in_flight", "max_in_flight_per_host"):
+            for value in (0, -3, "many", 1.5, True):
+                e = self.assertRaises(ConfigError, load_config,
+                                      None, {"agents": {key: value}})
+                self.assertIn(f"agents.{key}", str(e))
+            self.assertRaises(ValueError, AgentClient.create, reactor, "", **{key: 0})
+        e = self.assertRaises(ConfigError, load_config, None, {"agents": {"pool": 3}})
+        self.assertIn("agents.pool", str(e))

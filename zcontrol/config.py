@@ -29,8 +29,12 @@ A config file looks like::
     tls_key = "/etc/zcontrol/mn.key"
 
     [agents]
-    bootstrap_token_file = "/etc/zcontrol/agent-token"  # or bootstrap_token = "..."
+    bootstrap_token_file = "/etc/zcontrol/agent-token"  # or bootstrap_token = "...";
+                                # default: kept in <data_dir>/agent-token (agent.bootstrap)
     tls_ca = "/etc/zcontrol/agents-ca.pem"  # checks agents' HTTPS certificates
+    pool_size = 1000            # persistent connections per agent endpoint
+    max_in_flight = 1000        # agent requests in flight at once (default: pool_size)
+    max_in_flight_per_host = 32 # ... to one agent base URL
 
     [host]                      # the host service (see HostConfig for every key)
     ping_interval = 60
@@ -48,9 +52,13 @@ import tomllib
 from typing import Any, Mapping
 
 import attrs
+from twisted.logger import Logger
 
 __all__ = ["AgentsConfig", "BusConfig", "Config", "ConfigError", "HostConfig", "HttpConfig",
            "ShutdownConfig", "StoreConfig", "load_config"]
+
+
+log = Logger()
 
 
 class ConfigError(ValueError):
@@ -113,37 +121,70 @@ class AgentsConfig:
     """
     How the node deals with agents.
 
+    The bootstrap token is chosen, first match wins: C{bootstrap_token}, or the file
+    C{bootstrap_token_file} names (which must exist); else the file C{agent-token} in the data
+    directory, created with a fresh token on the first start (see L{token} and
+    L{agent.bootstrap}).
+
     @ivar bootstrap_token: the token agents require at C{/host/connect} (C{twistd zagent
         --bootstrap-token-file}); C{bootstrap_token_file} names a file holding it instead.
     @ivar tls_ca: PEM CA certificate(s) agents' HTTPS certificates are checked against
         (default: the platform's CAs).
+    @ivar pool_size: persistent HTTP connections the agent client keeps per agent endpoint
+        (C{host:port}).
+    @ivar max_in_flight: agent requests in flight at once, all agents together (None: as
+        C{pool_size}); more wait in the node.
+    @ivar max_in_flight_per_host: agent requests in flight at once to one agent base URL, so
+        that hung hosts cannot take every slot (capped by C{max_in_flight}).
     """
 
     bootstrap_token: str | None = None
     bootstrap_token_file: str | None = None
     tls_ca: str | None = None
+    #: as agent.http.DEFAULT_POOL_SIZE (tests.test_node_trust checks they agree)
+    pool_size: int = 1000
+    max_in_flight: int | None = None
+    #: as zcontrol.agentclient.client.DEFAULT_MAX_IN_FLIGHT_PER_HOST
+    max_in_flight_per_host: int = 32
 
     def __attrs_post_init__(self) -> None:
         if self.bootstrap_token is not None and self.bootstrap_token_file is not None:
             raise ConfigError("give agents.bootstrap_token or agents.bootstrap_token_file")
-        if self.bootstrap_token == "":
+        if self.bootstrap_token is not None and not self.bootstrap_token.strip():
             raise ConfigError("agents.bootstrap_token is empty")
+        for name in ("pool_size", "max_in_flight", "max_in_flight_per_host"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"agents.{name} must be at least 1, not {value!r}")
 
-    def token(self) -> str | None:
+    def token(self, data_dir: str | None = None) -> str | None:
         """
-        The bootstrap token, read from C{bootstrap_token_file} if that is set.
+        The bootstrap token, chosen as the class docstring says.
 
-        @raise ConfigError: the file cannot be read or is empty.
+        @param data_dir: the node's data directory; None: no default token file (the result
+            is then None when no token is configured).
+        @raise ConfigError: the configured file cannot be read or is empty, or the data
+            directory's file is corrupt or cannot be created.
         """
-        if self.bootstrap_token_file is None:
-            return self.bootstrap_token
+        from agent.bootstrap import TOKEN_FILE, TokenFileError, ensure_token_file, read_token_file
+
+        if self.bootstrap_token is not None:
+            return self.bootstrap_token.strip()
         try:
-            with open(self.bootstrap_token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read agents.bootstrap_token_file: {e}") from None
-        if not token:
-            raise ConfigError(f"agents.bootstrap_token_file {self.bootstrap_token_file} is empty")
+            if self.bootstrap_token_file is not None:
+                return read_token_file(self.bootstrap_token_file)
+            if data_dir is None:
+                return None
+            path = os.path.join(data_dir, TOKEN_FILE)
+            token, created = ensure_token_file(path)
+        except TokenFileError as e:
+            if self.bootstrap_token_file is not None:
+                raise ConfigError(f"agents.bootstrap_token_file: {e}") from None
+            raise ConfigError(f"{e} (it is the agents' default bootstrap token; fix it, or "
+                              "set agents.bootstrap_token_file)") from None
+        if created:
+            log.info("new agents' bootstrap token kept in {path}: give agents that file "
+                     "(twistd zagent --bootstrap-token-file {path})", path=path)
         return token
 
 
@@ -222,7 +263,8 @@ _SECTIONS: dict[str, dict[str, type]] = {
             "heartbeat_interval": float, "max_message_size": int},
     "http": {"port": int, "interface": str, "backlog": int, "public_url": str,
              "tls_cert": str, "tls_key": str},
-    "agents": {"bootstrap_token": str, "bootstrap_token_file": str, "tls_ca": str},
+    "agents": {"bootstrap_token": str, "bootstrap_token_file": str, "tls_ca": str,
+               "pool_size": int, "max_in_flight": int, "max_in_flight_per_host": int},
     "host": {a.name: {"float": float, "int": int, "bool": bool}.get(a.type, str)  # type: ignore[call-overload]
              for a in attrs.fields(HostConfig)},
     "shutdown": {"drain_timeout": float},

@@ -397,9 +397,12 @@ def make_node(config: Config, reactor: Any,
               on_start_failure: Callable[[Failure], Any] | None = None) -> ManagementNode:
     """
     Build (not start) a management node from C{config}. Its id is chosen (and on a first
-    start persisted) by L{zcontrol.identity.resolve_node_id}.
+    start persisted) by L{zcontrol.identity.resolve_node_id}; its agents' bootstrap token by
+    L{zcontrol.config.AgentsConfig.token} (on a first start without a configured token,
+    C{<data_dir>/agent-token} is created).
 
-    @raise ConfigError: the node id cannot be chosen (e.g. a corrupt id file).
+    @raise ConfigError: the node id or the bootstrap token cannot be chosen (e.g. a corrupt
+        id or token file).
     """
     from zcontrol.agentclient import AgentClient, CallbackEndpoint
     from zcontrol.db import open_store
@@ -414,8 +417,13 @@ def make_node(config: Config, reactor: Any,
         options["pool_size"] = config.store.pool_size
     store = open_store(config.store.url, reactor, **options)
     bus = make_bus(config, reactor)
-    # The callback URL is known once HTTP listens (the port may be chosen by the OS).
-    agents = AgentClient.create(reactor, "", bootstrap_token=config.agents.token(),
+    # The callback URL is known once HTTP listens (the port may be chosen by the OS). The
+    # bootstrap token: the configured one, else <data_dir>/agent-token (created on the first
+    # start; AgentsConfig says how it is chosen).
+    agents = AgentClient.create(reactor, "", pool_size=config.agents.pool_size,
+                                max_in_flight=config.agents.max_in_flight,
+                                max_in_flight_per_host=config.agents.max_in_flight_per_host,
+                                bootstrap_token=config.agents.token(config.data_dir),
                                 trust_root=_trust_root(config))
     endpoint = CallbackEndpoint(agents)
     node = ManagementNode(config, reactor, store, bus, agents, on_start_failure)

@@ -162,11 +162,18 @@ class AgentClient:
         """
         A client with its own connection pool keeping C{pool_size} persistent connections per
         agent endpoint, C{max_in_flight} (default: C{pool_size}) requests at once and
-        C{max_in_flight_per_host} per agent base URL.
+        C{max_in_flight_per_host} per agent base URL (a node takes all three from its
+        C{[agents]} config section).
 
         @param trust_root: the C{IOpenSSLTrustRoot} agents' HTTPS certificates are checked
             against (None: the platform's CAs).
+        @raise ValueError: C{pool_size}, C{max_in_flight} or C{max_in_flight_per_host} is
+            below 1.
         """
+        for name, value in (("pool_size", pool_size), ("max_in_flight", max_in_flight),
+                            ("max_in_flight_per_host", max_in_flight_per_host)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value!r}")
         pool = make_pool(reactor, pool_size)
         client = cls(
             reactor,

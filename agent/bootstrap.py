@@ -1,0 +1,129 @@
+# -*- test-case-name: tests.test_agent_bootstrap -*-
+"""
+The bootstrap token file shared by a management node and its agents.
+
+An agent accepts C{/host/connect} only with the operator's bootstrap token (see L{agent.app},
+Trust). Both sides read it from a file holding the token (surrounding whitespace ignored).
+L{ensure_token_file} creates such a file when it is missing, atomically: a fresh
+C{secrets.token_urlsafe(32)} is written to a temporary file created with mode C{0600}, flushed
+to disk, then hard-linked into place. C{link()} never replaces, so two processes racing to
+create the file (C{make run} and C{make run-agent} started together) end up with the one
+token that won; neither a crash nor a race leaves a half-written file. A file that exists but
+is empty or unreadable is an error naming it, never silently replaced (that would lock out
+every agent holding the old token).
+
+The management node uses it for C{<data_dir>/agent-token} (L{TOKEN_FILE}) when no token is
+configured; C{python -m agent.bootstrap PATH} does the same from a shell (C{make run-agent}
+runs it before starting the agent, so either may start first). This module is under
+C{agent/} because the agent never imports C{zcontrol}.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+
+__all__ = ["TOKEN_FILE", "TokenFileError", "ensure_token_file", "read_token_file"]
+
+#: The token file's name in a management node's data directory.
+TOKEN_FILE = "agent-token"
+
+#: Largest token file read (bytes): a token is one short line.
+_MAX_SIZE = 4096
+
+
+class TokenFileError(ValueError):
+    """
+    A bootstrap token file cannot be read, created, or holds no token; the message names it.
+    """
+
+
+def read_token_file(path: str) -> str:
+    """
+    The token in the file at C{path}, stripped of surrounding whitespace.
+
+    @raise TokenFileError: the file cannot be read, is not UTF-8 text, is empty or larger
+        than 4096 bytes.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_SIZE + 1)
+    except OSError as e:
+        raise TokenFileError(f"cannot read the bootstrap token file {path}: {e.strerror}"
+                             ) from None
+    if len(raw) > _MAX_SIZE:
+        raise TokenFileError(f"the bootstrap token file {path} is larger than {_MAX_SIZE} "
+                             "bytes: it holds one token")
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise TokenFileError(f"the bootstrap token file {path} is not UTF-8 text") from None
+    if not token:
+        raise TokenFileError(f"the bootstrap token file {path} is empty; write a token into "
+                             "it, or delete it to have a new one created")
+    return token
+
+
+def ensure_token_file(path: str) -> tuple[str, bool]:
+    """
+    The token in the file at C{path}, creating the file (mode C{0600}, and its directory)
+    with a fresh token if it does not exist.
+
+    @return: C{(token, created)}: C{created} is true if this call wrote the file.
+    @raise TokenFileError: as L{read_token_file}, or the file cannot be created.
+    """
+    if os.path.lexists(path):
+        return read_token_file(path), False
+    directory = os.path.dirname(os.path.abspath(path))
+    token = secrets.token_urlsafe(32)
+    tmp = f"{path}.{secrets.token_hex(8)}.tmp"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(token.encode("ascii") + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                # link() never replaces: a creator that lost a race reads the winner's token.
+                os.link(tmp, path)
+            except FileExistsError:
+                return read_token_file(path), False
+        finally:
+            os.unlink(tmp)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise TokenFileError(f"cannot create the bootstrap token file {path}: {e.strerror}"
+                             ) from None
+    return token, True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    C{python -m agent.bootstrap PATH}: create the token file at PATH if it is missing.
+    Prints nothing to stdout (the token stays in the file); exit status 1 with the reason on
+    stderr if the file cannot be read or created.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m agent.bootstrap PATH  (creates the bootstrap token file "
+              "PATH, mode 0600, if it is missing)", file=sys.stderr)
+        return 2
+    try:
+        _token, created = ensure_token_file(args[0])
+    except TokenFileError as e:
+        print(f"agent.bootstrap: {e}", file=sys.stderr)
+        return 1
+    if created:
+        print(f"created the bootstrap token file {args[0]}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through a subprocess
+    raise SystemExit(main())
