@@ -172,7 +172,8 @@ class ReportOrderTests(SynchronousTestCase):
                                       seq=seq).to_json()
             headers = {"taskuuid": "t", p.COMMAND_PATH_HEADER: p.REPORT_VM_STATE_PATH,
                        p.RESOURCE_UUID_HEADER: "h0",
-                       p.SIGNATURE_HEADER: p.sign(SECRET, "t", body)}
+                       p.SIGNATURE_HEADER: p.sign_report(SECRET, p.REPORT_VM_STATE_PATH, "t",
+                                                         body)}
             response = self.successResultOf(self.to_node.post(SEND_COMMAND_URL, data=body,
                                                               headers=headers))
             self.assertEqual(response.code, 400)
