@@ -26,7 +26,7 @@ tracks more than C{max_tracked_resources}, is forgotten after raising the host's
 (the highest sequence number forgotten): a report at or below the floor is refused. A host's
 sequence numbers grow over all its VMs, so a report under the floor was made before the
 forgotten VM's last report was applied, at least C{forget_after} seconds ago: longer than an
-agent retries (about 12 minutes with its default policy), so only a replay is refused.
+agent retries (under 15 minutes with its default policy), so only a replay is refused.
 
 Every body is checked for its signature B{before} it is parsed, is bounded in size
 (L{agent.http.QuietSite.max_body_size}, and L{agent.protocol.MAX_BODY_SIZE} again here) and
@@ -142,7 +142,9 @@ class CallbackEndpoint:
             are answered 503 (the agent retries).
         @param handler_timeout: seconds a report handler may take; past it its Deferred is
             cancelled, the report is answered 500 (the agent retries) and the host's next
-            report proceeds.
+            report proceeds. A handler that ignores the cancellation may still finish later,
+            after a newer report of the same VM: handlers must not let an older state
+            overwrite a newer one by themselves (compare before writing).
         @param forget_after: seconds after which the order of a VM with no report is
             forgotten (Note [bounded report order]); keep it above the agents' retry span.
         @param max_tracked_resources: VMs per host whose order is kept at most.
