@@ -5,10 +5,13 @@ connect, ping) and the asynchronous command pattern, with plugins supplying the 
 
 Asynchronous URIs
 =================
-A command POSTed without a C{taskuuid} or C{callbackurl} header gets C{400}; a host that was
-never connected (no callback secret) gets C{409}; a command not signed with the host's secret
-(L{protocol.sign_command} in the L{SIGNATURE_HEADER}) gets C{403}; a body
-that does not decode gets C{400}; a callback URL not agreed at connect gets C{403}. Else
+A command POSTed without a C{taskuuid}, C{callbackurl} or L{protocol.EXPIRY_HEADER} header
+(or with a malformed expiry) gets C{400}; a host that was never connected (no callback secret)
+gets C{409}; a command not signed with the host's secret for this path, callback URL, expiry
+and task (L{protocol.sign_command} in the L{SIGNATURE_HEADER}) gets C{403}; so does a command
+whose expiry has passed, or lies more than C{max_command_age} seconds ahead (both with
+C{clock_skew} seconds of tolerance); a body that does not decode gets C{400}; a callback URL
+not agreed at connect gets C{403}. Else
 the agent answers C{200} with an empty body at once, runs the plugin's handler, and POSTs the
 response (a L{Response}; a handler failure becomes C{success=false} with the error text) to the
 callback URL with the same C{taskuuid}, signed with the host's secret. A task uuid seen before
@@ -32,9 +35,11 @@ Only the management node commands an agent:
    refuses to start without a token unless told C{--insecure-no-token} (it then logs a
    warning); the management node by default keeps its token in C{<data_dir>/agent-token}
    (L{agent.bootstrap}). An L{AgentApp} built in code with C{bootstrap_token=None} is open.
- - Asynchronous commands are signed with the host's secret (agreed at connect), checked
-   before the body is parsed; a captured command replayed within L{TaskMemory.ttl} is a
-   duplicate and ignored (TLS keeps commands from being captured at all).
+ - Asynchronous commands are signed with the host's secret (agreed at connect) over their
+   path, callback URL, expiry, task uuid and body, checked before the body is parsed: a
+   captured command is valid nowhere else, and not after its expiry; replayed before it, it
+   is a duplicate and ignored (L{TaskMemory} remembers task uuids longer than any expiry the
+   agent admits). TLS keeps commands from being captured at all.
  - A host calls back only under the URL prefixes agreed at its last connect
    (L{protocol.allowed_callback_prefixes}); a command naming another C{callbackurl} is refused
    with C{403} before anything runs, and nothing is ever POSTed there.
@@ -106,6 +111,7 @@ log = Logger()
 _TASK = TASK_UUID_HEADER.encode("ascii")
 _CALLBACK = CALLBACK_URL_HEADER.encode("ascii")
 _SIGNATURE = SIGNATURE_HEADER.encode("ascii")
+_EXPIRY = protocol.EXPIRY_HEADER.encode("ascii")
 _JSON = b"application/json"
 
 #: A plugin's command handler: (host, decoded command) -> Response or Deferred[Response].
@@ -153,6 +159,11 @@ class HostState:
 class TaskMemory:
     """
     The task uuids seen recently, bounded in time and count.
+
+    C{ttl} (seconds) must exceed the longest time a command stays acceptable (the agent's
+    C{max_command_age} plus twice its C{clock_skew}, checked by L{AgentApp}), else a captured
+    command could be replayed once its task uuid is forgotten. C{max_size} is a last resort
+    against memory exhaustion: past it the oldest uuids are forgotten before their time.
     """
 
     def __init__(self, clock: Any, ttl: float = 3600.0, max_size: int = 200_000) -> None:
@@ -260,6 +271,8 @@ class AgentApp:
         tasks: TaskMemory | None = None,
         reset_host: Callable[[str], None] | None = None,
         bootstrap_token: str | None = None,
+        clock_skew: float = 60.0,
+        max_command_age: float = protocol.MAX_COMMAND_AGE,
     ) -> None:
         """
         @param clock: an C{IReactorTime} for backoff and POST timeouts.
@@ -270,6 +283,12 @@ class AgentApp:
             so that the backend forgets it.
         @param bootstrap_token: the token a C{/host/connect} must carry (None: connect is
             open; C{twistd zagent} allows that only with C{--insecure-no-token}).
+        @param clock_skew: seconds the management node's clock may differ from this one's:
+            a command is still accepted this long after its expiry.
+        @param max_command_age: seconds ahead an expiry may lie (plus C{clock_skew}); a
+            command asking for longer is refused.
+        @raise ValueError: C{tasks} forgets task uuids before the commands they name expire
+            (its C{ttl} is under C{max_command_age + 2 * clock_skew}).
         """
         if bootstrap_token is not None and not bootstrap_token:
             raise ValueError("an empty bootstrap token would admit anyone; give None or a token")
@@ -282,6 +301,15 @@ class AgentApp:
         self._policy = policy
         self._rng = rng if rng is not None else random.Random()
         self.tasks = tasks if tasks is not None else TaskMemory(clock)
+        if clock_skew < 0 or max_command_age <= 0:
+            raise ValueError("clock_skew must be >= 0 and max_command_age > 0")
+        if self.tasks.ttl < max_command_age + 2 * clock_skew:
+            raise ValueError(
+                f"task uuids are remembered {self.tasks.ttl:g}s, under the {max_command_age:g}s"
+                f" + 2 x {clock_skew:g}s a command may stay acceptable: a captured command "
+                "could be replayed")
+        self.clock_skew = clock_skew
+        self.max_command_age = max_command_age
         self._reset_host = reset_host
         self._hosts: dict[str, HostState] = {}
         self._sem = DeferredSemaphore(policy.concurrency)
@@ -416,6 +444,12 @@ class AgentApp:
         except UnicodeDecodeError:
             request.setResponseCode(400)
             return b"callbackurl header is not ASCII"
+        expiries = headers.getRawHeaders(_EXPIRY)
+        expiry_text = expiries[0].decode("ascii", "replace") if expiries else ""
+        expiry = protocol.parse_expiry(expiry_text)
+        if expiry is None:
+            request.setResponseCode(400)
+            return f"{protocol.EXPIRY_HEADER} header missing or malformed".encode()
         if host.secret is None:
             request.setResponseCode(409)
             return f"host {key} is not connected".encode()
@@ -425,12 +459,22 @@ class AgentApp:
             return f"body over {protocol.MAX_BODY_SIZE} bytes".encode()
         # The signature is checked before the body is parsed: unsigned input is never parsed.
         signatures = headers.getRawHeaders(_SIGNATURE)
-        if not protocol.verify_command(host.secret, taskuuid, body,
-                                       signatures[0] if signatures else None):
+        if not protocol.verify_command(host.secret, path, taskuuid, callback_url, expiry_text,
+                                       body, signatures[0] if signatures else None):
             request.setResponseCode(403)
             log.warn("refused {path} for host {key}: bad or missing signature", path=path,
                      key=key)
             return b"bad or missing signature"
+        now = self._clock.seconds()
+        if expiry + self.clock_skew < now:
+            request.setResponseCode(403)
+            log.warn("refused {path} for host {key}: expired {ago:.3f}s ago", path=path,
+                     key=key, ago=now - expiry)
+            return f"command expired at {expiry_text} (now {now:.3f})".encode()
+        if expiry > now + self.max_command_age + self.clock_skew:
+            request.setResponseCode(403)
+            return (f"command expiry {expiry_text} is more than {self.max_command_age:g}s "
+                    "ahead").encode()
         try:
             cmd = protocol.decode_body(definition.cmd_type, body)
         except ProtocolError as e:
@@ -587,7 +631,7 @@ class AgentApp:
             protocol.COMMAND_PATH_HEADER.encode("ascii"): [path.encode("utf-8")],
             protocol.RESOURCE_UUID_HEADER.encode("ascii"): [host.host_uuid.encode("utf-8")],
             SIGNATURE_HEADER.encode("ascii"): [
-                protocol.sign(host.secret, taskuuid, body).encode("ascii")
+                protocol.sign_report(host.secret, path, taskuuid, body).encode("ascii")
             ],
             b"content-type": [_JSON],
         }

@@ -30,6 +30,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProduce
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from agent.protocol import MAX_BODY_SIZE
+
 __all__ = [
     "BytesProducer",
     "CachingEndpointFactory",
@@ -43,8 +45,9 @@ __all__ = [
 
 DEFAULT_POOL_SIZE = 1000
 DEFAULT_BACKLOG = 1024
-#: The largest request body a L{QuietSite} reads, bytes (as L{agent.protocol.MAX_BODY_SIZE}).
-DEFAULT_MAX_BODY_SIZE = 4 * 1024 * 1024
+#: The largest request body a L{QuietSite} reads, bytes: the wire contract's
+#: L{agent.protocol.MAX_BODY_SIZE} (one limit, defined once).
+DEFAULT_MAX_BODY_SIZE = MAX_BODY_SIZE
 
 
 @implementer(IBodyProducer)
@@ -207,6 +210,27 @@ class QuietSite(Site):
         pass
 
 
+_PEM_END = b"-----END CERTIFICATE-----"
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+
+
+def _certificates_from_pem(pem: bytes, path: str) -> list[Any]:
+    """
+    The certificates of the PEM blocks in C{pem} (read from C{path}), in order.
+
+    @raise ValueError: C{pem} holds no certificate, or one that does not load.
+    """
+    from twisted.internet.ssl import Certificate
+
+    blocks = [b + _PEM_END for b in pem.split(_PEM_END) if _PEM_BEGIN in b]
+    if not blocks:
+        raise ValueError(f"no certificate in {path}")
+    try:
+        return [Certificate.loadPEM(b) for b in blocks]
+    except Exception as e:
+        raise ValueError(f"bad certificate in {path}: {e}") from None
+
+
 def trust_root_from_pem(path: str) -> Any:
     """
     A trust root of the CA certificates in the PEM file at C{path} (a self-signed server
@@ -214,19 +238,17 @@ def trust_root_from_pem(path: str) -> Any:
 
     @raise ValueError: the file cannot be read or holds no certificate.
     """
-    from twisted.internet.ssl import Certificate, trustRootFromCertificates
+    from twisted.internet.ssl import trustRootFromCertificates
 
     try:
         with open(path, "rb") as f:
             pem = f.read()
     except OSError as e:
         raise ValueError(f"cannot read CA file {path}: {e.strerror}") from None
-    marker = b"-----END CERTIFICATE-----"
-    blocks = [b + marker for b in pem.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
-    if not blocks:
-        raise ValueError(f"no certificate in {path}")
     try:
-        return trustRootFromCertificates([Certificate.loadPEM(b) for b in blocks])
+        return trustRootFromCertificates(_certificates_from_pem(pem, path))
+    except ValueError:
+        raise
     except Exception as e:
         raise ValueError(f"bad certificate in {path}: {e}") from None
 
@@ -238,7 +260,7 @@ def server_tls_options(cert_path: str, key_path: str) -> Any:
 
     @raise ValueError: a file cannot be read or does not hold what it should.
     """
-    from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair
+    from twisted.internet.ssl import CertificateOptions, KeyPair
 
     try:
         with open(cert_path, "rb") as f:
@@ -247,16 +269,14 @@ def server_tls_options(cert_path: str, key_path: str) -> Any:
             key_pem = f.read()
     except OSError as e:
         raise ValueError(f"cannot read {e.filename}: {e.strerror}") from None
-    marker = b"-----END CERTIFICATE-----"
-    blocks = [b + marker for b in cert_pem.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
-    if not blocks:
-        raise ValueError(f"no certificate in {cert_path}")
     try:
-        certs = [Certificate.loadPEM(b) for b in blocks]
+        certs = _certificates_from_pem(cert_pem, cert_path)
         key = KeyPair.load(key_pem, format=1)  # FILETYPE_PEM
         return CertificateOptions(
             privateKey=key.original, certificate=certs[0].original,
             extraCertChain=[c.original for c in certs[1:]],
         )
+    except ValueError:
+        raise
     except Exception as e:
         raise ValueError(f"bad TLS certificate {cert_path} or key {key_path}: {e}") from None

@@ -30,18 +30,33 @@ listen backlog to size (see L{agent.tap}).
 Authentication
 ==============
 At C{/host/connect} the management node generates a per-host secret and sends it in
-L{ConnectCmd.callback_secret}; the agent keeps it per host. Every callback carries
-C{HMAC-SHA256(secret, taskuuid + "\\n" + body)} in hex in the L{SIGNATURE_HEADER}. The
-signature binds the task uuid, so a callback captured for one task cannot complete another;
-a callback replayed after its task completed finds no pending task.
+L{ConnectCmd.callback_secret}; the agent keeps it per host. Every message after connect is
+signed with it (hex HMAC-SHA256 in the L{SIGNATURE_HEADER}), each kind over its own labelled
+string (Note [signed strings]):
 
-Asynchronous commands carry a signature too (L{sign_command}: labelled, so that it is never
-valid as a callback's), so only the management node that connected a host commands it. A connect carries the
-operator's bootstrap token (L{ConnectCmd.bootstrap_token}, checked by L{token_matches}) and the
-URL prefixes the host's callbacks may go to (L{ConnectCmd.callback_url_prefixes}, see
-L{url_under}). Agent-initiated reports are signed too and carry a sequence number (Note
-[report order]). Every body is bounded (L{MAX_BODY_SIZE}), its signature is checked before it
-is parsed, and it is parsed by L{decode_body}, which raises nothing but L{ProtocolError}.
+ - a command (L{sign_command}) binds its path, its C{callbackurl}, its expiry
+   (L{EXPIRY_HEADER}), its task uuid and its body: a captured C{/vm/stop} is not valid at
+   C{/vm/destroy}, nor with another callback URL, nor after its expiry. The agent refuses an
+   expired command, one whose expiry is more than L{MAX_COMMAND_AGE} ahead, and a task uuid
+   it accepted before (it remembers them longer than any expiry it admits);
+ - a callback (L{sign}) binds its task uuid and body: a callback captured for one task cannot
+   complete another, and a replayed one finds no pending task;
+ - a report (L{sign_report}) binds its command path, task uuid and body, and carries a
+   sequence number (Note [report order]).
+
+A connect carries the operator's bootstrap token (L{ConnectCmd.bootstrap_token}, checked by
+L{token_matches}) and the URL prefixes the host's callbacks may go to
+(L{ConnectCmd.callback_url_prefixes}, see L{url_under}). Every body is bounded
+(L{MAX_BODY_SIZE}), its signature is checked before it is parsed, and it is parsed by
+L{decode_body}, which raises nothing but L{ProtocolError}.
+
+Note [signed strings]: a signature is computed over C{label "\\n" field "\\n" ... "\\n"
+body}: the label names the kind and direction (L{COMMAND_LABEL}, L{CALLBACK_LABEL},
+L{REPORT_LABEL}), the fields are header values (which hold no line break: one that does is
+never signed nor verified), the body comes last. The string is therefore unambiguous, and a
+signature of one kind is never valid as another's. Header values are signed as sent (the
+expiry as its decimal text), so the verifier signs exactly the bytes it received.
+
 Either side may serve HTTPS (L{agent.http.server_tls_options}) and check the other's
 certificate against a configured CA (L{agent.http.trust_root_from_pem}).
 
@@ -76,6 +91,8 @@ __all__ = [
     "CONNECT_PATH",
     "CommandDef",
     "ECHO_PATH",
+    "EXPIRY_HEADER",
+    "MAX_COMMAND_AGE",
     "HOSTS_PREFIX",
     "Message",
     "PING_PATH",
@@ -91,14 +108,18 @@ __all__ = [
     "allowed_callback_prefixes",
     "command_for",
     "decode_body",
+    "format_expiry",
     "host_base_url",
     "loads",
+    "parse_expiry",
     "sign",
     "sign_command",
+    "sign_report",
     "token_matches",
     "url_under",
     "verify",
     "verify_command",
+    "verify_report",
 ]
 
 #: Header naming the task; the same value comes back on the callback.
@@ -111,6 +132,22 @@ SIGNATURE_HEADER = "x-zcontrol-signature"
 COMMAND_PATH_HEADER = "commandpath"
 #: Header naming the resource a command is about (informative).
 RESOURCE_UUID_HEADER = "X-Resource-UUID"
+#: Header of an asynchronous command: the absolute time (seconds since the epoch, a decimal,
+#: see L{format_expiry}) after which the agent must not accept it; signed with it.
+EXPIRY_HEADER = "X-Command-Expiry"
+
+#: Labels opening the signed strings (Note [signed strings]): one per direction and kind, so
+#: that no signature is valid as another kind's.
+COMMAND_LABEL = b"zcontrol-command-v2"
+CALLBACK_LABEL = b"zcontrol-callback-v2"
+REPORT_LABEL = b"zcontrol-report-v2"
+#: The longest a command may stay acceptable, seconds: an agent refuses a command whose
+#: expiry is further in the future than this (plus its clock skew allowance), and remembers
+#: the task uuids it accepted at least this long (see L{agent.app.TaskMemory}); the management
+#: node never asks for more.
+MAX_COMMAND_AGE = 3300.0
+
+_EXPIRY = re.compile(r"[0-9]{1,15}(\.[0-9]{1,9})?")
 
 #: Path prefix addressing one of the hosts an agent process serves.
 HOSTS_PREFIX = "/hosts/"
@@ -134,27 +171,56 @@ def host_base_url(agent_url: str, host_id: str | int | None = None) -> str:
     return f"{base}{HOSTS_PREFIX}{host_id}"
 
 
-def sign(secret: str, taskuuid: str, body: bytes) -> str:
+def _mac(secret: str, label: bytes, fields: tuple[str, ...], body: bytes) -> str:
     """
-    The signature of a callback: hex HMAC-SHA256 keyed by the host's secret over the task uuid,
-    a newline and the body.
+    Hex HMAC-SHA256 keyed by C{secret} over the canonical string C{label}, then each field,
+    then the body, separated by newlines (Note [signed strings]).
+
+    @raise ValueError: a field holds a newline (it would make the string ambiguous).
     """
-    return hmac.new(
-        secret.encode("utf-8"), taskuuid.encode("utf-8") + b"\n" + body, hashlib.sha256
-    ).hexdigest()
+    parts = [label]
+    for field in fields:
+        if "\n" in field or "\r" in field:
+            raise ValueError("a signed header value holds a line break")
+        parts.append(field.encode("utf-8", "surrogatepass"))
+    parts.append(body)
+    return hmac.new(secret.encode("utf-8", "surrogatepass"), b"\n".join(parts),
+                    hashlib.sha256).hexdigest()
 
 
-def verify(secret: str, taskuuid: str, body: bytes, signature: str | bytes | None) -> bool:
+def _matches(expected: Any, signature: str | bytes | None) -> bool:
     """
-    Whether C{signature} is the signature of (C{taskuuid}, C{body}) under C{secret}, compared
-    in constant time.
+    Whether C{signature} equals the signature C{expected()} computes, in constant time; a
+    missing signature, or fields that cannot be signed, never match.
     """
     if not signature:
         return False
     if isinstance(signature, str):
         signature = signature.encode("ascii", "replace")
-    expected = sign(secret, taskuuid, body).encode("ascii")
-    return hmac.compare_digest(expected, signature)
+    try:
+        mac = expected()
+    except ValueError:
+        return False
+    return hmac.compare_digest(mac.encode("ascii"), signature)
+
+
+def sign(secret: str, taskuuid: str, body: bytes) -> str:
+    """
+    The signature of a callback (agent -> management node, the result of a command): the
+    L{CALLBACK_LABEL}, the task uuid and the body under the host's secret (Note [signed
+    strings]).
+
+    @raise ValueError: C{taskuuid} holds a line break.
+    """
+    return _mac(secret, CALLBACK_LABEL, (taskuuid,), body)
+
+
+def verify(secret: str, taskuuid: str, body: bytes, signature: str | bytes | None) -> bool:
+    """
+    Whether C{signature} is the callback signature L{sign} of (C{taskuuid}, C{body}) under
+    C{secret}, compared in constant time.
+    """
+    return _matches(lambda: sign(secret, taskuuid, body), signature)
 
 
 # The agent wire's codec: the project's one codec (L{agent.codec}, shared with the bus) with
@@ -761,8 +827,12 @@ def command_for(cmd: Message) -> CommandDef:
 # restarted agent forgets its secret and cannot report until the management node connects it
 # again with a fresh secret, which starts a new sequence on both sides; a report signed with an
 # older secret fails its signature. The management node applies a host's reports one at a
-# time in arrival order and refuses (C{409}) any whose seq is not above the last one applied
-# with the current secret: a replayed report, or a retried one that a later one overtook.
+# time in arrival order and orders them per resource (the VM a report is about, its
+# C{vm_uuid}): it refuses (C{409}) a report whose seq is not above the last one applied for
+# the same VM with the current secret (a replayed report, or a retried one that a later report
+# of that VM overtook), and accepts a retried report of one VM that a later report of another
+# VM overtook (their orders are independent: dropping it would lose that VM's state). See
+# L{zcontrol.agentclient.endpoint} for how that memory stays bounded.
 
 #: Largest request or callback body accepted, bytes (commands and responses are small; the
 #: largest, a VM sync of a full host, is a few hundred kilobytes).
@@ -942,27 +1012,67 @@ def allowed_callback_prefixes(cmd: ConnectCmd) -> tuple[str, ...]:
     return ()
 
 
-def sign_command(secret: str, taskuuid: str, body: bytes) -> str:
+def format_expiry(expiry: float) -> str:
     """
-    The signature of an asynchronous command (management node -> agent): hex HMAC-SHA256
-    keyed by the host's secret over C{"command"}, a newline, the task uuid, a newline and the
-    body. The label keeps a command's signature from being valid for a callback with the same
-    task uuid and body (a captured command reflected to the callback endpoint).
+    The L{EXPIRY_HEADER} value of the absolute time C{expiry} (seconds since the epoch, on
+    the management node's clock): a decimal with three fraction digits.
     """
-    return hmac.new(secret.encode("utf-8"),
-                    b"command\n" + taskuuid.encode("utf-8") + b"\n" + body,
-                    hashlib.sha256).hexdigest()
+    return f"{max(0.0, expiry):.3f}"
 
 
-def verify_command(secret: str, taskuuid: str, body: bytes,
-                   signature: str | bytes | None) -> bool:
+def parse_expiry(text: str | bytes | None) -> float | None:
     """
-    Whether C{signature} is L{sign_command} of (C{taskuuid}, C{body}) under C{secret},
-    compared in constant time.
+    The absolute time an L{EXPIRY_HEADER} value names, or None if it is missing or not a
+    plain non-negative decimal (no sign, exponent, C{nan} or C{inf}).
     """
-    if not signature:
-        return False
-    if isinstance(signature, str):
-        signature = signature.encode("ascii", "replace")
-    expected = sign_command(secret, taskuuid, body).encode("ascii")
-    return hmac.compare_digest(expected, signature)
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
+    if not text or not _EXPIRY.fullmatch(text):
+        return None
+    return float(text)
+
+
+def sign_command(secret: str, path: str, taskuuid: str, callback_url: str, expiry: str,
+                 body: bytes) -> str:
+    """
+    The signature of an asynchronous command (management node -> agent): the
+    L{COMMAND_LABEL}, the command path (C{/vm/stop}, without the host's base URL), the
+    C{callbackurl} header, the L{EXPIRY_HEADER} value (as sent, see L{format_expiry}), the
+    task uuid and the body under the host's secret (Note [signed strings]). A captured
+    command is therefore valid for no other path, callback URL or task, and for nothing
+    once its expiry has passed.
+
+    @raise ValueError: a field holds a line break.
+    """
+    return _mac(secret, COMMAND_LABEL, (path, callback_url, expiry, taskuuid), body)
+
+
+def verify_command(secret: str, path: str, taskuuid: str, callback_url: str, expiry: str,
+                   body: bytes, signature: str | bytes | None) -> bool:
+    """
+    Whether C{signature} is L{sign_command} of these values under C{secret}, compared in
+    constant time.
+    """
+    return _matches(
+        lambda: sign_command(secret, path, taskuuid, callback_url, expiry, body), signature)
+
+
+def sign_report(secret: str, command_path: str, taskuuid: str, body: bytes) -> str:
+    """
+    The signature of an agent-initiated command (a report, agent -> management node): the
+    L{REPORT_LABEL}, the L{COMMAND_PATH_HEADER} value, the task uuid and the body under the
+    host's secret (Note [signed strings]). Its label keeps it from being valid as a callback
+    or a command, and it binds the handler it is for.
+
+    @raise ValueError: a field holds a line break.
+    """
+    return _mac(secret, REPORT_LABEL, (command_path, taskuuid), body)
+
+
+def verify_report(secret: str, command_path: str, taskuuid: str, body: bytes,
+                  signature: str | bytes | None) -> bool:
+    """
+    Whether C{signature} is L{sign_report} of these values under C{secret}, compared in
+    constant time.
+    """
+    return _matches(lambda: sign_report(secret, command_path, taskuuid, body), signature)

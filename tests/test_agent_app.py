@@ -19,6 +19,7 @@ from agent.app import CallbackPolicy, Faults, TaskMemory
 from agent.http import BytesProducer, JSONRequest, QuietSite
 from agent.hypervisor.simulator import parse_latency
 from tests.agent_fakes import AGENT_URL, CALLBACK_URL, RecordingHTTP, base, make_agent
+from tests.signing import command_headers
 
 SECRET = "k" * 64
 
@@ -44,13 +45,12 @@ class AgentTestCase(SynchronousTestCase):
     def post(self, url: str, cmd: Any = None, body: bytes | None = None,
              taskuuid: str | None = None, callback: str | None = CALLBACK_URL) -> tuple[int, bytes]:
         headers = {}
-        if taskuuid is not None:
-            headers["taskuuid"] = taskuuid
-        if callback is not None and taskuuid is not None:
-            headers["callbackurl"] = callback
         data = body if body is not None else cmd.to_json()
         if taskuuid is not None:
-            headers[p.SIGNATURE_HEADER] = p.sign_command(SECRET, taskuuid, data)
+            headers = command_headers(SECRET, url, taskuuid, data, callback or "",
+                                      expiry=self.clock.seconds() + 300)
+            if callback is None:
+                del headers["callbackurl"]
         response = self.successResultOf(self.stub.post(url, data=data, headers=headers))
         return response.code, self.successResultOf(response.content())
 
@@ -286,7 +286,9 @@ class ReportTests(AgentTestCase):
         self.assertEqual(post.header(p.COMMAND_PATH_HEADER), p.REPORT_VM_STATE_PATH)
         self.assertEqual(post.header(p.RESOURCE_UUID_HEADER), "host-0")
         taskuuid = post.header("taskuuid")
-        self.assertTrue(p.verify(SECRET, taskuuid, post.data, post.header(p.SIGNATURE_HEADER)))
+        self.assertTrue(p.verify_report(SECRET, p.REPORT_VM_STATE_PATH, taskuuid, post.data,
+                                        post.header(p.SIGNATURE_HEADER)))
+        self.assertFalse(p.verify(SECRET, taskuuid, post.data, post.header(p.SIGNATURE_HEADER)))
         cmd = p.ReportVmStateCmd.from_json(post.data)
         self.assertEqual((cmd.host_uuid, cmd.vm_uuid, cmd.vm_state),
                          ("host-0", "vm-1", "Stopped"))

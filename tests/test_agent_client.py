@@ -472,7 +472,7 @@ class EndpointTests(SynchronousTestCase):
         headers = {p.COMMAND_PATH_HEADER: path, p.RESOURCE_UUID_HEADER: host_uuid,
                    "taskuuid": "r1"}
         if signed:
-            headers[p.SIGNATURE_HEADER] = p.sign(secret, "r1", body)
+            headers[p.SIGNATURE_HEADER] = p.sign_report(secret, path, "r1", body)
         response = self.successResultOf(self.stub.post(
             "http://mn/zstack/asyncrest/sendcommand", data=body, headers=headers))
         return response.code

@@ -34,7 +34,8 @@ class ReportOrderTests(SynchronousTestCase):
                                    policy=CallbackPolicy(time_slice=None, jitter=0.0))
         self.to_agent = StubTreq(self.agent.app.resource())
         self.connect_agent(SECRET)
-        self.client = AgentClient(Clock(), RecordingHTTP(), CALLBACK_URL)
+        self.node_clock = Clock()
+        self.client = AgentClient(self.node_clock, RecordingHTTP(), CALLBACK_URL)
         self.client._secrets[base(0)] = SECRET
         self.client._base_of_host["h0"] = base(0)
         self.endpoint = CallbackEndpoint(self.client, max_queued_reports=3)
@@ -56,16 +57,17 @@ class ReportOrderTests(SynchronousTestCase):
         self.state[cmd.vm_uuid] = cmd.vm_state
         self.applied.append(cmd.seq)
 
-    def report(self, state: str) -> Post:
-        self.agent.report_vm_state("0", "vm-1", state)
+    def report(self, state: str, vm: str = "vm-1") -> Post:
+        self.agent.report_vm_state("0", vm, state)
         return self.http.posts[-1]
 
-    def deliver(self, post: Post) -> int:
+    def send(self, post: Post) -> Deferred:
         headers = {name: post.header(name) for name in (
             "taskuuid", p.COMMAND_PATH_HEADER, p.RESOURCE_UUID_HEADER, p.SIGNATURE_HEADER)}
-        response = self.successResultOf(self.to_node.post(post.url, data=post.data,
-                                                          headers=headers))
-        return response.code
+        return self.to_node.post(post.url, data=post.data, headers=headers)
+
+    def deliver(self, post: Post) -> int:
+        return self.successResultOf(self.send(post)).code
 
     def test_agent_numbers_reports_per_connect(self) -> None:
         """
@@ -163,6 +165,83 @@ class ReportOrderTests(SynchronousTestCase):
         self.assertEqual(self.applied, [1, 3, 4])
         self.assertEqual(self.state, {"vm-1": "Running"})
 
+    def test_other_vm_overtaken_report_applied(self) -> None:
+        """
+        Fault (issue 8 item 11, review): report order was per host, so a retried report of
+        vm-1 that arrived after a later report of vm-2 got 409 and was dropped for good (the
+        agent never retries a 409): vm-1's "Stopped" was lost. Order is per (host, VM): with
+        interleaved retries each VM ends in its latest state, and a replay or an overtaken
+        report of the same VM is still refused.
+        """
+        failing = [True]
+
+        def flaky(cmd: p.ReportVmStateCmd) -> None:
+            if cmd.vm_uuid == "vm-1" and failing:
+                failing.pop()
+                raise OSError("database busy")
+            self.apply(cmd)
+
+        self.endpoint.on_report(p.REPORT_VM_STATE_PATH, flaky)
+        vm1_stopped = self.report("Stopped", "vm-1")  # seq 1
+        vm2_running = self.report("Running", "vm-2")  # seq 2
+        vm2_stopped = self.report("Stopped", "vm-2")  # seq 3
+        self.assertEqual(self.deliver(vm1_stopped), 500)  # the agent will retry it
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.deliver(vm2_stopped), 200)
+        self.assertEqual(self.deliver(vm1_stopped), 200)  # the retry, after seq 3
+        self.assertEqual(self.deliver(vm2_running), 409)  # overtaken by seq 3 of vm-2
+        self.assertEqual(self.deliver(vm1_stopped), 409)  # a replay
+        self.assertEqual(self.state, {"vm-1": "Stopped", "vm-2": "Stopped"})
+        self.assertEqual(self.applied, [3, 1])
+
+    def test_order_memory_bounded(self) -> None:
+        """
+        The per-VM order is bounded: a VM with no report for C{forget_after} seconds, or the
+        least recently reported one past C{max_tracked_resources}, is forgotten, and its
+        number raises the host's floor, so its old reports are still refused.
+        """
+        self.endpoint.forget_after = 100.0
+        self.endpoint.max_tracked_resources = 2
+        first = self.report("Stopped", "vm-1")
+        self.assertEqual(self.deliver(first), 200)
+        self.assertEqual(self.deliver(self.report("Stopped", "vm-2")), 200)
+        self.node_clock.advance(101)
+        self.assertEqual(self.deliver(self.report("Stopped", "vm-3")), 200)
+        order = self.endpoint._order["h0"]
+        self.assertEqual((list(order.last), order.floor), (["vm-3"], 2))
+        self.assertEqual(self.deliver(first), 409)  # forgotten, still refused
+        for vm in ("vm-4", "vm-5", "vm-6"):
+            self.assertEqual(self.deliver(self.report("Running", vm)), 200)
+        self.assertEqual((list(order.last), order.floor), (["vm-5", "vm-6"], 4))
+        self.assertEqual(self.applied, [1, 2, 3, 4, 5, 6])
+
+    def test_hung_handler_times_out(self) -> None:
+        """
+        Fault (issue 8 item 11, review): the report handler had no time limit; one hung
+        handler held the host's lock, every later report of the host waited behind it and,
+        once 1000 waited, all got 503 forever. A handler past C{handler_timeout} is cancelled
+        and answered 500 (the agent retries), and the host's next reports proceed.
+        """
+        cancelled: list[Deferred] = []
+
+        def hang(cmd: p.ReportVmStateCmd) -> Deferred:
+            return Deferred(cancelled.append)
+
+        self.endpoint.on_report(p.REPORT_VM_STATE_PATH, hang)
+        codes: list[int] = []
+        self.send(self.report("Stopped", "vm-1")).addCallback(lambda r: codes.append(r.code))
+        self.endpoint.on_report(p.REPORT_VM_STATE_PATH, self.apply)
+        self.send(self.report("Running", "vm-2")).addCallback(lambda r: codes.append(r.code))
+        self.assertEqual(codes, [])
+        self.node_clock.advance(self.endpoint.handler_timeout - 0.5)
+        self.assertEqual((codes, self.applied), ([], []))
+        self.node_clock.advance(1)
+        self.to_node.flush()
+        self.assertEqual(sorted(codes), [200, 500])
+        self.assertEqual(len(cancelled), 1)
+        self.assertEqual(self.applied, [2])
+        self.assertFalse(self.endpoint._order["h0"].lock.locked)
+
     def test_report_without_seq(self) -> None:
         """
         A signed report without a sequence number (or with one out of range) is a 400.
@@ -172,7 +251,8 @@ class ReportOrderTests(SynchronousTestCase):
                                       seq=seq).to_json()
             headers = {"taskuuid": "t", p.COMMAND_PATH_HEADER: p.REPORT_VM_STATE_PATH,
                        p.RESOURCE_UUID_HEADER: "h0",
-                       p.SIGNATURE_HEADER: p.sign(SECRET, "t", body)}
+                       p.SIGNATURE_HEADER: p.sign_report(SECRET, p.REPORT_VM_STATE_PATH, "t",
+                                                         body)}
             response = self.successResultOf(self.to_node.post(SEND_COMMAND_URL, data=body,
                                                               headers=headers))
             self.assertEqual(response.code, 400)

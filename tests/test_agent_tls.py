@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, reactor
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import UNKNOWN_LENGTH
 
@@ -212,3 +212,44 @@ class OptionsTests(TestCase):
             "agents": {"bootstrap_token": "a", "bootstrap_token_file": token_file}})
         self.assertRaises(ConfigError, load_config(overrides={
             "agents": {"bootstrap_token_file": "/nonexistent"}}).agents.token)
+
+
+class OneDefinitionTests(SynchronousTestCase):
+    """
+    The body-size limit and the PEM reading are defined once.
+    """
+
+    def test_one_body_size_limit(self) -> None:
+        """
+        Fault (issue 8 item 10, review): the site's body limit
+        (C{agent.http.DEFAULT_MAX_BODY_SIZE}) and the wire's (L{p.MAX_BODY_SIZE}) were two
+        literals of the same value, free to drift apart. The site's is the wire's.
+        """
+        import agent.http
+
+        self.assertIs(agent.http.DEFAULT_MAX_BODY_SIZE, p.MAX_BODY_SIZE)
+        self.assertIs(QuietSite.max_body_size, p.MAX_BODY_SIZE)
+
+    def test_one_pem_reader(self) -> None:
+        """
+        Fault (issue 8 item 10, review): the PEM splitting was copied in
+        C{trust_root_from_pem} and C{server_tls_options}. Both read certificates through one
+        helper, and both refuse a file without one with the same message.
+        """
+        import agent.http
+
+        cert, key = make_self_signed(self.mktemp())
+        read: list[str] = []
+        real = agent.http._certificates_from_pem
+        self.patch(agent.http, "_certificates_from_pem",
+                   lambda pem, path: read.append(path) or real(pem, path))
+        trust_root_from_pem(cert)
+        server_tls_options(cert, key)
+        self.assertEqual(read, [cert, cert])
+        empty = self.mktemp()
+        with open(empty, "wb") as f:
+            f.write(b"no PEM here\n")
+        for call in (lambda: trust_root_from_pem(empty),
+                     lambda: server_tls_options(empty, key)):
+            self.assertEqual(str(self.assertRaises(ValueError, call)),
+                             f"no certificate in {empty}")

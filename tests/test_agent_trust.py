@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from agent import protocol as p
 from agent.app import CallbackPolicy
 from tests.agent_fakes import CALLBACK_URL, InMemoryPair, RecordingHTTP, base, make_agent
+from tests.signing import command_headers
 from zcontrol.agentclient import AgentClient, CallbackEndpoint
 from zcontrol.agentclient.errors import AGENT
 from zcontrol.core.errors import OperationError
@@ -137,14 +138,16 @@ class ClientTokenTests(SynchronousTestCase):
         self.assertTrue(self.successResultOf(d).success)
 
 
-class CallbackUrlTests(SynchronousTestCase):
+class _ConnectedAgent(SynchronousTestCase):
     """
-    A host calls back only under the management-node URLs agreed at connect.
+    An agent of two hosts, host 0 connected with L{SECRET} and callbacks under
+    L{CALLBACK_URL}; time on a Clock.
     """
 
     def setUp(self) -> None:
         self.http = RecordingHTTP()
-        self.agent, _ = make_agent(self.http, Clock(), host_count=2,
+        self.clock = Clock()
+        self.agent, _ = make_agent(self.http, self.clock, host_count=2,
                                    policy=CallbackPolicy(time_slice=None))
         self.stub = StubTreq(self.agent.app.resource())
         cmd = p.ConnectCmd(host_uuid="h", callback_secret=SECRET,
@@ -153,12 +156,27 @@ class CallbackUrlTests(SynchronousTestCase):
                          200)
 
     def command(self, callback: bytes | str, taskuuid: str = "t", body: bytes = b"{}",
-                signature: str | None = None) -> tuple[int, bytes]:
-        if signature is None:
-            signature = p.sign_command(SECRET, taskuuid, body)
-        return _post(self.stub, self, base(0) + "/host/capacity", body,
-                     {"taskuuid": taskuuid, "callbackurl": callback,
-                      p.SIGNATURE_HEADER: signature})
+                signature: str | None = None, path: str = "/host/capacity",
+                signed_path: str | None = None, signed_callback: str | None = None,
+                expiry: float = 300.0) -> tuple[int, bytes]:
+        """
+        POST a command to C{path}, signed as the node signs it (for C{signed_path} and
+        C{signed_callback} if given), or with C{signature}.
+        """
+        text = callback if isinstance(callback, str) else callback.decode("latin-1")
+        headers: dict[str, Any] = command_headers(
+            SECRET, base(0) + path, taskuuid, body, signed_callback or text, expiry=expiry,
+            path=signed_path)
+        headers["callbackurl"] = callback
+        if signature is not None:
+            headers[p.SIGNATURE_HEADER] = signature
+        return _post(self.stub, self, base(0) + path, body, headers)
+
+
+class CallbackUrlTests(_ConnectedAgent):
+    """
+    A host calls back only under the management-node URLs agreed at connect.
+    """
 
     def test_unsigned_command_refused(self) -> None:
         """
@@ -169,9 +187,12 @@ class CallbackUrlTests(SynchronousTestCase):
         parsed: list = []
         real = p.loads
         self.patch(p, "loads", lambda *a, **k: parsed.append(a) or real(*a, **k))
-        for i, signature in enumerate(["", "00" * 32, p.sign_command("other", "t0", b"{}"),
-                                       p.sign_command(SECRET, "another-task", b"{}"),
-                                       p.sign(SECRET, "t4", b"{}")]):
+        path, cb, exp = "/host/capacity", CALLBACK_URL, p.format_expiry(300)
+        for i, signature in enumerate([
+                "", "00" * 32, p.sign_command("other", path, "t2", cb, exp, b"{}"),
+                p.sign_command(SECRET, path, "another-task", cb, exp, b"{}"),
+                p.sign(SECRET, "t4", b"{}"),
+                p.sign_report(SECRET, path, "t5", b"{}")]):
             code, body = self.command(CALLBACK_URL, taskuuid=f"t{i}", signature=signature)
             self.assertEqual((code, body), (403, b"bad or missing signature"))
         self.assertEqual((parsed, self.http.posts, self.agent.stats["accepted"]), ([], [], 0))
@@ -243,6 +264,147 @@ class CallbackUrlTests(SynchronousTestCase):
         self.assertEqual(cmd.callback_url_prefixes, [CALLBACK_URL])
 
 
+class CommandBindingTests(_ConnectedAgent):
+    """
+    A command's signature binds its path, callback URL, expiry and task (issue 8 item 10,
+    second round): a captured command is valid for that one use only.
+    """
+
+    def test_signature_bound_to_path(self) -> None:
+        """
+        Fault (issue 8 item 10): a command's signature covered only its task uuid and body,
+        and the reader ignores unknown fields, so a captured C{/vm/stop} (body and signature)
+        was accepted at C{/vm/destroy}: a man in the middle re-sent it to any path. A command
+        signed for one path is refused (403) at every other one; nothing runs.
+        """
+        body = p.StopVmCmd(uuid="vm-1").to_json()
+        others = [path for path, d in p.COMMANDS.items() if not d.sync and path != "/vm/stop"]
+        self.assertIn("/vm/destroy", others)
+        for i, path in enumerate(others):
+            code, text = self.command(CALLBACK_URL, taskuuid=f"t{i}", body=body, path=path,
+                                      signed_path="/vm/stop")
+            self.assertEqual((code, text), (403, b"bad or missing signature"), path)
+        self.assertEqual((self.agent.stats["accepted"], self.http.posts), (0, []))
+        # The same command at its own path is accepted.
+        self.assertEqual(self.command(CALLBACK_URL, taskuuid="mine", body=body,
+                                      path="/vm/stop"), (200, b""))
+
+    def test_signature_bound_to_callback_url(self) -> None:
+        """
+        Fault (issue 8 item 10): the C{callbackurl} header was not signed, so a captured
+        command could be re-sent with another callback URL (one under the agreed prefix: the
+        result goes elsewhere). A command signed for one callback URL is refused with another.
+        """
+        code, text = self.command(CALLBACK_URL + "/elsewhere", taskuuid="t",
+                                  signed_callback=CALLBACK_URL)
+        self.assertEqual((code, text), (403, b"bad or missing signature"))
+        self.assertEqual((self.agent.stats["accepted"], self.http.posts), (0, []))
+
+    def test_replay_after_task_memory_expired(self) -> None:
+        """
+        Fault (issue 8 item 10): a command had no age, so anyone holding a captured command
+        could replay it once its task uuid left L{TaskMemory} (ttl 3600 s): the VM stopped
+        again an hour later. A command carries a signed expiry; replayed after it (beyond the
+        clock skew allowance) it is refused with 403, and the agent remembers task uuids at
+        least as long as any expiry it admits.
+        """
+        body = p.StopVmCmd(uuid="vm-1").to_json()
+        headers = command_headers(SECRET, base(0) + "/vm/stop", "t1", body, CALLBACK_URL,
+                                  expiry=300.0)
+        url = base(0) + "/vm/stop"
+        self.assertEqual(_post(self.stub, self, url, body, headers), (200, b""))
+        self.clock.advance(300 + self.agent.clock_skew - 1)  # within the skew: a duplicate
+        self.assertEqual(_post(self.stub, self, url, body, headers), (200, b""))
+        self.assertEqual(self.agent.stats["duplicates"], 1)
+        self.clock.advance(self.agent.tasks.ttl)  # the task uuid is forgotten by now
+        code, text = _post(self.stub, self, url, body, headers)
+        self.assertEqual(code, 403)
+        self.assertIn(b"expired", text)
+        self.assertEqual(self.agent.stats["accepted"], 1)
+        self.assertGreaterEqual(self.agent.tasks.ttl,
+                                self.agent.max_command_age + 2 * self.agent.clock_skew)
+
+    def test_expiry_too_far_or_malformed(self) -> None:
+        """
+        A command whose expiry lies further ahead than the agent admits (it would outlive the
+        task memory) is refused with 403; a missing or malformed expiry header is a 400.
+        """
+        now = self.clock.seconds()
+        limit = now + self.agent.max_command_age + self.agent.clock_skew
+        self.assertEqual(self.command(CALLBACK_URL, taskuuid="far", expiry=limit + 1)[0], 403)
+        self.assertEqual(self.command(CALLBACK_URL, taskuuid="ok", expiry=limit), (200, b""))
+        for i, bad in enumerate(["", "nan", "inf", "-1", "1e9", "12.5.1", "0x10",
+                                 "\u0661"]):
+            headers = command_headers(SECRET, base(0) + "/host/capacity", f"b{i}", b"{}",
+                                      CALLBACK_URL)
+            headers[p.EXPIRY_HEADER] = bad
+            code, text = _post(self.stub, self, base(0) + "/host/capacity", b"{}", headers)
+            self.assertEqual(code, 400, bad)
+            self.assertIn(p.EXPIRY_HEADER.encode(), text)
+        headers = command_headers(SECRET, base(0) + "/host/capacity", "none", b"{}",
+                                  CALLBACK_URL)
+        del headers[p.EXPIRY_HEADER]
+        self.assertEqual(_post(self.stub, self, base(0) + "/host/capacity", b"{}",
+                               headers)[0], 400)
+        self.assertEqual(self.agent.stats["accepted"], 1)
+
+    def test_task_memory_must_outlive_expiries(self) -> None:
+        """
+        An agent whose task memory would forget uuids before the commands they name expire
+        is refused at construction.
+        """
+        from agent.app import AgentApp, TaskMemory
+
+        clock = Clock()
+        self.assertRaises(ValueError, AgentApp, clock, self.http, lambda k: None, [],
+                          tasks=TaskMemory(clock, ttl=600.0))
+        AgentApp(clock, self.http, lambda k: None, [], tasks=TaskMemory(clock, ttl=600.0),
+                 max_command_age=400.0, clock_skew=100.0)
+
+    def test_node_signs_path_callback_and_deadline(self) -> None:
+        """
+        The agent client signs what the agent checks: the command's path, its callback URL
+        and its deadline as the expiry (capped at what agents admit).
+        """
+        clock = Clock()
+        clock.advance(1000)
+        http = RecordingHTTP()
+        client = AgentClient(clock, http, CALLBACK_URL)
+        client._secrets[base(0)] = SECRET
+        client.call(base(0), p.StopVmCmd(uuid="vm-1"), timeout=50)
+        client.call(base(0), p.StopVmCmd(uuid="vm-2"), timeout=10 * p.MAX_COMMAND_AGE)
+        expiries = []
+        for post in http.posts:
+            expiry = post.header(p.EXPIRY_HEADER)
+            expiries.append(expiry)
+            self.assertTrue(p.verify_command(SECRET, "/vm/stop", post.header("taskuuid"),
+                                             CALLBACK_URL, expiry, post.data,
+                                             post.header(p.SIGNATURE_HEADER)))
+            self.assertFalse(p.verify_command(SECRET, "/vm/destroy", post.header("taskuuid"),
+                                              CALLBACK_URL, expiry, post.data,
+                                              post.header(p.SIGNATURE_HEADER)))
+        self.assertEqual(expiries, ["1050.000", p.format_expiry(1000 + p.MAX_COMMAND_AGE)])
+
+    def test_labels_distinct(self) -> None:
+        """
+        Fault (issue 8 item 10): reports and callbacks shared one signature, so a report's
+        signature was valid as a callback's of the same task uuid and body. Each kind has its
+        own label: no signature of one kind verifies as another.
+        """
+        body, task, path = b"{}", "t", p.REPORT_VM_STATE_PATH
+        report = p.sign_report(SECRET, path, task, body)
+        callback = p.sign(SECRET, task, body)
+        self.assertNotEqual(report, callback)
+        self.assertFalse(p.verify(SECRET, task, body, report))
+        self.assertFalse(p.verify_report(SECRET, path, task, body, callback))
+        self.assertFalse(p.verify_report(SECRET, "/other", task, body, report))
+        self.assertTrue(p.verify_report(SECRET, path, task, body, report))
+        # A field with a line break is never signed nor verified (the string would be
+        # ambiguous).
+        self.assertRaises(ValueError, p.sign, SECRET, "a\nb", body)
+        self.assertFalse(p.verify(SECRET, "a\nb", body, "00"))
+
+
 class AgentHostileInputTests(SynchronousTestCase):
     """
     No body raises past the agent's endpoints.
@@ -267,8 +429,8 @@ class AgentHostileInputTests(SynchronousTestCase):
             code, _ = _post(self.stub, self, base(0) + p.CONNECT_PATH, body)
             self.assertEqual(code, 400, body[:40])
             code, _ = _post(self.stub, self, base(0) + "/vm/start", body,
-                            {"taskuuid": f"t{i}", "callbackurl": CALLBACK_URL,
-                             p.SIGNATURE_HEADER: p.sign_command(SECRET, f"t{i}", body)})
+                            command_headers(SECRET, base(0) + "/vm/start", f"t{i}", body,
+                                            CALLBACK_URL))
             self.assertEqual(code, 400, body[:40])
         self.assertEqual(self.flushLoggedErrors(), [])
         self.assertEqual(self.http.posts, [])
@@ -280,8 +442,8 @@ class AgentHostileInputTests(SynchronousTestCase):
         """
         body = b'{"vmUuids": [' + b'"x",' * (p.MAX_BODY_SIZE // 4) + b'"x"]}'
         code, text = _post(self.stub, self, base(0) + "/vm/checkstate", body,
-                           {"taskuuid": "big", "callbackurl": CALLBACK_URL,
-                            p.SIGNATURE_HEADER: p.sign_command(SECRET, "big", body)})
+                           command_headers(SECRET, base(0) + "/vm/checkstate", "big", body,
+                                           CALLBACK_URL))
         self.assertEqual(code, 413)
         code, text = _post(self.stub, self, base(0) + p.CONNECT_PATH, body)
         self.assertEqual(code, 400)
@@ -327,7 +489,8 @@ class NodeHostileInputTests(SynchronousTestCase):
         headers = {p.COMMAND_PATH_HEADER: p.REPORT_VM_STATE_PATH,
                    p.RESOURCE_UUID_HEADER: "h0", "taskuuid": taskuuid}
         if signed:
-            headers[p.SIGNATURE_HEADER] = p.sign(SECRET, taskuuid, body)
+            headers[p.SIGNATURE_HEADER] = p.sign_report(SECRET, p.REPORT_VM_STATE_PATH,
+                                                        taskuuid, body)
         return _post(self.stub, self, "http://mn" + self.endpoint.send_command_path, body,
                      headers)[0]
 
@@ -384,7 +547,8 @@ class NodeHostileInputTests(SynchronousTestCase):
         d = self.client.call(base(0), p.HostCapacityCmd())
         post = self.http.posts[-1]
         taskuuid = post.header("taskuuid")
-        self.assertTrue(p.verify_command(SECRET, taskuuid, post.data,
+        self.assertTrue(p.verify_command(SECRET, "/host/capacity", taskuuid, CALLBACK_URL,
+                                         post.header(p.EXPIRY_HEADER), post.data,
                                          post.header(p.SIGNATURE_HEADER)))
         code = _post(self.stub, self, "http://mn" + self.endpoint.path, post.data,
                      {"taskuuid": taskuuid,

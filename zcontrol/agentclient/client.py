@@ -73,6 +73,7 @@ DEFAULT_MAX_IN_FLIGHT_PER_HOST = 32
 _TASK = TASK_UUID_HEADER.encode("ascii")
 _CALLBACK = CALLBACK_URL_HEADER.encode("ascii")
 _SIGNATURE = protocol.SIGNATURE_HEADER.encode("ascii")
+_EXPIRY = protocol.EXPIRY_HEADER.encode("ascii")
 _CONTENT_TYPE = b"content-type"
 _JSON = [b"application/json"]
 
@@ -244,15 +245,18 @@ class AgentClient:
         return len(lost)
 
     def verify_report(self, host_uuid: str | None, taskuuid: str | None, body: bytes,
-                      signature: str | bytes | None) -> bool:
+                      signature: str | bytes | None,
+                      command_path: str = protocol.REPORT_VM_STATE_PATH) -> bool:
         """
-        Whether an agent-initiated command claiming to come from C{host_uuid} is signed with
-        the secret agreed with that host at its last connect.
+        Whether an agent-initiated command of C{command_path} claiming to come from
+        C{host_uuid} is signed (L{protocol.sign_report}) with the secret agreed with that host
+        at its last connect.
         """
         if not host_uuid or not taskuuid:
             return False
         secret = self.report_secret(host_uuid)
-        return secret is not None and protocol.verify(secret, taskuuid, body, signature)
+        return secret is not None and protocol.verify_report(secret, command_path, taskuuid,
+                                                             body, signature)
 
     def report_secret(self, host_uuid: str | None) -> str | None:
         """
@@ -436,11 +440,18 @@ class AgentClient:
             url=url, **details)
 
     def _send(self, taskuuid: str, entry: _Pending, body: bytes, attempt: int) -> None:
+        # Signed over path, callback URL, expiry (the call's deadline, capped at what agents
+        # admit), task and body: see Note [signed strings] in agent.protocol.
+        expiry = protocol.format_expiry(min(
+            entry.expiry, self._clock.seconds() + protocol.MAX_COMMAND_AGE))
+        path = entry.url[len(entry.base.rstrip("/")):]
         headers = {
             _TASK: [taskuuid.encode("ascii")],
             _CALLBACK: [self.callback_url.encode("utf-8")],
             _CONTENT_TYPE: _JSON,
-            _SIGNATURE: [protocol.sign_command(entry.secret, taskuuid, body).encode("ascii")],
+            _EXPIRY: [expiry.encode("ascii")],
+            _SIGNATURE: [protocol.sign_command(entry.secret, path, taskuuid, self.callback_url,
+                                               expiry, body).encode("ascii")],
         }
 
         def sent() -> None:
