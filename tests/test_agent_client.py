@@ -258,17 +258,26 @@ class ClientTests(SynchronousTestCase):
 
     def test_malformed_json(self) -> None:
         """
-        A body that is not JSON gets 400 and completes nothing.
+        Fault (issue 8 item 10): a signed callback whose body is not JSON got 400 but left its
+        task pending until its timeout, while a signed body of the wrong type failed the
+        task. Once the signature checks, both fail the task at once with SYS.1015 (its agent
+        will not send a better one); an unsigned one (403) or one without taskuuid (400)
+        completes nothing.
         """
         d = self.client.call(base(0), p.HostCapacityCmd())
+        self.http.posts[0].answer(200)
         taskuuid = self.http.posts[0].header("taskuuid")
         body = b"{not json"
+        self.assertEqual(self.client.complete(taskuuid, body, None)[0], 403)
+        self.assertEqual(self.client.complete(None, b"{}", None)[0], 400)
+        self.assertNoResult(d)
         self.assertEqual(self.client.complete(taskuuid, body, p.sign(SECRET, taskuuid, body))[0],
                          400)
-        self.assertNoResult(d)
-        self.assertEqual(self.client.complete(None, b"{}", None)[0], 400)
-        d.cancel()
-        self.failureResultOf(d)
+        err = self.failureResultOf(d, OperationError).value.error
+        self.assertEqual(err.code, SYS.HTTP_ERROR)
+        self.assertIn("malformed", err.details)
+        self.assertFalse(self.client.is_pending(taskuuid))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_signed_but_wrong_type(self) -> None:
         """
@@ -403,7 +412,7 @@ class DeadlineAndSlotTests(SynchronousTestCase):
             self.assertEqual(err.code, NOT_SENT)
             self.assertIn("not sent", err.details)
         self.assertEqual(len(self.http.posts), 2)
-        self.assertEqual(self.client._host_sems, {})
+        self.assertEqual(self.client._host_slots, {})
         self.assertEqual(self.client._sem.tokens, 4)
         # The slots are free again.
         self.client.call(base(0), p.EchoCmd(), timeout=5)
@@ -414,14 +423,27 @@ class DeadlineAndSlotTests(SynchronousTestCase):
         Fault (issue 8 item 8): forgetting a host left its pending commands waiting out their
         timeout (300 s) although nothing would complete them. They now fail at once with
         C{AGENT.1001}; other hosts' commands are untouched.
+
+        Fault (issue 8 item 8): commands still waiting for a connection slot, never sent,
+        were reported lost (AGENT.1001) too; they fail with AGENT.1000 (not sent, safe to
+        retry), and are not sent later.
         """
-        mine = self.client.call(base(0), p.HostCapacityCmd())
+        mine = [self.client.call(base(0), p.HostCapacityCmd()) for _ in range(3)]
         other = self.client.call(base(1), p.HostCapacityCmd())
-        for post in self.http.posts:
-            post.answer(200)
-        self.assertEqual(self.client.forget(base(0)), 1)
-        err = self.failureResultOf(mine, OperationError).value.error
-        self.assertEqual(err.code, AGENT_LOST_WORK)
+        self.assertEqual(self.http.posts[2].url, base(1) + "/host/capacity")
+        self.http.posts[2].answer(200)
+        self.http.posts[0].answer(200)  # frees its slot: the third is sent
+        unsent = self.client.call(base(0), p.HostCapacityCmd())  # 2 slots per host, both busy
+        self.assertEqual(len(self.http.posts), 4)
+        self.assertEqual(self.client.forget(base(0)), 4)
+        for d in mine:
+            err = self.failureResultOf(d, OperationError).value.error
+            self.assertEqual(err.code, AGENT_LOST_WORK)
+        err = self.failureResultOf(unsent, OperationError).value.error
+        self.assertEqual(err.code, NOT_SENT)
+        self.assertIn("not sent", err.details)
+        self.assertEqual(len(self.http.posts), 4)
+        self.assertEqual(self.client._sem.tokens, 4)
         self.assertNoResult(other)
         self.assertEqual(len(self.client), 1)
         self.assertEqual(self.client.lost_work(base(1), "the agent restarted"), 1)
@@ -449,19 +471,24 @@ class EndpointTests(SynchronousTestCase):
 
     def test_statuses(self) -> None:
         """
-        400 without taskuuid, 404 unknown, 403 unsigned, 200 once, then 404.
+        400 without taskuuid, 404 unknown, 403 unsigned, 200 once, then 404; a signed body
+        that is not JSON gets 400 and fails its task (SYS.1015), which is then gone (404).
         """
-        d = self.client.call(base(0), p.HostCapacityCmd())
+        bad = self.client.call(base(0), p.HostCapacityCmd())
         taskuuid = self.http.posts[0].header("taskuuid")
+        signed_bad = {"taskuuid": taskuuid, p.SIGNATURE_HEADER: p.sign(SECRET, taskuuid, b"]")}
+        self.assertEqual(self.post(signed_bad, b"]"), 400)
+        self.assertEqual(self.failureResultOf(bad, OperationError).value.error.code,
+                         SYS.HTTP_ERROR)
+        self.assertEqual(self.post(signed_bad, b"]"), 404)
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        taskuuid = self.http.posts[1].header("taskuuid")
         body = p.HostCapacityRsp(cpu_num=4).to_json()
         signature = p.sign(SECRET, taskuuid, body)
         self.assertEqual(self.post({}, body), 400)
         self.assertEqual(self.post({"taskuuid": "nope", p.SIGNATURE_HEADER: signature}, body),
                          404)
         self.assertEqual(self.post({"taskuuid": taskuuid}, body), 403)
-        self.assertEqual(self.post({"taskuuid": taskuuid,
-                                    p.SIGNATURE_HEADER: p.sign(SECRET, taskuuid, b"]")}, b"]"),
-                         400)
         good = {"taskuuid": taskuuid, p.SIGNATURE_HEADER: signature}
         self.assertEqual(self.post(good, body), 200)
         self.assertEqual(self.successResultOf(d).cpu_num, 4)
