@@ -31,6 +31,7 @@ A config file looks like::
     [agents]
     bootstrap_token_file = "/etc/zcontrol/agent-token"  # or bootstrap_token = "..."
     tls_ca = "/etc/zcontrol/agents-ca.pem"  # checks agents' HTTPS certificates
+    accept_timeout = 10         # seconds an agent has to answer a POST (it answers at once)
 
     [host]                      # the host service (see HostConfig for every key)
     ping_interval = 60
@@ -117,17 +118,23 @@ class AgentsConfig:
         --bootstrap-token-file}); C{bootstrap_token_file} names a file holding it instead.
     @ivar tls_ca: PEM CA certificate(s) agents' HTTPS certificates are checked against
         (default: the platform's CAs).
+    @ivar accept_timeout: seconds an agent has to answer a POST (an asynchronous command's
+        accept, a synchronous command's answer); a host that does not is treated as hung
+        (see Note [hung hosts] in L{zcontrol.agentclient.client}).
     """
 
     bootstrap_token: str | None = None
     bootstrap_token_file: str | None = None
     tls_ca: str | None = None
+    accept_timeout: float = 10.0
 
     def __attrs_post_init__(self) -> None:
         if self.bootstrap_token is not None and self.bootstrap_token_file is not None:
             raise ConfigError("give agents.bootstrap_token or agents.bootstrap_token_file")
         if self.bootstrap_token == "":
             raise ConfigError("agents.bootstrap_token is empty")
+        if not 0 < self.accept_timeout < float("inf"):
+            raise ConfigError(f"agents.accept_timeout must be a positive number of seconds: {self.accept_timeout!r}")
 
     def token(self) -> str | None:
         """
@@ -222,7 +229,8 @@ _SECTIONS: dict[str, dict[str, type]] = {
             "heartbeat_interval": float, "max_message_size": int},
     "http": {"port": int, "interface": str, "backlog": int, "public_url": str,
              "tls_cert": str, "tls_key": str},
-    "agents": {"bootstrap_token": str, "bootstrap_token_file": str, "tls_ca": str},
+    "agents": {"bootstrap_token": str, "bootstrap_token_file": str, "tls_ca": str,
+               "accept_timeout": float},
     "host": {a.name: {"float": float, "int": int, "bool": bool}.get(a.type, str)  # type: ignore[call-overload]
              for a in attrs.fields(HostConfig)},
     "shutdown": {"drain_timeout": float},
