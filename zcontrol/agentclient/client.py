@@ -80,10 +80,9 @@ __all__ = ["AGENT_LOST_WORK", "AgentClient", "DEFAULT_ACCEPT_TIMEOUT",
 
 log = Logger()
 
-#: C{AGENT.1000}: the command's deadline passed while it waited in the local queue for a
-#: connection slot; nothing reached the agent.
+#: C{AGENT.1000}: nothing reached the agent (see L{AGENT.NOT_SENT}); retrying is safe.
 NOT_SENT = AGENT.NOT_SENT
-#: C{AGENT.1001}: the agent restarted (or the host was forgotten) after accepting the command.
+#: C{AGENT.1001}: the agent restarted (or the host was forgotten) after the command was sent.
 AGENT_LOST_WORK = AGENT.LOST_WORK
 
 #: The default bound of exchanges in flight to one agent base URL (one host).
