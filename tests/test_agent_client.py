@@ -350,7 +350,8 @@ class DeadlineAndSlotTests(SynchronousTestCase):
         self.clock = Clock()
         self.http = RecordingHTTP()
         self.client = AgentClient(self.clock, self.http, CALLBACK_URL, default_timeout=300,
-                                  max_in_flight=4, max_in_flight_per_host=2)
+                                  max_in_flight=4, max_in_flight_per_host=2,
+                                  accept_timeout=10)
         for i in range(4):
             self.client._secrets[base(i)] = SECRET
 

@@ -31,7 +31,7 @@ A config file looks like::
     [agents]
     bootstrap_token_file = "/etc/zcontrol/agent-token"  # or bootstrap_token = "..."
     tls_ca = "/etc/zcontrol/agents-ca.pem"  # checks agents' HTTPS certificates
-    accept_timeout = 10         # seconds an agent has to answer a POST (it answers at once)
+    accept_timeout = 30         # seconds an agent has to answer a POST (it answers at once)
 
     [host]                      # the host service (see HostConfig for every key)
     ping_interval = 60
@@ -126,7 +126,7 @@ class AgentsConfig:
     bootstrap_token: str | None = None
     bootstrap_token_file: str | None = None
     tls_ca: str | None = None
-    accept_timeout: float = 10.0
+    accept_timeout: float = 30.0
 
     def __attrs_post_init__(self) -> None:
         if self.bootstrap_token is not None and self.bootstrap_token_file is not None:
