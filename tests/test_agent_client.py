@@ -258,17 +258,26 @@ class ClientTests(SynchronousTestCase):
 
     def test_malformed_json(self) -> None:
         """
-        A body that is not JSON gets 400 and completes nothing.
+        Fault (issue 8 item 10): a signed callback whose body is not JSON got 400 but left its
+        task pending until its timeout, while a signed body of the wrong type failed the
+        task. Once the signature checks, both fail the task at once with SYS.1015 (its agent
+        will not send a better one); an unsigned one (403) or one without taskuuid (400)
+        completes nothing.
         """
         d = self.client.call(base(0), p.HostCapacityCmd())
+        self.http.posts[0].answer(200)
         taskuuid = self.http.posts[0].header("taskuuid")
         body = b"{not json"
+        self.assertEqual(self.client.complete(taskuuid, body, None)[0], 403)
+        self.assertEqual(self.client.complete(None, b"{}", None)[0], 400)
+        self.assertNoResult(d)
         self.assertEqual(self.client.complete(taskuuid, body, p.sign(SECRET, taskuuid, body))[0],
                          400)
-        self.assertNoResult(d)
-        self.assertEqual(self.client.complete(None, b"{}", None)[0], 400)
-        d.cancel()
-        self.failureResultOf(d)
+        err = self.failureResultOf(d, OperationError).value.error
+        self.assertEqual(err.code, SYS.HTTP_ERROR)
+        self.assertIn("malformed", err.details)
+        self.assertFalse(self.client.is_pending(taskuuid))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_signed_but_wrong_type(self) -> None:
         """
@@ -341,7 +350,8 @@ class DeadlineAndSlotTests(SynchronousTestCase):
         self.clock = Clock()
         self.http = RecordingHTTP()
         self.client = AgentClient(self.clock, self.http, CALLBACK_URL, default_timeout=300,
-                                  max_in_flight=4, max_in_flight_per_host=2)
+                                  max_in_flight=4, max_in_flight_per_host=2,
+                                  accept_timeout=10)
         for i in range(4):
             self.client._secrets[base(i)] = SECRET
 
@@ -360,28 +370,134 @@ class DeadlineAndSlotTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(sync, OperationError).value.error.code,
                          SYS.TIMEOUT)
 
+    def serve(self, base_url: str) -> None:
+        """
+        Answer every POST to C{base_url} still unanswered: echoes inline, asynchronous
+        commands with 200 and then their signed callback.
+        """
+        for post in self.http.posts:
+            if not post.url.startswith(base_url + "/") or post.result.called:
+                continue
+            if post.url.endswith("/host/echo"):
+                post.answer(200, p.EchoRsp().to_json())
+                continue
+            post.answer(200)
+            taskuuid = post.header("taskuuid")
+            body = p.HostCapacityRsp(cpu_num=2).to_json()
+            self.assertEqual(self.client.complete(taskuuid, body, p.sign(SECRET, taskuuid,
+                                                                         body))[0], 200)
+
     def test_hung_hosts_do_not_starve_healthy_ones(self) -> None:
         """
         Fault (issue 8 item 7): the in-flight limit was only global, so hosts that accept TCP
         and never answer filled it and a healthy host's call timed out without being sent.
-        Now each host has its own share (2 of the 4 global slots here): the hung hosts' extra
-        calls wait on their own host's slots, and the healthy host's call is sent as soon as
-        one global slot is free.
+
+        Fault (issue 8 item 7): a share per host (2 of the 4 global slots here) was not
+        enough: an unanswered POST had no timeout of its own and held its slots until its
+        command's timeout (300 s), so more than 4 / 2 hung hosts still took every global
+        slot (the earlier version of this test passed only because it failed a hung exchange
+        by hand). Now a POST unanswered after C{accept_timeout} (10 s) fails and its host
+        becomes suspect: one slot of its own and one of the quarantine's (a quarter of the
+        global ones). Six hung hosts that keep calling: the healthy host's calls made during
+        their first burst are sent and complete within it, and the later ones are sent at
+        once; nothing leaks.
         """
-        hung = [self.client.call(base(0), p.EchoCmd(), timeout=100) for _ in range(5)]
-        hung += [self.client.call(base(1), p.EchoCmd(), timeout=100) for _ in range(5)]
-        self.assertEqual(len(self.http.posts), 4)  # 2 per hung host
-        healthy = self.client.call(base(2), p.EchoCmd(), timeout=10)
-        # The global limit (4) is reached: the healthy host waits for a global slot, which
-        # the first hung exchange to end frees; it is not stuck behind the hung hosts'
-        # own waiting calls.
-        self.http.posts[0].result.errback(Failure(ConnectionRefusedError()))
-        self.assertEqual(self.http.posts[-1].url, base(2) + "/host/echo")
-        self.http.posts[-1].answer(200, p.EchoRsp().to_json())
-        self.assertTrue(self.successResultOf(healthy).success)
-        self.clock.advance(100)
+        healthy = base(9)
+        self.client._secrets[healthy] = SECRET
+        hung: list = []
+
+        def call_hung() -> None:
+            for i in range(6):
+                hung.extend(self.client.call(base(i), p.EchoCmd(), timeout=300)
+                            for _ in range(3))
+
+        def call_healthy() -> list:
+            return [self.client.call(healthy, p.EchoCmd(), timeout=60),
+                    self.client.call(healthy, p.HostCapacityCmd(), timeout=60)]
+
+        call_hung()
+        self.assertEqual(len(self.http.posts), 4)  # the global limit, 2 per hung host
+        first = call_healthy()
+        for _ in range(40):
+            self.clock.advance(1)
+            self.serve(healthy)
+        for d in first:
+            self.assertTrue(self.successResultOf(d).success)
+        self.assertEqual(self.client._suspect, {base(i) for i in range(6)})
+        # The hung hosts keep calling (pings, commands); the healthy host is served at once.
+        call_hung()
+        later = call_healthy()
+        self.serve(healthy)
+        for d in later:
+            self.assertTrue(self.successResultOf(d).success)
+        for _ in range(400):
+            self.clock.advance(1)
         for d in hung:
-            self.failureResultOf(d, OperationError)
+            self.assertIn(self.failureResultOf(d, OperationError).value.error.code,
+                          (SYS.TIMEOUT, NOT_SENT))
+        self.assertFalse(any(post.url.startswith(healthy) and not post.result.called
+                             for post in self.http.posts))
+        self.assertEqual(self.client._host_slots, {})
+        self.assertEqual((self.client._sem.tokens, self.client._quarantine.tokens), (4, 1))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_accept_timeout(self) -> None:
+        """
+        Fault (issue 8 item 7): the accept POST had no timeout of its own, so a host that
+        accepts TCP and never answers kept the exchange (and its slots) until the command's
+        timeout (300 s). Unanswered after C{accept_timeout} (10 s), the POST is cancelled and
+        the command fails with SYS.1001 saying so; the host then holds one slot at a time
+        until it answers again, and then its share (2) comes back.
+        """
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        post = self.http.posts[0]
+        self.clock.advance(9.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        err = self.failureResultOf(d, OperationError).value.error
+        self.assertEqual(err.code, SYS.TIMEOUT)
+        self.assertIn("did not answer the POST within 10s", err.details)
+        self.assertTrue(post.result.called)  # cancelled
+        self.assertEqual(len(self.client), 0)
+        calls = [self.client.call(base(0), p.EchoCmd()) for _ in range(3)]
+        self.assertEqual(len(self.http.posts), 2)  # one at a time while suspect
+        self.http.posts[1].answer(200, p.EchoRsp().to_json())
+        self.assertEqual(len(self.http.posts), 4)  # it answers: both slots again
+        self.serve(base(0))
+        for c in calls:
+            self.assertTrue(self.successResultOf(c).success)
+        self.assertEqual(self.client._suspect, set())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_close_fails_everything(self) -> None:
+        """
+        Fault (issue 8 item 9): close() failed only the asynchronous commands in its pending
+        table: synchronous calls (echo, connect, ping) lived until their own timers, and a
+        call waiting for a slot could be sent on the closed pool once a slot came free. Now
+        every call in progress fails at once with SYS.1017 and the reason (those never sent
+        say "not sent"), nothing more is sent, and later calls fail the same way.
+        """
+        sync_sent = self.client.call(base(0), p.EchoCmd())
+        async_sent = self.client.call(base(0), p.HostCapacityCmd())
+        sync_waiting = self.client.call(base(0), p.PingCmd(host_uuid="h"))
+        async_waiting = self.client.call(base(0), p.HostCapacityCmd())
+        accepted = self.client.call(base(1), p.HostCapacityCmd())
+        self.assertEqual(len(self.http.posts), 3)
+        self.http.posts[2].answer(200)
+        self.successResultOf(self.client.close("the node is stopping"))
+        for d, sent in ((sync_sent, True), (async_sent, True), (accepted, True),
+                        (sync_waiting, False), (async_waiting, False)):
+            err = self.failureResultOf(d, OperationError).value.error
+            self.assertEqual(err.code, SYS.CANCEL)
+            self.assertIn("the node is stopping", err.details)
+            self.assertEqual("not sent" in err.details, not sent, err.details)
+        self.assertEqual(len(self.http.posts), 3)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        for cmd in (p.EchoCmd(), p.HostCapacityCmd()):
+            err = self.failureResultOf(self.client.call(base(2), cmd), OperationError).value.error
+            self.assertEqual(err.code, SYS.CANCEL)
+            self.assertIn("not sent", err.details)
+        self.assertEqual(len(self.http.posts), 3)
 
     def test_not_sent(self) -> None:
         """
@@ -403,7 +519,7 @@ class DeadlineAndSlotTests(SynchronousTestCase):
             self.assertEqual(err.code, NOT_SENT)
             self.assertIn("not sent", err.details)
         self.assertEqual(len(self.http.posts), 2)
-        self.assertEqual(self.client._host_sems, {})
+        self.assertEqual(self.client._host_slots, {})
         self.assertEqual(self.client._sem.tokens, 4)
         # The slots are free again.
         self.client.call(base(0), p.EchoCmd(), timeout=5)
@@ -414,14 +530,27 @@ class DeadlineAndSlotTests(SynchronousTestCase):
         Fault (issue 8 item 8): forgetting a host left its pending commands waiting out their
         timeout (300 s) although nothing would complete them. They now fail at once with
         C{AGENT.1001}; other hosts' commands are untouched.
+
+        Fault (issue 8 item 8): commands still waiting for a connection slot, never sent,
+        were reported lost (AGENT.1001) too; they fail with AGENT.1000 (not sent, safe to
+        retry), and are not sent later.
         """
-        mine = self.client.call(base(0), p.HostCapacityCmd())
+        mine = [self.client.call(base(0), p.HostCapacityCmd()) for _ in range(3)]
         other = self.client.call(base(1), p.HostCapacityCmd())
-        for post in self.http.posts:
-            post.answer(200)
-        self.assertEqual(self.client.forget(base(0)), 1)
-        err = self.failureResultOf(mine, OperationError).value.error
-        self.assertEqual(err.code, AGENT_LOST_WORK)
+        self.assertEqual(self.http.posts[2].url, base(1) + "/host/capacity")
+        self.http.posts[2].answer(200)
+        self.http.posts[0].answer(200)  # frees its slot: the third is sent
+        unsent = self.client.call(base(0), p.HostCapacityCmd())  # 2 slots per host, both busy
+        self.assertEqual(len(self.http.posts), 4)
+        self.assertEqual(self.client.forget(base(0)), 4)
+        for d in mine:
+            err = self.failureResultOf(d, OperationError).value.error
+            self.assertEqual(err.code, AGENT_LOST_WORK)
+        err = self.failureResultOf(unsent, OperationError).value.error
+        self.assertEqual(err.code, NOT_SENT)
+        self.assertIn("not sent", err.details)
+        self.assertEqual(len(self.http.posts), 4)
+        self.assertEqual(self.client._sem.tokens, 4)
         self.assertNoResult(other)
         self.assertEqual(len(self.client), 1)
         self.assertEqual(self.client.lost_work(base(1), "the agent restarted"), 1)
@@ -449,19 +578,24 @@ class EndpointTests(SynchronousTestCase):
 
     def test_statuses(self) -> None:
         """
-        400 without taskuuid, 404 unknown, 403 unsigned, 200 once, then 404.
+        400 without taskuuid, 404 unknown, 403 unsigned, 200 once, then 404; a signed body
+        that is not JSON gets 400 and fails its task (SYS.1015), which is then gone (404).
         """
-        d = self.client.call(base(0), p.HostCapacityCmd())
+        bad = self.client.call(base(0), p.HostCapacityCmd())
         taskuuid = self.http.posts[0].header("taskuuid")
+        signed_bad = {"taskuuid": taskuuid, p.SIGNATURE_HEADER: p.sign(SECRET, taskuuid, b"]")}
+        self.assertEqual(self.post(signed_bad, b"]"), 400)
+        self.assertEqual(self.failureResultOf(bad, OperationError).value.error.code,
+                         SYS.HTTP_ERROR)
+        self.assertEqual(self.post(signed_bad, b"]"), 404)
+        d = self.client.call(base(0), p.HostCapacityCmd())
+        taskuuid = self.http.posts[1].header("taskuuid")
         body = p.HostCapacityRsp(cpu_num=4).to_json()
         signature = p.sign(SECRET, taskuuid, body)
         self.assertEqual(self.post({}, body), 400)
         self.assertEqual(self.post({"taskuuid": "nope", p.SIGNATURE_HEADER: signature}, body),
                          404)
         self.assertEqual(self.post({"taskuuid": taskuuid}, body), 403)
-        self.assertEqual(self.post({"taskuuid": taskuuid,
-                                    p.SIGNATURE_HEADER: p.sign(SECRET, taskuuid, b"]")}, b"]"),
-                         400)
         good = {"taskuuid": taskuuid, p.SIGNATURE_HEADER: signature}
         self.assertEqual(self.post(good, body), 200)
         self.assertEqual(self.successResultOf(d).cpu_num, 4)

@@ -11,6 +11,7 @@ from typing import Any
 
 import treq
 from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import TestCase
 
@@ -318,5 +319,52 @@ class UnreachableAgentTests(TestCase):
             else:
                 self.fail("no error")
             self.assertEqual(len(client), 0)
+
+        return defer.Deferred.fromCoroutine(go())
+
+
+class _Silent(Protocol):
+    """
+    Reads whatever comes and never answers (a hung agent that still accepts TCP).
+    """
+
+
+class HungAgentTests(TestCase):
+    """
+    An "agent" that accepts TCP connections and never answers, over real loopback TCP.
+    """
+
+    def test_unanswered_post_gives_up(self) -> defer.Deferred:
+        """
+        Fault (issue 8 item 7): a POST to a host that accepts TCP and never answers had no
+        timeout of its own: it held its connection slots until the command's timeout (30 s
+        here, 300 s by default). It now fails after the client's accept_timeout with
+        SYS.1001 saying the agent did not answer, for asynchronous and synchronous commands;
+        the slots are free and no connection is left open.
+        """
+        site = WrappingFactory(Factory.forProtocol(_Silent))
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(_drain, site)
+        client = AgentClient.create(reactor, "http://127.0.0.1:9/cb", pool_size=4)
+        client.accept_timeout = 0.2
+        self.addCleanup(client.close)
+        base_url = f"http://127.0.0.1:{port.getHost().port}"
+        client._secrets[base_url] = "s"
+
+        async def go() -> None:
+            started = reactor.seconds()
+            for cmd in (p.HostCapacityCmd(), p.EchoCmd()):
+                try:
+                    await client.call(base_url, cmd, timeout=30)
+                except OperationError as e:
+                    self.assertEqual(e.error.code, SYS.TIMEOUT)
+                    self.assertIn("did not answer the POST within 0.2s", e.error.details)
+                else:
+                    self.fail("answered by a silent agent")
+            self.assertLess(reactor.seconds() - started, 5)
+            self.assertEqual(len(client), 0)
+            self.assertEqual((client._sem.tokens, client._host_slots), (4, {}))
+            self.assertEqual(client._suspect, {base_url})
 
         return defer.Deferred.fromCoroutine(go())

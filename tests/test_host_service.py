@@ -19,6 +19,7 @@ from agent import protocol as p
 from agent.hypervisor.simulator import parse_latency
 from tests.agent_fakes import InMemoryPair, base
 from zcontrol.agentclient.client import AGENT_LOST_WORK
+from zcontrol.agentclient.errors import AGENT
 from zcontrol.bus._pending import deadline_scope
 from zcontrol.bus.local import LocalBus
 from zcontrol.core.errors import SYS, OperationError
@@ -473,7 +474,11 @@ class CommandTests(HostServiceTestCase):
         Fault (issue 8 item 6): with 10 slots per host and a slow agent (1 s per command), the
         30th call with a 1 s timeout waited two rounds in the host's chain and only then
         started its 1 s timeout, failing after 3 s. The timeout now runs from the call: it
-        fails at 1 s with SYS.1001 and is never sent.
+        fails at 1 s and is never sent.
+
+        Fault (issue 8 items 6/7): such a command failed with the chain's SYS.1001 ("it did
+        not run") while the agent client says AGENT.1000 for a command that only waited; it
+        now fails with AGENT.1000 too, the chain's SYS.1001 as its cause.
         """
         reply_d = self.add(1)
         for _ in range(5):
@@ -486,7 +491,9 @@ class CommandTests(HostServiceTestCase):
         self.assertNoResult(last)
         self.pump(1)
         err = self.failureResultOf(last, OperationError).value.error
-        self.assertEqual(err.code, SYS.TIMEOUT)
+        self.assertEqual(err.code, AGENT.NOT_SENT)
+        self.assertIn("not sent", err.details)
+        self.assertEqual(err.cause.code, SYS.TIMEOUT)
         for _ in range(3):
             self.pump(1)
         for d in calls:
@@ -511,9 +518,8 @@ class CommandTests(HostServiceTestCase):
                  for _ in range(11)]
         self.pump()
         self.pump(2)
-        for d in calls:
-            self.assertEqual(self.failureResultOf(d, OperationError).value.error.code,
-                             SYS.TIMEOUT)
+        codes = [self.failureResultOf(d, OperationError).value.error.code for d in calls]
+        self.assertEqual(codes, [SYS.TIMEOUT] * 10 + [AGENT.NOT_SENT])
         # Ten were sent and timed out at the deadline, the 11th never was.
         self.assertEqual(self.pair.agent.stats["accepted"] - accepted, 10)
         self.assertEqual(len(self.pair.client), 0)

@@ -11,7 +11,7 @@ import sys
 from twisted.application.service import IServiceMaker, Service
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
@@ -476,13 +476,19 @@ class NodeShutdownTests(LoopbackTestCase):
         flight waited for it: up to the command's 300 s timeout. The stop now takes about
         the host service's drain limit: the command fails with SYS.1017 saying that the
         host service is stopping, and every part of the node stops.
+
+        (This test polled an unbounded loop until the command was pending; it now waits,
+        bounded, for the agent to accept the command. The node's agent client gets
+        agents.accept_timeout from the config.)
         """
         data = os.path.abspath(self.mktemp())
         config = load_config(None, {"node": {"id": "mn-stop", "data_dir": data},
                                     "http": {"port": 0},
                                     "host": {"drain_timeout": 0.2},
+                                    "agents": {"accept_timeout": 5},
                                     "shutdown": {"drain_timeout": 5}})
         node = make_node(config, reactor)
+        self.assertEqual(node.agents.accept_timeout, 5)
         self.addCleanup(lambda: node.running and node.stopService())
         await node.startService()
         await node.store.insert("zone", {"uuid": "z", "name": "zone"})
@@ -493,13 +499,22 @@ class NodeShutdownTests(LoopbackTestCase):
             management_ip=self.base(2)))
         self.assertTrue(reply.success, reply.error)
         self.agent._faults = Faults(never_callback_rate=1.0)  # the agent goes silent
+        accepted: Deferred[None] = Deferred()
+        accept = self.agent._accepted
+
+        def accepting(*args):
+            accept(*args)
+            if not accepted.called:
+                accepted.callback(None)
+
+        self.agent._accepted = accepting
         host = [s for s in node if s.name == "host"][0]
         command = host.service.call("h1", p.StartVmCmd(vm_instance_uuid="v", cpu_num=1,
                                                        memory_size=1), timeout=300)
         failures = []
         command.addErrback(failures.append)
-        while not node.agents.stats["sent"] or len(node.agents) == 0:
-            await deferLater(reactor, 0.01, lambda: None)
+        await accepted.addTimeout(5, reactor)  # the client marked it sent before posting
+        self.assertEqual(len(node.agents), 1)
         started = reactor.seconds()
         await node.stopService()
         self.assertLess(reactor.seconds() - started, 4)

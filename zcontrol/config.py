@@ -35,6 +35,7 @@ A config file looks like::
     pool_size = 1000            # persistent connections per agent endpoint
     max_in_flight = 1000        # agent requests in flight at once (default: pool_size)
     max_in_flight_per_host = 32 # ... to one agent base URL
+    accept_timeout = 30         # seconds an agent has to answer a POST (it answers at once)
 
     [host]                      # the host service (see HostConfig for every key)
     ping_interval = 60
@@ -136,6 +137,9 @@ class AgentsConfig:
         C{pool_size}); more wait in the node.
     @ivar max_in_flight_per_host: agent requests in flight at once to one agent base URL, so
         that hung hosts cannot take every slot (capped by C{max_in_flight}).
+    @ivar accept_timeout: seconds an agent has to answer a POST (an asynchronous command's
+        accept, a synchronous command's answer); a host that does not is treated as hung
+        (see Note [hung hosts] in L{zcontrol.agentclient.client}).
     """
 
     bootstrap_token: str | None = None
@@ -146,6 +150,7 @@ class AgentsConfig:
     max_in_flight: int | None = None
     #: as zcontrol.agentclient.client.DEFAULT_MAX_IN_FLIGHT_PER_HOST
     max_in_flight_per_host: int = 32
+    accept_timeout: float = 30.0
 
     def __attrs_post_init__(self) -> None:
         if self.bootstrap_token is not None and self.bootstrap_token_file is not None:
@@ -264,7 +269,8 @@ _SECTIONS: dict[str, dict[str, type]] = {
     "http": {"port": int, "interface": str, "backlog": int, "public_url": str,
              "tls_cert": str, "tls_key": str},
     "agents": {"bootstrap_token": str, "bootstrap_token_file": str, "tls_ca": str,
-               "pool_size": int, "max_in_flight": int, "max_in_flight_per_host": int},
+               "pool_size": int, "max_in_flight": int, "max_in_flight_per_host": int,
+               "accept_timeout": float},
     "host": {a.name: {"float": float, "int": int, "bool": bool}.get(a.type, str)  # type: ignore[call-overload]
              for a in attrs.fields(HostConfig)},
     "shutdown": {"drain_timeout": float},

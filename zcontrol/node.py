@@ -426,6 +426,7 @@ def make_node(config: Config, reactor: Any,
                                 bootstrap_token=config.agents.token(config.data_dir),
                                 trust_root=_trust_root(config))
     endpoint = CallbackEndpoint(agents)
+    agents.accept_timeout = config.agents.accept_timeout
     node = ManagementNode(config, reactor, store, bus, agents, on_start_failure)
     ComponentService("store", store).setServiceParent(node)
     HeartbeatService(store, config.node_id, reactor,

@@ -22,9 +22,26 @@ hung host holds at most its own share of the global ones. A command whose deadli
 while it still waits for a slot was never sent; it fails with C{AGENT.1000} (L{NOT_SENT}), so
 callers know that retrying it is safe.
 
+Note [hung hosts]: a share per host is not enough: C{max_in_flight / max_in_flight_per_host}
+hung hosts still take every global slot, and an unanswered POST would hold its slots until its
+command's own timeout (300 s by default). So (1) every POST has its own C{accept_timeout}: an
+agent answers a POST at once (an asynchronous command's accept, or a synchronous command's
+answer), and one unanswered after that long fails with C{SYS.1001}, freeing its slots; (2) a
+host whose POST timed out is I{suspect} (a circuit breaker): its share shrinks to one slot and
+its exchanges also take one of the few quarantine slots (a quarter of the global ones) before
+a global one, so suspect hosts together never hold more than a quarter of the global slots,
+however many they are. Exchanges that already waited for a global slot when their host turned
+suspect queue again behind the quarantine. The first answer from the host (any status) ends
+its suspicion and restores its share.
+
 Note [lost work]: when an agent is known to have restarted (its ping answers without the host
 uuid it was connected with) or the host is forgotten, the commands it accepted are gone: they
 fail at once with C{AGENT.1001} (L{AGENT_LOST_WORK}) instead of waiting out their timeout.
+Those still waiting for a slot were never sent: they fail with C{AGENT.1000} (safe to retry).
+
+Note [close]: L{AgentClient.close} fails everything in progress at once with C{SYS.1017}: the
+pending asynchronous commands (sent or still waiting for a slot) and the synchronous calls;
+those that never reached an agent say "not sent". After a close nothing more is sent.
 
 Note [inherited deadline]: the bus deadline of the message being handled
 (L{zcontrol.bus._pending.current_deadline}, on the same clock) caps every call's deadline.
@@ -34,6 +51,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections import deque
 from functools import partial
 from typing import Any
 
@@ -57,18 +75,23 @@ from zcontrol.agentclient.interfaces import IAgentClient
 from zcontrol.bus._pending import current_deadline
 from zcontrol.core.errors import SYS, OperationError, error_code
 
-__all__ = ["AGENT_LOST_WORK", "AgentClient", "DEFAULT_MAX_IN_FLIGHT_PER_HOST", "NOT_SENT"]
+__all__ = ["AGENT_LOST_WORK", "AgentClient", "DEFAULT_ACCEPT_TIMEOUT",
+           "DEFAULT_MAX_IN_FLIGHT_PER_HOST", "NOT_SENT"]
 
 log = Logger()
 
-#: C{AGENT.1000}: the command's deadline passed while it waited in the local queue for a
-#: connection slot; nothing reached the agent.
+#: C{AGENT.1000}: nothing reached the agent (see L{AGENT.NOT_SENT}); retrying is safe.
 NOT_SENT = AGENT.NOT_SENT
-#: C{AGENT.1001}: the agent restarted (or the host was forgotten) after accepting the command.
+#: C{AGENT.1001}: the agent restarted (or the host was forgotten) after the command was sent.
 AGENT_LOST_WORK = AGENT.LOST_WORK
 
 #: The default bound of exchanges in flight to one agent base URL (one host).
 DEFAULT_MAX_IN_FLIGHT_PER_HOST = 32
+
+#: The default seconds an agent has to answer a POST (see Note [hung hosts]). An agent answers
+#: at once, but the time also covers the TCP connect and both reactors' backlog: with 1,000
+#: commands in flight on a loaded machine (2 cores, load 7) single exchanges took over 10 s.
+DEFAULT_ACCEPT_TIMEOUT = 30.0
 
 _TASK = TASK_UUID_HEADER.encode("ascii")
 _CALLBACK = CALLBACK_URL_HEADER.encode("ascii")
@@ -104,6 +127,77 @@ class _Pending:
         self.accept: Deferred | None = None
 
 
+class _Slots:
+    """
+    Counting slots granted first come, first served, whose limit may change while some are
+    held (a suspect host's share shrinks to one, see Note [hung hosts]).
+    """
+
+    __slots__ = ("limit", "used", "waiting")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.waiting: deque[Deferred[None]] = deque()
+
+    def acquire(self) -> Deferred[None]:
+        """
+        A Deferred firing when a slot is taken; cancelling it while it waits leaves the queue.
+        """
+        if self.used < self.limit and not self.waiting:
+            self.used += 1
+            return succeed(None)
+        d: Deferred[None] = Deferred(self.waiting.remove)
+        self.waiting.append(d)
+        return d
+
+    def release(self) -> None:
+        self.used -= 1
+        self._wake()
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        while self.waiting and self.used < self.limit:
+            self.used += 1
+            self.waiting.popleft().callback(None)
+
+    @property
+    def idle(self) -> bool:
+        return self.used == 0 and not self.waiting
+
+
+class _Grant:
+    """
+    The slots one exchange holds (see L{AgentClient._slot}).
+    """
+
+    __slots__ = ("base", "host", "suspect", "global_")
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        #: the host's L{_Slots} once one of them is taken
+        self.host: _Slots | None = None
+        self.suspect = False
+        self.global_ = False
+
+
+class _SyncCall:
+    """
+    A synchronous call in progress (so that L{AgentClient.close} can fail it).
+    """
+
+    __slots__ = ("exchange", "sent", "closed")
+
+    def __init__(self) -> None:
+        self.exchange: Deferred | None = None
+        self.sent = False
+        #: the close's reason once the client was closed under it
+        self.closed: str | None = None
+
+
 def _connection_error(url: str, reason: Failure) -> OperationError:
     exc = reason.value
     what = f"{type(exc).__name__}: {exc}"
@@ -122,12 +216,15 @@ class AgentClient:
 
     @ivar callback_url: the URL agents POST results to (settable, e.g. once the endpoint's
         port is known).
+    @ivar accept_timeout: seconds an agent has to answer a POST (settable; see Note [hung
+        hosts]).
     """
 
     def __init__(self, clock: Any, http: Any, callback_url: str, *,
                  default_timeout: float = 300.0, max_in_flight: int = DEFAULT_POOL_SIZE,
                  max_in_flight_per_host: int = DEFAULT_MAX_IN_FLIGHT_PER_HOST,
-                 bootstrap_token: str | None = None) -> None:
+                 bootstrap_token: str | None = None,
+                 accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT) -> None:
         """
         @param clock: C{IReactorTime}: timeouts and deadlines are on this clock (the bus's).
         @param http: a treq C{HTTPClient} (or C{StubTreq}) for the POSTs.
@@ -138,15 +235,25 @@ class AgentClient:
             URL (see Note [per-host slots]); capped by C{max_in_flight}.
         @param bootstrap_token: the token agents require at C{/host/connect} (see
             L{agent.app}); an agent refusing it fails the connect with C{AGENT.1002}.
+        @param accept_timeout: seconds an agent has to answer a POST (an asynchronous
+            command's accept, a synchronous command's answer) before the exchange fails with
+            C{SYS.1001} and its host becomes suspect (see Note [hung hosts]).
         """
         self.bootstrap_token = bootstrap_token
+        self.accept_timeout = accept_timeout
         self._clock = clock
         self._http = http
         self.callback_url = callback_url
         self.default_timeout = default_timeout
         self._sem = DeferredSemaphore(max_in_flight)
         self._per_host = max(1, min(max_in_flight_per_host, max_in_flight))
-        self._host_sems: dict[str, DeferredSemaphore] = {}
+        self._host_slots: dict[str, _Slots] = {}
+        #: base URLs whose last POST went unanswered (Note [hung hosts])
+        self._suspect: set[str] = set()
+        self._quarantine = DeferredSemaphore(max(1, max_in_flight // 4))
+        self._sync_calls: set[_SyncCall] = set()
+        #: the close's reason once closed (Note [close])
+        self._closed: str | None = None
         self._pending: dict[str, _Pending] = {}
         self._secrets: dict[str, str] = {}
         self._base_of_host: dict[str, str] = {}
@@ -216,6 +323,7 @@ class AgentClient:
         @return: the number of pending commands failed.
         """
         self._secrets.pop(base_url, None)
+        self._suspect.discard(base_url)
         for host_uuid, base in list(self._base_of_host.items()):
             if base == base_url:
                 del self._base_of_host[host_uuid]
@@ -223,22 +331,34 @@ class AgentClient:
 
     def lost_work(self, base_url: str, reason: str) -> int:
         """
-        Fail every command pending at C{base_url} at once with C{AGENT.1001}
-        (L{AGENT_LOST_WORK}), e.g. when its agent restarted after accepting them.
+        Fail every command pending at C{base_url} at once, e.g. when its agent restarted
+        after accepting them: those sent with C{AGENT.1001} (L{AGENT_LOST_WORK}), those still
+        waiting for a connection slot with C{AGENT.1000} (L{NOT_SENT}: nothing reached the
+        agent, retrying is safe).
 
         @param reason: why the work is gone, put in the errors' details.
         @return: the number of commands failed.
         """
-        lost = [t for t, e in self._pending.items() if e.base == base_url]
+        # The unsent first: cancelling a sent one's exchange frees a slot that one of them
+        # would otherwise take and send.
+        lost = sorted((t for t, e in self._pending.items() if e.base == base_url),
+                      key=lambda t: self._pending[t].sent)
         for taskuuid in lost:
             entry = self._pending.pop(taskuuid)
             entry.timer.cancel()
             accept, entry.accept = entry.accept, None
             if accept is not None:
-                accept.cancel()  # a no-op once it has its result
-            entry.result.errback(OperationError.of(
-                AGENT_LOST_WORK, f"{entry.url}, taskuuid {taskuuid}: {reason}; the agent "
-                "will not call back", url=entry.url, taskUuid=taskuuid))
+                accept.cancel()  # a no-op once it has its result; gives back a slot waited for
+            if entry.sent:
+                error = OperationError.of(
+                    AGENT_LOST_WORK, f"{entry.url}, taskuuid {taskuuid}: {reason}; the agent "
+                    "will not call back", url=entry.url, taskUuid=taskuuid)
+            else:
+                error = OperationError.of(
+                    NOT_SENT, f"not sent: {entry.url}, taskuuid {taskuuid}: {reason} while it "
+                    "waited for a connection slot; nothing reached the agent", url=entry.url,
+                    taskUuid=taskuuid)
+            entry.result.errback(error)
         if lost:
             log.warn("{n} command(s) pending at {base} failed: {reason}", n=len(lost),
                      base=base_url, reason=reason)
@@ -317,6 +437,9 @@ class AgentClient:
             return fail(OperationError.of(
                 SYS.INVALID_ARGUMENT_ERROR, f"{type(cmd).__name__} is not an agent command"))
         url = base_url.rstrip("/") + definition.path
+        if self._closed is not None:
+            return fail(OperationError.of(
+                SYS.CANCEL, f"not sent: {url}: {self._closed}", url=url))
         now, expiry = self._expiry(timeout, deadline)
         if expiry <= now:
             return fail(OperationError.of(
@@ -342,63 +465,106 @@ class AgentClient:
         self._send(taskuuid, entry, cmd.to_json(), 1)
         return result
 
-    # --- slots (Note [per-host slots]) ---------------------------------------------------
+    # --- slots (Notes [per-host slots], [hung hosts]) ------------------------------------
 
-    def _slot(self, base_url: str) -> Deferred[None]:
+    def _slot(self, base_url: str) -> Deferred[_Grant]:
         """
-        Take one of C{base_url}'s slots, then one global slot. Cancelling the result while
-        it waits gives back whatever was taken.
+        Take one of C{base_url}'s slots, then (if the host is suspect) a quarantine slot,
+        then a global slot. Cancelling the result while it waits gives back whatever was
+        taken.
         """
-        host = self._host_sems.get(base_url)
+        host = self._host_slots.get(base_url)
         if host is None:
-            host = self._host_sems[base_url] = DeferredSemaphore(self._per_host)
-        step: list[Deferred | None] = [host.acquire()]
+            host = self._host_slots[base_url] = _Slots(
+                1 if base_url in self._suspect else self._per_host)
+        grant = _Grant(base_url)
+        waiting: list[Deferred | None] = [None]
 
         def cancel(_d: Deferred) -> None:
-            waiting = step[0]
-            if waiting is not None:
-                waiting.cancel()
+            step, waiting[0] = waiting[0], None
+            if step is not None:
+                step.cancel()
 
-        slot: Deferred[None] = Deferred(cancel)
+        slot: Deferred[_Grant] = Deferred(cancel)
 
-        def got_host(_: Any) -> None:
-            if slot.called:  # cancelled meanwhile
-                self._release(base_url)
-                return
-            g = self._sem.acquire()
-            step[0] = g
+        def wait(step: Deferred, took: str) -> None:
+            waiting[0] = step
 
-            def got_global(_: Any) -> None:
-                step[0] = None
-                if slot.called:
-                    self._sem.release()
-                    self._release(base_url)
+            def got(_: Any) -> None:
+                waiting[0] = None
+                if took == "host":
+                    grant.host = host
                 else:
-                    slot.callback(None)
+                    setattr(grant, took, True)
+                advance()
 
-            def global_cancelled(_f: Failure) -> None:
-                step[0] = None
-                self._release(base_url)
+            def cancelled(_f: Failure) -> None:
+                waiting[0] = None
+                self._give_back(grant)
 
-            g.addCallbacks(got_global, global_cancelled)
+            step.addCallbacks(got, cancelled)
 
-        def host_cancelled(_f: Failure) -> None:
-            step[0] = None
-            self._drop_host_sem(base_url)
+        def advance() -> None:
+            if slot.called:  # cancelled meanwhile
+                self._give_back(grant)
+            elif grant.host is None:
+                wait(host.acquire(), "host")
+            elif base_url in self._suspect and not grant.suspect:
+                if grant.global_:
+                    # The host turned suspect while this exchange waited: queue again, behind
+                    # the quarantine (Note [hung hosts]).
+                    grant.global_ = False
+                    self._sem.release()
+                wait(self._quarantine.acquire(), "suspect")
+            elif not grant.global_:
+                wait(self._sem.acquire(), "global_")
+            else:
+                slot.callback(grant)
 
-        step[0].addCallbacks(got_host, host_cancelled)  # type: ignore[union-attr]
+        advance()
         return slot
 
-    def _release(self, base_url: str) -> None:
-        host = self._host_sems.get(base_url)
+    def _give_back(self, grant: _Grant) -> None:
+        """
+        Release every slot C{grant} holds (once).
+        """
+        if grant.global_:
+            grant.global_ = False
+            self._sem.release()
+        if grant.suspect:
+            grant.suspect = False
+            self._quarantine.release()
+        host, grant.host = grant.host, None
         if host is not None:
             host.release()
-            self._drop_host_sem(base_url)
+            if host.idle and self._host_slots.get(grant.base) is host:
+                del self._host_slots[grant.base]
 
-    def _drop_host_sem(self, base_url: str) -> None:
-        host = self._host_sems.get(base_url)
-        if host is not None and host.tokens == host.limit and not host.waiting:
-            del self._host_sems[base_url]
+    def _suspected(self, base_url: str) -> None:
+        """
+        A POST to C{base_url} went unanswered for C{accept_timeout}: its share shrinks to
+        one slot (Note [hung hosts]).
+        """
+        if base_url in self._suspect:
+            return
+        self._suspect.add(base_url)
+        log.warn("{base} did not answer a POST within {t}s: it holds one connection slot "
+                 "until it answers again", base=base_url, t=self.accept_timeout)
+        host = self._host_slots.get(base_url)
+        if host is not None:
+            host.set_limit(1)
+
+    def _answered(self, base_url: str) -> None:
+        """
+        C{base_url} answered a POST: it is no longer suspect.
+        """
+        if base_url not in self._suspect:
+            return
+        self._suspect.discard(base_url)
+        log.info("{base} answers again", base=base_url)
+        host = self._host_slots.get(base_url)
+        if host is not None:
+            host.set_limit(self._per_host)
 
     def _post(self, base_url: str, url: str, expiry: float, on_sent: Any = None,
               **kwargs: Any) -> Deferred:
@@ -406,16 +572,21 @@ class AgentClient:
         POST once a slot is free; the slots are given back when the exchange ends.
         C{on_sent()} is called when the request is handed to the HTTP client. A slot that
         comes free only at C{expiry} (absolute) or later is given back unused and the POST
-        fails with C{AGENT.1000}.
+        fails with C{AGENT.1000}; one that comes free after L{close} fails with C{SYS.1017}.
+        An exchange unanswered after C{accept_timeout} is cancelled and fails with
+        C{SYS.1001}, and its host becomes suspect (Note [hung hosts]).
         """
         slot = self._slot(base_url)
         queued = self._clock.seconds()
 
-        def send(_: Any) -> Deferred:
+        def send(grant: _Grant) -> Deferred:
             now = self._clock.seconds()
+            if self._closed is not None:
+                self._give_back(grant)
+                return fail(OperationError.of(
+                    SYS.CANCEL, f"not sent: {url}: {self._closed}", url=url))
             if now >= expiry:
-                self._sem.release()
-                self._release(base_url)
+                self._give_back(grant)
                 return fail(self._not_sent(url, now - queued))
             if on_sent is not None:
                 on_sent()
@@ -423,10 +594,28 @@ class AgentClient:
                 d = self._http.post(url, **kwargs)
             except BaseException:
                 d = fail()
+            unanswered: list[bool] = []
+
+            def give_up() -> None:
+                unanswered.append(True)
+                d.cancel()
+
+            timer = self._clock.callLater(self.accept_timeout, give_up)
 
             def done(result: Any) -> Any:
-                self._sem.release()
-                self._release(base_url)
+                if timer.active():
+                    timer.cancel()
+                self._give_back(grant)
+                if unanswered:
+                    self._suspected(base_url)
+                    return Failure(OperationError.of(
+                        SYS.TIMEOUT,
+                        f"[Http Timeout] url: {url}, the agent did not answer the POST within "
+                        f"{self.accept_timeout:g}s (agents answer at once: the host may be "
+                        "hung); the command may or may not have reached it",
+                        url=url))
+                if not isinstance(result, Failure):
+                    self._answered(base_url)
                 return result
 
             return d.addBoth(done)
@@ -529,11 +718,17 @@ class AgentClient:
 
     def _call_sync(self, base_url: str, url: str, cmd: Message, rsp_type: type,
                    timeout: float, raise_on_failure: bool) -> Deferred[Any]:
-        sent: list[bool] = []
-        d = self._post(base_url, url, self._clock.seconds() + timeout, lambda: sent.append(True),
+        call = _SyncCall()
+
+        def sent() -> None:
+            call.sent = True
+
+        d = self._post(base_url, url, self._clock.seconds() + timeout, sent,
                        data=cmd.to_json(),
                        headers={_CONTENT_TYPE: _JSON}, allow_redirects=False,
                        unbuffered=True)
+        call.exchange = d
+        self._sync_calls.add(call)
         timer = self._clock.callLater(timeout, d.cancel)
         timed_out = []
 
@@ -556,8 +751,12 @@ class AgentClient:
         def failed(reason: Failure) -> Any:
             if reason.check(OperationError):
                 return reason
+            if call.closed is not None and reason.check(CancelledError):
+                raise OperationError.of(
+                    SYS.CANCEL, f"{'' if call.sent else 'not sent: '}{url}: {call.closed}",
+                    url=url)
             if reason.check(CancelledError) and timed_out:
-                if not sent:
+                if not call.sent:
                     raise self._not_sent(url, timeout)
                 raise OperationError.of(
                     SYS.TIMEOUT, f"[Http Timeout] url: {url}, no answer after {timeout:g}s",
@@ -565,9 +764,10 @@ class AgentClient:
             raise _connection_error(url, reason)
 
         def done(result: Any) -> Any:
+            self._sync_calls.discard(call)
             if timer.active():
                 timer.cancel()
-            else:
+            elif call.closed is None:
                 timed_out.append(True)
             return result
 
@@ -588,11 +788,11 @@ class AgentClient:
         """
         Deliver a callback (the callback endpoint calls this).
 
-        @return: C{(HTTP status, message)}: 400 without a task uuid or with a body that is not
-            JSON (nothing is completed); 404 for an unknown, expired or already completed task;
-            403 for a missing or bad signature (the task stays pending); 400 for a signed
-            body that is not the command's response (the task fails with C{SYS.1015}); 200
-            when the task completed, exactly once.
+        @return: C{(HTTP status, message)}: 400 without a task uuid (nothing is completed);
+            404 for an unknown, expired or already completed task; 403 for a missing or bad
+            signature (the task stays pending); 400 for a signed body that is not JSON or not
+            the command's response (the task fails with C{SYS.1015}: its agent will not send
+            a better one); 200 when the task completed, exactly once.
         """
         if not taskuuid:
             return 400, "taskuuid header missing"
@@ -605,15 +805,11 @@ class AgentClient:
         if not protocol.verify(entry.secret, taskuuid, body, signature):
             log.warn("callback for {task} with a bad or missing signature", task=taskuuid)
             return 403, "bad or missing signature"
-        try:
-            data = protocol.loads(body)
-        except ProtocolError as e:
-            return 400, str(e)
         del self._pending[taskuuid]
         entry.timer.cancel()
         entry.accept = None
         try:
-            rsp = entry.rsp_type.from_dict(data)
+            rsp = entry.rsp_type.from_dict(protocol.loads(body))
         except (ProtocolError, ValueError, TypeError, RecursionError) as e:
             entry.result.errback(OperationError.of(
                 SYS.HTTP_ERROR, f"{entry.url} called back with a malformed response: {e}",
@@ -632,12 +828,16 @@ class AgentClient:
 
     def close(self, reason: str = "the agent client was closed") -> Deferred[None]:
         """
-        Fail every pending task at once (C{SYS.1017}, with C{reason} in its details; nothing
-        waits out a command's own timeout) and close the connection pool if this client
-        made it.
+        Fail every call in progress at once with C{SYS.1017}, C{reason} in its details
+        (nothing waits out a command's own timeout): the pending asynchronous commands and
+        the synchronous calls, whether sent or still waiting for a connection slot (those say
+        "not sent"). Later calls fail at once the same way, and nothing more is sent. Then
+        close the connection pool if this client made it (see Note [close]).
 
         @return: a Deferred firing when the pool's connections are closed.
         """
+        if self._closed is None:
+            self._closed = reason
         for taskuuid in list(self._pending):
             entry = self._pending.pop(taskuuid, None)
             if entry is None:
@@ -647,8 +847,13 @@ class AgentClient:
             if accept is not None:
                 accept.cancel()
             entry.result.errback(OperationError.of(
-                SYS.CANCEL, f"{entry.url}, taskuuid {taskuuid}: {reason}", url=entry.url,
-                taskUuid=taskuuid))
+                SYS.CANCEL, f"{'' if entry.sent else 'not sent: '}{entry.url}, taskuuid "
+                f"{taskuuid}: {reason}", url=entry.url, taskUuid=taskuuid))
+        for call in list(self._sync_calls):
+            call.closed = reason
+            if call.exchange is not None:
+                call.exchange.cancel()
+        self._sync_calls.clear()
         if self._pool is not None:
             return self._pool.closeCachedConnections()
         return succeed(None)

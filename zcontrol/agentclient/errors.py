@@ -17,17 +17,21 @@ class AGENT:
     _codes = register_codes(
         "AGENT",
         {
-            1000: "An agent command was not sent: it waited for a free connection slot until "
-                  "its deadline (retrying it is safe)",
+            1000: "An agent command was not sent: it waited (for a free connection slot, or "
+                  "in its host's queue) until its deadline, or until its host was forgotten or "
+                  "its agent restarted; nothing reached the agent (retrying it is safe)",
             1001: "The agent lost a command it had accepted (it restarted, or the host was "
                   "forgotten)",
             1002: "The agent refused the management node's bootstrap token",
         },
     )
-    #: The command's deadline passed while it waited in the local queue for a connection
-    #: slot; nothing reached the agent.
+    #: The command never left the management node: its deadline passed while it waited for
+    #: a connection slot (or in its host's chain, L{zcontrol.services.host}), or its host was
+    #: forgotten or its agent restarted meanwhile
+    #: (L{zcontrol.agentclient.client.AgentClient.lost_work}). Retrying is safe.
     NOT_SENT = _codes[1000]
-    #: The agent restarted (or the host was forgotten) after accepting the command.
+    #: The agent restarted (or the host was forgotten) after the command was sent: it will
+    #: not call back, and the command may or may not have run.
     LOST_WORK = _codes[1001]
     #: C{/host/connect} answered 401 (no token sent) or 403 (a wrong one): the operator must
     #: configure the same bootstrap token on the management node and the agent.

@@ -22,11 +22,16 @@ class IAgentClient(Interface):
         """
         C{/host/connect} the host at C{base_url} (its agent base URL, e.g.
         C{http://10.0.0.5:7070} or C{http://127.0.0.1:7070/hosts/17}): generate a fresh
-        callback secret, send it, and on success use it to authenticate that host's callbacks
-        (any older secret is dropped, so callbacks of commands sent before fail with 403).
+        callback secret, send it (with the node's bootstrap token and its callback URL as the
+        only one the agent may call back), and on success use it to authenticate that host's
+        callbacks (any older secret is dropped, so callbacks of commands sent before fail
+        with 403).
 
         @return: a Deferred firing with the L{agent.protocol.ConnectRsp}; it fails with an
-            L{OperationError} as L{call} does.
+            L{OperationError} as L{call} does for a synchronous command, or with
+            C{AGENT.1002} when the agent refused the bootstrap token (it answered 401: none
+            configured on the node, or 403: a different one; C{opaque["status"]}, and the
+            agent's answer as cause).
         """
 
     def call(base_url, cmd, timeout=None, deadline=None, raise_on_failure=True):
@@ -43,12 +48,14 @@ class IAgentClient(Interface):
             response says C{success=false}; otherwise fire with it.
         @return: a Deferred firing with the decoded response (the command's response type).
             It fails with an L{OperationError} carrying C{SYS.1001} (timeout, naming the URL;
-            the pending entry is gone), C{SYS.1015} (the agent answered a non-2xx status, or an
-            HTTP exchange broke, or the callback was malformed), C{SYS.1016} (could not connect),
-            C{SYS.1006} (the agent reported a failure), C{SYS.1017} (cancelled), C{AGENT.1000}
-            (not sent: it waited for a free connection slot until its deadline; safe to
-            retry) or C{AGENT.1001} (the agent lost it, see L{lost_work}). Cancelling it
-            forgets the task.
+            the pending entry is gone; also when the agent did not answer the POST itself
+            within the client's accept timeout: the command may or may not have reached it),
+            C{SYS.1015} (the agent answered a non-2xx status, or an HTTP exchange broke, or
+            the signed callback was malformed), C{SYS.1016} (could not connect), C{SYS.1006}
+            (the agent reported a failure), C{SYS.1017} (cancelled, or the client was closed:
+            see L{close}), C{AGENT.1000} (not sent: it waited for a free connection slot until
+            its deadline, or its host was forgotten meanwhile; safe to retry) or C{AGENT.1001}
+            (sent, but the agent lost it, see L{lost_work}). Cancelling it forgets the task.
         """
 
     def verify_report(host_uuid, taskuuid, body, signature):
@@ -60,16 +67,26 @@ class IAgentClient(Interface):
     def forget(base_url, reason="the host was forgotten"):
         """
         Drop the callback secret of C{base_url} (e.g. the host was deleted or disconnected)
-        and fail its pending commands at once with C{AGENT.1001}.
+        and fail its pending commands at once, as L{lost_work} does.
 
         @return: the number of pending commands failed.
         """
 
     def lost_work(base_url, reason):
         """
-        Fail every command pending at C{base_url} at once with C{AGENT.1001} (its agent
-        restarted after accepting them: they will never call back).
+        Fail every command pending at C{base_url} at once (its agent restarted after
+        accepting them: they will never call back): those sent with C{AGENT.1001}, those
+        still waiting for a connection slot with C{AGENT.1000} (not sent, safe to retry).
 
         @param reason: why, put in the errors' details.
         @return: the number of commands failed.
+        """
+
+    def close(reason="the agent client was closed"):
+        """
+        Fail every call in progress at once with C{SYS.1017}, C{reason} in its details
+        (those that never reached an agent say "not sent"), refuse later calls the same way,
+        and close the connection pool the client made, if any.
+
+        @return: a Deferred firing when the pool's connections are closed.
         """

@@ -30,7 +30,9 @@ host under C{host-connect-<uuid>} so two reconnects never interleave.
 Note [deadlines]: a command's timeout runs from when L{HostService.call} is called, not from
 when it leaves the host's chain: the time it waits for a slot counts, and the deadline of the
 bus message being handled (if earlier) caps it; the chain drops a command whose deadline
-passed while it waited (C{SYS.1001}, it never ran), and the agent call gets the same deadline.
+passed while it waited, and L{HostService.call} reports that as the agent client reports a
+command that waited for a connection slot: C{AGENT.1000}, not sent (the chain's C{SYS.1001}
+as its cause); the agent call gets the same deadline.
 Connect, ping and VM sync inherit the deadline of the message that caused them. Work the
 service starts on its own (a reconnect after failed pings, a VM sync after a ping) is new
 work: it runs with its own timeouts, not the deadline of the ping that triggered it.
@@ -52,6 +54,7 @@ from zope.interface import implementer
 
 from agent import protocol as p
 from zcontrol._defer import DeferWaiter, async_to_deferred, maybe_deferred
+from zcontrol.agentclient.errors import AGENT
 from zcontrol.bus._pending import current_deadline, deadline_scope
 from zcontrol.bus.message import Reply
 from zcontrol.bus.publishing import publish_after_commit
@@ -248,8 +251,9 @@ class HostService:
         the clock) and the current bus deadline cap it (see Note [deadlines]).
 
         @return: a Deferred firing with the agent's response; fails as
-            L{zcontrol.agentclient.IAgentClient.call}, with C{SYS.1001} when the deadline
-            passed while the command waited in the host's chain (it was not sent), with
+            L{zcontrol.agentclient.IAgentClient.call}, with C{AGENT.1000} when the deadline
+            passed while the command waited in the host's chain (it was not sent, retrying is
+            safe; the chain's C{SYS.1001} is its cause), with
             C{CHAIN.1000} when too many commands already wait for the host, or with
             C{HOST.1002} when the host is not Connected, C{HOST.1003} when unknown.
         """
@@ -258,7 +262,10 @@ class HostService:
             if cap is not None and cap < expiry:
                 expiry = cap
 
+        started: list[bool] = []
+
         async def run() -> Any:
+            started.append(True)
             row = await self._host(host_uuid)
             if row["status"] != CONNECTED:
                 raise OperationError.of(HOST.NOT_CONNECTED,
@@ -266,8 +273,19 @@ class HostService:
                                         hostUuid=host_uuid)
             return await self._agents.call(self._base(row), cmd, deadline=expiry)
 
+        def not_sent(reason: Any) -> Any:
+            error = getattr(reason.value, "error", None)
+            if started or error is None or error.code != SYS.TIMEOUT:
+                return reason
+            # The chain dropped it at its deadline: say "not sent" as the agent client does.
+            raise OperationError.of(
+                AGENT.NOT_SENT, f"not sent: the command to host {host_uuid} waited in the "
+                "host's chain until its deadline; nothing reached the agent", cause=error,
+                hostUuid=host_uuid)
+
         return self._run(f"host-{host_uuid}", run, sync_level=self.config.host_sync_level,
-                         max_pending=self.config.max_pending_per_host, deadline=expiry)
+                         max_pending=self.config.max_pending_per_host,
+                         deadline=expiry).addErrback(not_sent)
 
     def _run(self, signature: str, coroutine_fn: Any, **kwargs: Any) -> Deferred[Any]:
         """
