@@ -161,6 +161,9 @@ class AgentsConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"agents.{name} must be at least 1, not {value!r}")
+        if not 0 < self.accept_timeout < float("inf"):
+            raise ConfigError("agents.accept_timeout must be a positive number of seconds, "
+                              f"not {self.accept_timeout!r}")
 
     def token(self, data_dir: str | None = None) -> str | None:
         """
