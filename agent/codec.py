@@ -525,8 +525,19 @@ MIN_INT = -(2**63)
 MAX_DEPTH = 100
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-#: A run of digits that may be an integer beyond 64 bits (18 digits always fit).
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+#: The shape of a body's numbers, for one C{bytes.translate}: a digit becomes C{0}, an
+#: exponent mark C{e}, a sign C{s}, what ends a number (C{,]}} and white space) C{,}, an
+#: opening bracket C{[}, the rest a space. A number that may be out of range has a long
+#: digit run (an integer beyond 64 bits needs 19 digits, 18 always fit) or a 3-digit exponent
+#: (a double overflows only past 1e308, or with a long mantissa).
+_SHAPE = bytes(
+    ord("0") if 48 <= b <= 57 else ord("e") if b in b"eE" else ord("s") if b in b"+-"
+    else ord(",") if b in b",]} \t\r\n" else ord("[") if b in b"[{" else ord(" ")
+    for b in range(256))
+_LONG_DIGITS = b"0" * 19
+#: A 3-digit exponent ending a number, in the shape (in a hex string such as a uuid, C{e588}
+#: is followed by more hex or a quote, never by what ends a number).
+_EXPONENT = re.compile(rb"es?000+(?:,|\Z)")
 _TOO_DEEP = f"not JSON: nested too deeply (over {MAX_DEPTH} levels)"
 
 
@@ -552,7 +563,7 @@ def _parse_constant(text: str) -> Any:
 
 #: Decoders built once (C{json.loads} with hooks builds one per call, which costs as much as
 #: the parse of a small body).
-_DECODER = json.JSONDecoder(parse_float=_parse_float, parse_constant=_parse_constant)
+_DECODER = json.JSONDecoder(parse_constant=_parse_constant)
 _CHECKED_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float,
                                     parse_constant=_parse_constant)
 
@@ -581,11 +592,12 @@ def loads(data: bytes | str, max_size: int) -> Any:
     overflow a double, integers beyond 64 bits (L{MIN_INT}..L{MAX_INT}), lone surrogates (no
     UTF-8 encoder accepts them later), nesting deeper than L{MAX_DEPTH} levels.
 
-    Note [parse cost]: the common body costs one C{json} parse and two regular-expression
-    scans: integers are checked by a hook only when the body has a digit run long enough to
-    be out of range (a hook called for every integer costs a third of the parse), strings
-    only when it has a surrogate escape, and the depth only when it has more than
-    L{MAX_DEPTH} opening brackets.
+    Note [parse cost]: the common body costs one C{json} parse without hooks plus about a
+    microsecond: numbers are checked by hooks only when the body has a digit run or an
+    exponent long enough to be out of range (a hook called for every number costs as much as
+    the parse of a small message; one C{bytes.translate} tells, see C{_SHAPE}), strings only
+    when it has a surrogate escape, and the depth only when it has more than L{MAX_DEPTH}
+    opening brackets.
 
     @param data: UTF-8 JSON text (bytes; a C{str} is encoded first).
     @param max_size: the largest body accepted, bytes.
@@ -603,7 +615,11 @@ def loads(data: bytes | str, max_size: int) -> Any:
             raise CodecError(f"a body is bytes, not {type(data).__name__}")
     if len(data) > max_size:
         raise CodecError(f"body of {len(data)} bytes is over the limit of {max_size} bytes")
-    decoder = _CHECKED_DECODER if _LONG_DIGITS.search(data) is not None else _DECODER
+    shape = data.translate(_SHAPE)
+    if _LONG_DIGITS in shape or _EXPONENT.search(shape) is not None:
+        decoder = _CHECKED_DECODER
+    else:
+        decoder = _DECODER
     try:
         doc = decoder.decode(data.decode("utf-8"))
     except CodecError:
@@ -612,8 +628,8 @@ def loads(data: bytes | str, max_size: int) -> Any:
         raise CodecError(_TOO_DEEP) from None
     except (ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
         raise CodecError(f"not JSON: {e}") from None
-    if (type(doc) is dict or type(doc) is list) and (
-            data.count(b"[") + data.count(b"{") > MAX_DEPTH) and _deeper_than(doc, MAX_DEPTH):
+    if (shape.count(b"[") > MAX_DEPTH and (type(doc) is dict or type(doc) is list)
+            and _deeper_than(doc, MAX_DEPTH)):
         raise CodecError(_TOO_DEEP)
     if _SURROGATE_ESCAPE.search(data) is not None:
         try:

@@ -287,6 +287,7 @@ HOSTILE = [
     (b'{"name": "a", "future": [Infinity]}', "Infinity is not a JSON number"),
     (b'{"name": "a", "future": -Infinity}', "-Infinity is not a JSON number"),
     (b'{"name": "a", "future": 1e400}', "number out of range"),
+    (b'{"name": "a", "future": [1, -2E+308 ]}', "number out of range"),
     (b'{"name": "a", "size": 1180591620717411303424}', "integer out of range"),  # 2**70
     (b'{"name": "a", "future": %d}' % (MAX_INT + 1), "integer out of range"),
     (b'{"name": "a", "future": %d}' % (MIN_INT - 1), "integer out of range"),
@@ -304,6 +305,7 @@ ADMITTED = [
     (b'{"name": "a", "size": %d}' % MIN_INT, "a", MIN_INT),
     (b'{"name": "\\ud83d\\ude00", "future": 1.5e300}', "\U0001f600", 0),
     (b'{"name": "a", "future": ' + _nest(MAX_DEPTH - 2) + b"}", "a", 0),
+    (b'{"name": "e588", "future": [1e-400, -1234, "5e1234"]}', "e588", 0),
     (b'{"name": "a", "future": "\\\\ud800 is text, not an escape"}', "a", 0),
 ]
 
