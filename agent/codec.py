@@ -16,6 +16,9 @@ Policy
    number), is a L{CodecError} whose message names the field by its path
    (C{StartVmCmd.nics[0].mac is missing}, C{CreateThing.cpu must be an integer}). Nothing
    else escapes a decode: not JSON, not an object, too deep, all become L{CodecError}.
+ - B{One parser}: L{loads} parses every body of both wires, defensively (bounded size,
+   64-bit integers, no C{NaN}, no lone surrogates, bounded depth), so that the bus and the
+   agent refuse the same hostile input the same way.
  - B{Wire version}: every top-level body carries L{VERSION_KEY} (C{"_v": "1.0"},
    C{MAJOR.MINOR}, see L{WIRE_VERSION}). A minor bump adds optional fields only, and a
    reader accepts any minor of its major (the new fields are ignored, per the first rule). A
@@ -73,6 +76,7 @@ from __future__ import annotations
 
 import collections.abc
 import json
+import re
 import types
 import typing
 from typing import Any, Callable, Mapping, Union
@@ -83,6 +87,9 @@ from twisted.logger import Logger
 __all__ = [
     "Codec",
     "CodecError",
+    "MAX_DEPTH",
+    "MAX_INT",
+    "MIN_INT",
     "VERSION_KEY",
     "WIRE_VERSION",
     "camel_case",
@@ -101,7 +108,9 @@ VERSION_KEY = "_v"
 
 _NONE_TYPE = type(None)
 _SCALARS = (str, int, float, bool)
-_JSON = json.JSONEncoder(separators=(",", ":"))
+#: C{allow_nan=False}: a sender refuses C{NaN}/C{Infinity} at once, as L{loads} would refuse
+#: them at the receiver.
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 #: How many (class, unknown field) pairs are remembered so each is logged once.
 _MAX_UNKNOWN_LOGGED = 1024
 
@@ -499,7 +508,7 @@ def dumps(doc: Any) -> bytes:
     """
     Compact UTF-8 JSON.
 
-    @raise CodecError: a value JSON cannot hold.
+    @raise CodecError: a value JSON cannot hold (C{NaN} and C{Infinity} among them).
     """
     try:
         return _JSON.encode(doc).encode("utf-8")
@@ -507,16 +516,124 @@ def dumps(doc: Any) -> bytes:
         raise CodecError(f"cannot encode: {e}") from None
 
 
-def loads(data: bytes | str, what: str) -> Any:
-    """
-    Parse JSON text.
+#: Bounds of integers on the wire (signed 64 bits, as ZStack's Java C{long}): both peers
+#: refuse what a Java peer or the store (PostgreSQL C{bigint}) could not hold.
+MAX_INT = 2**63 - 1
+MIN_INT = -(2**63)
+#: The deepest nesting of arrays and objects accepted (the deepest message, an error reply
+#: with its chain of 32 causes, nests about 36 levels).
+MAX_DEPTH = 100
 
-    @param what: how errors name the document.
-    @raise CodecError: not UTF-8, not JSON, or nested too deeply.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+#: The shape of a body's numbers, for one C{bytes.translate}: a digit becomes C{0}, an
+#: exponent mark C{e}, a sign C{s}, what ends a number (C{,]}} and white space) C{,}, an
+#: opening bracket C{[}, the rest a space. A number that may be out of range has a long
+#: digit run (an integer beyond 64 bits needs 19 digits, 18 always fit) or a 3-digit exponent
+#: (a double overflows only past 1e308, or with a long mantissa).
+_SHAPE = bytes(
+    ord("0") if 48 <= b <= 57 else ord("e") if b in b"eE" else ord("s") if b in b"+-"
+    else ord(",") if b in b",]} \t\r\n" else ord("[") if b in b"[{" else ord(" ")
+    for b in range(256))
+_LONG_DIGITS = b"0" * 19
+#: A 3-digit exponent ending a number, in the shape (in a hex string such as a uuid, C{e588}
+#: is followed by more hex or a quote, never by what ends a number).
+_EXPONENT = re.compile(rb"es?000+(?:,|\Z)")
+_TOO_DEEP = f"not JSON: nested too deeply (over {MAX_DEPTH} levels)"
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > 20:
+        raise CodecError(f"not JSON: integer out of range (64 bits): {text[:24]}...")
+    value = int(text)
+    if not MIN_INT <= value <= MAX_INT:
+        raise CodecError(f"not JSON: integer out of range (64 bits): {text}")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # a literal is never NaN
+        raise CodecError(f"not JSON: number out of range: {text[:24]}")
+    return value
+
+
+def _parse_constant(text: str) -> Any:
+    raise CodecError(f"not JSON: {text} is not a JSON number")
+
+
+#: Decoders built once (C{json.loads} with hooks builds one per call, which costs as much as
+#: the parse of a small body).
+_DECODER = json.JSONDecoder(parse_constant=_parse_constant)
+_CHECKED_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float,
+                                    parse_constant=_parse_constant)
+
+
+def _deeper_than(doc: Any, limit: int) -> bool:
     """
+    Whether C{doc} nests arrays and objects more than C{limit} levels (without recursion).
+    """
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if type(value) is dict else value
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                stack.append((child, depth + 1))
+    return False
+
+
+def loads(data: bytes | str, max_size: int) -> Any:
+    """
+    Parse a JSON body, defensively: THE parser of both wires (bus messages and agent commands,
+    responses and reports), so that both refuse the same input the same way. Refused: a body
+    over C{max_size} bytes, text that is not UTF-8 JSON, C{NaN}/C{Infinity} and numbers that
+    overflow a double, integers beyond 64 bits (L{MIN_INT}..L{MAX_INT}), lone surrogates (no
+    UTF-8 encoder accepts them later), nesting deeper than L{MAX_DEPTH} levels.
+
+    Note [parse cost]: the common body costs one C{json} parse without hooks plus about a
+    microsecond: numbers are checked by hooks only when the body has a digit run or an
+    exponent long enough to be out of range (a hook called for every number costs as much as
+    the parse of a small message; one C{bytes.translate} tells, see C{_SHAPE}), strings only
+    when it has a surrogate escape, and the depth only when it has more than L{MAX_DEPTH}
+    opening brackets.
+
+    @param data: UTF-8 JSON text (bytes; a C{str} is encoded first).
+    @param max_size: the largest body accepted, bytes.
+    @raise CodecError: whatever is wrong with C{data}; nothing else is raised.
+    """
+    if type(data) is not bytes:
+        if isinstance(data, str):
+            try:
+                data = data.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CodecError("not JSON: a string holds a lone surrogate") from None
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            data = bytes(data)
+        else:
+            raise CodecError(f"a body is bytes, not {type(data).__name__}")
+    if len(data) > max_size:
+        raise CodecError(f"body of {len(data)} bytes is over the limit of {max_size} bytes")
+    shape = data.translate(_SHAPE)
+    if _LONG_DIGITS in shape or _EXPONENT.search(shape) is not None:
+        decoder = _CHECKED_DECODER
+    else:
+        decoder = _DECODER
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CodecError(f"{what}: not JSON: {e}") from None
+        doc = decoder.decode(data.decode("utf-8"))
+    except CodecError:
+        raise
     except RecursionError:
-        raise CodecError(f"{what}: JSON nested too deeply") from None
+        raise CodecError(_TOO_DEEP) from None
+    except (ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        raise CodecError(f"not JSON: {e}") from None
+    if (shape.count(b"[") > MAX_DEPTH and (type(doc) is dict or type(doc) is list)
+            and _deeper_than(doc, MAX_DEPTH)):
+        raise CodecError(_TOO_DEEP)
+    if _SURROGATE_ESCAPE.search(data) is not None:
+        try:
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise CodecError("not JSON: a string holds a lone surrogate") from None
+    return doc

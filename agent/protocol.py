@@ -75,13 +75,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 import urllib.parse
 from typing import Any, ClassVar, Mapping, TypeVar
 
 import attrs
 
+from agent import codec
 from agent.codec import Codec, CodecError, camel_case, dumps
 
 __all__ = [
@@ -837,81 +837,23 @@ def command_for(cmd: Message) -> CommandDef:
 #: Largest request or callback body accepted, bytes (commands and responses are small; the
 #: largest, a VM sync of a full host, is a few hundred kilobytes).
 MAX_BODY_SIZE = 4 * 1024 * 1024
-#: Bounds of integers on the wire (signed 64 bits, as ZStack's Java C{long}).
-MAX_INT = 2**63 - 1
-MIN_INT = -(2**63)
+#: Bounds of integers on the wire (signed 64 bits), as the one parser checks them
+#: (L{agent.codec.loads}).
+MAX_INT = codec.MAX_INT
+MIN_INT = codec.MIN_INT
 #: Sequence numbers of reports run from 1 to this.
 MAX_SEQ = MAX_INT
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-#: A run of digits that may be an integer beyond 64 bits (18 digits always fit).
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
-
-
-def _parse_int(text: str) -> int:
-    if len(text) > 20:
-        raise ProtocolError(f"integer out of range: {text[:24]}...")
-    value = int(text)
-    if not MIN_INT <= value <= MAX_INT:
-        raise ProtocolError(f"integer out of range: {text}")
-    return value
-
-
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ProtocolError(f"number out of range: {text[:24]}")
-    return value
-
-
-def _parse_constant(text: str) -> Any:
-    raise ProtocolError(f"{text} is not JSON")
-
-
-#: Decoders built once (C{json.loads} with hooks builds one per call, which costs as much as
-#: the parse of a small body).
-_DECODER = json.JSONDecoder(parse_float=_parse_float, parse_constant=_parse_constant)
-_CHECKED_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float,
-                                    parse_constant=_parse_constant)
 
 
 def loads(body: bytes | str, max_size: int = MAX_BODY_SIZE) -> Any:
     """
-    Parse a UTF-8 JSON body defensively: bounded size, no C{NaN}/C{Infinity}, integers within 64
-    bits, finite floats, no lone surrogates (which no UTF-8 encoder accepts later), and nesting
-    too deep for the parser is an error rather than a C{RecursionError}.
+    Parse a body with the project's one defensive parser (L{agent.codec.loads}: bounded size,
+    no C{NaN}/C{Infinity}, integers within 64 bits, no lone surrogates, bounded nesting).
 
     @param max_size: the largest body accepted, bytes.
     @raise ProtocolError: whatever is wrong with C{body}; nothing else is raised.
     """
-    if isinstance(body, str):
-        try:
-            body = body.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ProtocolError("malformed JSON: not encodable as UTF-8") from None
-    if not isinstance(body, (bytes, bytearray)):
-        raise ProtocolError(f"a body is bytes, not {type(body).__name__}")
-    if len(body) > max_size:
-        raise ProtocolError(f"body of {len(body)} bytes is over the limit of {max_size} bytes")
-    # Integers are checked by a hook only when the body has a digit run long enough to be
-    # out of range: a hook called for every integer costs a third of the parse.
-    decoder = _CHECKED_DECODER if _LONG_DIGITS.search(body) is not None else _DECODER
-    try:
-        data = decoder.decode(body.decode("utf-8"))
-    except ProtocolError:
-        raise
-    except RecursionError:
-        raise ProtocolError("malformed JSON: nested too deeply") from None
-    except (ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
-        raise ProtocolError(f"malformed JSON: {e}") from None
-    if _SURROGATE_ESCAPE.search(body) is not None:
-        try:
-            json.dumps(data, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise ProtocolError("malformed JSON: a string holds a lone surrogate") from None
-        except RecursionError:  # pragma: no cover - loads would have refused it
-            raise ProtocolError("malformed JSON: nested too deeply") from None
-    return data
+    return codec.loads(body, max_size)
 
 
 def decode_body(cls: type[M], body: bytes | str, max_size: int = MAX_BODY_SIZE) -> M:

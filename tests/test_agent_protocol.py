@@ -268,3 +268,50 @@ class OneCodecTests(SynchronousTestCase):
         seen = [e for e in events if e.get("key") == "gpuModelForTestOnly"]
         self.assertEqual(len(seen), 1)
         self.assertEqual(seen[0]["log_level"], LogLevel.debug)
+
+
+_digits = st.text(alphabet="0123456789", min_size=1, max_size=30)
+
+
+class OneParserNumberTests(SynchronousTestCase):
+    """
+    The one parser (L{agent.codec.loads}, behind L{p.loads}) checks numbers with hooks only
+    when a body's shape says one may be out of range (Note [parse cost]); the shortcut must
+    never let one through.
+    """
+
+    @given(st.booleans(), _digits, st.none() | _digits, st.sampled_from(["e", "E", "e+", "E-"]),
+           _digits, st.sampled_from(["", " ", "]", "}"]))
+    def test_out_of_range_number_never_admitted(self, negative, whole, fraction, mark,
+                                                exponent, end) -> None:
+        """
+        A number that overflows a double (C{1e400}) would become C{Infinity}, which no peer
+        can send back: whatever its form and position, a JSON number is admitted exactly
+        when it is a finite double, so the hook-free fast path never lets one through.
+        """
+        text = ("-" if negative else "") + whole.lstrip("0").rjust(1, "0")
+        if fraction is not None:
+            text += "." + fraction
+        text += mark + exponent
+        body = {"": f"[{text}{end}]", " ": f"[{text} ]", "]": f"[{text}]",
+                "}": f'{{"x": {text}}}'}[end]
+        value = float(text)
+        if value in (float("inf"), float("-inf")):
+            e = self.assertRaises(p.ProtocolError, p.loads, body.encode())
+            self.assertIn("number out of range", str(e))
+        else:
+            doc = p.loads(body.encode())
+            self.assertEqual(doc if type(doc) is list else [doc["x"]], [value])
+
+    @given(st.integers())
+    def test_integer_bounds(self, value: int) -> None:
+        """
+        Any integer, alone or in a document beside hex that looks like an exponent, is
+        admitted exactly when it fits in 64 bits.
+        """
+        bodies = [(str(value), value), (f'["5e588", {value}, "e1234"]', ["5e588", value, "e1234"])]
+        for body, expected in bodies:
+            if p.MIN_INT <= value <= p.MAX_INT:
+                self.assertEqual(p.loads(body.encode()), expected)
+            else:
+                self.assertRaises(p.ProtocolError, p.loads, body.encode())

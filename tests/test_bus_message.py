@@ -3,15 +3,18 @@ The message codec: registration, round trips, strict decoding.
 """
 
 import json
+import re
 from typing import Any
 
 import attrs
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from agent import protocol as agent_protocol
-from agent.codec import VERSION_KEY
+from agent.codec import MAX_DEPTH, MAX_INT, MIN_INT, VERSION_KEY, CodecError, dumps
+from zcontrol.bus.amqp import AMQPBus
 from zcontrol.bus.message import (
     DecodeError,
     Event,
@@ -257,13 +260,136 @@ class OneCodecPolicyTests(SynchronousTestCase):
 
     def test_deep_nesting_is_a_decode_error(self):
         """
-        Deeply nested JSON, and a deep chain of error causes, are SYS.1007 rather than a
-        RecursionError escaping the decoder.
+        Deeply nested JSON, and a deep chain of error causes (within the parser's depth
+        bound), are SYS.1007 rather than a RecursionError escaping the decoder.
         """
-        causes = b'{"code": "X.1", "cause": ' * 900 + b"null" + b"}" * 900
+        causes = b'{"code": "X.1", "cause": ' * 40 + b"null" + b"}" * 40
         for data, fragment in [(b"[" * 100_000, "nested too deeply"),
                                (b'{"Reply": {"error": ' + causes + b"}}",
                                 "Reply.error: a chain of causes longer than 32")]:
             e = self.assertRaises(DecodeError, reg.decode, data)
             self.assertEqual(e.error.code, SYS.INVALID_ARGUMENT_ERROR)
             self.assertIn(fragment, e.error.details)
+
+
+def _unplaced(answer: tuple) -> tuple:
+    return answer[:2] + (re.sub(r"(position|char|column) \d+", r"\1 N", answer[2]),)
+
+
+def _nest(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+#: Text no peer may send, as JSON fragments placed where the tolerant reader would ignore
+#: them (an unknown field) or in a known field: (fragment, what the refusal says).
+HOSTILE = [
+    (b'{"name": "a", "future": NaN}', "NaN is not a JSON number"),
+    (b'{"name": "a", "future": [Infinity]}', "Infinity is not a JSON number"),
+    (b'{"name": "a", "future": -Infinity}', "-Infinity is not a JSON number"),
+    (b'{"name": "a", "future": 1e400}', "number out of range"),
+    (b'{"name": "a", "future": [1, -2E+308 ]}', "number out of range"),
+    (b'{"name": "a", "size": 1180591620717411303424}', "integer out of range"),  # 2**70
+    (b'{"name": "a", "future": %d}' % (MAX_INT + 1), "integer out of range"),
+    (b'{"name": "a", "future": %d}' % (MIN_INT - 1), "integer out of range"),
+    (b'{"name": "a", "future": 1%s}' % (b"0" * 5000), "integer out of range"),
+    (b'{"name": "\\ud800"}', "lone surrogate"),
+    (b'{"name": "a", "items": [{"name": "x\\udc00"}]}', "lone surrogate"),
+    (b'{"name": "a", "future": {"\\udbff": 1}}', "lone surrogate"),
+    (b'{"name": "a", "future": ' + _nest(MAX_DEPTH) + b"}", "nested too deeply"),
+    (b'{"name": "a", "future": ' + _nest(100_000) + b"}", "nested too deeply"),
+    (b'{"name": "\xff"}', "not JSON"),
+]
+#: Edges that are fine on both wires: (fragment, name, size).
+ADMITTED = [
+    (b'{"name": "a", "size": %d}' % MAX_INT, "a", MAX_INT),
+    (b'{"name": "a", "size": %d}' % MIN_INT, "a", MIN_INT),
+    (b'{"name": "\\ud83d\\ude00", "future": 1.5e300}', "\U0001f600", 0),
+    (b'{"name": "a", "future": ' + _nest(MAX_DEPTH - 2) + b"}", "a", 0),
+    (b'{"name": "e588", "future": [1e-400, -1234, "5e1234"]}', "e588", 0),
+    (b'{"name": "a", "future": "\\\\ud800 is text, not an escape"}', "a", 0),
+]
+
+
+class OneParserTests(SynchronousTestCase):
+    """
+    The bus and the agent wire parse with one defensive parser (issue 8 items 10 and 16).
+    """
+
+    def bus(self, fragment, max_size=1 << 20):
+        try:
+            msg = reg.decode(b'{"Probe": ' + fragment + b"}", max_size)
+        except DecodeError as e:
+            return False, e.error.code, e.error.details
+        return True, msg.name, msg.size
+
+    def agent(self, fragment, max_size=1 << 20):
+        try:
+            cmd = agent_protocol.decode_body(AgentProbe, fragment, max_size)
+        except agent_protocol.ProtocolError as e:
+            return False, SYS.INVALID_ARGUMENT_ERROR, str(e).replace("AgentProbe", "Probe", 1)
+        return True, cmd.name, cmd.size
+
+    def test_same_refusal_of_hostile_text_on_both_wires(self):
+        """
+        Fault (issue 8 items 10/16): the agent parsed with a defensive parser and the bus with
+        plain C{json.loads}, so the bus accepted what the agent refused: C{NaN} and
+        C{Infinity}, integers beyond 64 bits (2**70), lone surrogates (which raise later, when
+        the value is encoded again), and nesting up to the interpreter's recursion limit. The
+        same text now gets the same refusal (SYS.1007, the same words) on both wires, and the
+        edges a peer may send are admitted by both.
+        """
+        for fragment, words in HOSTILE:
+            on_bus = self.bus(fragment)
+            self.assertEqual(on_bus[:2], (False, SYS.INVALID_ARGUMENT_ERROR), fragment[:80])
+            self.assertIn(words, on_bus[2])
+            # positions in the text differ by the bus's envelope
+            self.assertEqual(_unplaced(self.agent(fragment)), _unplaced(on_bus))
+        for fragment, name, size in ADMITTED:
+            self.assertEqual(self.bus(fragment), (True, name, size), fragment[:80])
+            self.assertEqual(self.agent(fragment), (True, name, size))
+
+    def test_size_bound_on_both_wires(self):
+        """
+        Fault (issue 8 items 4/10): the bus parsed a body of any size. Both wires refuse a
+        body over the bound they are given (the bus passes its C{max_message_size}, the
+        largest body it sends), and admit one at the bound.
+        """
+        fragment = b'{"name": "a"}'
+        envelope = len(b'{"Probe": }')
+        self.assertEqual(self.bus(fragment, len(fragment) + envelope), (True, "a", 0))
+        self.assertEqual(self.agent(fragment, len(fragment)), (True, "a", 0))
+        on_bus = self.bus(fragment, len(fragment) + envelope - 1)
+        self.assertEqual(on_bus[:2], (False, SYS.INVALID_ARGUMENT_ERROR))
+        self.assertIn(f"over the limit of {len(fragment) + envelope - 1} bytes", on_bus[2])
+        on_agent = self.agent(fragment, len(fragment) - 1)
+        self.assertEqual(on_agent[:2], (False, SYS.INVALID_ARGUMENT_ERROR))
+        self.assertIn(f"over the limit of {len(fragment) - 1} bytes", on_agent[2])
+
+    def test_senders_refuse_non_json_numbers(self):
+        """
+        Fault (issue 8 item 16): a sender wrote C{NaN} and C{Infinity} (Python's JSON
+        extension), which every receiver now refuses. A sender refuses them at once.
+        """
+        for value in (float("nan"), float("inf"), float("-inf")):
+            self.assertRaises(ValueError, reg.encode, CreateThing(name="a", ratio=value))
+            self.assertRaises(CodecError, dumps, {"x": [value]})
+
+    def test_hostile_heartbeat_dropped(self):
+        """
+        Fault (issue 8 items 5/16): the AMQP bus parsed node heartbeats with plain
+        C{json.loads}: deep nesting raised a RecursionError out of the heartbeat handler (a
+        traceback per delivery), and a heartbeat naming a node by a number or a list made
+        that value a member of the ring (or raised). Such a heartbeat is now dropped with one
+        log line and changes nothing.
+        """
+        bus = AMQPBus(Clock(), node_id="hb-probe")
+        for body in [_nest(100_000), b"[" * 120 + b"]" * 120,
+                     b'{"node": 5, "op": "beat"}', b'{"node": ["x"], "op": "beat"}',
+                     b'{"node": "n\\ud800", "op": "beat"}', b'{"node": "n", "op": {}}',
+                     b'{"node": "n", "op": NaN}', b'"node"', b"\xff"]:
+            bus._on_node(body)
+            self.assertEqual(bus.members, frozenset({"hb-probe"}), body[:40])
+            self.assertEqual(bus._missed, {}, body[:40])
+        self.flushLoggedErrors()
+        bus._on_node(b'{"node": "n2", "op": "beat"}')
+        self.assertEqual(bus.members, frozenset({"hb-probe", "n2"}))

@@ -72,7 +72,7 @@ from agent.http import DEFAULT_POOL_SIZE, make_http_client, make_pool
 from agent.protocol import CALLBACK_URL_HEADER, TASK_UUID_HEADER, Message, ProtocolError
 from zcontrol.agentclient.errors import AGENT
 from zcontrol.agentclient.interfaces import IAgentClient
-from zcontrol.bus._pending import current_deadline
+from zcontrol.core.deadline import current_deadline
 from zcontrol.core.errors import SYS, OperationError, error_code
 
 __all__ = ["AGENT_LOST_WORK", "AgentClient", "DEFAULT_ACCEPT_TIMEOUT",

@@ -10,9 +10,8 @@ tick share one C{callLater}; a completed send leaves its bucket at once, and an 
 cancels its timer. A timeout therefore fires up to one tick late, never early.
 
 Note [deadline propagation]: while a handler runs, the deadline of the message it handles is
-in a context variable. C{Deferred.fromCoroutine} runs a coroutine in a copy of the context it
-was created in, so an C{async def} handler's child sends see the parent's deadline at every
-step; code written with explicit callbacks that fire later should pass C{timeout=} itself.
+in a context variable, L{zcontrol.core.deadline} (L{current_deadline} and L{deadline_scope}
+are re-exported here for the bus's callers); see the Note there.
 
 Note [one exchange per send]: a reply finds its waiter by the request's C{id}. A message
 object that was already sent (the bus set its C{deadline}) goes out again as a copy under a
@@ -25,43 +24,20 @@ rather than replacing the waiter, whose Deferred would then never fire.
 
 from __future__ import annotations
 
-import contextvars
 import math
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from zcontrol.bus.message import NeedReplyMessage, Reply, new_id
+from zcontrol.core.deadline import current_deadline, deadline_scope
 from zcontrol.core.errors import SYS, ErrorCode, error_code
 
 __all__ = ["PendingTable", "current_deadline", "deadline_scope", "exchange_of"]
 
 log = Logger()
-
-_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "zcontrol_bus_deadline", default=None
-)
-
-
-def current_deadline() -> float | None:
-    """
-    The deadline of the message being handled in this context, or None.
-    """
-    return _deadline.get()
-
-
-def deadline_scope(deadline: float | None, fn: Callable[..., Any], *args: Any) -> Any:
-    """
-    Call C{fn(*args)} with C{deadline} as the current deadline.
-    """
-    token = _deadline.set(deadline)
-    try:
-        return fn(*args)
-    finally:
-        _deadline.reset(token)
-
 
 def exchange_of(msg: NeedReplyMessage) -> NeedReplyMessage:
     """
@@ -115,7 +91,7 @@ class PendingTable:
         if timeout is None:
             timeout = msg.timeout if msg.timeout is not None else self.default_timeout
         deadline = now + timeout
-        parent = _deadline.get()
+        parent = current_deadline()
         if parent is not None and parent < deadline:
             deadline = parent
         msg.deadline = deadline

@@ -68,6 +68,7 @@ from twisted.python.failure import Failure
 from txamqp.endpoint import AMQEndpoint
 from zope.interface import implementer
 
+from agent.codec import loads
 from zcontrol._defer import DeferWaiter
 from zcontrol.bus._amqp_proto import BusFactory, BusProtocol
 from zcontrol.bus._dispatch import call_handler, deliver_event
@@ -760,8 +761,10 @@ class AMQPBus(BusSendMixin):
 
     def _on_node(self, body: bytes) -> None:
         try:
-            doc = json.loads(body)
+            doc = loads(body, self._max_message_size)  # the one parser: nothing else escapes
             node, op = doc["node"], doc["op"]
+            if type(node) is not str or type(op) is not str:
+                raise TypeError("node and op are strings")
         except (ValueError, KeyError, TypeError):
             log.error("dropping a malformed node heartbeat: {body!r}", body=body[:200])
             return
@@ -991,7 +994,7 @@ class AMQPBus(BusSendMixin):
         kind = props.get("type")
         reply_to = props.get("reply-to") if kind == REQUEST else None
         try:
-            msg = self.registry.decode(body)
+            msg = self.registry.decode(body, self._max_message_size)
             if not isinstance(msg, Message):
                 raise DecodeError(error_code(
                     SYS.INVALID_ARGUMENT_ERROR,
@@ -1049,7 +1052,7 @@ class AMQPBus(BusSendMixin):
 
     def _on_reply(self, props: dict, body: bytes) -> None:
         try:
-            reply = self.registry.decode(body)
+            reply = self.registry.decode(body, self._max_message_size)
             if not isinstance(reply, Reply):
                 raise DecodeError(error_code(
                     SYS.INVALID_ARGUMENT_ERROR, f"{type(reply).type_name} is not a reply"))
@@ -1062,7 +1065,7 @@ class AMQPBus(BusSendMixin):
 
     def _on_event(self, body: bytes) -> None:
         try:
-            event = self.registry.decode(body)
+            event = self.registry.decode(body, self._max_message_size)
             if not isinstance(event, Event):
                 raise DecodeError(error_code(
                     SYS.INVALID_ARGUMENT_ERROR, f"{type(event).type_name} is not an event"))

@@ -15,7 +15,8 @@ Kinds:
    subscriptions match with AMQP-style wildcards (C{*} one word, C{#} any number of words).
 
 The JSON codec is the project's one codec, L{agent.codec}, shared with the agent wire, and
-so is its policy. An unknown type name is C{SYS.1008}; a missing required field, a value of
+so are its policy and its defensive parser (bounded size and depth, 64-bit integers, no
+C{NaN}, no lone surrogates). An unknown type name is C{SYS.1008}; a missing required field, a value of
 the wrong type, or a wire version (C{"_v": "MAJOR.MINOR"} in the body) of another major is
 C{SYS.1007} naming the field. Both arrive as a L{DecodeError} (an L{OperationError}), never
 as a stray exception. Unknown extra fields are ignored (logged at debug level), so that nodes
@@ -33,6 +34,7 @@ from agent.codec import Codec, CodecError, dumps, loads
 from zcontrol.core.errors import SYS, ErrorCode, OperationError, error_code
 
 __all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
     "DecodeError",
     "Event",
     "Message",
@@ -44,6 +46,10 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=type)
+
+#: The largest body L{Registry.decode} accepts unless told (bytes): the AMQP bus's default
+#: C{max_message_size} (L{zcontrol.bus.amqp.DEFAULT_MAX_MESSAGE_SIZE}); a bus passes its own.
+DEFAULT_MAX_MESSAGE_SIZE = 8 * 1024 * 1024
 
 
 def new_id() -> str:
@@ -214,14 +220,20 @@ class Registry:
         except CodecError as e:
             raise ValueError(f"{name}: {e}") from None
 
-    def decode(self, data: bytes | str) -> Any:
+    def decode(self, data: bytes | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Any:
         """
-        Rebuild a message from L{encode} output.
+        Rebuild a message from L{encode} output. The body is parsed by the project's one
+        defensive parser (L{agent.codec.loads}), as the agent's are: the same hostile input
+        (C{NaN}, an integer beyond 64 bits, a lone surrogate, deep nesting, an oversized body)
+        is refused the same way on both wires.
 
+        @param max_size: the largest body accepted, bytes: a bus passes its
+            C{max_message_size}, the largest it sends (C{bus.max_message_size}, one value
+            for the whole cluster: raise it on every node before relying on it).
         @raise DecodeError: SYS.1008 for an unknown type, SYS.1007 for anything else wrong.
         """
         try:
-            doc = loads(data, "a message")
+            doc = loads(data, max_size)
         except CodecError as e:
             raise DecodeError(error_code(SYS.INVALID_ARGUMENT_ERROR, str(e))) from None
         if not isinstance(doc, dict) or len(doc) != 1:

@@ -33,7 +33,7 @@ Note [Deadlines through the queue]
 ==================================
 A task that has to wait is started later by whoever frees the slot, in I{that} caller's
 context. So a waiting task keeps a copy of its submitter's C{contextvars} context and runs in
-it: the bus's current deadline (L{zcontrol.bus._pending.current_deadline}) and anything else
+it: the bus's current deadline (L{zcontrol.core.deadline.current_deadline}) and anything else
 kept in context variables travel with the task. A task that starts at once runs in the
 submitter's context anyway and pays nothing for this.
 
@@ -59,6 +59,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from zcontrol.core.deadline import current_deadline
 from zcontrol.core.errors import SYS, OperationError, error_code, register_codes
 
 __all__ = ["CHAIN_QUEUE_FULL", "ChainTaskQueue", "DEFAULT_MAX_PENDING"]
@@ -73,21 +74,6 @@ CHAIN_QUEUE_FULL = register_codes(
 
 #: The default bound of one signature's waiting tasks.
 DEFAULT_MAX_PENDING = 10_000
-
-_current_deadline: Callable[[], float | None] | None = None
-
-
-def _submitter_deadline() -> float | None:
-    """
-    The bus's deadline of the current context (imported lazily: the bus imports core).
-    """
-    global _current_deadline
-    if _current_deadline is None:
-        from zcontrol.bus._pending import current_deadline
-
-        _current_deadline = current_deadline
-    return _current_deadline()
-
 
 _BY_CLOSE = 2  # cancel_requested value of a task cancelled by close()
 
@@ -241,7 +227,7 @@ class ChainTaskQueue:
             if timeout is not None or deadline is not None:
                 raise ValueError("a pending timeout needs a ChainTaskQueue built with a clock")
         else:
-            inherited = _submitter_deadline()
+            inherited = current_deadline()
             if inherited is not None and (deadline is None or inherited < deadline):
                 deadline = inherited
             if timeout is not None or deadline is not None:

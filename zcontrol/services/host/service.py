@@ -55,11 +55,11 @@ from zope.interface import implementer
 from agent import protocol as p
 from zcontrol._defer import DeferWaiter, async_to_deferred, maybe_deferred
 from zcontrol.agentclient.errors import AGENT
-from zcontrol.bus._pending import current_deadline, deadline_scope
 from zcontrol.bus.message import Reply
 from zcontrol.bus.publishing import publish_after_commit
 from zcontrol.config import HostConfig
 from zcontrol.core.chain import ChainTaskQueue
+from zcontrol.core.deadline import current_deadline, deadline_scope
 from zcontrol.core.errors import SYS, OperationError, error_code, from_failure
 from zcontrol.core.flow import FlowChain, flow
 from zcontrol.db.query import Condition, Query
