@@ -176,6 +176,13 @@ class Dialect:
         Serialise concurrent migrations (inside the migration transaction).
         """
 
+    def after_migrations(self, db: Db) -> None:
+        """
+        Inside the migration transaction, when migrations were applied: bring what a
+        common migration cannot say in SQL both backends accept to this backend's rules
+        (nothing here; PostgreSQL sets the text columns' collation).
+        """
+
     def alive(self, raw: Any) -> bool:
         """
         Whether an idle pooled connection is still usable (cheap, never blocks).
@@ -310,6 +317,7 @@ def migrate_thd(db: Db, migrations: Sequence[Migration], now: float) -> int:
         db.dialect.lock_migrations(db)
         db.run(_VERSION_TABLE)
         current = db.one("SELECT MAX(version) FROM schema_versions")[0] or 0
+        applied = False
         if current > known:
             raise OperationError.of(
                 DB.SCHEMA_TOO_NEW,
@@ -329,7 +337,9 @@ def migrate_thd(db: Db, migrations: Sequence[Migration], now: float) -> int:
                 "INSERT INTO schema_versions (version, name, applied_at) VALUES (?, ?, ?)",
                 (m.version, m.name, now),
             )
-            current = m.version
+            applied, current = True, m.version
+        if applied:
+            db.dialect.after_migrations(db)
     return current
 
 
