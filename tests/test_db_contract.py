@@ -611,20 +611,22 @@ class StoreContractMixin(TextOrderMixin):
     @async_to_deferred
     async def test_ip_allocation(self) -> None:
         """
-        Addresses come lowest first from the L3's ranges; a full network is DB.1005; a freed
-        address is reused; a specific address can be taken once; freeing twice is a no-op.
+        Addresses come lowest first from the L3's ranges; a full network is DB.1005; a
+        released address is reused; a specific address can be taken once; releasing twice
+        is a no-op.
         """
         await self.seed("zone", "l2Network", "l3Network", "ipRange")
-        got = [await self.store.allocate_ip("l3-1", self.holder(), strategy="first") for _ in range(5)]
+        holders = [self.holder() for _ in range(5)]
+        got = [await self.store.allocate_ip("l3-1", h, strategy="first") for h in holders]
         self.assertEqual([g["ip"] for g in got], [f"10.0.0.{n}" for n in range(10, 15)])
         self.assertEqual(got[0]["gateway"], "10.0.0.1")
         self.assertEqual(got[0]["ipRangeUuid"], "range-1")
         await self.failure(self.store.allocate_ip("l3-1", self.holder()), DB.NO_FREE_IP)
-        self.assertIs(await self.store.free_ip(got[2]["uuid"]), True)
-        self.assertIs(await self.store.free_ip(got[2]["uuid"]), False)
+        self.assertEqual(await self.store.release_ip("l3-1", holders[2]), got[2])
+        self.assertIsNone(await self.store.release_ip("l3-1", holders[2]))
         self.assertEqual((await self.store.allocate_ip("l3-1", self.holder(), strategy="first"))["ip"],
                          "10.0.0.12")
-        await self.store.free_ip(got[4]["uuid"])
+        await self.store.release_ip("l3-1", holders[4])
         await self.failure(self.store.allocate_ip("l3-1", self.holder(), ip="10.0.0.13"), DB.DUPLICATE)
         row = await self.store.allocate_ip("l3-1", self.holder(), ip="10.0.0.14", uuid="mine")
         self.assertEqual((row["uuid"], row["ipInLong"]), ("mine", 0x0A00000E))
@@ -694,17 +696,47 @@ class StoreContractMixin(TextOrderMixin):
     @async_to_deferred
     async def test_ip_in_use_by_nic(self) -> None:
         """
-        An IP a VM NIC still uses cannot be freed (DB.1001); after the NIC goes it can.
+        An IP a VM NIC still uses cannot be released (DB.1001); after the NIC goes it can.
         """
         await self.seed()
-        ip = await self.store.allocate_ip("l3-1", self.holder())
+        ip_holder = self.holder()
+        ip = await self.store.allocate_ip("l3-1", ip_holder)
         await self.store.insert("vmNic", {"uuid": "nic", "vmInstanceUuid": "vm-1",
                                           "l3NetworkUuid": "l3-1", "usedIpUuid": ip["uuid"],
                                           "ip": ip["ip"], "mac": "fa:16:3e:00:00:01",
                                           "deviceId": 0})
-        await self.failure(self.store.free_ip(ip["uuid"]), DB.REFERENCE)
+        await self.failure(self.store.release_ip("l3-1", ip_holder), DB.REFERENCE)
         await self.store.delete("vmNic", "nic")
-        await self.store.free_ip(ip["uuid"])
+        self.assertEqual((await self.store.release_ip("l3-1", ip_holder))["uuid"], ip["uuid"])
+
+    @async_to_deferred
+    async def test_free_ip_only_without_holder(self) -> None:
+        """
+        Fault (issue 8 item 12): C{free_ip(uuid)} and C{delete("usedIp", uuid)} gave back
+        any address, ignoring its holder, beside C{release_ip(l3, holder)}: a late or
+        retried free by uuid could take an address from the holder it had gone to since.
+        An address with a holder is given back only by C{release_ip} (SYS.1006 naming the
+        holder and the call to make, nothing changes); C{free_ip} is kept for the
+        holder-less rows of schema version 1.
+        """
+        await self.seed("zone", "l2Network", "l3Network", "ipRange")
+        vm = self.holder()
+        ip = await self.store.allocate_ip("l3-1", vm, strategy="first")
+        for call in (self.store.free_ip, lambda u: self.store.delete("usedIp", u)):
+            err = await self.failure(call(ip["uuid"]), SYS.OPERATION_ERROR)
+            self.assertIn("release_ip", err.details)
+            self.assertEqual((err.opaque["holder_type"], err.opaque["holder_uuid"],
+                              err.opaque["l3_network_uuid"]), (vm[0], vm[1], "l3-1"))
+        self.assertEqual(await self.store.get("usedIp", ip["uuid"]), ip)
+        # A row of schema version 1: no holder.
+        await self.store.insert("usedIp", {
+            "uuid": "legacy", "ipRangeUuid": "range-1", "l3NetworkUuid": "l3-1",
+            "ip": "10.0.0.11", "ipInLong": 0x0A00000B, "netmask": "255.255.255.0",
+            "gateway": "10.0.0.1"})
+        self.assertIs(await self.store.free_ip("legacy"), True)
+        self.assertIs(await self.store.free_ip("legacy"), False)
+        self.assertIs(await self.store.free_ip("never-was"), False)
+        self.assertEqual(await self.store.release_ip("l3-1", vm), ip)
 
     # -- VM state --------------------------------------------------------------------------
 

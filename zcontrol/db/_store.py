@@ -496,6 +496,14 @@ def delete_thd(db: Db, resource_name: str, uuid: str) -> bool:
     """
     res = resource(resource_name)
     uuid = _uuid("uuid", uuid)
+    if res.name == "usedIp":
+        # An address with a holder is given back by its holder only (free_ip_thd).
+        if db.run("DELETE FROM used_ips WHERE uuid = ? AND holder_uuid IS NULL", (uuid,)) > 0:
+            return True
+        refusal = _held_ip_refusal(db, uuid, "delete")
+        if refusal is not None:
+            raise refusal
+        return False
     return db.run(f"DELETE FROM {res.table} WHERE uuid = ?", (uuid,)) > 0
 
 
@@ -989,12 +997,38 @@ def _take_first_free_thd(db: Db, l3_uuid: str, ranges: list[tuple], uuid: str, n
     return None
 
 
+def _held_ip_refusal(db: Db, used_ip_uuid: str, how: str) -> OperationError | None:
+    """
+    C{SYS.1006} pointing at L{release_ip_thd} when the usedIp row C{used_ip_uuid} has a
+    holder, None when it has none or does not exist.
+    """
+    r = db.one("SELECT holder_type, holder_uuid, l3_network_uuid, ip FROM used_ips"
+               " WHERE uuid = ?", (used_ip_uuid,))
+    if r is None or r[1] is None:
+        return None
+    return OperationError.of(
+        SYS.OPERATION_ERROR,
+        f"usedIp {used_ip_uuid} ({r[3]}) is held by {r[0]} {r[1]}: {how} gives back only"
+        f" addresses without a holder; release it with release_ip({r[2]!r}, ({r[0]!r},"
+        f" {r[1]!r}))",
+        uuid=used_ip_uuid, l3_network_uuid=r[2], holder_type=r[0], holder_uuid=r[1])
+
+
 def free_ip_thd(db: Db, used_ip_uuid: str) -> bool:
     """
-    Give an address back (one DELETE): whether it was allocated (freeing twice is a no-op).
+    Give back an address that has no holder (a row of schema version 1), in one DELETE:
+    whether there was one (freeing twice is a no-op). A held address is refused with
+    C{SYS.1006}: only its holder releases it (L{release_ip_thd}), so that a retried or late
+    release by uuid cannot free an address its holder still uses (Note [holders]).
     """
     used_ip_uuid = _uuid("used_ip_uuid", used_ip_uuid)
-    return db.run("DELETE FROM used_ips WHERE uuid = ?", (used_ip_uuid,)) > 0
+    if db.run("DELETE FROM used_ips WHERE uuid = ? AND holder_uuid IS NULL",
+              (used_ip_uuid,)) > 0:
+        return True
+    refusal = _held_ip_refusal(db, used_ip_uuid, "free_ip")
+    if refusal is not None:
+        raise refusal
+    return False
 
 
 def release_ip_thd(db: Db, l3_uuid: str, holder: Any) -> dict | None:
