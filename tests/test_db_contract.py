@@ -530,6 +530,36 @@ class StoreContractMixin(TextOrderMixin):
         self.assertEqual(await self.store.audit_capacity(), [])
 
     @async_to_deferred
+    async def test_reservation_round_trips(self) -> None:
+        """
+        A reservation and a release are one statement (one round trip) on PostgreSQL,
+        where the holders change made them a transaction of four (BEGIN, INSERT, UPDATE,
+        COMMIT) and cut the reservation rate (bench/bench_db.py); on SQLite, whose
+        statements cost no round trip, they stay a transaction.
+        """
+        await self.seed("zone", "cluster", "host", "primaryStorage")
+        statements: list[str] = []
+
+        class Counting(Db):
+            def execute(self, sql: str, params: Any = ()) -> Any:
+                statements.append(sql.split()[0])
+                return super().execute(sql, params)
+
+        def counted(fn: Any, *args: Any) -> Any:
+            return lambda db: fn(Counting(db.raw, db.dialect), *args)
+
+        vm = self.holder()
+        expected = 1 if self.backend == "postgresql" else 4
+        for fn, args in ((_thd.reserve_host_capacity_thd, ("host-1", 2, 20, vm, 1.0)),
+                         (_thd.release_host_capacity_thd, ("host-1", vm, 1.0)),
+                         (_thd.reserve_primary_storage_thd, ("ps-1", 10, vm, 1.0)),
+                         (_thd.release_primary_storage_thd, ("ps-1", vm, 1.0))):
+            del statements[:]
+            await self.raw(counted(fn, *args))
+            self.assertEqual(len(statements), expected, (fn.__name__, statements))
+        self.assertEqual(await self.store.audit_capacity(), [])
+
+    @async_to_deferred
     async def test_concurrent_retries_of_one_holder(self) -> None:
         """
         Ten concurrent reservations and allocations by the same holder (retries racing each
@@ -995,6 +1025,7 @@ class PostgresNonCTextTests(PostgresNonCStoreFactory, TextOrderMixin, unittest.T
 
         # The store as it was at version 2: no collation set by the runner.
         self.patch(store.dialect, "after_migrations", lambda db: None)
+        self.patch(store.dialect, "ddl", lambda statement: statement)
         store._pool = store.pool_class(store.dialect, reactor, store.pool_size)
         store._pool.start()
         try:
