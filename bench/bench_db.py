@@ -5,7 +5,12 @@ process used meanwhile.
 
 For each backend: capacity reservations/s, IP allocations/s (random strategy, the default,
 and first-available), VM state compare-and-swaps/s, at the default pool size, plus a pool
-size sweep on reservations. For PostgreSQL, two alternatives on the same reservation
+size sweep on reservations. A reservation records its holder (Note [holders] in
+zcontrol.db._store): one statement on PostgreSQL (a writable CTE), a transaction of four on
+SQLite. The compare-and-swap is a single UPDATE on both: the reservation/CAS ratio shows
+what the holder costs, independently of the machine's load (PostgreSQL, load ~5 on the 2
+shared cores: 595/1013 = 0.59 as a transaction of four statements, 1117/1238 = 0.90 as
+one statement). For PostgreSQL, two alternatives on the same reservation
 statement: adbapi with psycopg2's default transactions (BEGIN/statement/COMMIT: what
 STACK_NOTES measured) and txpostgres (psycopg2 asynchronous connections, driven by the
 reactor), when txpostgres is installed.

@@ -54,17 +54,26 @@ def _drop_orphans() -> None:
 _orphans_dropped = False
 
 
-def pg_create_database_sync() -> str:
+# A collation that does not sort by code point (Note [collation] in zcontrol.db.postgres):
+# ICU's English, which every PostgreSQL built with ICU has (this server's libc has no
+# en_US.UTF-8: `locale -a` lists only C, C.utf8 and POSIX).
+NON_C_DATABASE = ("TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+                  " LOCALE 'C.UTF-8'")
+
+
+def pg_create_database_sync(options: str = "") -> str:
     """
     Create C{zcontrol_test_<pid>_<hex>} and return its name (dropping, the first time,
     databases of test processes that no longer exist).
+
+    @param options: what follows the name in C{CREATE DATABASE} (e.g. L{NON_C_DATABASE}).
     """
     global _orphans_dropped
     if not _orphans_dropped:
         _orphans_dropped = True
         _drop_orphans()
     name = f"zcontrol_test_{os.getpid()}_{secrets.token_hex(4)}"
-    pg_admin(f'CREATE DATABASE "{name}"')
+    pg_admin(f'CREATE DATABASE "{name}" {options}')
     return name
 
 
@@ -124,8 +133,11 @@ class PostgresStoreFactory:
     def connection_lost(self) -> BaseException:
         return psycopg2.OperationalError("server closed the connection unexpectedly")
 
+    # What follows the name in CREATE DATABASE: the server's defaults (C.UTF-8 here).
+    database_options = ""
+
     def setUp_database(self) -> Any:
-        d = threads.deferToThread(pg_create_database_sync)
+        d = threads.deferToThread(pg_create_database_sync, self.database_options)
 
         def created(name: str) -> None:
             self.db_name = name
@@ -137,6 +149,16 @@ class PostgresStoreFactory:
 
     def store_url(self) -> str:
         return pg_dsn(self.db_name)
+
+
+class PostgresNonCStoreFactory(PostgresStoreFactory):
+    """
+    Mixin for trial TestCases: stores on a fresh PostgreSQL database whose default
+    collation is ICU's English (L{NON_C_DATABASE}), as a production database created with
+    an C{en_US.UTF-8} locale would sort.
+    """
+
+    database_options = NON_C_DATABASE
 
 
 class MemoryStoreFactory(SQLiteStoreFactory):

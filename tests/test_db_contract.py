@@ -9,29 +9,32 @@ import threading
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from tests.db_support import (
     TOPOLOGY,
     MemoryStoreFactory,
+    PostgresNonCStoreFactory,
     PostgresStoreFactory,
     SQLiteStoreFactory,
     error_of,
+    pg_drop_database_sync,
 )
 from zcontrol._defer import async_to_deferred
 from zcontrol.core.errors import SYS, OperationError, error_code
 from zcontrol.db import DB, IStore, Query, open_store
 from zcontrol.db import _store as _thd
-from zcontrol.db._store import Db
+from zcontrol.db._store import Db, load_migrations
 
 ORDER = ["zone", "cluster", "host", "primaryStorage", "l2Network", "l3Network", "ipRange",
          "vmInstance"]
 
 
-class StoreContractMixin:
+class StoreTestBase:
     """
-    Behaviour every L{IStore} must have. Mixed with a store factory and a trial TestCase.
+    Opens the stores of a test (mixed with a store factory and a trial TestCase).
     """
 
     @async_to_deferred
@@ -84,16 +87,92 @@ class StoreContractMixin:
         """
         return self.store._run(fn, *args)
 
+# Mixed case, accents (composed and decomposed), non-Latin scripts, punctuation and digits:
+# code point order and a linguistic collation (ICU, en_US) disagree on almost every pair.
+TEXTS = ["a", "A", "B", "b", "É", "e", "é", "e\u0301", "z", "Z", "ä", "_x", "1", "ß", "Ω",
+         "日本", "a b", "ab", "aB", "Ab", "-a", "~"]
+
+
+class TextOrderMixin(StoreTestBase):
+    """
+    Text sorts and compares by code point on every backend (Note [collation] in
+    L{zcontrol.db.postgres}), whatever the database's locale.
+    """
+
+    async def seed_texts(self) -> None:
+        for i, text in enumerate(TEXTS):
+            await self.store.insert("zone", {"uuid": text, "name": text,
+                                             "description": f"{i:02d}"})
+
+    async def names(self, *conditions: str, sort: str | None = None) -> list[str]:
+        r = await self.store.query("zone", Query(conditions=conditions, sort=sort))
+        return [z["name"] for z in r.inventories]
+
+    @async_to_deferred
+    async def test_text_sorts_by_code_point(self) -> None:
+        """
+        Fault (issue 8 item 13): PostgreSQL sorted text by the database's collation, so a
+        database created with en_US.UTF-8 (or an ICU locale) answered C{sort=name} with
+        C{a, A, ä, b, B, ...} where SQLite and the memory store answer with code point
+        order (C{A, B, Z, _x, a, ...}). Every backend sorts by code point: the API sort
+        (both directions), the default order (by uuid) and the store's own C{ORDER BY uuid}.
+        """
+        await self.seed_texts()
+        self.assertEqual(await self.names(sort="name"), sorted(TEXTS))
+        self.assertEqual(await self.names(sort="+name"), sorted(TEXTS))
+        self.assertEqual(await self.names(sort="-name"), sorted(TEXTS, reverse=True))
+        self.assertEqual(await self.names(), sorted(TEXTS))
+        # A sort on another column breaks ties by uuid, in code point order too.
+        r = await self.store.query("zone", Query(sort="state"))
+        self.assertEqual([z["uuid"] for z in r.inventories], sorted(TEXTS))
+        # Hand-written SQL of the store (live management nodes, ORDER BY uuid).
+        for text in TEXTS:
+            await self.store.heartbeat(text, "host")
+        live = await self.store.live_management_nodes(1000)
+        self.assertEqual([n["uuid"] for n in live], sorted(TEXTS))
+
+    @async_to_deferred
+    async def test_text_compares_by_code_point(self) -> None:
+        """
+        Fault (issue 8 item 13): C{<}, C{<=}, C{>}, C{>=} on text followed the database's
+        collation on PostgreSQL (C{'a' < 'B'} in en_US, not by code point), so the same
+        query selected other rows than on SQLite. Every backend compares by code point;
+        C{=}, C{!=}, C{?=} and LIKE match exact code points (case- and accent-sensitive,
+        composed C{é} is not C{e} + combining acute).
+        """
+        await self.seed_texts()
+        for op, test in (("<", lambda a, b: a < b), ("<=", lambda a, b: a <= b),
+                         (">", lambda a, b: a > b), (">=", lambda a, b: a >= b),
+                         ("!=", lambda a, b: a != b)):
+            for bound in ("B", "a", "b", "é", "Z", "ab", "\u00e9"):
+                self.assertEqual(await self.names(f"name{op}{bound}"),
+                                 sorted(t for t in TEXTS if test(t, bound)), (op, bound))
+        self.assertEqual(await self.names("name=é"), ["é"])
+        self.assertEqual(await self.names("name=e\u0301"), ["e\u0301"])
+        self.assertEqual(await self.names("name?=A,ä,日本"), sorted(["A", "ä", "日本"]))
+        self.assertEqual(await self.names("name~=a%"), ["a", "a b", "aB", "ab"])
+        self.assertEqual(await self.names("name~=A%"), ["A", "Ab"])
+        self.assertEqual(await self.names("name~=_"), sorted(t for t in TEXTS if len(t) == 1))
+        self.assertEqual(await self.names("name~=e%"), ["e", "e\u0301"])
+        self.assertEqual(await self.names("name~=É%"), ["É"])
+        self.assertEqual(await self.names("name>a", "name<b"), ["a b", "aB", "ab"])
+
+
+class StoreContractMixin(TextOrderMixin):
+    """
+    Behaviour every L{IStore} must have. Mixed with a store factory and a trial TestCase.
+    """
+
     # -- lifecycle and migrations ----------------------------------------------------------
 
     @async_to_deferred
     async def test_provides_interface(self) -> None:
         """
-        The store provides L{IStore}, is at schema version 2 and stays within its thread
+        The store provides L{IStore}, is at schema version 3 and stays within its thread
         budget.
         """
         self.assertTrue(verifyObject(IStore, self.store))
-        self.assertEqual(self.store.schema_version, 2)
+        self.assertEqual(self.store.schema_version, 3)
         self.assertEqual(self.store.backend, self.backend)
         self.assertLessEqual(self.store.pool_size, 16)
 
@@ -104,9 +183,11 @@ class StoreContractMixin:
         version once.
         """
         other = await self.open()
-        self.assertEqual(other.schema_version, 2)
-        rows = await self.raw(lambda db: db.all("SELECT version, name FROM schema_versions"))
-        self.assertEqual([tuple(r) for r in rows], [(1, "initial"), (2, "holders")])
+        self.assertEqual(other.schema_version, 3)
+        rows = await self.raw(lambda db: db.all(
+            "SELECT version, name FROM schema_versions ORDER BY version"))
+        self.assertEqual([tuple(r) for r in rows],
+                         [(1, "initial"), (2, "holders"), (3, "text_collation")])
 
     @async_to_deferred
     async def test_newer_schema_refused(self) -> None:
@@ -449,6 +530,36 @@ class StoreContractMixin:
         self.assertEqual(await self.store.audit_capacity(), [])
 
     @async_to_deferred
+    async def test_reservation_round_trips(self) -> None:
+        """
+        A reservation and a release are one statement (one round trip) on PostgreSQL,
+        where the holders change made them a transaction of four (BEGIN, INSERT, UPDATE,
+        COMMIT) and cut the reservation rate (bench/bench_db.py); on SQLite, whose
+        statements cost no round trip, they stay a transaction.
+        """
+        await self.seed("zone", "cluster", "host", "primaryStorage")
+        statements: list[str] = []
+
+        class Counting(Db):
+            def execute(self, sql: str, params: Any = ()) -> Any:
+                statements.append(sql.split()[0])
+                return super().execute(sql, params)
+
+        def counted(fn: Any, *args: Any) -> Any:
+            return lambda db: fn(Counting(db.raw, db.dialect), *args)
+
+        vm = self.holder()
+        expected = 1 if self.backend == "postgresql" else 4
+        for fn, args in ((_thd.reserve_host_capacity_thd, ("host-1", 2, 20, vm, 1.0)),
+                         (_thd.release_host_capacity_thd, ("host-1", vm, 1.0)),
+                         (_thd.reserve_primary_storage_thd, ("ps-1", 10, vm, 1.0)),
+                         (_thd.release_primary_storage_thd, ("ps-1", vm, 1.0))):
+            del statements[:]
+            await self.raw(counted(fn, *args))
+            self.assertEqual(len(statements), expected, (fn.__name__, statements))
+        self.assertEqual(await self.store.audit_capacity(), [])
+
+    @async_to_deferred
     async def test_concurrent_retries_of_one_holder(self) -> None:
         """
         Ten concurrent reservations and allocations by the same holder (retries racing each
@@ -530,20 +641,22 @@ class StoreContractMixin:
     @async_to_deferred
     async def test_ip_allocation(self) -> None:
         """
-        Addresses come lowest first from the L3's ranges; a full network is DB.1005; a freed
-        address is reused; a specific address can be taken once; freeing twice is a no-op.
+        Addresses come lowest first from the L3's ranges; a full network is DB.1005; a
+        released address is reused; a specific address can be taken once; releasing twice
+        is a no-op.
         """
         await self.seed("zone", "l2Network", "l3Network", "ipRange")
-        got = [await self.store.allocate_ip("l3-1", self.holder(), strategy="first") for _ in range(5)]
+        holders = [self.holder() for _ in range(5)]
+        got = [await self.store.allocate_ip("l3-1", h, strategy="first") for h in holders]
         self.assertEqual([g["ip"] for g in got], [f"10.0.0.{n}" for n in range(10, 15)])
         self.assertEqual(got[0]["gateway"], "10.0.0.1")
         self.assertEqual(got[0]["ipRangeUuid"], "range-1")
         await self.failure(self.store.allocate_ip("l3-1", self.holder()), DB.NO_FREE_IP)
-        self.assertIs(await self.store.free_ip(got[2]["uuid"]), True)
-        self.assertIs(await self.store.free_ip(got[2]["uuid"]), False)
+        self.assertEqual(await self.store.release_ip("l3-1", holders[2]), got[2])
+        self.assertIsNone(await self.store.release_ip("l3-1", holders[2]))
         self.assertEqual((await self.store.allocate_ip("l3-1", self.holder(), strategy="first"))["ip"],
                          "10.0.0.12")
-        await self.store.free_ip(got[4]["uuid"])
+        await self.store.release_ip("l3-1", holders[4])
         await self.failure(self.store.allocate_ip("l3-1", self.holder(), ip="10.0.0.13"), DB.DUPLICATE)
         row = await self.store.allocate_ip("l3-1", self.holder(), ip="10.0.0.14", uuid="mine")
         self.assertEqual((row["uuid"], row["ipInLong"]), ("mine", 0x0A00000E))
@@ -613,17 +726,47 @@ class StoreContractMixin:
     @async_to_deferred
     async def test_ip_in_use_by_nic(self) -> None:
         """
-        An IP a VM NIC still uses cannot be freed (DB.1001); after the NIC goes it can.
+        An IP a VM NIC still uses cannot be released (DB.1001); after the NIC goes it can.
         """
         await self.seed()
-        ip = await self.store.allocate_ip("l3-1", self.holder())
+        ip_holder = self.holder()
+        ip = await self.store.allocate_ip("l3-1", ip_holder)
         await self.store.insert("vmNic", {"uuid": "nic", "vmInstanceUuid": "vm-1",
                                           "l3NetworkUuid": "l3-1", "usedIpUuid": ip["uuid"],
                                           "ip": ip["ip"], "mac": "fa:16:3e:00:00:01",
                                           "deviceId": 0})
-        await self.failure(self.store.free_ip(ip["uuid"]), DB.REFERENCE)
+        await self.failure(self.store.release_ip("l3-1", ip_holder), DB.REFERENCE)
         await self.store.delete("vmNic", "nic")
-        await self.store.free_ip(ip["uuid"])
+        self.assertEqual((await self.store.release_ip("l3-1", ip_holder))["uuid"], ip["uuid"])
+
+    @async_to_deferred
+    async def test_free_ip_only_without_holder(self) -> None:
+        """
+        Fault (issue 8 item 12): C{free_ip(uuid)} and C{delete("usedIp", uuid)} gave back
+        any address, ignoring its holder, beside C{release_ip(l3, holder)}: a late or
+        retried free by uuid could take an address from the holder it had gone to since.
+        An address with a holder is given back only by C{release_ip} (SYS.1006 naming the
+        holder and the call to make, nothing changes); C{free_ip} is kept for the
+        holder-less rows of schema version 1.
+        """
+        await self.seed("zone", "l2Network", "l3Network", "ipRange")
+        vm = self.holder()
+        ip = await self.store.allocate_ip("l3-1", vm, strategy="first")
+        for call in (self.store.free_ip, lambda u: self.store.delete("usedIp", u)):
+            err = await self.failure(call(ip["uuid"]), SYS.OPERATION_ERROR)
+            self.assertIn("release_ip", err.details)
+            self.assertEqual((err.opaque["holder_type"], err.opaque["holder_uuid"],
+                              err.opaque["l3_network_uuid"]), (vm[0], vm[1], "l3-1"))
+        self.assertEqual(await self.store.get("usedIp", ip["uuid"]), ip)
+        # A row of schema version 1: no holder.
+        await self.store.insert("usedIp", {
+            "uuid": "legacy", "ipRangeUuid": "range-1", "l3NetworkUuid": "l3-1",
+            "ip": "10.0.0.11", "ipInLong": 0x0A00000B, "netmask": "255.255.255.0",
+            "gateway": "10.0.0.1"})
+        self.assertIs(await self.store.free_ip("legacy"), True)
+        self.assertIs(await self.store.free_ip("legacy"), False)
+        self.assertIs(await self.store.free_ip("never-was"), False)
+        self.assertEqual(await self.store.release_ip("l3-1", vm), ip)
 
     # -- VM state --------------------------------------------------------------------------
 
@@ -832,6 +975,73 @@ class MemoryContractTests(MemoryStoreFactory, StoreContractMixin, unittest.TestC
     """
     The contract on the in-memory store (L{zcontrol.db.memory.MemoryStore}).
     """
+
+
+class PostgresNonCTextTests(PostgresNonCStoreFactory, TextOrderMixin, unittest.TestCase):
+    """
+    Text order on a PostgreSQL database whose own collation is not code point order (ICU
+    English, as a database created with C{LC_COLLATE en_US.UTF-8} would sort).
+    """
+
+    @async_to_deferred
+    async def test_database_collation_is_linguistic(self) -> None:
+        """
+        The fixture is what it claims: the database's default collation puts C{'a'} before
+        C{'B'} (code point order puts it after), so the text order tests above prove that
+        the store does not depend on it.
+        """
+        rows = await self.raw(lambda db: db.all("SELECT 'a' < 'B', 'a' < 'B' COLLATE \"C\""))
+        self.assertEqual(tuple(rows[0]), (True, False))
+
+    @async_to_deferred
+    async def test_every_text_column_in_c(self) -> None:
+        """
+        Fault (issue 8 item 13): every text column of the schema (including the ones later
+        migrations add) has collation C{"C"}, so no comparison or sort of the store, its
+        indexes included, follows the database's locale.
+        """
+        rows = await self.raw(lambda db: db.all(
+            "SELECT table_name, column_name, collation_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema()"
+            " AND data_type IN ('text', 'character varying', 'character')"))
+        self.assertGreater(len(rows), 100)
+        self.assertEqual([r for r in rows if r[2] != "C"], [])
+
+    @async_to_deferred
+    async def test_upgrade_from_version_2(self) -> None:
+        """
+        A database created at schema version 2 (text in the database's collation) is
+        converted by migration 0003: its rows are kept and sort by code point after.
+        """
+        await self.store.stop()
+        self.stores.remove(self.store)
+        await deferToThread(pg_drop_database_sync, self.db_name)
+        await self.setUp_database()
+        old = [m for m in load_migrations("postgresql") if m.version <= 2]
+        store = open_store(self.store_url(), reactor, **self.store_options)
+
+        def at_version_2(db: Db) -> int:
+            return _thd.migrate_thd(db, old, 0.0)
+
+        # The store as it was at version 2: no collation set by the runner.
+        self.patch(store.dialect, "after_migrations", lambda db: None)
+        self.patch(store.dialect, "ddl", lambda statement: statement)
+        store._pool = store.pool_class(store.dialect, reactor, store.pool_size)
+        store._pool.start()
+        try:
+            self.assertEqual(await store._raw_run(at_version_2), 2)
+            for text in TEXTS:
+                await store._raw_run(_thd.insert_thd, "zone",
+                                     {"uuid": text, "name": text}, 0.0)
+            r = await store._raw_run(_thd.query_thd, "zone", Query(sort="name"))
+            self.assertNotEqual([z["name"] for z in r.inventories], sorted(TEXTS))
+        finally:
+            pool, store._pool = store._pool, None
+            pool.close()
+        self.store = await self.open()
+        self.assertEqual(self.store.schema_version, 3)
+        self.assertEqual(await self.names(sort="name"), sorted(TEXTS))
+        self.assertEqual(await self.names("name<a"), sorted(t for t in TEXTS if t < "a"))
 
 
 class SQLiteMemoryStoreTests(unittest.TestCase):

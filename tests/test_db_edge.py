@@ -17,6 +17,7 @@ argument is a failed Deferred, never an exception raised at the caller.
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.db_support import (
+    NON_C_DATABASE,
     TOPOLOGY,
     pg_create_database_sync,
     pg_drop_database_sync,
@@ -62,6 +64,14 @@ WILD = st.one_of(
     st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3),
                                                               st.integers(-3, 3), max_size=2),
 )
+# Text whose code point order differs from a linguistic one: both cases, accents composed
+# and combining, punctuation, digits, other scripts, an emoji; plus any printable character.
+SORTED_TEXT = st.text(
+    st.one_of(st.sampled_from(list("aAbBzZ_-~ 1é\u00c9e\u0301äÄßΩω日本\U0001F600")),
+              st.characters(min_codepoint=0x20, max_codepoint=0x2FFFF,
+                            exclude_categories=("Cc", "Cs"))),
+    min_size=1, max_size=6)
+_COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 RESOURCE_NAMES = st.one_of(st.sampled_from(sorted(RESOURCES)), TEXT, st.integers())
 HOLDERS = st.one_of(
     st.tuples(st.sampled_from(["VmInstanceVO", "VmNicVO"]), st.sampled_from(["a", "b"])),
@@ -264,13 +274,16 @@ class Backends:
 
 class EdgeTests(SynchronousTestCase):
     """
-    The same answers from SQLite, the memory store's SQLite and PostgreSQL.
+    The same answers from SQLite, the memory store's SQLite and PostgreSQL (a database
+    whose own collation is ICU English).
     """
 
     def setUp(self) -> None:
         path = os.path.abspath(self.mktemp() + ".db")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        name = pg_create_database_sync()
+        # A database that does not sort by code point (Note [collation]): the generated
+        # sorts and text comparisons must still answer as SQLite does.
+        name = pg_create_database_sync(NON_C_DATABASE)
         self.addCleanup(pg_drop_database_sync, name)
         self.backends = Backends({
             "sqlite": SQLiteDialect(path),
@@ -333,3 +346,36 @@ class EdgeTests(SynchronousTestCase):
         self.assertEqual(tables["sqlite"], tables["postgresql"])
         self.assertEqual(tables["sqlite"], tables["memory"])
         self.assertEqual(sorted(z["name"] for z in tables["sqlite"]["zone"]), ["ok-2", "zone1"])
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(SORTED_TEXT, min_size=2, max_size=10, unique=True), SORTED_TEXT,
+           st.sampled_from(["<", "<=", ">", ">="]))
+    def test_same_text_order(self, names: list[str], bound: str, op: str) -> None:
+        """
+        Fault (issue 8 item 13): PostgreSQL sorted and compared text by the database's
+        collation (here ICU English), so generated mixed-case, accented and non-Latin
+        names came back in another order than from SQLite and the memory store, and
+        C{<}/C{>} selected other rows. Every backend answers in code point order.
+        """
+        tag = f"t{next(self.backends.counter)}"
+        for db in self.backends.dbs.values():
+            for i, name in enumerate(names):
+                thd.insert_thd(db, "zone", {"uuid": f"{tag}-{i}", "name": name,
+                                            "description": tag}, NOW)
+        try:
+            for query, expected in (
+                (Query(conditions=[f"description={tag}"], sort="name"), sorted(names)),
+                (Query(conditions=[f"description={tag}"], sort="-name"),
+                 sorted(names, reverse=True)),
+                (Query(conditions=[f"description={tag}", Condition("name", op, bound)],
+                       sort="name"),
+                 sorted(n for n in names if _COMPARE[op](n, bound))),
+            ):
+                answers = self.backends.run(("query", "zone", query))
+                for backend, answer in answers.items():
+                    self.assertEqual(answer[0], "ok", (backend, answer))
+                    self.assertEqual([z["name"] for z in answer[1]], expected,
+                                     (backend, query))
+        finally:
+            for db in self.backends.dbs.values():
+                db.run("DELETE FROM zones WHERE description = ?", (tag,))

@@ -159,7 +159,7 @@ class PostgresLostAckTests(PostgresStoreFactory, unittest.TestCase):
         and the retry took the capacity a second time. Now the capacity is taken once.
         """
         vm = ("VmInstanceVO", "vm-lost-ack")
-        self.proxy.armed = b"COMMIT"
+        self.proxy.armed = b"host_capacity_holders"
         await self.io_error(self.store.reserve_host_capacity("host-1", 4, 100, vm))
         self.assertEqual(self.proxy.cuts, 1)
         rows = await self.committed(
@@ -170,7 +170,7 @@ class PostgresLostAckTests(PostgresStoreFactory, unittest.TestCase):
                          (12, 924))
         self.assertEqual(await self.store.audit_capacity(), [])
         # The release's answer is lost too: the retry gives nothing back twice.
-        self.proxy.armed = b"COMMIT"
+        self.proxy.armed = b"host_capacity_holders"
         await self.io_error(self.store.release_host_capacity("host-1", vm))
         host = await self.store.release_host_capacity("host-1", vm)
         self.assertEqual(host["availableCpuCapacity"], 16)

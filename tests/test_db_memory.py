@@ -36,7 +36,7 @@ class MemoryStoreTests(SynchronousTestCase):
         before = threading.active_count()
         clock = Clock()
         store = MemoryStore(clock)
-        self.assertEqual(self.successResultOf(store.start()), 2)
+        self.assertEqual(self.successResultOf(store.start()), 3)
         d = store.insert("zone", TOPOLOGY["zone"])
         clock.advance(0)
         self.assertEqual(self.successResultOf(d)["name"], "zone1")

@@ -182,11 +182,13 @@ class StoreMachine(RuleBasedStateMachine):
                 choices = sorted(set(self.held) - pinned)
                 uuid = choices[op[1] % len(choices)]
                 del self.held[uuid]
-                calls.append(lambda db, u=uuid: thd.free_ip_thd(db, u))
+                calls.append(lambda db, h=self.holders[uuid]: thd.release_ip_thd(
+                    db, self.l3, h))
                 kinds.append(("free", uuid))
             elif kind == "free_again" and self.freed:
                 uuid = self.freed[op[1] % len(self.freed)]
-                calls.append(lambda db, u=uuid: thd.free_ip_thd(db, u))
+                calls.append(lambda db, h=self.holders[uuid]: thd.release_ip_thd(
+                    db, self.l3, h))
                 kinds.append(("free_again", uuid))
             elif kind == "cas":
                 expected, new = op[1]
@@ -217,10 +219,11 @@ class StoreMachine(RuleBasedStateMachine):
                 else:
                     assert value.code == DB.NO_FREE_IP, value
             elif kind == "free":
-                assert ok and value is True, f"freeing a held IP failed: {value}"
+                assert ok and value is not None and value["uuid"] == arg, (
+                    f"releasing a held IP failed: {value}")
                 self.freed.append(arg)
             elif kind == "free_again":
-                assert ok and value is False, value
+                assert ok and value is None, value
             elif kind == "cas":
                 if ok:
                     winners.append(arg)

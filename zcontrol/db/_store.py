@@ -135,6 +135,9 @@ class Dialect:
 
     name: str = "?"
     dbapi_name: str = "?"
+    # Whether INSERT/UPDATE/DELETE may appear in a WITH clause (PostgreSQL): the holder
+    # reservations are then one statement instead of a four-statement transaction.
+    writable_ctes: bool = False
 
     def connect_args(self) -> tuple[tuple, dict]:
         """
@@ -174,6 +177,19 @@ class Dialect:
     def lock_migrations(self, db: Db) -> None:
         """
         Serialise concurrent migrations (inside the migration transaction).
+        """
+
+    def ddl(self, statement: str) -> str:
+        """
+        A statement of a common migration as this backend runs it (unchanged here).
+        """
+        return statement
+
+    def after_migrations(self, db: Db) -> None:
+        """
+        Inside the migration transaction, when migrations were applied: bring what a
+        common migration cannot say in SQL both backends accept to this backend's rules
+        (nothing here; PostgreSQL sets the text columns' collation).
         """
 
     def alive(self, raw: Any) -> bool:
@@ -308,8 +324,9 @@ def migrate_thd(db: Db, migrations: Sequence[Migration], now: float) -> int:
     known = max((m.version for m in migrations), default=0)
     with db.transaction(write=True):
         db.dialect.lock_migrations(db)
-        db.run(_VERSION_TABLE)
+        db.run(db.dialect.ddl(_VERSION_TABLE))
         current = db.one("SELECT MAX(version) FROM schema_versions")[0] or 0
+        applied = False
         if current > known:
             raise OperationError.of(
                 DB.SCHEMA_TOO_NEW,
@@ -324,12 +341,14 @@ def migrate_thd(db: Db, migrations: Sequence[Migration], now: float) -> int:
                 continue
             log.info("applying schema migration {version} {name}", version=m.version, name=m.name)
             for stmt in m.statements:
-                db.run(stmt)
+                db.run(db.dialect.ddl(stmt))
             db.run(
                 "INSERT INTO schema_versions (version, name, applied_at) VALUES (?, ?, ?)",
                 (m.version, m.name, now),
             )
-            current = m.version
+            applied, current = True, m.version
+        if applied:
+            db.dialect.after_migrations(db)
     return current
 
 
@@ -486,6 +505,14 @@ def delete_thd(db: Db, resource_name: str, uuid: str) -> bool:
     """
     res = resource(resource_name)
     uuid = _uuid("uuid", uuid)
+    if res.name == "usedIp":
+        # An address with a holder is given back by its holder only (free_ip_thd).
+        if db.run("DELETE FROM used_ips WHERE uuid = ? AND holder_uuid IS NULL", (uuid,)) > 0:
+            return True
+        refusal = _held_ip_refusal(db, uuid, "delete")
+        if refusal is not None:
+            raise refusal
+        return False
     return db.run(f"DELETE FROM {res.table} WHERE uuid = ?", (uuid,)) > 0
 
 
@@ -534,12 +561,30 @@ def _reserve_thd(db: Db, *, table: str, key: str, res: Resource, resource_uuid: 
                  holder: Holder, amounts: dict[str, int], update_sql: str,
                  update_params: tuple, short: Callable[[], OperationError], now: float) -> dict:
     """
-    The idempotent reservation (Note [holders]): in one transaction, record the holder
-    (C{INSERT ... ON CONFLICT DO NOTHING}) and take the amounts (a conditional C{UPDATE}).
-    When the holder already holds this resource's capacity, nothing changes and the
-    resource row is returned, so a retry after a lost acknowledgement is safe.
+    The idempotent reservation (Note [holders]): atomically, record the holder and take
+    the amounts (a conditional C{UPDATE}). When the holder already holds this resource's
+    capacity, nothing changes and the resource row is returned, so a retry after a lost
+    acknowledgement is safe.
+
+    On PostgreSQL it is one statement (L{_reserve_cte}): one round trip instead of four
+    (C{BEGIN}, C{INSERT}, C{UPDATE}, C{COMMIT}; bench/bench_db.py). SQLite has no
+    writable CTEs, and its statements cost no round trip: a transaction of the holder's
+    C{INSERT ... ON CONFLICT DO NOTHING} and the C{UPDATE}.
     """
     names = ", ".join(amounts)
+    if db.dialect.writable_ctes:
+        try:
+            rows = db.all(*_reserve_cte(table, key, resource_uuid, holder, amounts,
+                                        update_sql, update_params, now))
+        except Exception as e:
+            err = db.dialect.map_error(e)
+            # DB.1000: the same holder won a concurrent race (its row is there now).
+            if err is None or err.code != DB.DUPLICATE:
+                raise
+        else:
+            if rows:
+                return _row(res, rows[0])
+        return _reserved_already(db, table, key, res, resource_uuid, holder, amounts, short)
     try:
         with db.transaction():
             inserted = db.all(
@@ -560,6 +605,41 @@ def _reserve_thd(db: Db, *, table: str, key: str, res: Resource, resource_uuid: 
         if err is None or err.code != DB.REFERENCE:
             raise
         raise _not_found(res, resource_uuid) from None
+    return _reserved_already(db, table, key, res, resource_uuid, holder, amounts, short)
+
+
+def _reserve_cte(table: str, key: str, resource_uuid: str, holder: Holder,
+                 amounts: dict[str, int], update_sql: str, update_params: tuple, now: float
+                 ) -> tuple[str, tuple]:
+    """
+    The reservation as one statement (one round trip, atomic in autocommit mode): take
+    the amounts unless the holder already holds some (C{NOT EXISTS}, in the statement's
+    snapshot), and record the holder for the taken row. The two succeed or fail together:
+    a concurrent reservation by the same holder makes the C{INSERT} violate the holders'
+    primary key (C{DB.1000}), which undoes the statement's C{UPDATE} as well.
+    """
+    head, returning = update_sql.split(" RETURNING ")
+    names = ", ".join(amounts)
+    sql = (
+        f"WITH u AS ({head} AND NOT EXISTS (SELECT 1 FROM {table} WHERE {key} = ?"
+        f" AND holder_type = ? AND holder_uuid = ?) RETURNING {returning}),"
+        f" h AS (INSERT INTO {table} ({key}, holder_type, holder_uuid, {names}, create_date)"
+        f" SELECT u.uuid, ?, ?, {', '.join('?' for _ in amounts)}, ? FROM u)"
+        f" SELECT {returning} FROM u"
+    )
+    return sql, (*update_params, resource_uuid, holder.type, holder.uuid,
+                 holder.type, holder.uuid, *amounts.values(), now)
+
+
+def _reserved_already(db: Db, table: str, key: str, res: Resource, resource_uuid: str,
+                      holder: Holder, amounts: dict[str, int],
+                      short: Callable[[], OperationError]) -> dict:
+    """
+    After a reservation that changed nothing: the resource row when C{holder} already
+    holds these amounts (a retry), C{DB.1000} when it holds others, else C{short()} (no
+    such row, or not enough capacity).
+    """
+    names = ", ".join(amounts)
     held = _held_thd(db, table, key, resource_uuid, holder, names)
     if held is None:
         # The update found no row, or not enough capacity.
@@ -579,20 +659,34 @@ def _reserve_thd(db: Db, *, table: str, key: str, res: Resource, resource_uuid: 
 
 
 def _release_thd(db: Db, *, table: str, key: str, res: Resource, resource_uuid: str,
-                 holder: Holder, amounts: tuple[str, ...], update_sql: str, now: float
-                 ) -> dict:
+                 holder: Holder, figures: tuple[tuple[str, str], ...], now: float) -> dict:
     """
-    The idempotent release: delete the holder's row and give back what it held, in one
-    transaction; nothing held is a no-op.
+    The idempotent release: delete the holder's row and give back what it held (each
+    C{(available column, held column)} of C{figures}) atomically; nothing held is a no-op.
+    One statement where the backend has writable CTEs (the C{UPDATE} reads what the
+    C{DELETE} returned), else a transaction of two.
     """
-    with db.transaction():
-        held = db.all(
-            f"DELETE FROM {table} WHERE {key} = ? AND holder_type = ? AND holder_uuid = ?"
-            f" RETURNING {', '.join(amounts)}", (resource_uuid, holder.type, holder.uuid))
-        if held:
-            rows = db.all(update_sql, (*held[0], now, resource_uuid))
-            if rows:
-                return _row(res, rows[0])
+    delete = (f"DELETE FROM {table} WHERE {key} = ? AND holder_type = ? AND holder_uuid = ?"
+              f" RETURNING {', '.join(held for _, held in figures)}")
+    returning = ", ".join(f"{res.table}.{f.column}" for f in res.fields.values())
+    if db.dialect.writable_ctes:
+        sets = ", ".join(f"{avail} = {avail} + d.{held}" for avail, held in figures)
+        rows = db.all(
+            f"WITH d AS ({delete}) UPDATE {res.table} SET {sets}, last_op_date = ? FROM d"
+            f" WHERE {res.table}.uuid = ? RETURNING {returning}",
+            (resource_uuid, holder.type, holder.uuid, now, resource_uuid))
+        if rows:
+            return _row(res, rows[0])
+    else:
+        sets = ", ".join(f"{avail} = {avail} + ?" for avail, _ in figures)
+        with db.transaction():
+            held = db.all(delete, (resource_uuid, holder.type, holder.uuid))
+            if held:
+                rows = db.all(f"UPDATE {res.table} SET {sets}, last_op_date = ?"
+                              f" WHERE uuid = ? RETURNING {returning}",
+                              (*held[0], now, resource_uuid))
+                if rows:
+                    return _row(res, rows[0])
     row = get_thd(db, res.name, resource_uuid)
     if row is None:
         raise _not_found(res, resource_uuid)
@@ -643,10 +737,9 @@ def release_host_capacity_thd(db: Db, host_uuid: str, holder: Any, now: float) -
     host_uuid = _uuid("host_uuid", host_uuid)
     return _release_thd(
         db, table="host_capacity_holders", key="host_uuid", res=_HOST,
-        resource_uuid=host_uuid, holder=Holder.of(holder), amounts=("cpu", "memory"),
-        update_sql="UPDATE hosts SET available_cpu_capacity = available_cpu_capacity + ?,"
-        " available_memory_capacity = available_memory_capacity + ?, last_op_date = ?"
-        f" WHERE uuid = ? RETURNING {_cols(_HOST)}", now=now)
+        resource_uuid=host_uuid, holder=Holder.of(holder),
+        figures=(("available_cpu_capacity", "cpu"), ("available_memory_capacity", "memory")),
+        now=now)
 
 
 def set_host_capacity_thd(
@@ -712,9 +805,8 @@ def release_primary_storage_thd(db: Db, ps_uuid: str, holder: Any, now: float) -
     ps_uuid = _uuid("primary_storage_uuid", ps_uuid)
     return _release_thd(
         db, table="primary_storage_capacity_holders", key="primary_storage_uuid", res=_PS,
-        resource_uuid=ps_uuid, holder=Holder.of(holder), amounts=("size",),
-        update_sql="UPDATE primary_storages SET available_capacity = available_capacity + ?,"
-        f" last_op_date = ? WHERE uuid = ? RETURNING {_cols(_PS)}", now=now)
+        resource_uuid=ps_uuid, holder=Holder.of(holder),
+        figures=(("available_capacity", "size"),), now=now)
 
 
 _AUDITS = (
@@ -979,12 +1071,38 @@ def _take_first_free_thd(db: Db, l3_uuid: str, ranges: list[tuple], uuid: str, n
     return None
 
 
+def _held_ip_refusal(db: Db, used_ip_uuid: str, how: str) -> OperationError | None:
+    """
+    C{SYS.1006} pointing at L{release_ip_thd} when the usedIp row C{used_ip_uuid} has a
+    holder, None when it has none or does not exist.
+    """
+    r = db.one("SELECT holder_type, holder_uuid, l3_network_uuid, ip FROM used_ips"
+               " WHERE uuid = ?", (used_ip_uuid,))
+    if r is None or r[1] is None:
+        return None
+    return OperationError.of(
+        SYS.OPERATION_ERROR,
+        f"usedIp {used_ip_uuid} ({r[3]}) is held by {r[0]} {r[1]}: {how} gives back only"
+        f" addresses without a holder; release it with release_ip({r[2]!r}, ({r[0]!r},"
+        f" {r[1]!r}))",
+        uuid=used_ip_uuid, l3_network_uuid=r[2], holder_type=r[0], holder_uuid=r[1])
+
+
 def free_ip_thd(db: Db, used_ip_uuid: str) -> bool:
     """
-    Give an address back (one DELETE): whether it was allocated (freeing twice is a no-op).
+    Give back an address that has no holder (a row of schema version 1), in one DELETE:
+    whether there was one (freeing twice is a no-op). A held address is refused with
+    C{SYS.1006}: only its holder releases it (L{release_ip_thd}), so that a retried or late
+    release by uuid cannot free an address its holder still uses (Note [holders]).
     """
     used_ip_uuid = _uuid("used_ip_uuid", used_ip_uuid)
-    return db.run("DELETE FROM used_ips WHERE uuid = ?", (used_ip_uuid,)) > 0
+    if db.run("DELETE FROM used_ips WHERE uuid = ? AND holder_uuid IS NULL",
+              (used_ip_uuid,)) > 0:
+        return True
+    refusal = _held_ip_refusal(db, used_ip_uuid, "free_ip")
+    if refusal is not None:
+        raise refusal
+    return False
 
 
 def release_ip_thd(db: Db, l3_uuid: str, holder: Any) -> dict | None:

@@ -125,7 +125,8 @@ class IStore(Interface):
     def delete(resource, uuid):
         """
         @return: Deferred firing with True if a row was deleted, False if there was none;
-            fails with C{DB.1001} while other rows still reference it.
+            fails with C{DB.1001} while other rows still reference it, C{SYS.1006} for a
+            usedIp that has a holder (see L{free_ip}).
         """
 
     def query(resource, query):
@@ -240,15 +241,23 @@ class IStore(Interface):
 
     def free_ip(used_ip_uuid):
         """
-        Give an allocated IP back (idempotent).
+        Legacy: give back, by its uuid, an address that has no holder (a usedIp row of
+        schema version 1, before holders; idempotent). An address is released by its
+        holder with L{release_ip}, the one way for every address L{allocate_ip} gives:
+        a held address is refused here (and by C{delete("usedIp", uuid)}), so that a
+        retried or late call by uuid can never free an address that has since gone to
+        another holder.
 
         @return: Deferred firing with True when it was allocated, False when not (e.g.
-            freed already); C{DB.1001} while a VM NIC still uses it.
+            freed already); C{SYS.1006} when the address has a holder (the details name
+            the holder and the call to make: C{release_ip(l3NetworkUuid, holder)});
+            C{DB.1001} while a VM NIC still uses it.
         """
 
     def release_ip(l3_network_uuid, holder):
         """
-        Give back the IP C{holder} holds in the L3 network (idempotent).
+        Give back the IP C{holder} holds in the L3 network (idempotent): the way to give
+        back an address (see L{free_ip} for the holder-less rows of schema version 1).
 
         @return: Deferred firing with the freed usedIp row, or None when it held none;
             C{DB.1001} while a VM NIC still uses it.

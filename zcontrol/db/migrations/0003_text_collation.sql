@@ -1,0 +1,10 @@
+-- zcontrol schema, version 3: text compares and sorts by code point on every backend.
+-- SQLite (and the memory store) compare text with BINARY, i.e. UTF-8 bytes, i.e. code
+-- points. PostgreSQL compares it with the column's collation, by default the database's
+-- (an en_US.UTF-8 or ICU database sorts 'a' < 'B' < 'b' < 'é' < 'z'; code points give
+-- 'B' < 'a' < 'b' < 'z' < 'é'). So on PostgreSQL every text column is given COLLATE "C".
+-- That is done by the migration runner (PostgresDialect.after_migrations, Note [collation]
+-- in zcontrol.db.postgres) whenever it applied migrations (this one or later), for every text column
+-- not yet in "C": a column added by a later common migration is covered too. This file has
+-- no statement (nothing to do on SQLite); it is the version that makes a version 2
+-- PostgreSQL database run the conversion.
