@@ -439,10 +439,8 @@ class AMQPBus(BusSendMixin):
         # Every post and publish awaiting its confirm is answered now (issue 8 item 2).
         self._fail_unconfirmed(err)
         # The requests and the replies they wait for travelled on this connection: answer
-        # the waiters now rather than at their timeout (local short-cut sends are unaffected).
-        for env in list(self._pending._pending.values()):
-            if not (self._local_shortcut and env.target == self.node_id):
-                self._pending.fail(env.msg_id, err)
+        # the waiters now rather than at their timeout.
+        self._fail_remote_pending(err)
         for sub in self._subs:
             if sub.ready.called:
                 sub.ready = Deferred()
