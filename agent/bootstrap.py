@@ -65,6 +65,40 @@ def read_token_file(path: str) -> str:
     return token
 
 
+def write_new_file(path: str, data: bytes, mode: int = 0o600) -> bool:
+    """
+    Create the file C{path} holding C{data}, atomically and never replacing one that exists:
+    the data goes to a temporary file beside it (created with C{mode}), is flushed to disk,
+    then hard-linked into place (C{link} fails if C{path} exists, so of two racing creators
+    one wins and the other learns it), and the directory is synced. Also used for the
+    management node's id file (L{zcontrol.identity}).
+
+    @return: True if this call created C{path}; False if it already existed.
+    @raise OSError: the directory or file cannot be created or written.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        os.unlink(tmp)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return True
+
+
 def ensure_token_file(path: str) -> tuple[str, bool]:
     """
     The token in the file at C{path}, creating the file (mode C{0600}, and its directory)
@@ -75,32 +109,14 @@ def ensure_token_file(path: str) -> tuple[str, bool]:
     """
     if os.path.lexists(path):
         return read_token_file(path), False
-    directory = os.path.dirname(os.path.abspath(path))
     token = secrets.token_urlsafe(32)
-    tmp = f"{path}.{secrets.token_hex(8)}.tmp"
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(token.encode("ascii") + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                # link() never replaces: a creator that lost a race reads the winner's token.
-                os.link(tmp, path)
-            except FileExistsError:
-                return read_token_file(path), False
-        finally:
-            os.unlink(tmp)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        created = write_new_file(path, token.encode("ascii") + b"\n", 0o600)
     except OSError as e:
         raise TokenFileError(f"cannot create the bootstrap token file {path}: {e.strerror}"
                              ) from None
+    if not created:  # another creator won the race: its token is the one
+        return read_token_file(path), False
     return token, True
 
 

@@ -30,6 +30,7 @@ import uuid
 import attrs
 from twisted.logger import Logger
 
+from agent.bootstrap import write_new_file
 from zcontrol.config import Config, ConfigError
 
 __all__ = ["NODE_ID_FILE", "resolve_node_id", "with_node_id"]
@@ -77,31 +78,9 @@ def _read(path: str) -> str:
 
 
 def _create(data_dir: str, path: str) -> str:
-    os.makedirs(data_dir, exist_ok=True)
     node_id = uuid.uuid4().hex
-    tmp = f"{path}.{node_id}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(node_id.encode("ascii") + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            # link() never replaces: a start that lost a race reads the winner's id.
-            os.link(tmp, path)
-        except FileExistsError:
-            return _read(path)
-    finally:
-        os.unlink(tmp)
-    try:
-        dir_fd = os.open(data_dir, os.O_RDONLY)
-    except OSError:  # pragma: no cover - a directory we just wrote into
-        pass
-    else:
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    if not write_new_file(path, node_id.encode("ascii") + b"\n", 0o644):
+        return _read(path)  # a start that lost a race reads the winner's id
     log.info("new management-node id {node_id} kept in {path}", node_id=node_id, path=path)
     return node_id
 
