@@ -205,7 +205,7 @@ class AgentsConfig:
         @param data_dir: the node's data directory; None: no default token file (the result
             is then None when no token is configured).
         @raise ConfigError: the configured file cannot be read or is empty, or the data
-            directory's file is corrupt or cannot be created.
+            directory is not a directory, or its file is corrupt or cannot be created.
         """
         from agent.bootstrap import TOKEN_FILE, TokenFileError, ensure_token_file, read_token_file
 
@@ -216,6 +216,9 @@ class AgentsConfig:
                 return read_token_file(self.bootstrap_token_file)
             if data_dir is None:
                 return None
+            from zcontrol.datadir import check_data_dir
+
+            check_data_dir(data_dir)
             path = os.path.join(data_dir, TOKEN_FILE)
             token, created = ensure_token_file(path)
         except TokenFileError as e:
