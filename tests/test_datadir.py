@@ -96,8 +96,8 @@ class DataDirLockTests(SynchronousTestCase):
         on A's directory, ran with A's node id and A's SQLite file, and B's stop deleted A's
         queues under it. While another process holds the directory, a node's start here
         (L{with_node_id}, L{make_node}) fails at once with a ConfigError naming the
-        directory and the holder's PID, and resolves no id; once the holder has exited, the
-        start succeeds with the same id and this process's PID in the lock file.
+        directory and the holder's PID, and resolves no id; once the holder has exited
+        (clearing the PID), the start succeeds with the same id and this process's PID in the lock file.
         """
         holder = Holder(self, self.data)
         self.assertTrue(holder.line.startswith("ID "), holder.line)
@@ -113,6 +113,8 @@ class DataDirLockTests(SynchronousTestCase):
             self.assertIn("in use by another management node", str(e))
 
         holder.stop()
+        with open(os.path.join(self.data, LOCK_FILE)) as f:
+            self.assertEqual(f.read(), "")  # a clean exit clears the PID
         config = with_node_id(_config(self.data))
         self.addCleanup(datadir._held[_key(self.data)].release)
         self.assertEqual(config.node_id, node_id)

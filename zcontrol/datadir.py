@@ -15,7 +15,7 @@ node on the same directory fails at once with a L{ConfigError} naming the direct
 PID; it never waits. The lock is kept for the process lifetime: the kernel releases it when
 the process exits, however it exits (a crash or C{kill -9} leaves no stale lock: the file may
 still hold the dead PID, but nobody holds the lock, so the next start takes it and rewrites
-the PID). The file is never deleted (deleting a lock file lets two processes lock two
+the PID; a clean exit clears the PID). The file is never deleted (deleting a lock file lets two processes lock two
 different files).
 
 Within one process the lock is re-entrant (counted): a test that stops a node and builds it
@@ -33,6 +33,7 @@ each with its own data directory.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import os
@@ -130,6 +131,21 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _clear_at_exit() -> None:
+    # a clean exit clears the PID, so that the file does not name a dead process; only the
+    # process the file names clears it (a forking parent exiting must not clear its child's)
+    for lock in list(_held.values()):
+        try:
+            if lock._fd is not None and os.pread(lock._fd, 32, 0).strip() == (
+                    str(os.getpid()).encode("ascii")):
+                os.ftruncate(lock._fd, 0)
+        except OSError:
+            pass
+
+
+atexit.register(_clear_at_exit)
 
 
 def _holder(path: str) -> str:
