@@ -8,7 +8,8 @@ A config file looks like::
 
     [node]
     id = "mn-1"                 # default: kept in <data_dir>/node-id (zcontrol.identity)
-    data_dir = "/var/lib/zcontrol"
+    data_dir = "/var/lib/zcontrol"  # one node's: node-id, agent-token, lock, SQLite store
+                                # (default ./var; locked by one node, zcontrol.datadir)
 
     [store]
     url = "postgresql://postgres@127.0.0.1:5432/zcontrol"   # default: SQLite in data_dir
