@@ -20,11 +20,13 @@ C{agent/} because the agent never imports C{zcontrol}.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import sys
 
-__all__ = ["TOKEN_FILE", "TokenFileError", "ensure_token_file", "read_token_file"]
+__all__ = ["FILL_ADVICE", "RECREATE_ADVICE", "TOKEN_FILE", "TokenFileError", "ensure_token_file",
+           "read_token_file", "write_new_file"]
 
 #: The token file's name in a management node's data directory.
 TOKEN_FILE = "agent-token"
@@ -39,10 +41,22 @@ class TokenFileError(ValueError):
     """
 
 
-def read_token_file(path: str) -> str:
+#: What to do about an empty token file that the reader does not create (an agent's
+#: C{--bootstrap-token-file}, a node's C{agents.bootstrap_token_file}).
+FILL_ADVICE = "write the bootstrap token into it"
+
+#: ... and about one that L{ensure_token_file} creates when it is missing (a node's
+#: C{<data_dir>/agent-token}, C{python -m agent.bootstrap PATH}).
+RECREATE_ADVICE = "write a token into it, or delete it to have a new one created"
+
+
+def read_token_file(path: str, if_empty: str = FILL_ADVICE) -> str:
     """
     The token in the file at C{path}, stripped of surrounding whitespace.
 
+    @param if_empty: the advice the error for an empty file ends with, right for the caller
+        (only a caller that creates missing files may advise deleting it): L{FILL_ADVICE},
+        L{RECREATE_ADVICE} or the caller's own.
     @raise TokenFileError: the file cannot be read, is not UTF-8 text, is empty or larger
         than 4096 bytes.
     """
@@ -60,8 +74,7 @@ def read_token_file(path: str) -> str:
     except UnicodeDecodeError:
         raise TokenFileError(f"the bootstrap token file {path} is not UTF-8 text") from None
     if not token:
-        raise TokenFileError(f"the bootstrap token file {path} is empty; write a token into "
-                             "it, or delete it to have a new one created")
+        raise TokenFileError(f"the bootstrap token file {path} is empty; {if_empty}")
     return token
 
 
@@ -74,9 +87,13 @@ def write_new_file(path: str, data: bytes, mode: int = 0o600) -> bool:
     management node's id file (L{zcontrol.identity}).
 
     @return: True if this call created C{path}; False if it already existed.
-    @raise OSError: the directory or file cannot be created or written.
+    @raise OSError: the directory or file cannot be created or written
+        (C{NotADirectoryError} if the directory exists but is not one).
     """
     directory = os.path.dirname(os.path.abspath(path))
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        # makedirs would say "File exists", naming neither the culprit nor the problem
+        raise NotADirectoryError(errno.ENOTDIR, f"{directory} is not a directory", directory)
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.{secrets.token_hex(8)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -108,7 +125,7 @@ def ensure_token_file(path: str) -> tuple[str, bool]:
     @raise TokenFileError: as L{read_token_file}, or the file cannot be created.
     """
     if os.path.lexists(path):
-        return read_token_file(path), False
+        return read_token_file(path, RECREATE_ADVICE), False
     token = secrets.token_urlsafe(32)
     try:
         created = write_new_file(path, token.encode("ascii") + b"\n", 0o600)
@@ -116,7 +133,7 @@ def ensure_token_file(path: str) -> tuple[str, bool]:
         raise TokenFileError(f"cannot create the bootstrap token file {path}: {e.strerror}"
                              ) from None
     if not created:  # another creator won the race: its token is the one
-        return read_token_file(path), False
+        return read_token_file(path, RECREATE_ADVICE), False
     return token, True
 
 

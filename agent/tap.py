@@ -153,7 +153,8 @@ class Options(usage.Options):
             raise usage.UsageError("give --bootstrap-token or --bootstrap-token-file, not both")
         if path is not None:
             try:
-                token = read_token_file(path)
+                # the agent never creates it: the node (or python -m agent.bootstrap) does
+                token = read_token_file(path, _FILL_TOKEN_FILE)
             except TokenFileError as e:
                 raise usage.UsageError(f"--bootstrap-token-file: {e}") from None
         if token is not None:
@@ -175,6 +176,11 @@ class Options(usage.Options):
         # Last, so that a wrong value among the other options is reported as such.
         _require_token(self)
 
+
+#: What to do about an empty --bootstrap-token-file.
+_FILL_TOKEN_FILE = (
+    "copy the management node's bootstrap token into it (by default the node's "
+    "<data_dir>/agent-token), or pass that file instead")
 
 #: Why an agent without a token does not start, and what to pass instead.
 NO_TOKEN = (

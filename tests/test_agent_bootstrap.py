@@ -11,10 +11,12 @@ import stat
 import subprocess
 import sys
 
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from agent import bootstrap
+from agent import bootstrap, tap
 from agent.bootstrap import TokenFileError, ensure_token_file, read_token_file
+from zcontrol.config import AgentsConfig, ConfigError
 
 
 class EnsureTokenFileTests(SynchronousTestCase):
@@ -87,6 +89,57 @@ class EnsureTokenFileTests(SynchronousTestCase):
         e = self.assertRaises(TokenFileError, ensure_token_file,
                               os.path.join(blocker, "agent-token"))
         self.assertIn("cannot create", str(e))
+
+    def test_empty_file_advice_fits_the_reader(self) -> None:
+        """
+        Fault (new-user trial): C{twistd zagent --bootstrap-token-file emptyfile} said
+        "delete it to have a new one created", but the agent never creates it (only the
+        node and C{python -m agent.bootstrap} do), nor does a node read the file its
+        C{agents.bootstrap_token_file} names. Readers that do not create the file (the
+        agent, a node's configured file) advise filling it; those that do
+        (L{ensure_token_file}, C{python -m agent.bootstrap}) also advise deleting it.
+        """
+        os.makedirs(os.path.dirname(self.path))
+        with open(self.path, "w") as f:
+            f.write(" \n")
+        for message in [
+            str(self.assertRaises(TokenFileError, read_token_file, self.path)),
+            str(self.assertRaises(usage.UsageError, tap.Options().parseOptions,
+                                  ["--bootstrap-token-file", self.path])),
+            str(self.assertRaises(ConfigError,
+                                  AgentsConfig(bootstrap_token_file=self.path).token)),
+        ]:
+            self.assertIn(f"{self.path} is empty", message)
+            self.assertNotIn("delete", message)
+            self.assertNotIn("created", message)
+        agent = str(self.assertRaises(usage.UsageError, tap.Options().parseOptions,
+                                      ["--bootstrap-token-file", self.path]))
+        self.assertIn("copy the management node's bootstrap token into it", agent)
+        self.assertIn("write the bootstrap token into it", str(
+            self.assertRaises(TokenFileError, read_token_file, self.path)))
+        creator = str(self.assertRaises(TokenFileError, ensure_token_file, self.path))
+        self.assertIn("delete it to have a new one created", creator)
+        self.assertIn("delete it to have a new one created", str(self.assertRaises(
+            ConfigError, AgentsConfig().token, os.path.dirname(self.path))))
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.assertEqual(bootstrap.main([self.path]), 1)
+        self.assertIn("delete it to have a new one created", err.getvalue())
+
+    def test_directory_that_is_a_file(self) -> None:
+        """
+        Creating a file in a "directory" that is a regular file says that it is not a
+        directory, naming it (it said "File exists").
+        """
+        blocker = os.path.abspath(self.mktemp())
+        with open(blocker, "w") as f:
+            f.write("a file, not a directory")
+        e = self.assertRaises(NotADirectoryError, bootstrap.write_new_file,
+                              os.path.join(blocker, "x"), b"data")
+        self.assertIn(f"{blocker} is not a directory", str(e))
+        e = self.assertRaises(TokenFileError, ensure_token_file,
+                              os.path.join(blocker, "agent-token"))
+        self.assertIn("not a directory", str(e))
 
     def test_command_line(self) -> None:
         """

@@ -8,7 +8,8 @@ A config file looks like::
 
     [node]
     id = "mn-1"                 # default: kept in <data_dir>/node-id (zcontrol.identity)
-    data_dir = "/var/lib/zcontrol"
+    data_dir = "/var/lib/zcontrol"  # one node's: node-id, agent-token, lock, SQLite store
+                                # (default ./var; locked by one node, zcontrol.datadir)
 
     [store]
     url = "postgresql://postgres@127.0.0.1:5432/zcontrol"   # default: SQLite in data_dir
@@ -48,8 +49,10 @@ A config file looks like::
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
+import urllib.parse
 from typing import Any, Mapping
 
 import attrs
@@ -105,6 +108,8 @@ class HttpConfig:
     def __attrs_post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("http.tls_cert and http.tls_key go together")
+        if self.public_url is not None:
+            _check_public_url(self.public_url)
 
     def callback_base(self, actual_port: int) -> str:
         """
@@ -115,6 +120,35 @@ class HttpConfig:
         host = self.interface if self.interface not in ("", "0.0.0.0", "::") else "127.0.0.1"
         scheme = "http" if self.tls_cert is None else "https"
         return f"{scheme}://{host}:{actual_port}"
+
+
+def _check_public_url(url: str) -> None:
+    """
+    Refuse a C{http.public_url} agents could not call back: it must be an absolute http or
+    https URL with a host (and a valid port, if any), without credentials, query, fragment
+    or whitespace; a path (a reverse proxy's prefix) is allowed.
+
+    @raise ConfigError: naming C{http.public_url}.
+    """
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"http.public_url {url!r} {why} (expected e.g. "
+                           "\"http://10.0.0.5:8080\" or \"https://mn.example.com\")")
+
+    if not url or url != url.strip() or any(c.isspace() or ord(c) < 32 for c in url):
+        raise bad("is empty or holds whitespace or control characters")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError as e:
+        raise bad(f"is not a valid URL: {e}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise bad("must start with http:// or https://")
+    if not parts.hostname:
+        raise bad("has no host")
+    if parts.username is not None or parts.password is not None:
+        raise bad("must not hold credentials")
+    if parts.query or parts.fragment or url.rstrip("/").endswith(("?", "#")):
+        raise bad("must not have a query or fragment")
 
 
 @attrs.frozen
@@ -172,7 +206,7 @@ class AgentsConfig:
         @param data_dir: the node's data directory; None: no default token file (the result
             is then None when no token is configured).
         @raise ConfigError: the configured file cannot be read or is empty, or the data
-            directory's file is corrupt or cannot be created.
+            directory is not a directory, or its file is corrupt or cannot be created.
         """
         from agent.bootstrap import TOKEN_FILE, TokenFileError, ensure_token_file, read_token_file
 
@@ -183,6 +217,9 @@ class AgentsConfig:
                 return read_token_file(self.bootstrap_token_file)
             if data_dir is None:
                 return None
+            from zcontrol.datadir import check_data_dir
+
+            check_data_dir(data_dir)
             path = os.path.join(data_dir, TOKEN_FILE)
             token, created = ensure_token_file(path)
         except TokenFileError as e:
@@ -291,17 +328,22 @@ def _coerce(section: str, key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{section}.{key} must be true or false: {value!r}")
         return value
+    what = f"a {kind.__name__}"  # tests.test_node.ConfigTests quotes "must be a int"
     try:
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is int and isinstance(value, str):
-            return int(value)
-        if kind is float and isinstance(value, str):
-            return float(value)
-    except ValueError:
-        raise ConfigError(f"{section}.{key} must be a {kind.__name__}: {value!r}") from None
+            value = float(value)
+        elif kind is int and isinstance(value, str):
+            value = int(value)
+        elif kind is float and isinstance(value, str):
+            value = float(value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{section}.{key} must be {what}: {value!r}") from None
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise ConfigError(f"{section}.{key} must be a {kind.__name__}: {value!r}")
+        raise ConfigError(f"{section}.{key} must be {what}: {value!r}")
+    # nan passes every "must be positive" check (all its comparisons are false) and breaks
+    # timers later; inf is a wait without a bound
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{section}.{key} must be a finite number: {value!r}")
     return value
 
 

@@ -15,10 +15,16 @@ How the id is chosen (L{resolve_node_id}), first match wins:
  3. No persistent state (the store is C{sqlite://:memory:}): a fresh uuid, and a warning is
     logged, since such a node owns nothing after a restart anyway.
 
+Every start logs, at info level, the id in use and where it came from (C{management node id
+<id> (from node.id config | from <data_dir>/node-id | fresh, in-memory store)}), so that a
+changed id (a hand-edited file, a copied data directory) shows in the log.
+
 Two nodes must not share an id: two nodes with one id answer each other's requests and
 delete each other's heartbeat row. An explicit C{node.id} must therefore be unique per node,
-and a data directory belongs to one node: do not copy it (or a VM image holding it) to make
-a second node; delete L{NODE_ID_FILE} from the copy instead.
+and a data directory belongs to one node: L{with_node_id} locks it first
+(L{zcontrol.datadir}), so a second node started on the same directory fails at once. Do not
+copy a data directory (or a VM image holding it) to make a second node; delete
+L{NODE_ID_FILE} from the copy instead.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from twisted.logger import Logger
 
 from agent.bootstrap import write_new_file
 from zcontrol.config import Config, ConfigError
+from zcontrol.datadir import check_data_dir, lock_data_dir
 
 __all__ = ["NODE_ID_FILE", "resolve_node_id", "with_node_id"]
 
@@ -85,33 +92,53 @@ def _create(data_dir: str, path: str) -> str:
     return node_id
 
 
-def resolve_node_id(config: Config) -> str:
-    """
-    This node's id, chosen as the module docstring says; may create the id file.
-
-    @raise ConfigError: an invalid explicit id, or an id file that is unreadable or corrupt.
-    """
+def _resolve(config: Config) -> tuple[str, str]:
     if config.node_id:
-        return _check(config.node_id, "node.id")
+        return _check(config.node_id, "node.id"), "from node.id config"
     if _is_ephemeral(config):
         node_id = uuid.uuid4().hex
         log.warn("the store is in memory: this management node gets a fresh id {node_id} "
                  "that will not survive a restart (set node.id to fix one)", node_id=node_id)
-        return node_id
+        return node_id, "fresh, in-memory store"
+    check_data_dir(config.data_dir)
     path = os.path.join(config.data_dir, NODE_ID_FILE)
     if os.path.lexists(path):
-        return _read(path)
+        return _read(path), f"from {path}"
     try:
-        return _create(config.data_dir, path)
+        return _create(config.data_dir, path), f"from {path}, created now"
     except OSError as e:
         raise ConfigError(f"cannot create the management-node id file {path}: {e.strerror}"
                           ) from None
 
 
+def resolve_node_id(config: Config) -> str:
+    """
+    This node's id, chosen as the module docstring says; may create the id file. Logs the
+    id and where it came from (info).
+
+    @raise ConfigError: an invalid explicit id, a data directory that is not a directory, or
+        an id file that is unreadable or corrupt.
+    """
+    node_id, source = _resolve(config)
+    log.info("management node id {node_id} ({source})", node_id=node_id, source=source)
+    return node_id
+
+
 def with_node_id(config: Config) -> Config:
     """
-    C{config} with its C{node_id} resolved by L{resolve_node_id}.
+    C{config} with its C{node_id} resolved by L{resolve_node_id}, after taking the data
+    directory's lock (L{zcontrol.datadir.lock_data_dir}) unless the store is in memory (such
+    a node keeps nothing it could share). The lock is kept for the process lifetime (the
+    kernel releases it when the process exits); if the id cannot be resolved it is released
+    at once.
 
-    @raise ConfigError: as L{resolve_node_id}.
+    @raise ConfigError: the data directory is in use by another process (naming it and the
+        holder's PID) or cannot be locked, or as L{resolve_node_id}.
     """
-    return attrs.evolve(config, node_id=resolve_node_id(config))
+    lock = None if _is_ephemeral(config) else lock_data_dir(config.data_dir)
+    try:
+        return attrs.evolve(config, node_id=resolve_node_id(config))
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
