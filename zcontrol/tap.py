@@ -124,5 +124,6 @@ def makeService(options: Options):
 
     try:
         return make_node(options["config_tree"], reactor, on_start_failure=give_up)
-    except ConfigError as e:  # e.g. a corrupt node-id file: say so, not a traceback
+    except (ConfigError, OSError) as e:  # e.g. a corrupt node-id file, a data directory
+        # that cannot be created: say so in one line, not a traceback
         raise SystemExit(f"zcontrol: {e}") from None
