@@ -10,11 +10,12 @@ import socket
 import subprocess
 import sys
 
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zcontrol.config import ConfigError, StoreConfig
 from zcontrol.core.errors import SYS, OperationError
@@ -149,3 +150,46 @@ class StoreUrlTests(SynchronousTestCase):
         with self.assertRaises(UsageError) as e:
             Options().parseOptions(["--db", "postgresql//x"])
         self.assertIn("--db", str(e.exception))
+
+
+class AMQPLoginRefusedTests(TestCase):
+    """
+    A management node whose RabbitMQ credentials are wrong (needs RabbitMQ on
+    127.0.0.1:5672).
+    """
+
+    async def test_refused_login_says_so_without_retries(self) -> None:
+        """
+        Fault (issue 8, AMQP login): a wrong password gave one C{automat NoTransition}
+        "Unhandled Error" traceback per connection attempt (ClientService cannot take the
+        loss of a connection whose attempt already failed) and a final message that never
+        said the login was refused. Now the start fails after one attempt with SYS.1016
+        saying "RabbitMQ refused the login (ACCESS_REFUSED ...)", and nothing is logged as
+        an unhandled error (trial fails the test on one).
+        """
+        from twisted.internet import reactor
+        from twisted.internet.task import Clock
+
+        from zcontrol.bus.amqp import AMQPBus
+
+        bus = AMQPBus(reactor, Clock(), password="wrong-" + os.urandom(4).hex(),
+                      start_attempts=5, retry_policy=lambda n: 0.01)
+        attempts = []
+        connect = bus._endpoint.connect
+
+        def counting(factory):
+            attempts.append(factory)
+            return connect(factory)
+
+        bus._endpoint.connect = counting
+        with self.assertRaises(OperationError) as e:
+            await bus.start()
+        self.assertEqual(e.exception.error.code, SYS.IO_ERROR)
+        self.assertIn("RabbitMQ refused the login (ACCESS_REFUSED", str(e.exception))
+        self.assertEqual(len(attempts), 1)
+        # let the refused connection's close reach the (detached) ClientService proxy
+        for _ in range(5):
+            d = Deferred()
+            reactor.callLater(0.02, d.callback, None)
+            await d
+        self.assertEqual(self.flushLoggedErrors(), [])
