@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import LogLevel, globalLogPublisher
@@ -193,3 +194,39 @@ class AMQPLoginRefusedTests(TestCase):
             reactor.callLater(0.02, d.callback, None)
             await d
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class HttpTlsFilesTests(SynchronousTestCase):
+    """
+    The HTTP listener's TLS files.
+    """
+
+    def test_unreadable_cert_is_a_config_error(self) -> None:
+        """
+        Fault (issue 8, start failure): a missing C{[http] tls_cert} file failed the start
+        with a bare ValueError (an unexpected exception, logged with its traceback). It is a
+        ConfigError naming the option and the file, so the start logs one line.
+        """
+        from twisted.internet.task import Clock
+
+        from zcontrol.config import load_config
+        from zcontrol.node import HttpService
+
+        missing = os.path.abspath(self.mktemp())
+        config = load_config(None, {"node": {"data_dir": self.mktemp()},
+                                    "http": {"port": 0}})
+        config = attrs.evolve(config, http=attrs.evolve(config.http, tls_cert=missing,
+                                                        tls_key=missing))
+        from twisted.web.resource import Resource
+
+        class Endpoint:
+            def resource(self) -> Resource:
+                return Resource()
+
+        http = HttpService(Clock(), config, endpoint=Endpoint(), agents=None)
+        with self.assertRaises(ConfigError) as e:
+            http.startService()
+        self.assertIn("http.tls_cert", str(e.exception))
+        self.assertIn(missing, str(e.exception))
+        line, known = start_failure_cause(Failure(e.exception))
+        self.assertTrue(known)

@@ -276,9 +276,12 @@ class HttpService(Service):
         if http.tls_cert is not None:
             from agent.http import server_tls_options
 
+            try:
+                tls = server_tls_options(http.tls_cert, http.tls_key)
+            except ValueError as e:  # unreadable or not PEM: the operator's files
+                raise ConfigError(f"http.tls_cert / http.tls_key: {e}") from None
             self._port = self._reactor.listenSSL(
-                http.port, self._factory, server_tls_options(http.tls_cert, http.tls_key),
-                backlog=http.backlog, interface=http.interface)
+                http.port, self._factory, tls, backlog=http.backlog, interface=http.interface)
         else:
             self._port = self._reactor.listenTCP(http.port, self._factory,
                                                  backlog=http.backlog,
