@@ -67,8 +67,8 @@ class Options(usage.Options):
         ["node-id", None, None, "This management node's id (default: the one kept in "
                                    "<data-dir>/node-id, created on the first start)."],
         ["data-dir", "d", None, "Directory for the embedded SQLite store (default: ./var)."],
-        ["db", None, None, "Store URL: sqlite:///abs/path.db or "
-                           "postgresql://user@host:port/dbname."],
+        ["db", None, None, "Store URL: sqlite:////abs/path.db, sqlite://:memory:, "
+                           "postgresql://user@host:port/dbname or memory://."],
         ["bus", None, None, "Bus backend: local (in-process, default) or amqp (RabbitMQ)."],
         ["amqp-url", None, None, "RabbitMQ URL (default amqp://guest:guest@127.0.0.1:5672/)."],
         ["http-port", "p", None, "HTTP port for the API and agent callbacks (default 8080; "
