@@ -73,8 +73,29 @@ class ConfigError(ValueError):
 
 @attrs.frozen
 class StoreConfig:
+    """
+    @ivar url: the store URL (C{--db}, C{[store] url}): C{sqlite:////abs/path.db} (an
+        absolute path), C{sqlite://:memory:}, C{postgresql://user@host:port/dbname}
+        (C{postgres://} too) or C{memory://} (see L{zcontrol.db.open_store}).
+    @raise ConfigError: any other form, naming the option and the accepted forms.
+    """
+
     url: str
     pool_size: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        url = self.url
+        scheme, sep, rest = url.partition("://") if isinstance(url, str) else ("", "", "")
+        ok = sep and (
+            (scheme == "sqlite" and (rest in (":memory:", "/:memory:") or
+                                     (rest.startswith("/") and rest.strip("/") != "")))
+            or scheme == "memory"
+            or (scheme in ("postgresql", "postgres") and rest != ""))
+        if not ok:
+            raise ConfigError(
+                f"store.url (--db) {url!r} is not a store URL; use sqlite:////abs/path.db "
+                "(an absolute path), sqlite://:memory:, "
+                "postgresql://user@host:port/dbname or memory://")
 
 
 @attrs.frozen

@@ -28,14 +28,15 @@ import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 
 from zcontrol.config import Config, ConfigError
 
 __all__ = ["AgentClientService", "ComponentService", "HeartbeatService", "HostComponent",
-           "HttpService", "ManagementNode", "OrderedMultiService", "make_bus", "make_node"]
+           "HttpService", "ManagementNode", "OrderedMultiService", "make_bus", "make_node",
+           "start_failure_cause"]
 
 log = Logger()
 
@@ -88,7 +89,12 @@ class OrderedMultiService(MultiService):
                 log.failure("stopping {name} failed", name=child.name)
 
     def _start_failed(self, reason: Failure) -> Failure:
-        log.failure("the management node failed to start", reason)
+        # One line naming the cause for the operator; a traceback (at debug level) only for
+        # an unexpected exception, not for the operator's errors (port, file, database).
+        cause, known = start_failure_cause(reason)
+        log.critical("the management node failed to start: {cause}", cause=cause)
+        if not known:
+            log.failure("start failure traceback", reason, level=LogLevel.debug)
         d = Deferred.fromCoroutine(self._stop_children())
         if self._on_start_failure is not None:
             d.addBoth(lambda _: self._on_start_failure(reason))
@@ -101,6 +107,29 @@ class OrderedMultiService(MultiService):
         d = Deferred()
         starting.addBoth(lambda _: d.callback(None))
         return d.addCallback(lambda _: Deferred.fromCoroutine(self._stop_children()))
+
+
+def start_failure_cause(reason: Failure) -> tuple[str, bool]:
+    """
+    Why a start failed, in one line for the operator: an L{OperationError}'s error code
+    (code, description, details), a listen error's address and reason, a configuration
+    error's or an OS error's text; any other exception as C{<type>: <text>}.
+
+    @return: C{(line, known)}; C{known} is False for an unexpected exception (whose
+        traceback is worth logging).
+    """
+    from twisted.internet.error import CannotListenError
+
+    from zcontrol.core.errors import OperationError
+
+    e = reason.value
+    if isinstance(e, OperationError):
+        return str(e.error), True
+    if isinstance(e, CannotListenError):
+        return f"cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}", True
+    if isinstance(e, (ConfigError, OSError)):
+        return str(e), True
+    return f"{type(e).__name__}: {e}", False
 
 
 def _bounded(d: Deferred, clock: Any, seconds: float, name: str | None) -> Deferred:
@@ -247,9 +276,12 @@ class HttpService(Service):
         if http.tls_cert is not None:
             from agent.http import server_tls_options
 
+            try:
+                tls = server_tls_options(http.tls_cert, http.tls_key)
+            except ValueError as e:  # unreadable or not PEM: the operator's files
+                raise ConfigError(f"http.tls_cert / http.tls_key: {e}") from None
             self._port = self._reactor.listenSSL(
-                http.port, self._factory, server_tls_options(http.tls_cert, http.tls_key),
-                backlog=http.backlog, interface=http.interface)
+                http.port, self._factory, tls, backlog=http.backlog, interface=http.interface)
         else:
             self._port = self._reactor.listenTCP(http.port, self._factory,
                                                  backlog=http.backlog,

@@ -11,7 +11,45 @@ from twisted.python import usage
 from zcontrol import __version__
 from zcontrol.config import ConfigError, load_config
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "exit_with_status_after_run", "makeService"]
+
+
+def exit_with_status_after_run(status: int) -> None:
+    """
+    Make this process exit with C{status} once twistd is done.
+
+    twistd's runner has no exit status: after the reactor stops it removes the pidfile,
+    stops its log observers and returns, and the process exits 0 (only an exit I{signal}
+    is passed on). An C{atexit} handler runs after all that; it flushes stdout and stderr
+    and ends the process with C{os._exit(status)} (raising C{SystemExit} in an C{atexit}
+    handler does not change the status). It skips the C{atexit} handlers registered before
+    it; by then the reactor, its thread pool and the log observers are stopped.
+    """
+    import atexit
+    import os
+    import sys
+
+    def exit_() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: S110 - a closed stream must not keep the status 0
+                pass
+        os._exit(status)
+
+    atexit.register(exit_)
+
+
+def _port_number(text: str) -> int:
+    """
+    A TCP port number, 0..65535 (0: any free port).
+
+    @raise ValueError: not an integer in that range (twistd reports a usage error).
+    """
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"a port number is 0..65535, not {port}")
+    return port
 
 
 class Options(usage.Options):
@@ -29,12 +67,12 @@ class Options(usage.Options):
         ["node-id", None, None, "This management node's id (default: the one kept in "
                                    "<data-dir>/node-id, created on the first start)."],
         ["data-dir", "d", None, "Directory for the embedded SQLite store (default: ./var)."],
-        ["db", None, None, "Store URL: sqlite:///abs/path.db or "
-                           "postgresql://user@host:port/dbname."],
+        ["db", None, None, "Store URL: sqlite:////abs/path.db, sqlite://:memory:, "
+                           "postgresql://user@host:port/dbname or memory://."],
         ["bus", None, None, "Bus backend: local (in-process, default) or amqp (RabbitMQ)."],
         ["amqp-url", None, None, "RabbitMQ URL (default amqp://guest:guest@127.0.0.1:5672/)."],
         ["http-port", "p", None, "HTTP port for the API and agent callbacks (default 8080; "
-                                 "0 = any).", int],
+                                 "0 = any).", _port_number],
         ["http-interface", None, None, "HTTP interface (default 127.0.0.1)."],
         ["public-url", None, None, "Base URL agents use to call back (default from the "
                                    "interface and port)."],
@@ -79,10 +117,13 @@ def makeService(options: Options):
     reactor.suggestThreadPoolSize(4)
 
     def give_up(_reason):
+        # The cause is logged already (one line, see OrderedMultiService); stop and exit 1.
+        exit_with_status_after_run(1)
         if reactor.running:
             reactor.stop()
 
     try:
         return make_node(options["config_tree"], reactor, on_start_failure=give_up)
-    except ConfigError as e:  # e.g. a corrupt node-id file: say so, not a traceback
+    except (ConfigError, OSError) as e:  # e.g. a corrupt node-id file, a data directory
+        # that cannot be created: say so in one line, not a traceback
         raise SystemExit(f"zcontrol: {e}") from None

@@ -196,6 +196,9 @@ CAPABILITIES = {
     "publisher_confirms": True,
     "basic.nack": True,
     "connection.blocked": False,
+    # a refused login is answered with connection.close 403 ACCESS_REFUSED (saying so)
+    # rather than a bare TCP close
+    "authentication_failure_close": True,
 }
 
 

@@ -62,6 +62,7 @@ from typing import Any, Callable, Iterable
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -290,7 +291,9 @@ class AMQPBus(BusSendMixin):
     # lifecycle
 
     def start(self) -> Deferred[None]:
-        self._service = ClientService(self._endpoint, self._factory,
+        self._refusal: str | None = None
+        endpoint = _DetachingEndpoint(self._endpoint, self._connect_failed)
+        self._service = ClientService(endpoint, self._factory,
                                       retryPolicy=self._retry_policy, clock=self._reactor,
                                       prepareConnection=self._prepare)
         self._service.startService()
@@ -312,10 +315,11 @@ class AMQPBus(BusSendMixin):
             self._reactor.callLater(0, lambda: service.stopService().chainDeferred(d2))
 
             def raise_(_: Any) -> None:
+                why = self._refusal or reason.getErrorMessage()
                 raise OperationError(error_code(
                     SYS.IO_ERROR,
                     f"cannot connect to RabbitMQ ({self._endpoint._host}:"
-                    f"{self._endpoint._port}): {reason.getErrorMessage()}"))
+                    f"{self._endpoint._port}): {why}"))
 
             return d2.addBoth(raise_)
 
@@ -381,6 +385,20 @@ class AMQPBus(BusSendMixin):
         if self._running:
             log.info("bus of {node} reconnected to RabbitMQ", node=self.node_id)
             self._publish_node("hello")
+
+    def _connect_failed(self, reason: Failure) -> None:
+        """
+        A connection attempt failed. A refused login while starting ends the start (no
+        retries: another attempt with the same credentials is refused again).
+        """
+        text = _refusal_text(reason)
+        if text is None or self._running or self._service is None:
+            return
+        self._refusal = f"RabbitMQ refused the login ({text})"
+        service = self._service
+        # not inside ClientService's own callback (automat refuses re-entrance); stopping
+        # it fails the start's whenConnected with CancelledError
+        self._reactor.callLater(0, service.stopService)
 
     def _prepare(self, proto: Any) -> Deferred:
         # ClientService hands over a proxy of the protocol: attributes set on the proxy
@@ -1179,3 +1197,70 @@ def delete_topology(bus: AMQPBus) -> Deferred:
 
     return Deferred.fromCoroutine(go())
 
+
+def _refusal_text(reason: Failure) -> str | None:
+    """
+    The broker's reply text if C{reason} is the broker refusing the login or the vhost
+    (C{ACCESS_REFUSED}, AMQP reply code 403), else None.
+    """
+    e = reason.value
+    # txAMQP's Closed carries the broker's connection.close method (reply_code, reply_text)
+    method = e.args[0] if getattr(e, "args", None) else None
+    text = getattr(method, "reply_text", None)
+    if isinstance(text, str) and text.startswith("ACCESS_REFUSED"):
+        return text
+    return None
+
+
+@implementer(IStreamClientEndpoint)
+class _DetachingEndpoint:
+    """
+    Wraps the AMQP endpoint (connect, then log in) for L{ClientService}.
+
+    ClientService (Twisted 26.x) has no transition for the loss of a connection whose
+    connect attempt already failed: a login the broker refuses, then the broker closing
+    the socket, logged C{automat NoTransition} as an Unhandled Error on every attempt. On
+    a failed attempt this wrapper detaches the connection from ClientService (the
+    proxy's C{_lostNotification}, private: checked with C{hasattr}) and closes it, then
+    tells C{on_failure}.
+    """
+
+    def __init__(self, endpoint: Any, on_failure: Callable[[Failure], None]):
+        self._endpoint = endpoint
+        self._on_failure = on_failure
+
+    def connect(self, factory: Any) -> Deferred:
+        built: list[Any] = []
+        d = self._endpoint.connect(_RecordingFactory(factory, built))
+
+        def failed(reason: Failure) -> Failure:
+            for proto in built:
+                if hasattr(proto, "_lostNotification"):
+                    proto._lostNotification = lambda _reason: None
+                transport = getattr(proto, "transport", None)
+                if transport is not None:
+                    transport.loseConnection()
+            self._on_failure(reason)
+            return reason
+
+        return d.addErrback(failed)
+
+
+class _RecordingFactory:
+    """
+    A protocol factory that remembers the protocols it built (and passes everything
+    else, e.g. txAMQP's C{set_vhost}, to the factory it wraps).
+    """
+
+    def __init__(self, factory: Any, built: list[Any]):
+        self._factory = factory
+        self._built = built
+
+    def buildProtocol(self, addr: Any) -> Any:
+        proto = self._factory.buildProtocol(addr)
+        if proto is not None:
+            self._built.append(proto)
+        return proto
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._factory, name)
