@@ -250,6 +250,18 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(o["config_tree"].data_dir, "/tmp/zc")
         self.assertRaises(UsageError, Options().parseOptions, ["--bus", "carrier-pigeon"])
 
+    def test_numeric_option_errors_name_the_key(self):
+        """
+        Fault: C{--drain-timeout abc} said only "Parameter type enforcement failed: could not
+        convert string to float", and C{nan} was accepted (every stop then failed). A bad
+        number is a usage error naming the config key it sets.
+        """
+        for option, value, key in [("--drain-timeout", "abc", "shutdown.drain_timeout"),
+                                   ("--drain-timeout", "nan", "shutdown.drain_timeout"),
+                                   ("--message-timeout", "inf", "bus.message_timeout")]:
+            e = self.assertRaises(UsageError, Options().parseOptions, [option, value])
+            self.assertIn(key, str(e))
+
 
 class PluginTests(SynchronousTestCase):
     def test_plugins_found(self):

@@ -66,20 +66,22 @@ class Options(usage.Options):
         ["config", "c", None, "TOML config file (see zcontrol.config)."],
         ["node-id", None, None, "This management node's id (default: the one kept in "
                                    "<data-dir>/node-id, created on the first start)."],
-        ["data-dir", "d", None, "Directory for the embedded SQLite store (default: ./var)."],
+        ["data-dir", "d", None, "Directory for this node's id, agents' bootstrap token, lock "
+                                "file and default SQLite store (default: ./var)."],
         ["db", None, None, "Store URL: sqlite:////abs/path.db, sqlite://:memory:, "
                            "postgresql://user@host:port/dbname or memory://."],
         ["bus", None, None, "Bus backend: local (in-process, default) or amqp (RabbitMQ)."],
         ["amqp-url", None, None, "RabbitMQ URL (default amqp://guest:guest@127.0.0.1:5672/)."],
-        ["http-port", "p", None, "HTTP port for the API and agent callbacks (default 8080; "
+        ["http-port", "p", None, "HTTP port for agent callbacks (and the API to come) (default 8080; "
                                  "0 = any).", _port_number],
         ["http-interface", None, None, "HTTP interface (default 127.0.0.1)."],
         ["public-url", None, None, "Base URL agents use to call back (default from the "
                                    "interface and port)."],
-        ["message-timeout", None, None, "Default bus message timeout in seconds (1800).",
-         float],
+        # No converters on numbers: load_config converts and checks them, and its errors
+        # name the key (bus.message_timeout must be a float: 'abc').
+        ["message-timeout", None, None, "Default bus message timeout in seconds (1800)."],
         ["drain-timeout", None, None, "Seconds each part of the node may take to stop "
-                                      "(SIGTERM) before its work is failed (20).", float],
+                                      "(SIGTERM) before its work is failed (20)."],
     ]
 
     def opt_version(self) -> None:
