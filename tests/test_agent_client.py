@@ -111,6 +111,35 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(len(self.client), 0)
         self.assertEqual(self.callback(post.header("taskuuid"), p.StartVmRsp())[0], 404)
 
+    def test_timeout_names_callback_url(self) -> None:
+        """
+        Fault (issue 8, host add item 3): an async command the agent accepted (200) whose
+        callback never came (agents call back to a wrong C{http.public_url}) timed out as
+        "no callback after Ns", with nothing saying that the agent took the command nor
+        where it was told to call back. The timeout of every async command now says the
+        agent accepted it and names the callback URL (details and C{callbackUrl});
+        one the agent never answered says so instead.
+        """
+        for cmd in (p.HostFactCmd(), p.HostCapacityCmd(),
+                    p.StartVmCmd(vm_instance_uuid="v", cpu_num=1, memory_size=1)):
+            d = self.client.call(base(0), cmd, timeout=10)
+            self.http.posts[-1].answer(200)
+            self.clock.advance(10)
+            err = self.failureResultOf(d, OperationError).value.error
+            self.assertEqual(err.code, SYS.TIMEOUT)
+            self.assertIn("accepted the command but its callback never reached", err.details)
+            self.assertIn(CALLBACK_URL, err.details)
+            self.assertIn("http.public_url", err.details)
+            self.assertEqual(err.opaque["callbackUrl"], CALLBACK_URL)
+            self.assertIs(err.opaque["accepted"], True)
+        d = self.client.call(base(0), p.HostCapacityCmd(), timeout=5)
+        self.clock.advance(5)
+        err = self.failureResultOf(d, OperationError).value.error
+        self.assertIn("did not answer the POST", err.details)
+        self.assertNotIn("accepted the command", err.details)
+        self.assertEqual(err.opaque["callbackUrl"], CALLBACK_URL)
+        self.assertIs(err.opaque["accepted"], False)
+
     def test_timeout_cancels_unanswered_accept(self) -> None:
         """
         A timeout while the accept POST is unanswered cancels that POST too.

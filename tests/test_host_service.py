@@ -47,6 +47,9 @@ class DownHTTP:
     def post(self, *args: Any, **kwargs: Any) -> Deferred:
         return fail(ConnectionRefusedError())
 
+    def flush(self) -> None:
+        pass
+
 
 class HungHTTP:
     """
@@ -231,6 +234,30 @@ class AddConnectTests(HostServiceTestCase):
         client._http = real
         self.pump(1)
         self.assertTrue(self.successResultOf(d).success)
+
+    def test_add_with_unreachable_callback_url(self) -> None:
+        """
+        Fault (issue 8, host add item 3): with a wrong C{http.public_url} agents call back to
+        a URL where nothing listens; the agent accepts the connect's first asynchronous
+        command (C{/host/fact}) but its callback never arrives, and the add failed after
+        the command timeout with "no callback after Ns" only. The error now says that the
+        agent accepted the command but its callback never reached this node, and names the
+        callback URL the node gave (so the operator checks C{http.public_url}).
+        """
+        self.pair.to_endpoint.stub = DownHTTP()
+        d = self.add(4)
+        self.pump(self.config.command_timeout)
+        reply = self.successResultOf(d)
+        self.assertEqual(reply.error.code, HOST.ADD_ERROR)
+        self.assertTrue(reply.error.has_code(HOST.CONNECT_ERROR))
+        timeout = reply.error.root_cause()
+        self.assertEqual(timeout.code, SYS.TIMEOUT)
+        self.assertIn("accepted the command but its callback never reached", timeout.details)
+        self.assertIn(self.pair.client.callback_url, timeout.details)
+        self.assertEqual(timeout.opaque["callbackUrl"], self.pair.client.callback_url)
+        self.assertIn("http.public_url", str(reply.error))
+        self.assertIsNone(self.row("host", "h4"))
+        self.flushLoggedErrors()
 
     def test_duplicate_add(self) -> None:
         """

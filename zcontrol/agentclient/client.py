@@ -111,13 +111,15 @@ class _Pending:
     """
 
     __slots__ = ("result", "url", "secret", "rsp_type", "timer", "accept", "raise_on_failure",
-                 "base", "sent", "expiry")
+                 "base", "sent", "expiry", "accepted")
 
     def __init__(self, result: Deferred, url: str, secret: str, rsp_type: type,
                  raise_on_failure: bool, base: str = "") -> None:
         self.result = result
         self.base = base
         self.sent = False
+        #: The agent answered the command's POST with 2xx (it took the command).
+        self.accepted = False
         self.expiry = 0.0
         self.url = url
         self.secret = secret
@@ -654,6 +656,9 @@ class AgentClient:
 
     def _accepted(self, response: Any, taskuuid: str) -> Any:
         if 200 <= response.code < 300:
+            entry = self._pending.get(taskuuid)
+            if entry is not None:
+                entry.accepted = True
             return None
         entry = self._pending.pop(taskuuid, None)
         if entry is None:
@@ -694,16 +699,26 @@ class AgentClient:
             return
         self.stats["timeouts"] += 1
         accept, entry.accept = entry.accept, None
+        # An accepted command whose callback went missing: usually agents cannot reach
+        # callback_url (a wrong http.public_url or a firewall).
+        accepted = entry.accepted
         if accept is not None:
             accept.cancel()  # a no-op once it has its result
         if not entry.sent:
             entry.result.errback(self._not_sent(entry.url, seconds, taskUuid=taskuuid))
             return
+        if accepted:
+            why = (f"the agent accepted the command but its callback never reached this "
+                   f"node at {self.callback_url} (check http.public_url, the URL agents "
+                   "call back to, and the firewall between the agent and this node)")
+        else:
+            why = f"the agent did not answer the POST (callback URL {self.callback_url})"
         entry.result.errback(OperationError.of(
             SYS.TIMEOUT,
             f"[Async Http Timeout] url: {entry.url}, taskuuid: {taskuuid}, "
-            f"no callback after {seconds:g}s",
-            url=entry.url, taskUuid=taskuuid))
+            f"no callback after {seconds:g}s: {why}",
+            url=entry.url, taskUuid=taskuuid, callbackUrl=self.callback_url,
+            accepted=accepted))
 
     def _cancelled(self, taskuuid: str, result: Deferred) -> None:
         entry = self._pending.pop(taskuuid, None)
