@@ -12,6 +12,7 @@ import attrs
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -258,6 +259,39 @@ class AddConnectTests(HostServiceTestCase):
         self.assertIn("http.public_url", str(reply.error))
         self.assertIsNone(self.row("host", "h4"))
         self.flushLoggedErrors()
+
+    def test_agent_down_echo_attempts_logged(self) -> None:
+        """
+        Fault (issue 8, host add item 2): adding a host whose agent is down echoed it every
+        C{echo_interval} until C{connect_timeout} and logged nothing per attempt, and the
+        final error said neither how many attempts were made nor why they failed. Failed
+        echoes are now logged at info, rate-limited (the first, then every 10th), and the
+        error's details give the attempts and the last reason.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.pair.client._http = DownHTTP()
+        config = attrs.evolve(self.config, connect_timeout=25)
+        self.service.config = config
+        d = self.add(5)
+        for _ in range(30):
+            self.pump(1)
+        reply = self.successResultOf(d)
+        self.assertEqual(reply.error.code, HOST.ADD_ERROR)
+        [echo] = [e for e in reply.error.chain() if e.opaque.get("attempts")]
+        self.assertEqual(echo.code, SYS.TIMEOUT)
+        self.assertEqual(echo.opaque["attempts"], 25)
+        self.assertIn("25 attempt(s)", echo.details)
+        self.assertIn("ConnectionRefusedError", echo.opaque["lastError"])
+        self.assertIn("last error", echo.details)
+        self.assertIn("ConnectionRefusedError", echo.details)
+        logged = [e for e in events if "echo attempt" in e.get("log_format", "")]
+        self.assertEqual([e["n"] for e in logged], [1, 10, 20])
+        self.assertTrue(all(e["log_level"] == LogLevel.info for e in logged))
+        self.assertIn("ConnectionRefusedError", formatEvent(logged[0]))
+        self.assertIn(base(5), formatEvent(logged[0]))
+        self.assertIsNone(self.row("host", "h5"))
 
     def test_duplicate_add(self) -> None:
         """
