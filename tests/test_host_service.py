@@ -37,6 +37,7 @@ from zcontrol.services.host import (
     PingHostMsg,
     VmStateChangedOnHostEvent,
     agent_base_url,
+    canonical_agent_url,
 )
 
 
@@ -317,11 +318,140 @@ class AddConnectTests(HostServiceTestCase):
         self.pump()
         reply = self.successResultOf(d)
         self.assertFalse(reply.success)
-        self.assertEqual(reply.error.code, HOST.ADD_ERROR)
+        self.assertEqual(reply.error.code, HOST.DUPLICATE_MANAGEMENT_IP)
         self.assertIsNone(self.row("host", "h2"))
         self.assertEqual(self.pair.client.secret_for(base(1)), secret)
         self.assertEqual(self.row("host", "h1")["status"], "Connected")
         self.assertEqual(self.statuses(), [("h1", "Connecting", "Connected")])
+
+    def add_at(self, uuid: str, management_ip: str) -> Any:
+        d = self.bus.send(AddHostMsg(service_id=SERVICE_ID, name=f"n-{uuid}", zone_uuid="z",
+                                     cluster_uuid="c", uuid=uuid,
+                                     management_ip=management_ip))
+        self.pump()
+        return self.successResultOf(d)
+
+    def assert_taken(self, reply: Any, value: str, existing: str, agent_url: str) -> None:
+        self.assertFalse(reply.success)
+        err = reply.error
+        self.assertEqual(err.code, HOST.DUPLICATE_MANAGEMENT_IP)
+        self.assertEqual(err.opaque["field"], "managementIp")
+        self.assertEqual(err.opaque["value"], value)
+        self.assertEqual(err.opaque["existingHostUuid"], existing)
+        self.assertEqual(err.opaque["agentUrl"], agent_url)
+        self.assertIn("managementIp", err.details)
+        self.assertIn(value, err.details)
+        self.assertIn(existing, err.details)
+        self.assertNotIn("DB.", str(err))
+        self.assertNotIn("UNIQUE", str(err))
+
+    def test_taken_management_ip_is_a_host_error(self) -> None:
+        """
+        Fault (issue 8, host add item 1): a second host at a taken management address
+        failed with the store's raw text (C{DB.1000 ... UNIQUE constraint failed:
+        hosts.management_ip}). It is now found before inserting and refused with C{HOST.1004}
+        whose details name the field C{managementIp}, the value and the existing host.
+        """
+        self.assertTrue(self.successResultOf(self.add(1)).success)
+        reply = self.add_at("h2", base(1))
+        self.assert_taken(reply, base(1), "h1", base(1))
+        self.assertIsNone(self.row("host", "h2"))
+
+    def test_spellings_of_one_agent_are_one_host(self) -> None:
+        """
+        Fault (issue 8, host add item 1): C{http://127.0.0.1:7070}, C{.../hosts/0} and
+        C{127.0.0.1} (port 7070 by default) name the same agent host but were accepted as
+        three hosts (each a new callback secret, the previous host's taken over). Addresses
+        are compared as one canonical agent base URL; the stored C{managementIp} stays what
+        the user gave.
+        """
+        self.assertTrue(self.add_at("h0", "http://agent.example:7070").success)
+        secret = self.pair.client.secret_for("http://agent.example:7070")
+        for i, spelling in enumerate([
+            "agent.example", "AGENT.example", "http://agent.example:7070/",
+            "HTTP://Agent.Example:7070/hosts/0", "http://agent.example:7070/hosts/0/",
+        ]):
+            reply = self.add_at(f"t{i}", spelling)
+            self.assert_taken(reply, spelling, "h0", "http://agent.example:7070")
+            self.assertIsNone(self.row("host", f"t{i}"))
+        self.assertEqual(self.row("host", "h0")["managementIp"], "http://agent.example:7070")
+        self.assertEqual(self.pair.client.secret_for("http://agent.example:7070"), secret)
+        # Another simulated host of the same agent is another host.
+        self.assertTrue(self.add_at("h3", base(3)).success)
+        self.assert_taken(self.add_at("t9", base(3) + "/"), base(3) + "/", "h3", base(3))
+
+    def test_concurrent_add_of_the_same_address(self) -> None:
+        """
+        Fault (issue 8, host add item 1): when a concurrent add of the same address wins
+        the store's unique key between the check and the insert, the loser must still get
+        C{HOST.1004} naming the winner, not the store's C{DB.1000} text.
+        """
+        real = self.store.add_host
+
+        def racing(values: dict[str, Any]) -> Deferred:
+            self.store.add_host = real  # type: ignore[method-assign]
+            winner = {"uuid": "winner", "name": "winner", "zoneUuid": "z",
+                      "clusterUuid": "c", "hypervisorType": "KVM",
+                      "managementIp": values["managementIp"], "status": "Connected"}
+            return real(winner).addCallback(lambda _: real(values))
+
+        self.store.add_host = racing  # type: ignore[method-assign]
+        reply = self.add_at("h2", base(2))
+        self.assert_taken(reply, base(2), "winner", base(2))
+        self.assertIsNone(self.row("host", "h2"))
+        self.assertIsNone(self.pair.client.secret_for(base(2)))
+
+    def test_concurrent_add_of_another_spelling(self) -> None:
+        """
+        Fault (issue 8, host add item 1): two concurrent adds of one agent under different
+        spellings both pass the check before inserting and the unique key (on the text)
+        does not stop them. The check after inserting makes the later one roll back with
+        C{HOST.1004}; the other host stays.
+        """
+        real = self.store.add_host
+
+        def racing(values: dict[str, Any]) -> Deferred:
+            self.store.add_host = real  # type: ignore[method-assign]
+            winner = {"uuid": "winner", "name": "winner", "zoneUuid": "z",
+                      "clusterUuid": "c", "hypervisorType": "KVM",
+                      "managementIp": "agent.example", "status": "Connected"}
+            return real(winner).addCallback(lambda _: real(values))
+
+        self.store.add_host = racing  # type: ignore[method-assign]
+        reply = self.add_at("h0", "http://agent.example:7070/hosts/0")
+        self.assert_taken(reply, "http://agent.example:7070/hosts/0", "winner",
+                          "http://agent.example:7070")
+        self.assertIsNone(self.row("host", "h0"))
+        self.assertIsNotNone(self.row("host", "winner"))
+        self.assertEqual(self.statuses(), [])
+
+    def test_malformed_management_ip(self) -> None:
+        """
+        A management address that is no host name, IP or agent URL is refused with
+        C{SYS.1007} naming the field, before anything is stored or sent.
+        """
+        for bad in ["", " 10.0.0.5", "ftp://10.0.0.5", "http://10.0.0.5:70x0",
+                    "http://:7070", "http://10.0.0.5:7070?x=1"]:
+            reply = self.add_at("hb", bad)
+            self.assertEqual(reply.error.code, SYS.INVALID_ARGUMENT_ERROR, bad)
+            self.assertEqual(reply.error.opaque["field"], "managementIp")
+            self.assertIsNone(self.row("host", "hb"))
+
+    def test_canonical_agent_url(self) -> None:
+        """
+        Every spelling of one agent base URL has one canonical form.
+        """
+        for spelling in ["127.0.0.1", "http://127.0.0.1:7070", "http://127.0.0.1:7070/",
+                         "HTTP://127.0.0.1:7070/hosts/0", "http://127.0.0.1:7070/hosts/0/"]:
+            self.assertEqual(canonical_agent_url(spelling, 7070), "http://127.0.0.1:7070")
+        self.assertEqual(canonical_agent_url("http://Node-A:7070/hosts/17/", 7070),
+                         "http://node-a:7070/hosts/17")
+        self.assertEqual(canonical_agent_url("http://10.0.0.5", 7070), "http://10.0.0.5:80")
+        self.assertEqual(canonical_agent_url("https://10.0.0.5/", 7070),
+                         "https://10.0.0.5:443")
+        self.assertEqual(canonical_agent_url("http://[0:0::1]:7070", 7070),
+                         "http://[::1]:7070")
+        self.assertEqual(canonical_agent_url("10.0.0.5", 9000), "http://10.0.0.5:9000")
 
     def test_add_host_to_unknown_cluster(self) -> None:
         """

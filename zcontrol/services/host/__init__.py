@@ -15,7 +15,12 @@ from zcontrol.services.host.messages import (
     PingHostReply,
     VmStateChangedOnHostEvent,
 )
-from zcontrol.services.host.service import HostConfig, HostService, agent_base_url
+from zcontrol.services.host.service import (
+    HostConfig,
+    HostService,
+    agent_base_url,
+    canonical_agent_url,
+)
 
 __all__ = [
     "HOST",
@@ -31,4 +36,5 @@ __all__ = [
     "PingHostReply",
     "VmStateChangedOnHostEvent",
     "agent_base_url",
+    "canonical_agent_url",
 ]

@@ -44,12 +44,17 @@ class HOST:
             1001: "Unable to connect the host",
             1002: "The host is not connected",
             1003: "No such host",
+            1004: "A host with the same management IP already exists",
         },
     )
     ADD_ERROR = _codes[1000]
     CONNECT_ERROR = _codes[1001]
     NOT_CONNECTED = _codes[1002]
     NOT_FOUND = _codes[1003]
+    #: ZStack's "there has been a host having managementIp": here two addresses are the
+    #: same when they name the same agent base URL (see
+    #: L{zcontrol.services.host.service.canonical_agent_url}).
+    DUPLICATE_MANAGEMENT_IP = _codes[1004]
 
 
 @registry.register
@@ -67,7 +72,10 @@ class HostReply(Reply):
 class AddHostMsg(NeedReplyMessage):
     """
     Add a KVM host and connect it; if it cannot be connected it is removed again (as ZStack
-    does) and the reply fails with C{HOST.1000}.
+    does) and the reply fails with C{HOST.1000}. A C{management_ip} naming the agent of an
+    existing host (in any spelling: C{10.0.0.5}, C{http://10.0.0.5:7070/}) fails with
+    C{HOST.1004} (details: C{field}, C{value}, C{existingHostUuid}, C{agentUrl}); a
+    malformed one with C{SYS.1007}. The host keeps C{managementIp} as given.
     """
 
     reply_type: ClassVar[type[Reply]] = HostReply

@@ -37,6 +37,16 @@ Connect, ping and VM sync inherit the deadline of the message that caused them. 
 service starts on its own (a reconnect after failed pings, a VM sync after a ping) is new
 work: it runs with its own timeouts, not the deadline of the ping that triggered it.
 
+Note [one host per agent]: two hosts may not share an agent, however its address is spelt:
+C{managementIp} is stored as the user gave it (as ZStack does, so the inventory shows what was
+typed), and the uniqueness check compares L{canonical_agent_url} forms (C{127.0.0.1},
+C{http://127.0.0.1:7070/} and C{http://127.0.0.1:7070/hosts/0} are one agent host). The add
+checks before inserting (C{HOST.1004} naming the existing host), maps the store's unique-key
+error on the same text (a concurrent add that won the race) to C{HOST.1004} too, and checks
+again after inserting, so that two concurrent adds of different spellings of one agent (on
+this node or two) never both succeed: the one that committed last sees the other and rolls
+back (in a tight race both may, and both callers get C{HOST.1004}).
+
 Note [lost work]: a ping (or the ping that precedes every connect) answered with no host uuid
 means the agent restarted and forgot the connect, and with it the commands it had accepted:
 they are failed at once (C{AGENT.1001}) rather than left to their timeouts.
@@ -44,8 +54,10 @@ they are failed at once (C{AGENT.1001}) rather than left to their timeouts.
 
 from __future__ import annotations
 
+import ipaddress
 import uuid as uuidlib
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall, deferLater
@@ -62,6 +74,7 @@ from zcontrol.core.chain import ChainTaskQueue
 from zcontrol.core.deadline import current_deadline, deadline_scope
 from zcontrol.core.errors import SYS, OperationError, error_code, from_failure
 from zcontrol.core.flow import FlowChain, flow
+from zcontrol.db.interfaces import DB
 from zcontrol.db.query import Condition, Query
 from zcontrol.services.host.interfaces import IHostService
 from zcontrol.services.host.messages import (
@@ -76,7 +89,7 @@ from zcontrol.services.host.messages import (
     VmStateChangedOnHostEvent,
 )
 
-__all__ = ["HostConfig", "HostService"]
+__all__ = ["HostConfig", "HostService", "agent_base_url", "canonical_agent_url"]
 
 log = Logger()
 
@@ -95,6 +108,78 @@ def agent_base_url(management_ip: str, agent_port: int) -> str:
     if "://" in management_ip:
         return management_ip.rstrip("/")
     return f"http://{management_ip}:{agent_port}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def canonical_agent_url(management_ip: str, agent_port: int) -> str:
+    """
+    The one spelling of the agent base URL that C{management_ip} names, so that two
+    spellings of one agent compare equal: the scheme and host name lower-cased, an IP
+    address in its compressed form, the port explicit (a bare IP or name means
+    C{agent_port}; a URL without a port the scheme's), no trailing C{/}, and the path
+    C{/hosts/0} dropped (an agent serves its host 0 without the prefix too, see
+    L{agent.protocol}). C{127.0.0.1}, C{http://127.0.0.1:7070/} and
+    C{http://127.0.0.1:7070/hosts/0} all give C{http://127.0.0.1:7070}.
+
+    @raise OperationError: C{SYS.1007} (C{field} C{managementIp}) when C{management_ip} is
+        not a host name, IP address or C{http(s)} URL with a host.
+    """
+    def bad(why: str) -> OperationError:
+        return OperationError.of(
+            SYS.INVALID_ARGUMENT_ERROR, f"managementIp {management_ip!r} {why}",
+            field="managementIp", value=management_ip)
+
+    if not isinstance(management_ip, str) or not management_ip.strip():
+        raise bad("is empty")
+    if management_ip != management_ip.strip() or any(c.isspace() for c in management_ip):
+        raise bad("contains white space")
+    parts = urlsplit(agent_base_url(management_ip, agent_port))
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise bad("is not an http or https URL, an IP address or a host name")
+    try:
+        port = parts.port
+    except ValueError:
+        raise bad("has an invalid port") from None
+    host = parts.hostname
+    if not host or parts.query or parts.fragment or parts.username or parts.password:
+        raise bad("must be an IP address, a host name or an agent base URL "
+                  "(scheme://host[:port][/hosts/<id>])")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        host = f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+    if port is None:
+        port = _DEFAULT_PORTS[scheme]
+    path = parts.path.rstrip("/")
+    if path == p.HOSTS_PREFIX + "0":
+        path = ""
+    return f"{scheme}://{host}:{port}{path}"
+
+
+def _like_pattern(canonical: str) -> str:
+    """
+    A C{~=} (LIKE) pattern matched by every spelling of C{canonical} (and more: callers
+    compare canonical forms after): the host with each letter a one-character wildcard (host
+    names are case-insensitive; the stores' LIKE is not), an IPv6 address only by its
+    bracket.
+    """
+    host = urlsplit(canonical).netloc.rsplit(":", 1)[0]
+    if host.startswith("["):
+        return "%[%"
+    out = []
+    for c in host:
+        if c.isalpha():
+            out.append("_")
+        elif c in "%_\\":
+            out.append("\\" + c)
+        else:
+            out.append(c)
+    return "%" + "".join(out) + "%"
 
 
 @implementer(IHostService)
@@ -308,19 +393,33 @@ class HostService:
 
         @return: a Deferred firing with the host row, Connected; fails with C{HOST.1000}
             whose cause is the failing flow's error (e.g. C{HOST.1001} from the connect).
-            Rollback errors, if any, are in the cause's C{opaque["rollback_errors"]}.
+            Rollback errors, if any, are in the cause's C{opaque["rollback_errors"]}. A
+            management address taken by another host (see Note [one host per agent]) fails
+            with C{HOST.1004} itself (C{opaque}: C{field} C{managementIp}, C{value},
+            C{existingHostUuid}, C{agentUrl}), a malformed one with C{SYS.1007}.
         """
         host_uuid = msg.uuid or uuidlib.uuid4().hex
         base = agent_base_url(msg.management_ip, self.config.agent_port)
 
         async def insert(ctx: dict[str, Any]) -> None:
-            await self._store.add_host({
-                "uuid": host_uuid, "name": msg.name, "description": msg.description,
-                "zoneUuid": msg.zone_uuid, "clusterUuid": msg.cluster_uuid,
-                "managementIp": msg.management_ip, "hypervisorType": msg.hypervisor_type,
-                "status": CONNECTING,
-            })
+            # Note [one host per agent]: the check before the insert is what a user
+            # normally meets; the store's unique key on the text catches a concurrent add of
+            # the same text, and the check after the insert one of another spelling.
+            canonical = canonical_agent_url(msg.management_ip, self.config.agent_port)
+            await self._refuse_taken(msg.management_ip, canonical, host_uuid)
+            try:
+                await self._store.add_host({
+                    "uuid": host_uuid, "name": msg.name, "description": msg.description,
+                    "zoneUuid": msg.zone_uuid, "clusterUuid": msg.cluster_uuid,
+                    "managementIp": msg.management_ip, "hypervisorType": msg.hypervisor_type,
+                    "status": CONNECTING,
+                })
+            except OperationError as e:
+                if e.error.code == DB.DUPLICATE:
+                    await self._refuse_taken(msg.management_ip, canonical, host_uuid)
+                raise
             ctx["inserted"] = True
+            await self._refuse_taken(msg.management_ip, canonical, host_uuid)
 
         async def uninsert(ctx: dict[str, Any]) -> None:
             if ctx.get("inserted"):
@@ -352,10 +451,49 @@ class HostService:
             cause = err.cause if err.cause is not None and err.location else err
             if err.opaque.get("rollback_errors"):
                 cause = err
+            elif cause.code in (HOST.DUPLICATE_MANAGEMENT_IP, SYS.INVALID_ARGUMENT_ERROR):
+                raise OperationError(cause)  # the caller's argument: its own code
             raise OperationError(error_code(HOST.ADD_ERROR, f"cannot add host {msg.name}",
                                             cause, hostUuid=host_uuid))
 
         return chain.run({}).addCallbacks(lambda ctx: ctx["row"], failed)
+
+    async def _hosts_at(self, canonical: str) -> list[dict[str, Any]]:
+        """
+        The hosts whose C{managementIp} names the agent base URL C{canonical}.
+        """
+        found: list[dict[str, Any]] = []
+        start = 0
+        like = Condition("managementIp", "~=", _like_pattern(canonical))
+        while True:
+            page = await self._store.query("host", Query(
+                conditions=[like], fields=["uuid", "name", "managementIp"], sort="uuid",
+                limit=self.config.page_size, start=start))
+            for row in page.inventories:
+                try:
+                    if canonical_agent_url(row["managementIp"],
+                                           self.config.agent_port) == canonical:
+                        found.append(row)
+                except OperationError:
+                    pass  # a row stored before addresses were checked: not this agent
+            if len(page.inventories) < self.config.page_size:
+                return found
+            start += self.config.page_size
+
+    async def _refuse_taken(self, management_ip: str, canonical: str, host_uuid: str) -> None:
+        """
+        Raise C{HOST.1004} if a host other than C{host_uuid} is at the agent C{canonical}.
+        """
+        others = [r for r in await self._hosts_at(canonical) if r["uuid"] != host_uuid]
+        if not others:
+            return
+        other = others[0]
+        raise OperationError.of(
+            HOST.DUPLICATE_MANAGEMENT_IP,
+            f"managementIp {management_ip!r} names the agent {canonical} of host "
+            f"{other['uuid']} ({other['name']!r}, managementIp {other['managementIp']!r})",
+            field="managementIp", value=management_ip, existingHostUuid=other["uuid"],
+            agentUrl=canonical)
 
     def connect(self, host_uuid: str) -> Deferred[dict[str, Any]]:
         """
