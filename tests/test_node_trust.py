@@ -11,6 +11,7 @@ import stat
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
 
 from agent import protocol as p
@@ -32,8 +33,8 @@ from zcontrol.agentclient.client import DEFAULT_MAX_IN_FLIGHT_PER_HOST
 from zcontrol.agentclient.errors import AGENT
 from zcontrol.config import AgentsConfig, ConfigError, load_config
 from zcontrol.node import make_node
+from zcontrol.services.host import HOST, AddHostMsg
 from zcontrol.services.host import SERVICE_ID as HOST_SERVICE
-from zcontrol.services.host import AddHostMsg
 
 
 class NodeTrustTests(TestCase):
@@ -106,6 +107,99 @@ class NodeTrustTests(TestCase):
             error = error.cause
         self.assertIn(AGENT.TOKEN_REFUSED, codes)
         self.assertIsNone(row)
+
+
+class NodeAddHostFaultTests(TestCase):
+    """
+    Issue 8, host add items 1 and 3, through a whole node (embedded store) and a real TLS
+    agent: the errors a new user meets name what to fix.
+    """
+
+    setUp = NodeTrustTests.setUp
+
+    def agent(self, token: str, attempts: int = 15) -> str:
+        """
+        A TLS agent (2 hosts) requiring C{token}, whose callbacks are tried C{attempts}
+        times; its host 1's base URL. The cleanup waits until it has given up its callbacks.
+        """
+        pool = make_pool(reactor, 10)
+        self.addCleanup(pool.closeCachedConnections)
+        http = make_http_client(reactor, pool, trust_root=trust_root_from_pem(self.cert))
+        agent, _ = make_agent(http, reactor, host_count=2, policy=CallbackPolicy(
+            time_slice=None, timeout=10.0, max_attempts=attempts))
+        agent.bootstrap_token = token
+        port = reactor.listenSSL(0, QuietSite(agent.app.resource()),
+                                 server_tls_options(self.cert, self.key), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(lambda: agent.drain().addTimeout(10, reactor))
+        return p.host_base_url(f"https://127.0.0.1:{port.getHost().port}", 1)
+
+    async def node(self, **sections: Any) -> Any:
+        tree: dict[str, Any] = {
+            "node": {"id": "mn-hostadd", "data_dir": os.path.abspath(self.mktemp())},
+            "http": {"port": 0, "tls_cert": self.cert, "tls_key": self.key},
+            "agents": {"bootstrap_token_file": self.token_file, "tls_ca": self.cert}}
+        for name, values in sections.items():
+            tree.setdefault(name, {}).update(values)
+        node = make_node(load_config(None, tree), reactor)
+        self.addCleanup(lambda: node.running and node.stopService())
+        await node.startService()
+        await node.store.insert("zone", {"uuid": "z", "name": "zone"})
+        await node.store.insert("cluster", {"uuid": "c", "name": "cluster", "zoneUuid": "z",
+                                            "hypervisorType": "KVM"})
+        return node
+
+    def add(self, node: Any, uuid: str, management_ip: str) -> Any:
+        return node.bus.send(AddHostMsg(
+            service_id=HOST_SERVICE, name=uuid, zone_uuid="z", cluster_uuid="c", uuid=uuid,
+            management_ip=management_ip))
+
+    async def test_wrong_public_url_names_the_callback_url(self) -> None:
+        """
+        Fault (issue 8, host add item 3): with a wrong C{http.public_url} (nothing listens
+        there) the agent accepts the connect's asynchronous commands but its callbacks never
+        arrive, and add-host failed after the timeout saying only "no callback". The error
+        now says the agent accepted the command but its callback never reached the node,
+        and names the callback URL the node gave.
+        """
+        closed = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        public = f"https://127.0.0.1:{closed.getHost().port}"
+        await closed.stopListening()
+        node = await self.node(http={"public_url": public},
+                               host={"command_timeout": 2.0, "connect_timeout": 10.0})
+        reply = await self.add(node, "h1", self.agent("operator-token", attempts=1))
+        self.assertFalse(reply.success)
+        text = str(reply.error)
+        self.assertIn("accepted the command but its callback never reached", text)
+        self.assertIn(public, text)
+        self.assertIn(node.agents.callback_url, text)
+        self.assertIn("http.public_url", text)
+        self.assertIsNone(await node.store.get("host", "h1"))
+        await node.stopService().addTimeout(10, reactor)
+
+    async def test_second_spelling_of_a_host_is_refused(self) -> None:
+        """
+        Fault (issue 8, host add item 1): a second add of a connected agent host, spelt
+        differently (a trailing slash), was accepted as another host; the same text gave the
+        store's raw C{DB.1000 UNIQUE constraint} text. Both are now C{HOST.1004} naming
+        C{managementIp}, the value and the existing host, and the first host stays
+        Connected.
+        """
+        node = await self.node()
+        base = self.agent("operator-token")
+        reply = await self.add(node, "h1", base)
+        self.assertTrue(reply.success, reply.error)
+        for uuid, spelling in (("h2", base), ("h3", base + "/")):
+            reply = await self.add(node, uuid, spelling)
+            self.assertFalse(reply.success)
+            self.assertEqual(reply.error.code, HOST.DUPLICATE_MANAGEMENT_IP)
+            self.assertEqual(reply.error.opaque["field"], "managementIp")
+            self.assertEqual(reply.error.opaque["value"], spelling)
+            self.assertEqual(reply.error.opaque["existingHostUuid"], "h1")
+            self.assertNotIn("UNIQUE", str(reply.error))
+            self.assertIsNone(await node.store.get("host", uuid))
+        self.assertEqual((await node.store.get("host", "h1"))["status"], "Connected")
+        await node.stopService().addTimeout(10, reactor)
 
 
 class DefaultTokenTests(TestCase):
