@@ -94,6 +94,23 @@ class LoopbackTestCase(TestCase):
     def base(self, i: int) -> str:
         return p.host_base_url(self.agent_url, i)
 
+    def when_accepted(self) -> defer.Deferred[str]:
+        """
+        A Deferred firing with the task uuid of the next command the agent accepts (fired
+        from the agent's accept path, so no polling), failing after 5 s.
+        """
+        accepted: defer.Deferred[str] = defer.Deferred()
+        accept = self.agent._accepted
+
+        def accepting(definition, handler, host, taskuuid, *rest):
+            accept(definition, handler, host, taskuuid, *rest)
+            if not accepted.called:
+                self.agent._accepted = accept
+                accepted.callback(taskuuid)
+
+        self.agent._accepted = accepting
+        return accepted.addTimeout(5, reactor)
+
     async def post_callback(self, headers: dict, body: bytes) -> int:
         response = await self.plain.post(self.client.callback_url, data=body, headers=headers)
         await treq.content(response)
@@ -191,10 +208,9 @@ class SlowAgentTests(LoopbackTestCase):
 
         async def go() -> None:
             await self.client.connect(self.base(2), "h2")
+            accepted = self.when_accepted()
             d = self.client.call(self.base(2), p.HostCapacityCmd())
-            while not self.agent.tasks._seen:
-                await deferLater(0.01)
-            [taskuuid] = list(self.agent.tasks._seen)
+            taskuuid = await accepted
             forged = p.HostCapacityRsp(cpu_num=999).to_json()
             self.assertEqual(await self.post_callback({"taskuuid": taskuuid}, forged), 403)
             bad = {"taskuuid": taskuuid, p.SIGNATURE_HEADER: p.sign("guess", taskuuid, forged)}
@@ -214,10 +230,10 @@ class SlowAgentTests(LoopbackTestCase):
 
         async def go() -> None:
             await self.client.connect(self.base(6), "h6")
+            accepted = self.when_accepted()
             d = self.client.call(self.base(6), p.HostCapacityCmd(), timeout=1.5)
             # Crash as soon as the agent has accepted (the work takes 0.3 s).
-            while self.agent.stats["accepted"] < 1:
-                await deferLater(0.01)
+            await accepted
             self.assertEqual(self.agent.stats["accepted"], 1)
             self.agent.crash_host("6")
             try:

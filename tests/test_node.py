@@ -511,21 +511,13 @@ class NodeShutdownTests(LoopbackTestCase):
             management_ip=self.base(2)))
         self.assertTrue(reply.success, reply.error)
         self.agent._faults = Faults(never_callback_rate=1.0)  # the agent goes silent
-        accepted: Deferred[None] = Deferred()
-        accept = self.agent._accepted
-
-        def accepting(*args):
-            accept(*args)
-            if not accepted.called:
-                accepted.callback(None)
-
-        self.agent._accepted = accepting
+        accepted = self.when_accepted()
         host = [s for s in node if s.name == "host"][0]
         command = host.service.call("h1", p.StartVmCmd(vm_instance_uuid="v", cpu_num=1,
                                                        memory_size=1), timeout=300)
         failures = []
         command.addErrback(failures.append)
-        await accepted.addTimeout(5, reactor)  # the client marked it sent before posting
+        await accepted  # the client marked it sent before posting
         self.assertEqual(len(node.agents), 1)
         started = reactor.seconds()
         await node.stopService()
