@@ -1,0 +1,258 @@
+# -*- test-case-name: tests.test_db_contract -*-
+"""
+Hosts and primary storage: capacity reservations by holder, host status, and the
+capacity audit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from twisted.internet.defer import Deferred
+
+from zcontrol.core.errors import OperationError
+from zcontrol.db.components.base import (
+    Db,
+    Holder,
+    StoreComponent,
+    _amount,
+    _cols,
+    _not_found,
+    _release_thd,
+    _reserve_thd,
+    _row,
+    _uuid,
+)
+from zcontrol.db.interfaces import DB
+from zcontrol.db.query import (
+    check_int,
+    resource,
+)
+
+_HOST = resource("host")
+_PS = resource("primaryStorage")
+
+def reserve_host_capacity_thd(db: Db, host_uuid: str, cpu: int, memory: int, holder: Any,
+                              now: float) -> dict:
+    """
+    C{holder} takes cpu and memory from a host, once (Note [holders]).
+    """
+    host_uuid = _uuid("host_uuid", host_uuid)
+    cpu, memory = _amount("cpu", cpu), _amount("memory", memory)
+    holder = Holder.of(holder)
+
+    def short() -> OperationError:
+        r = db.one(
+            "SELECT available_cpu_capacity, available_memory_capacity FROM hosts WHERE uuid = ?",
+            (host_uuid,),
+        )
+        if r is None:
+            return _not_found(_HOST, host_uuid)
+        return OperationError.of(
+            DB.HOST_CAPACITY,
+            f"host {host_uuid} has {r[0]} CPU and {r[1]} memory available;"
+            f" {cpu} CPU and {memory} memory were asked",
+            host_uuid=host_uuid,
+            availableCpu=int(r[0]),
+            availableMemory=int(r[1]),
+            cpu=cpu,
+            memory=memory,
+        )
+
+    return _reserve_thd(
+        db, table="host_capacity_holders", key="host_uuid", res=_HOST,
+        resource_uuid=host_uuid, holder=holder, amounts={"cpu": cpu, "memory": memory},
+        update_sql="UPDATE hosts SET available_cpu_capacity = available_cpu_capacity - ?,"
+        " available_memory_capacity = available_memory_capacity - ?, last_op_date = ?"
+        " WHERE uuid = ? AND available_cpu_capacity >= ? AND available_memory_capacity >= ?"
+        f" RETURNING {_cols(_HOST)}",
+        update_params=(cpu, memory, now, host_uuid, cpu, memory), short=short, now=now)
+
+
+def release_host_capacity_thd(db: Db, host_uuid: str, holder: Any, now: float) -> dict:
+    """
+    Give back what C{holder} holds on a host (nothing held: no-op).
+    """
+    host_uuid = _uuid("host_uuid", host_uuid)
+    return _release_thd(
+        db, table="host_capacity_holders", key="host_uuid", res=_HOST,
+        resource_uuid=host_uuid, holder=Holder.of(holder),
+        figures=(("available_cpu_capacity", "cpu"), ("available_memory_capacity", "memory")),
+        now=now)
+
+
+def set_host_capacity_thd(
+    db: Db, host_uuid: str, total_cpu: int, total_memory: int, cpu_num: int | None, now: float
+) -> dict:
+    """
+    New totals keeping what is reserved, in one UPDATE (the CHECK constraints refuse totals
+    below the reservations).
+    """
+    host_uuid = _uuid("host_uuid", host_uuid)
+    total_cpu, total_memory = _amount("total_cpu", total_cpu), _amount("total_memory", total_memory)
+    extra, params = "", [total_cpu, total_cpu, total_memory, total_memory, now]
+    if cpu_num is not None:
+        extra = ", cpu_num = ?"
+        params.append(check_int("cpu_num", _amount("cpu_num", cpu_num), 0, 2**31 - 1))
+    rows = db.all(
+        "UPDATE hosts SET"
+        " available_cpu_capacity = ? - (total_cpu_capacity - available_cpu_capacity),"
+        " total_cpu_capacity = ?,"
+        " available_memory_capacity = ? - (total_memory_capacity - available_memory_capacity),"
+        f" total_memory_capacity = ?, last_op_date = ?{extra}"
+        f" WHERE uuid = ? RETURNING {_cols(_HOST)}",
+        params + [host_uuid],
+    )
+    if not rows:
+        raise _not_found(_HOST, host_uuid)
+    return _row(_HOST, rows[0])
+
+
+def reserve_primary_storage_thd(db: Db, ps_uuid: str, size: int, holder: Any,
+                                now: float) -> dict:
+    """
+    C{holder} takes bytes from a primary storage, once (Note [holders]).
+    """
+    ps_uuid = _uuid("primary_storage_uuid", ps_uuid)
+    size = _amount("size", size)
+
+    def short() -> OperationError:
+        r = db.one("SELECT available_capacity FROM primary_storages WHERE uuid = ?", (ps_uuid,))
+        if r is None:
+            return _not_found(_PS, ps_uuid)
+        return OperationError.of(
+            DB.STORAGE_CAPACITY,
+            f"primary storage {ps_uuid} has {r[0]} bytes available; {size} were asked",
+            primary_storage_uuid=ps_uuid,
+            availableCapacity=int(r[0]),
+            size=size,
+        )
+
+    return _reserve_thd(
+        db, table="primary_storage_capacity_holders", key="primary_storage_uuid", res=_PS,
+        resource_uuid=ps_uuid, holder=Holder.of(holder), amounts={"size": size},
+        update_sql="UPDATE primary_storages SET available_capacity = available_capacity - ?,"
+        " last_op_date = ? WHERE uuid = ? AND available_capacity >= ?"
+        f" RETURNING {_cols(_PS)}",
+        update_params=(size, now, ps_uuid, size), short=short, now=now)
+
+
+def release_primary_storage_thd(db: Db, ps_uuid: str, holder: Any, now: float) -> dict:
+    """
+    Give back what C{holder} holds on a primary storage (nothing held: no-op).
+    """
+    ps_uuid = _uuid("primary_storage_uuid", ps_uuid)
+    return _release_thd(
+        db, table="primary_storage_capacity_holders", key="primary_storage_uuid", res=_PS,
+        resource_uuid=ps_uuid, holder=Holder.of(holder),
+        figures=(("available_capacity", "size"),), now=now)
+
+
+_AUDITS = (
+    # (resource, table, holders table, key, [(API field, total column, available column,
+    #  held column)])
+    ("host", "hosts", "host_capacity_holders", "host_uuid",
+     (("availableCpuCapacity", "total_cpu_capacity", "available_cpu_capacity", "cpu"),
+      ("availableMemoryCapacity", "total_memory_capacity", "available_memory_capacity",
+       "memory"))),
+    ("primaryStorage", "primary_storages", "primary_storage_capacity_holders",
+     "primary_storage_uuid",
+     (("availableCapacity", "total_capacity", "available_capacity", "size"),)),
+)
+
+
+def audit_capacity_thd(db: Db, repair: bool, now: float) -> list[dict]:
+    """
+    Recompute every host's and primary storage's available capacity from its holders
+    (C{total - sum(held)}) and report where the recorded figure drifted; with C{repair},
+    set the recomputed figure, each row in a transaction that holds the row's lock (so a
+    concurrent reservation is either counted or waits).
+    """
+    drift: list[dict] = []
+    for res_name, table, holders, key, figures in _AUDITS:
+        select = ", ".join(
+            f"r.{total}, r.{avail}, COALESCE((SELECT SUM(h.{held}) FROM {holders} h"
+            f" WHERE h.{key} = r.uuid), 0)" for _, total, avail, held in figures)
+        check = f"SELECT r.uuid, {select} FROM {table} r"
+        for row in db.all(check + " ORDER BY r.uuid"):
+            found = _drift(res_name, row, figures)
+            if not found:
+                continue
+            if repair:
+                with db.transaction():
+                    # A no-op update takes the row lock before the holders are summed again.
+                    db.run(f"UPDATE {table} SET last_op_date = last_op_date WHERE uuid = ?",
+                           (row[0],))
+                    fresh = db.one(check + " WHERE r.uuid = ?", (row[0],))
+                    found = [] if fresh is None else _drift(res_name, fresh, figures)
+                    if found:
+                        sets = ", ".join(f"{d['column']} = ?" for d in found)
+                        db.run(f"UPDATE {table} SET {sets}, last_op_date = ? WHERE uuid = ?",
+                               (*(d["computed"] for d in found), now, row[0]))
+                for d in found:
+                    d["repaired"] = True
+            drift.extend(found)
+    for d in drift:
+        d.pop("column")
+    return drift
+
+
+def _drift(res_name: str, row: tuple, figures: tuple) -> list[dict]:
+    out = []
+    for i, (field, _, avail_col, _) in enumerate(figures):
+        total, avail, held = (int(v) for v in row[1 + 3 * i: 4 + 3 * i])
+        if total - held != avail:
+            out.append({"resource": res_name, "uuid": row[0], "field": field,
+                        "column": avail_col, "recorded": avail, "computed": total - held,
+                        "held": held, "repaired": False})
+    return out
+
+
+# The lowest free addresses of one range: its start when free, else the address after each
+# used one whose successor is not used (a gap). LEAD over the (l3_network_uuid, ip_in_long)
+# unique index is one ordered walk that stops at the first gaps: linear at worst, never the
+# quadratic anti-join a planner without statistics may pick for a NOT EXISTS form.
+
+
+class HostsComponent(StoreComponent):
+    """
+    Hosts, primary storage capacity and the capacity audit (see L{IStore}).
+    """
+
+    def add_host(self, values: dict) -> Deferred:
+        if not isinstance(values, Mapping):
+            return self.insert("host", values)
+        values = dict(values)
+        values.setdefault("availableCpuCapacity", values.get("totalCpuCapacity", 0))
+        values.setdefault("availableMemoryCapacity", values.get("totalMemoryCapacity", 0))
+        return self.insert("host", values)
+
+    def update_host_status(self, host_uuid: str, status: str, expected: Any = None) -> Deferred:
+        return self.update("host", host_uuid, {"status": status},
+                           None if expected is None else {"status": expected})
+
+    def set_host_capacity(self, host_uuid: str, total_cpu: int, total_memory: int,
+                          cpu_num: int | None = None) -> Deferred:
+        return self._run(set_host_capacity_thd, host_uuid, total_cpu, total_memory, cpu_num,
+                         self._now())
+
+    def reserve_host_capacity(self, host_uuid: str, cpu: int, memory: int, holder: Any
+                              ) -> Deferred:
+        return self._run(reserve_host_capacity_thd, host_uuid, cpu, memory, holder,
+                         self._now())
+
+    def release_host_capacity(self, host_uuid: str, holder: Any) -> Deferred:
+        return self._run(release_host_capacity_thd, host_uuid, holder, self._now())
+
+    def reserve_primary_storage_capacity(self, primary_storage_uuid: str, size: int,
+                                         holder: Any) -> Deferred:
+        return self._run(reserve_primary_storage_thd, primary_storage_uuid, size, holder,
+                         self._now())
+
+    def release_primary_storage_capacity(self, primary_storage_uuid: str, holder: Any
+                                         ) -> Deferred:
+        return self._run(release_primary_storage_thd, primary_storage_uuid, holder,
+                         self._now())
+
+    def audit_capacity(self, repair: bool = False) -> Deferred:
+        return self._run(audit_capacity_thd, bool(repair), self._now())
