@@ -152,3 +152,23 @@ class _LateStub:
 
     def post(self, *args: Any, **kwargs: Any) -> Deferred:
         return self.stub.post(*args, **kwargs)
+
+
+async def seed_zone_and_cluster(store: Any) -> None:
+    """
+    Insert zone C{z} and KVM cluster C{c}, which a host row needs (their services come with
+    the inventory issue).
+    """
+    await store.insert("zone", {"uuid": "z", "name": "zone"})
+    await store.insert("cluster", {"uuid": "c", "name": "cluster", "zoneUuid": "z",
+                                   "hypervisorType": "KVM"})
+
+
+def add_kvm_host(bus: Any, management_ip: str, uuid: str = "h1") -> Deferred:
+    """
+    Send C{AddHostMsg} for host C{uuid} in zone C{z}, cluster C{c}; fires with the reply.
+    """
+    from zcontrol.services.host import SERVICE_ID, AddHostMsg
+
+    return bus.send(AddHostMsg(service_id=SERVICE_ID, name=uuid, zone_uuid="z",
+                               cluster_uuid="c", uuid=uuid, management_ip=management_ip))

@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from agent import protocol as p
 from agent.app import Faults
+from tests.agent_fakes import add_kvm_host, seed_zone_and_cluster
 from tests.bus_contract import SERVICE, ContractEcho, ContractEchoReply
 from tests.test_agent_loopback import LoopbackTestCase
 from zcontrol import identity
@@ -27,8 +28,6 @@ from zcontrol.core.errors import SYS
 from zcontrol.db.memory import MemoryStore
 from zcontrol.identity import NODE_ID_FILE, resolve_node_id
 from zcontrol.node import HeartbeatService, OrderedMultiService, make_node
-from zcontrol.services.host import SERVICE_ID as HOST_SERVICE
-from zcontrol.services.host import AddHostMsg
 from zcontrol.tap import Options
 
 
@@ -340,12 +339,8 @@ class NodeWithAgentTests(LoopbackTestCase):
         node = make_node(config, reactor)
         self.addCleanup(lambda: node.running and node.stopService())
         await node.startService()
-        await node.store.insert("zone", {"uuid": "z", "name": "zone"})
-        await node.store.insert("cluster", {"uuid": "c", "name": "cluster", "zoneUuid": "z",
-                                            "hypervisorType": "KVM"})
-        reply = await node.bus.send(AddHostMsg(
-            service_id=HOST_SERVICE, name="h", zone_uuid="z", cluster_uuid="c", uuid="h1",
-            management_ip=self.base(1)))
+        await seed_zone_and_cluster(node.store)
+        reply = await add_kvm_host(node.bus, self.base(1))
         self.assertTrue(reply.success, reply.error)
         row = await node.store.get("host", "h1")
         self.assertEqual(row["status"], "Connected")
@@ -503,12 +498,8 @@ class NodeShutdownTests(LoopbackTestCase):
         self.assertEqual(node.agents.accept_timeout, 5)
         self.addCleanup(lambda: node.running and node.stopService())
         await node.startService()
-        await node.store.insert("zone", {"uuid": "z", "name": "zone"})
-        await node.store.insert("cluster", {"uuid": "c", "name": "cluster", "zoneUuid": "z",
-                                            "hypervisorType": "KVM"})
-        reply = await node.bus.send(AddHostMsg(
-            service_id=HOST_SERVICE, name="h", zone_uuid="z", cluster_uuid="c", uuid="h1",
-            management_ip=self.base(2)))
+        await seed_zone_and_cluster(node.store)
+        reply = await add_kvm_host(node.bus, self.base(2))
         self.assertTrue(reply.success, reply.error)
         self.agent._faults = Faults(never_callback_rate=1.0)  # the agent goes silent
         accepted = self.when_accepted()

@@ -26,15 +26,14 @@ from agent.http import (
     server_tls_options,
     trust_root_from_pem,
 )
-from tests.agent_fakes import make_agent
+from tests.agent_fakes import add_kvm_host, make_agent, seed_zone_and_cluster
 from tests.test_agent_tls import make_self_signed
 from zcontrol.agentclient import AgentClient
 from zcontrol.agentclient.client import DEFAULT_MAX_IN_FLIGHT_PER_HOST
 from zcontrol.agentclient.errors import AGENT
 from zcontrol.config import AgentsConfig, ConfigError, load_config
 from zcontrol.node import make_node
-from zcontrol.services.host import HOST, AddHostMsg
-from zcontrol.services.host import SERVICE_ID as HOST_SERVICE
+from zcontrol.services.host import HOST
 
 
 class NodeTrustTests(TestCase):
@@ -69,12 +68,8 @@ class NodeTrustTests(TestCase):
         self.addCleanup(lambda: node.running and node.stopService())
         await node.startService()
         self.assertTrue(node.agents.callback_url.startswith("https://"))
-        await node.store.insert("zone", {"uuid": "z", "name": "zone"})
-        await node.store.insert("cluster", {"uuid": "c", "name": "cluster", "zoneUuid": "z",
-                                            "hypervisorType": "KVM"})
-        reply = await node.bus.send(AddHostMsg(
-            service_id=HOST_SERVICE, name="h", zone_uuid="z", cluster_uuid="c", uuid="h1",
-            management_ip=base))
+        await seed_zone_and_cluster(node.store)
+        reply = await add_kvm_host(node.bus, base)
         row = await node.store.get("host", "h1")
         # Fault: the TLS callback connections were only closed by the channel's 60 s idle
         # timeout (a TLS transport with a producer registered never starts its shutdown).
@@ -144,15 +139,11 @@ class NodeAddHostFaultTests(TestCase):
         node = make_node(load_config(None, tree), reactor)
         self.addCleanup(lambda: node.running and node.stopService())
         await node.startService()
-        await node.store.insert("zone", {"uuid": "z", "name": "zone"})
-        await node.store.insert("cluster", {"uuid": "c", "name": "cluster", "zoneUuid": "z",
-                                            "hypervisorType": "KVM"})
+        await seed_zone_and_cluster(node.store)
         return node
 
     def add(self, node: Any, uuid: str, management_ip: str) -> Any:
-        return node.bus.send(AddHostMsg(
-            service_id=HOST_SERVICE, name=uuid, zone_uuid="z", cluster_uuid="c", uuid=uuid,
-            management_ip=management_ip))
+        return add_kvm_host(node.bus, management_ip, uuid)
 
     async def test_wrong_public_url_names_the_callback_url(self) -> None:
         """
@@ -312,12 +303,8 @@ class DefaultTokenTests(TestCase):
 async def _add_host(case: TestCase, node: Any, base: str) -> Any:
     case.addCleanup(lambda: node.running and node.stopService())
     await node.startService()
-    await node.store.insert("zone", {"uuid": "z", "name": "zone"})
-    await node.store.insert("cluster", {"uuid": "c", "name": "cluster", "zoneUuid": "z",
-                                        "hypervisorType": "KVM"})
-    reply = await node.bus.send(AddHostMsg(
-        service_id=HOST_SERVICE, name="h", zone_uuid="z", cluster_uuid="c", uuid="h1",
-        management_ip=base))
+    await seed_zone_and_cluster(node.store)
+    reply = await add_kvm_host(node.bus, base)
     row = await node.store.get("host", "h1")
     await node.stopService().addTimeout(10, reactor)
     return reply, row
