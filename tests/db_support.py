@@ -17,6 +17,7 @@ import psycopg2
 from twisted.internet import defer, threads
 
 from zcontrol.core.errors import OperationError
+from zcontrol.db.components.base import load_migrations
 
 PG_ADMIN_DSN = os.environ.get("ZCONTROL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -204,3 +205,7 @@ def error_of(failure_or_exc: Any) -> Any:
     exc = getattr(failure_or_exc, "value", failure_or_exc)
     assert isinstance(exc, OperationError), f"not an OperationError: {exc!r}"
     return exc.error
+
+
+#: The schema version the migrations bring a store to (the highest migration).
+LATEST_SCHEMA = max(m.version for m in load_migrations("sqlite"))

@@ -12,7 +12,7 @@ import threading
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.db_support import TOPOLOGY
+from tests.db_support import LATEST_SCHEMA, TOPOLOGY
 from zcontrol.core.errors import SYS, OperationError
 from zcontrol.db import Query, open_store
 from zcontrol.db.memory import MemoryStore
@@ -36,7 +36,7 @@ class MemoryStoreTests(SynchronousTestCase):
         before = threading.active_count()
         clock = Clock()
         store = MemoryStore(clock)
-        self.assertEqual(self.successResultOf(store.start()), 3)
+        self.assertEqual(self.successResultOf(store.start()), LATEST_SCHEMA)
         d = store.insert("zone", TOPOLOGY["zone"])
         clock.advance(0)
         self.assertEqual(self.successResultOf(d)["name"], "zone1")

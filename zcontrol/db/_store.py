@@ -87,6 +87,7 @@ from zcontrol.db.components.hosts import (  # noqa: F401 (re-exported)
     reserve_primary_storage_thd,
     set_host_capacity_thd,
 )
+from zcontrol.db.components.images import ImagesComponent
 from zcontrol.db.components.ips import (  # noqa: F401 (re-exported)
     IP_STRATEGIES,
     IpsComponent,
@@ -95,8 +96,12 @@ from zcontrol.db.components.ips import (  # noqa: F401 (re-exported)
     release_ip_thd,
 )
 from zcontrol.db.components.jobs import JobsComponent, claim_jobs_thd, running_jobs_thd  # noqa: F401
+from zcontrol.db.components.networks import NetworksComponent
 from zcontrol.db.components.nodes import NodesComponent, heartbeat_thd, live_nodes_thd  # noqa: F401
+from zcontrol.db.components.offerings import OfferingsComponent
+from zcontrol.db.components.storage import StorageComponent
 from zcontrol.db.components.vms import VmsComponent, change_vm_state_thd  # noqa: F401
+from zcontrol.db.components.zones import ZonesComponent
 from zcontrol.db.interfaces import IStore
 
 __all__ = ["AdbapiStore", "Db", "Dialect", "Holder", "QueryResult", "load_migrations"]
@@ -170,7 +175,8 @@ class _Pool(adbapi.ConnectionPool):
 
 @implementer(IStore)
 class AdbapiStore(CrudComponent, HostsComponent, IpsComponent, VmsComponent, JobsComponent,
-                  NodesComponent):
+                  NodesComponent, ZonesComponent, OfferingsComponent, StorageComponent,
+                  ImagesComponent, NetworksComponent):
     """
     The store over an L{adbapi.ConnectionPool} of C{pool_size} threads (see L{IStore}).
     """

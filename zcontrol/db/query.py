@@ -300,14 +300,28 @@ _SPECS: dict[str, tuple[str, str]] = {
     "primaryStorage": (
         "primary_storages",
         _COMMON + " zoneUuid url type mountPath state status totalCapacity:i"
-        " availableCapacity:i" + _DATES,
+        " availableCapacity:i totalPhysicalCapacity:i availablePhysicalCapacity:i" + _DATES,
+    ),
+    "localStorageHostRef": (
+        "local_storage_host_refs",
+        "uuid primaryStorageUuid hostUuid totalCapacity:i availableCapacity:i"
+        " totalPhysicalCapacity:i availablePhysicalCapacity:i" + _DATES,
+    ),
+    "primaryStorageHostRef": (
+        "primary_storage_host_refs", "uuid primaryStorageUuid hostUuid status" + _DATES,
+    ),
+    "imageCache": (
+        "image_caches",
+        "uuid primaryStorageUuid hostUuid imageUuid installUrl mediaType size:i md5sum status"
+        + _DATES,
     ),
     "primaryStorageClusterRef": (
         "primary_storage_cluster_refs", "uuid primaryStorageUuid clusterUuid" + _DATES,
     ),
     "backupStorage": (
         "backup_storages",
-        _COMMON + " url type state status totalCapacity:i availableCapacity:i" + _DATES,
+        _COMMON + " url type state status totalCapacity:i availableCapacity:i hostname"
+        " username sshPort:i" + _DATES,
     ),
     "backupStorageZoneRef": (
         "backup_storage_zone_refs", "uuid backupStorageUuid zoneUuid" + _DATES,
@@ -319,12 +333,16 @@ _SPECS: dict[str, tuple[str, str]] = {
     ),
     "imageBackupStorageRef": (
         "image_backup_storage_refs",
-        "uuid imageUuid backupStorageUuid installPath status" + _DATES,
+        "uuid imageUuid backupStorageUuid installPath status size:i lastError" + _DATES,
     ),
     "instanceOffering": (
         "instance_offerings",
-        _COMMON + " cpuNum:i cpuSpeed:i memorySize:i allocatorStrategy type state accountUuid"
-        + _DATES,
+        _COMMON + " cpuNum:i cpuSpeed:i memorySize:i allocatorStrategy sortKey:i type state"
+        " accountUuid" + _DATES,
+    ),
+    "diskOffering": (
+        "disk_offerings",
+        _COMMON + " diskSize:i sortKey:i allocatorStrategy type state accountUuid" + _DATES,
     ),
     "l2Network": (
         "l2_networks", _COMMON + " zoneUuid physicalInterface type vlan:i" + _DATES,
@@ -334,13 +352,20 @@ _SPECS: dict[str, tuple[str, str]] = {
     ),
     "l3Network": (
         "l3_networks",
-        _COMMON + " l2NetworkUuid zoneUuid type category state system:b dnsDomain accountUuid"
-        + _DATES,
+        _COMMON + " l2NetworkUuid zoneUuid type category state system:b dnsDomain ipVersion:i"
+        " accountUuid" + _DATES,
+    ),
+    "l3NetworkDns": (
+        "l3_network_dns", "uuid l3NetworkUuid dns position:i" + _DATES,
+    ),
+    "networkServiceL3NetworkRef": (
+        "network_service_l3_refs",
+        "uuid l3NetworkUuid networkServiceProviderUuid networkServiceType" + _DATES,
     ),
     "ipRange": (
         "ip_ranges",
         _COMMON + " l3NetworkUuid startIp endIp netmask gateway startIpInLong:i endIpInLong:i"
-        + _DATES,
+        " networkCidr prefixLen:i ipVersion:i" + _DATES,
     ),
     "usedIp": (
         "used_ips",
