@@ -796,6 +796,12 @@ _DEFS = [
     CommandDef("/vrouter/setsnat", SetSNATCmd, SetSNATRsp),
     CommandDef("/vrouter/adddhcp", AddDhcpEntryCmd, AddDhcpEntryRsp),
     CommandDef("/vrouter/refreshfirewall", RefreshFirewallCmd, RefreshFirewallRsp),
+    # --- primary storage on KVM hosts (LocalStorage, NFS) ---
+
+    # --- end of primary storage ---
+    # --- Sftp backup storage ---
+
+    # --- end of Sftp backup storage ---
 ]
 
 #: Every command of the contract by path.

@@ -302,7 +302,7 @@ class NodeTests(TestCase):
         self.addCleanup(lambda: node.running and node.stopService())
         await node.startService()
         self.assertEqual([s.name for s in node],
-                         ["store", "heartbeat", "bus", "agents", "http", "host"])
+                         ["store", "heartbeat", "bus", "agents", "http", "host", "inventory"])
         live = await node.store.live_management_nodes(60)
         self.assertIn("mn-test", [n["uuid"] if isinstance(n, dict) else n for n in live])
 

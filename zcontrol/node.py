@@ -32,6 +32,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 
+from zcontrol._defer import async_to_deferred
 from zcontrol.config import Config, ConfigError
 
 __all__ = ["AgentClientService", "ComponentService", "HeartbeatService", "HostComponent",
@@ -394,6 +395,38 @@ class HostComponent(Service):
         return self.service.stop() if self.service is not None else succeed(None)
 
 
+class InventoryServices(Service):
+    """
+    The inventory services of L{zcontrol.services.registry.SERVICE_FACTORIES}, built and
+    started in order after the host service, stopped in reverse order.
+    """
+
+    name = "inventory"
+
+    def __init__(self, node: ManagementNode, host: HostComponent):
+        self._node = node
+        self._host = host
+        self.services: list[Any] = []
+
+    @async_to_deferred
+    async def startService(self) -> None:
+        from twisted.python.reflect import namedAny
+
+        from zcontrol.services.registry import SERVICE_FACTORIES
+
+        Service.startService(self)
+        for dotted in SERVICE_FACTORIES:
+            service = namedAny(dotted)(self._node)
+            await maybeDeferred(service.start)
+            self.services.append(service)
+
+    @async_to_deferred
+    async def stopService(self) -> None:
+        Service.stopService(self)
+        while self.services:
+            await maybeDeferred(self.services.pop().stop)
+
+
 class ManagementNode(OrderedMultiService):
     """
     A management node: the root of the service tree built by L{make_node}.
@@ -467,5 +500,7 @@ def make_node(config: Config, reactor: Any,
     AgentClientService(agents).setServiceParent(node)
     http = HttpService(reactor, config, endpoint, agents)
     http.setServiceParent(node)
-    HostComponent(node, http, endpoint).setServiceParent(node)
+    host = HostComponent(node, http, endpoint)
+    host.setServiceParent(node)
+    InventoryServices(node, host).setServiceParent(node)
     return node

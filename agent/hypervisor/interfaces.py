@@ -264,3 +264,8 @@ class HostBackends:
     hypervisor: object = None
     console: object = None
     vrouter: object = None
+    #: the host's primary storage: its local disk and NFS mounts
+    storage: object = None
+
+    #: a backup storage served by this agent (Sftp)
+    backup_storage: object = None

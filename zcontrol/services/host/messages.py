@@ -21,7 +21,10 @@ __all__ = [
     "SERVICE_ID",
     "AddHostMsg",
     "ConnectHostMsg",
+    "HostDeletedEvent",
     "HostReply",
+    "KVMHostAsyncHttpCallMsg",
+    "KVMHostAsyncHttpCallReply",
     "HostStatusChangedEvent",
     "PingHostMsg",
     "PingHostReply",
@@ -154,3 +157,57 @@ class VmStateChangedOnHostEvent(Event):
     vm_uuid: str
     from_state: str | None
     to_state: str
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class KVMHostAsyncHttpCallReply(Reply):
+    """
+    The agent's response to a L{KVMHostAsyncHttpCallMsg}, as its JSON object (camelCase
+    keys, as L{agent.protocol.Message.to_dict} gives them; decode it with the command's
+    response type's C{from_dict}).
+    """
+
+    response: dict[str, Any] = attrs.field(factory=dict)
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class KVMHostAsyncHttpCallMsg(NeedReplyMessage):
+    """
+    Run an agent command on a Connected host, through the host's chain (ZStack's
+    C{KVMHostAsyncHttpCallMsg}): how a service on any node (primary storage, networks)
+    commands a host its own node may not own. Send it with C{resource_uuid} = C{host_uuid}.
+
+    @ivar path: the command path, a key of L{agent.protocol.COMMANDS} (e.g.
+        C{"/localstorage/init"}).
+    @ivar command: the command body as a JSON object (C{cmd.to_dict()}).
+    @ivar command_timeout: seconds the agent has to answer (default: the host service's
+        C{command_timeout}); the message's deadline caps it.
+
+    Fails with C{HOST.1002} (not Connected), C{HOST.1003} (unknown), C{SYS.1007} (unknown
+    path or a body that is not the path's command), or as the agent client's C{call}
+    (C{AGENT.1000} not sent, C{SYS.1001} timeout, ...). An agent answering C{success=false}
+    is a successful reply whose C{response} says so: the caller decides.
+    """
+
+    reply_type: ClassVar[type[Reply]] = KVMHostAsyncHttpCallReply
+
+    host_uuid: str
+    path: str
+    command: dict[str, Any] = attrs.field(factory=dict)
+    command_timeout: float | None = None
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class HostDeletedEvent(Event):
+    """
+    A host was deleted (its row is gone): services drop what they kept for it.
+    """
+
+    topic: ClassVar[str] = "host.deleted"
+
+    host_uuid: str
+    cluster_uuid: str | None = None
+    zone_uuid: str | None = None

@@ -84,6 +84,8 @@ from zcontrol.services.host.messages import (
     ConnectHostMsg,
     HostReply,
     HostStatusChangedEvent,
+    KVMHostAsyncHttpCallMsg,
+    KVMHostAsyncHttpCallReply,
     PingHostMsg,
     PingHostReply,
     VmStateChangedOnHostEvent,
@@ -296,6 +298,8 @@ class HostService:
             )
         if isinstance(msg, AddHostMsg):
             return self.add_host(msg).addCallback(lambda row: HostReply(inventory=row))
+        if isinstance(msg, KVMHostAsyncHttpCallMsg):
+            return self._async_http_call(msg)
         raise OperationError.of(SYS.UNKNOWN_MESSAGE_ERROR,
                                 f"the host service does not handle {type(msg).__name__}")
 
@@ -381,6 +385,20 @@ class HostService:
         """
         return self._waiter.add(self._queue.run(
             signature, lambda: Deferred.fromCoroutine(coroutine_fn()), **kwargs))
+
+    def _async_http_call(self, msg: KVMHostAsyncHttpCallMsg) -> Deferred[Any]:
+        definition = p.COMMANDS.get(msg.path) if isinstance(msg.path, str) else None
+        if definition is None or definition.sync:
+            raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
+                                    f"{msg.path!r} is not an asynchronous agent command",
+                                    field="path", value=msg.path)
+        try:
+            cmd = definition.cmd_type.from_dict(msg.command)
+        except p.ProtocolError as e:
+            raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
+                                    f"command for {msg.path}: {e}", field="command") from None
+        return self.call(msg.host_uuid, cmd, timeout=msg.command_timeout).addCallback(
+            lambda rsp: KVMHostAsyncHttpCallReply(response=rsp.to_dict()))
 
     # --- add and connect ------------------------------------------------------------------
 

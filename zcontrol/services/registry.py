@@ -1,0 +1,19 @@
+# -*- test-case-name: tests.test_node -*-
+"""
+The inventory services a management node runs (besides the host service, which the node
+wires itself: it serves the agents' reports). Each entry is the dotted name of a factory
+C{make(node) -> Service} (L{zcontrol.services.base.Service}), called once the bus, the store,
+the agent client and HTTP are up; the services start in this order and stop in reverse.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SERVICE_FACTORIES"]
+
+SERVICE_FACTORIES: list[str] = [
+    # zone, cluster, offerings
+    # primary storage
+    # backup storage, image
+    # networks
+    # allocator
+]
