@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = ["SERVICE_FACTORIES"]
 
 SERVICE_FACTORIES: list[str] = [
+    "zcontrol.services.inventory.make",
     # zone, cluster, offerings
     # primary storage
     # backup storage, image
