@@ -107,8 +107,15 @@ class BusConfig:
     #: the largest encoded message body the AMQP bus publishes (bytes); 8 MiB stays below
     #: RabbitMQ's default max_message_size (3.x: 128 MiB, 4.x: 16 MiB)
     max_message_size: int = 8 * 1024 * 1024
+    #: prepended to every AMQP exchange and queue name: clouds (or test runs) sharing one
+    #: broker with different prefixes never see each other's nodes
+    prefix: str = ""
 
     def __attrs_post_init__(self) -> None:
+        if not isinstance(self.prefix, str) or len(self.prefix) > 64 or not all(
+                c.isalnum() or c in "._-" for c in self.prefix):
+            raise ConfigError("bus.prefix must be at most 64 letters, digits, '.', '_' or "
+                              f"'-', not {self.prefix!r}")
         if self.backend not in ("local", "amqp"):
             raise ConfigError(f"bus.backend must be 'local' or 'amqp', not {self.backend!r}")
         if self.message_timeout <= 0:

@@ -243,6 +243,7 @@ def make_bus(config: Config, reactor: Any) -> Any:
             default_timeout=config.bus.message_timeout,
             heartbeat_interval=config.bus.heartbeat_interval,
             max_message_size=config.bus.max_message_size,
+            prefix=config.bus.prefix,
         )
     from zcontrol.bus.local import LocalBus
 
