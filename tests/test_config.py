@@ -127,3 +127,28 @@ class FiniteFloatTests(ConfigFileTestCase):
                         {"host": {"command_timeout": "7.5"}})
         self.assertEqual((c.shutdown.drain_timeout, c.bus.message_timeout,
                           c.host.command_timeout), (3.0, 2.5, 7.5))
+
+
+class BusPrefixTests(ConfigFileTestCase):
+    """
+    C{[bus] prefix}: the AMQP names' prefix.
+    """
+
+    def test_prefix(self) -> None:
+        """
+        A prefix of letters, digits, C{.}, C{_} and C{-} is taken and reaches the AMQP bus's
+        topology; anything else is a ConfigError naming C{bus.prefix}.
+        """
+        from twisted.internet.task import Clock
+
+        from zcontrol.node import make_bus
+
+        config = load_config(self.write('[node]\nid = "mn-p"\n[bus]\nbackend = "amqp"\n'
+                                        'prefix = "cloud-a."\n'))
+        self.assertEqual(config.bus.prefix, "cloud-a.")
+        bus = make_bus(config, Clock())
+        self.assertTrue(bus.topology.p2p.startswith("cloud-a."), bus.topology.p2p)
+        for bad in ("a b", "x/y", "a" * 65, "é"):
+            e = self.assertRaises(ConfigError, load_config,
+                                  self.write(f"[bus]\nprefix = {json.dumps(bad)}\n"))
+            self.assertIn("bus.prefix", str(e))

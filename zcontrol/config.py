@@ -333,7 +333,7 @@ _SECTIONS: dict[str, dict[str, type]] = {
     "node": {"id": str, "data_dir": str},
     "store": {"url": str, "pool_size": int},
     "bus": {"backend": str, "amqp_url": str, "message_timeout": float,
-            "heartbeat_interval": float, "max_message_size": int},
+            "heartbeat_interval": float, "max_message_size": int, "prefix": str},
     "http": {"port": int, "interface": str, "backlog": int, "public_url": str,
              "tls_cert": str, "tls_key": str},
     "agents": {"bootstrap_token": str, "bootstrap_token_file": str, "tls_ca": str,
