@@ -113,8 +113,8 @@ class BusConfig:
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.prefix, str) or len(self.prefix) > 64 or not all(
-                c.isalnum() or c in "._-" for c in self.prefix):
-            raise ConfigError("bus.prefix must be at most 64 letters, digits, '.', '_' or "
+                c.isascii() and (c.isalnum() or c in "._-") for c in self.prefix):
+            raise ConfigError("bus.prefix must be at most 64 ASCII letters, digits, '.', '_' or "
                               f"'-', not {self.prefix!r}")
         if self.backend not in ("local", "amqp"):
             raise ConfigError(f"bus.backend must be 'local' or 'amqp', not {self.backend!r}")
