@@ -13,6 +13,9 @@ __all__ = ["SERVICE_FACTORIES"]
 SERVICE_FACTORIES: list[str] = [
     "zcontrol.services.inventory.make",
     # zone, cluster, offerings
+    "zcontrol.services.zone.make",
+    "zcontrol.services.cluster.make",
+    "zcontrol.services.offering.make",
     # primary storage
     # backup storage, image
     # networks

@@ -149,23 +149,28 @@ def ipv4(value: Any, field: str) -> str:
 
 def netmask(value: Any, field: str = "netmask") -> str:
     """
-    A contiguous IPv4 netmask (C{255.255.255.0}), normalised.
+    A contiguous IPv4 netmask (C{255.255.255.0}), normalised. A host mask
+    (C{0.0.0.255}), which C{ipaddress} would take for a prefix, is refused.
     """
     text = ipv4(value, field)
     try:
-        ipaddress.IPv4Network(f"0.0.0.0/{text}")
+        network = ipaddress.IPv4Network(f"0.0.0.0/{text}")
     except ValueError:
         raise invalid(field, value, "must be a contiguous netmask") from None
-    if text == "0.0.0.0":
+    if text == "0.0.0.0" or str(network.netmask) != text:
         raise invalid(field, value, "must be a contiguous netmask")
     return text
 
 
 def cidr(value: Any, field: str = "networkCidr") -> ipaddress.IPv4Network:
     """
-    An IPv4 network in CIDR form with no host bits set (C{192.168.0.0/24}).
+    An IPv4 network in CIDR form with no host bits set (C{192.168.0.0/24}): a bare
+    address or a netmask suffix (which C{ipaddress} would take) is refused.
     """
     text = _text(field, value, 64)
+    _, slash, prefix = text.partition("/")
+    if not slash or not prefix.isdigit() or not prefix.isascii() or len(prefix) > 2:
+        raise invalid(field, value, "must be an IPv4 CIDR (address/prefix length)")
     try:
         return ipaddress.IPv4Network(text, strict=True)
     except ValueError as e:
@@ -192,6 +197,10 @@ def url(value: Any, field: str = "url", schemes: Iterable[str] = ("http", "https
         raise invalid(field, value, "must be a URL") from None
     if parts.scheme not in allowed:
         raise invalid(field, value, f"must be a URL of scheme {', '.join(allowed)}")
+    try:
+        parts.port  # noqa: B018 (urlsplit checks the port only when it is read)
+    except ValueError:
+        raise invalid(field, value, "must have a valid port") from None
     if parts.scheme == "file" and not parts.path:
         raise invalid(field, value, "must name a path")
     if parts.scheme != "file" and not parts.hostname:

@@ -21,13 +21,18 @@ __all__ = [
     "SERVICE_ID",
     "AddHostMsg",
     "ConnectHostMsg",
+    "ChangeHostStateMsg",
+    "DeleteHostMsg",
     "HostDeletedEvent",
+    "HostStateChangedEvent",
     "HostReply",
     "KVMHostAsyncHttpCallMsg",
     "KVMHostAsyncHttpCallReply",
     "HostStatusChangedEvent",
     "PingHostMsg",
     "PingHostReply",
+    "ReconnectHostMsg",
+    "UpdateHostMsg",
     "VmStateChangedOnHostEvent",
 ]
 
@@ -48,6 +53,8 @@ class HOST:
             1002: "The host is not connected",
             1003: "No such host",
             1004: "A host with the same management IP already exists",
+            1005: "The host has VMs that prevent the operation",
+            1006: "Unable to delete the host",
         },
     )
     ADD_ERROR = _codes[1000]
@@ -58,6 +65,11 @@ class HOST:
     #: same when they name the same agent base URL (see
     #: L{zcontrol.services.host.service.canonical_agent_url}).
     DUPLICATE_MANAGEMENT_IP = _codes[1004]
+    #: Details: C{hostUuid}, C{vmUuids} (at most 20), C{vmCount}, C{operation}.
+    HAS_VMS = _codes[1005]
+    #: Details: C{hostUuid} and, when something in the store still holds the host,
+    #: C{holders} (C{{kind: [uuids]}}); the cause is a primary storage's refusal if any.
+    DELETE_ERROR = _codes[1006]
 
 
 @registry.register
@@ -211,3 +223,88 @@ class HostDeletedEvent(Event):
     host_uuid: str
     cluster_uuid: str | None = None
     zone_uuid: str | None = None
+
+
+#: C{ChangeHostStateMsg.state_event} -> the state it ends in (ZStack's C{HostStateEvent}
+#: C{enable}, C{disable}, C{maintain}; C{preMaintain} is internal).
+HOST_STATE_EVENTS = {"enable": "Enabled", "disable": "Disabled", "maintain": "Maintenance"}
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class ChangeHostStateMsg(NeedReplyMessage):
+    """
+    Change a host's administrative state (ZStack's C{APIChangeHostStateMsg}):
+    C{state_event} C{enable} -> C{Enabled}, C{disable} -> C{Disabled}, C{maintain} ->
+    C{PreMaintenance} -> C{Maintenance}. Send with C{resource_uuid} = C{uuid}.
+
+    Only an C{Enabled} host gets new VMs (the allocator filters on the state). Moving VMs
+    away before maintenance comes with migration (the VM issue): until then C{maintain}
+    passes through C{PreMaintenance} (no new VMs) and reaches C{Maintenance} at once when
+    no VM on the host is active (any state but C{Stopped}, C{Created}, C{Destroyed},
+    C{Error}); otherwise the host returns to its previous state and the reply fails with
+    C{HOST.1005} naming the VMs.
+    """
+
+    reply_type: ClassVar[type[Reply]] = HostReply
+
+    uuid: str
+    state_event: str
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class UpdateHostMsg(NeedReplyMessage):
+    """
+    Change a host's name and/or description (None: unchanged). ZStack's
+    C{APIUpdateHostMsg} can change C{managementIp} too; here a host moves by delete and add.
+    """
+
+    reply_type: ClassVar[type[Reply]] = HostReply
+
+    uuid: str
+    name: str | None = None
+    description: str | None = None
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class ReconnectHostMsg(NeedReplyMessage):
+    """
+    Reconnect a host (ZStack's C{APIReconnectHostMsg}): the same as L{ConnectHostMsg}.
+    """
+
+    reply_type: ClassVar[type[Reply]] = HostReply
+
+    uuid: str
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class DeleteHostMsg(NeedReplyMessage):
+    """
+    Delete a host (ZStack's C{APIDeleteHostMsg}). Refused with C{HOST.1005} while VMs (in
+    any state but C{Destroyed}) are on it. Every primary storage attached to the host's
+    cluster is told first (L{zcontrol.services.primarystorage.messages.
+    RemoveHostFromPrimaryStorageMsg}); one refusing stops the delete with C{HOST.1006}
+    (its error the cause). Then the agent client and the service forget the host, the row
+    goes, and L{HostDeletedEvent} is published.
+    """
+
+    reply_type: ClassVar[type[Reply]] = HostReply
+
+    uuid: str
+
+
+@registry.register
+@attrs.define(kw_only=True)
+class HostStateChangedEvent(Event):
+    """
+    A host's administrative state changed (committed).
+    """
+
+    topic: ClassVar[str] = "host.state"
+
+    host_uuid: str
+    old_state: str
+    new_state: str

@@ -90,6 +90,7 @@ from zcontrol.services.host.messages import (
     PingHostReply,
     VmStateChangedOnHostEvent,
 )
+from zcontrol.services.host.operations import HostOperations
 
 __all__ = ["HostConfig", "HostService", "agent_base_url", "canonical_agent_url"]
 
@@ -185,9 +186,10 @@ def _like_pattern(canonical: str) -> str:
 
 
 @implementer(IHostService)
-class HostService:
+class HostService(HostOperations):
     """
-    The host service on one management node.
+    The host service on one management node (its administrative operations, change state,
+    update, reconnect and delete, are in L{HostOperations}).
     """
 
     def __init__(self, clock: Any, bus: Any, store: Any, agents: Any,
@@ -300,6 +302,9 @@ class HostService:
             return self.add_host(msg).addCallback(lambda row: HostReply(inventory=row))
         if isinstance(msg, KVMHostAsyncHttpCallMsg):
             return self._async_http_call(msg)
+        operation = self.handle_operation(msg)
+        if operation is not None:
+            return operation
         raise OperationError.of(SYS.UNKNOWN_MESSAGE_ERROR,
                                 f"the host service does not handle {type(msg).__name__}")
 

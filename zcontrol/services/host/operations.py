@@ -1,0 +1,274 @@
+# -*- test-case-name: tests.test_host_ops -*-
+"""
+The host service's administrative operations (issue 9): change state, update, reconnect
+and delete, mixed into L{zcontrol.services.host.service.HostService}.
+
+They run in the host's connect chain (C{host-connect-<uuid>}), one at a time with connects
+and pings of the same host, so a delete never interleaves with a reconnect. State changes
+are compare-and-swaps on C{state} (Note [host states]).
+
+Note [host states]: C{Enabled} hosts get new VMs; C{Disabled}, C{PreMaintenance} and
+C{Maintenance} ones do not (the allocator filters on the state). C{maintain} first moves
+the host to C{PreMaintenance} (from then on no new VM lands there), then looks for active
+VMs on it (any state but C{Stopped}, C{Created}, C{Destroyed}, C{Error}): with none, the
+host goes on to C{Maintenance}; with some, it returns to the state it had and the reply is
+C{HOST.1005} naming them. Migrating them away, as ZStack's maintenance does, comes with the
+VM issue. Every committed transition publishes a L{HostStateChangedEvent}.
+
+Note [host delete]: a host with VMs (any state but C{Destroyed}) is refused with
+C{HOST.1005}. Otherwise every primary storage attached to the host's cluster gets a
+L{RemoveHostFromPrimaryStorageMsg} (one after the other; the first refusal stops the
+delete with C{HOST.1006}, its error the cause; the storages told before keep what they
+dropped, as in ZStack). Then the agent client forgets the host (its pending commands fail)
+and so does the service, the row is deleted, and L{HostDeletedEvent} is published. If
+something in the store still refers to the host (a VM or an image cache that appeared
+meanwhile, capacity held on its local storage), the store's foreign-key error C{DB.1001}
+becomes C{HOST.1006} naming what holds it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+
+from zcontrol.bus.publishing import publish_after_commit
+from zcontrol.core.errors import SYS, OperationError, error_code
+from zcontrol.db.interfaces import DB
+from zcontrol.db.query import Condition, Query
+from zcontrol.services import validate
+from zcontrol.services.host.messages import (
+    HOST,
+    HOST_STATE_EVENTS,
+    ChangeHostStateMsg,
+    DeleteHostMsg,
+    HostDeletedEvent,
+    HostReply,
+    HostStateChangedEvent,
+    ReconnectHostMsg,
+    UpdateHostMsg,
+)
+from zcontrol.services.primarystorage.messages import SERVICE_ID as PS_SERVICE_ID
+from zcontrol.services.primarystorage.messages import RemoveHostFromPrimaryStorageMsg
+
+__all__ = ["HostOperations", "INACTIVE_VM_STATES", "PRE_MAINTENANCE", "MAINTENANCE"]
+
+log = Logger()
+
+PRE_MAINTENANCE, MAINTENANCE = "PreMaintenance", "Maintenance"
+#: VM states that do not keep a host from maintenance.
+INACTIVE_VM_STATES = ("Stopped", "Created", "Destroyed", "Error")
+#: At most this many VM uuids are named in an error.
+VMS_SHOWN = 20
+
+
+class HostOperations:
+    """
+    Change state, update, reconnect and delete (mixed into the host service, whose
+    C{_run}, C{_store}, C{_bus}, C{_clock}, C{_agents}, C{_facts}, C{_failures},
+    C{_base} and C{connect} they use).
+    """
+
+    _store: Any
+    _bus: Any
+    _clock: Any
+    _agents: Any
+    _facts: dict[str, Any]
+    _failures: dict[str, int]
+    _run: Any
+    _background: Any
+    _base: Any
+    connect: Any
+
+    def handle_operation(self, msg: Any) -> Deferred | None:
+        """
+        The reply Deferred of an administrative message, or None when C{msg} is not one.
+        """
+        if isinstance(msg, ChangeHostStateMsg):
+            return self.change_state(msg.uuid, msg.state_event).addCallback(
+                lambda row: HostReply(inventory=row))
+        if isinstance(msg, UpdateHostMsg):
+            return self.update_host(msg.uuid, msg.name, msg.description).addCallback(
+                lambda row: HostReply(inventory=row))
+        if isinstance(msg, ReconnectHostMsg):
+            validate.uuid(msg.uuid, "uuid")
+            return self.connect(msg.uuid).addCallback(lambda row: HostReply(inventory=row))
+        if isinstance(msg, DeleteHostMsg):
+            return self.delete_host(msg.uuid).addCallback(lambda _: HostReply(inventory=None))
+        return None
+
+    # --- helpers --------------------------------------------------------------------------
+
+    async def _must_host(self, uuid: str) -> dict[str, Any]:
+        row = await self._store.get("host", uuid)
+        if row is None:
+            raise self._host_not_found(uuid)
+        return row
+
+    @staticmethod
+    def _host_not_found(uuid: str) -> OperationError:
+        return OperationError.of(HOST.NOT_FOUND, f"no host {uuid}", hostUuid=uuid,
+                                 resource="host", uuid=uuid, field="uuid")
+
+    async def _set_state(self, uuid: str, old: str, new: str) -> dict[str, Any]:
+        try:
+            row = await self._store.update("host", uuid, {"state": new}, {"state": old})
+        except OperationError as e:
+            if e.error.code == SYS.RESOURCE_NOT_FOUND:
+                raise self._host_not_found(uuid) from None
+            raise
+        log.info("host {uuid} state {old} -> {new}", uuid=uuid, old=old, new=new)
+        self._background(publish_after_commit(self._bus, HostStateChangedEvent(
+            host_uuid=uuid, old_state=old, new_state=new), self._clock),
+            "publishing a host state change")
+        return row
+
+    async def _vms_on(self, uuid: str, excluded_states: tuple[str, ...]
+                      ) -> tuple[int, list[str]]:
+        page = await self._store.query("vmInstance", Query(
+            conditions=[Condition("hostUuid", "=", uuid),
+                        Condition("state", "!?=", list(excluded_states))],
+            fields=["uuid"], sort="uuid", limit=VMS_SHOWN, reply_with_count=True))
+        return page.total or 0, [r["uuid"] for r in page.inventories]
+
+    @staticmethod
+    def _has_vms(uuid: str, operation: str, count: int, vms: list[str]) -> OperationError:
+        more = ", ..." if count > len(vms) else ""
+        return OperationError.of(
+            HOST.HAS_VMS, f"cannot {operation} host {uuid}: {count} VM(s) on it "
+            f"({', '.join(vms)}{more})", hostUuid=uuid, vmUuids=vms, vmCount=count,
+            operation=operation)
+
+    # --- operations -----------------------------------------------------------------------
+
+    def change_state(self, uuid: Any, state_event: Any) -> Deferred[dict[str, Any]]:
+        """
+        See L{ChangeHostStateMsg} and Note [host states].
+
+        @return: a Deferred firing with the host row; fails with C{SYS.1007} (field
+            C{uuid} or C{stateEvent}), C{HOST.1003}, C{HOST.1005}, or C{SYS.1005} when
+            another node changed the state meanwhile.
+        """
+        try:
+            validate.uuid(uuid, "uuid")
+            target = HOST_STATE_EVENTS[validate.one_of(state_event, "stateEvent",
+                                                       HOST_STATE_EVENTS)]
+        except OperationError as e:
+            return fail(e)
+
+        async def change() -> dict[str, Any]:
+            row = await self._must_host(uuid)
+            old = row["state"]
+            if old == target:
+                return row
+            if target != MAINTENANCE:
+                return await self._set_state(uuid, old, target)
+            if old != PRE_MAINTENANCE:
+                row = await self._set_state(uuid, old, PRE_MAINTENANCE)
+            count, vms = await self._vms_on(uuid, INACTIVE_VM_STATES)
+            if count:
+                back = old if old != PRE_MAINTENANCE else "Enabled"
+                await self._set_state(uuid, PRE_MAINTENANCE, back)
+                raise self._has_vms(uuid, "maintain", count, vms)
+            return await self._set_state(uuid, PRE_MAINTENANCE, MAINTENANCE)
+
+        return self._run(f"host-connect-{uuid}", change)
+
+    def update_host(self, uuid: Any, name: Any = None, description: Any = None
+                    ) -> Deferred[dict[str, Any]]:
+        """
+        See L{UpdateHostMsg}.
+
+        @return: a Deferred firing with the host row; fails with C{SYS.1007} naming the
+            field, or C{HOST.1003}.
+        """
+        changes: dict[str, Any] = {}
+        try:
+            validate.uuid(uuid, "uuid")
+            if name is not None:
+                changes["name"] = validate.name(name)
+            if description is not None:
+                changes["description"] = validate.optional_text(description, "description")
+        except OperationError as e:
+            return fail(e)
+
+        async def update() -> dict[str, Any]:
+            row = await self._must_host(uuid)
+            if not changes:
+                return row
+            try:
+                return await self._store.update("host", uuid, changes)
+            except OperationError as e:
+                if e.error.code == SYS.RESOURCE_NOT_FOUND:
+                    raise self._host_not_found(uuid) from None
+                raise
+
+        return self._run(f"host-connect-{uuid}", update)
+
+    def delete_host(self, uuid: Any) -> Deferred[None]:
+        """
+        See L{DeleteHostMsg} and Note [host delete].
+
+        @return: a Deferred firing with None once the host is gone; fails with
+            C{SYS.1007}, C{HOST.1003}, C{HOST.1005} (VMs on it) or C{HOST.1006}.
+        """
+        try:
+            validate.uuid(uuid, "uuid")
+        except OperationError as e:
+            return fail(e)
+
+        async def delete() -> None:
+            row = await self._must_host(uuid)
+            count, vms = await self._vms_on(uuid, ("Destroyed",))
+            if count:
+                raise self._has_vms(uuid, "delete", count, vms)
+            page = await self._store.query("primaryStorageClusterRef", Query(
+                conditions=[Condition("clusterUuid", "=", row["clusterUuid"])],
+                fields=["primaryStorageUuid"], sort="primaryStorageUuid", limit=10_000))
+            for ref in page.inventories:
+                ps_uuid = ref["primaryStorageUuid"]
+                try:
+                    await self._send(RemoveHostFromPrimaryStorageMsg(
+                        service_id=PS_SERVICE_ID, resource_uuid=ps_uuid,
+                        primary_storage_uuid=ps_uuid, host_uuid=uuid))
+                except OperationError as e:
+                    raise OperationError(error_code(
+                        HOST.DELETE_ERROR, f"cannot delete host {uuid}: primary storage "
+                        f"{ps_uuid} refused to remove it", e.error, hostUuid=uuid,
+                        primaryStorageUuid=ps_uuid)) from None
+            self._agents.forget(self._base(row), f"host {uuid} was deleted")
+            self._facts.pop(uuid, None)
+            self._failures.pop(uuid, None)
+            try:
+                await self._store.delete("host", uuid)
+            except OperationError as e:
+                if e.error.code != DB.REFERENCE:
+                    raise
+                holders = await self._holders(uuid)
+                named = "; ".join(f"{k}: {', '.join(v)}" for k, v in holders.items())
+                raise OperationError(error_code(
+                    HOST.DELETE_ERROR, f"cannot delete host {uuid}: still referenced"
+                    + (f" by {named}" if named else " (capacity held on its local storage)"),
+                    e.error, hostUuid=uuid, holders=holders)) from None
+            self._background(publish_after_commit(self._bus, HostDeletedEvent(
+                host_uuid=uuid, cluster_uuid=row["clusterUuid"], zone_uuid=row["zoneUuid"]),
+                self._clock), "publishing a host deletion")
+
+        return self._run(f"host-connect-{uuid}", delete)
+
+    async def _send(self, msg: Any) -> Any:
+        reply = await self._bus.send(msg, 300.0)
+        if not reply.success:
+            raise OperationError(reply.error)
+        return reply
+
+    async def _holders(self, uuid: str) -> dict[str, list[str]]:
+        holders: dict[str, list[str]] = {}
+        for resource in ("vmInstance", "imageCache"):
+            page = await self._store.query(resource, Query(
+                conditions=[Condition("hostUuid", "=", uuid)], fields=["uuid"], sort="uuid",
+                limit=VMS_SHOWN))
+            if page.inventories:
+                holders[resource] = [r["uuid"] for r in page.inventories]
+        return holders
