@@ -210,7 +210,7 @@ class CreateL2Tests(NetworkTestCase):
         self.pump()
         replies = [self.successResultOf(d) for d in ds]
         self.assertEqual(sorted(r.success for r in replies), [False, True])
-        winner = next(m.uuid for m, r in zip(msgs, replies) if r.success)
+        winner = next(m.uuid for m, r in zip(msgs, replies, strict=True) if r.success)
         loser = next(r for r in replies if not r.success)
         self.assertEqual(loser.error.code, L2.DUPLICATE_VLAN)
         self.assertEqual(loser.error.opaque["existingL2NetworkUuid"], winner)
