@@ -214,6 +214,8 @@ class CreateL2Tests(NetworkTestCase):
         loser = next(r for r in replies if not r.success)
         self.assertEqual(loser.error.code, L2.DUPLICATE_VLAN)
         self.assertEqual(loser.error.opaque["existingL2NetworkUuid"], winner)
+        # Both checks ran before either insert: the unique index refused the loser.
+        self.assertEqual(loser.error.cause.code, "DB.1000")
 
     def test_update(self) -> None:
         """

@@ -327,6 +327,9 @@ class DnsAndServicesTests(L3TestCase):
                      SYS.INVALID_ARGUMENT_ERROR, "dns")
         self.refused(AddDnsToL3NetworkMsg(l3_network_uuid="nope", dns="1.1.1.1"),
                      L3.NOT_FOUND, "l3NetworkUuid")
+        page = self.send(inv.QueryInventoryMsg(service_id=inv.SERVICE_ID, resource="l3Network",
+                                               fields=["dns"]))
+        self.assertEqual(page.inventories, [{"dns": ["8.8.8.8", "1.1.1.1", "9.9.9.9"]}])
         l3 = self.ok(RemoveDnsFromL3NetworkMsg(l3_network_uuid="l3a", dns="1.1.1.1")).inventory
         self.assertEqual(l3["dns"], ["8.8.8.8", "9.9.9.9"])
         self.ok(RemoveDnsFromL3NetworkMsg(l3_network_uuid="l3a", dns="1.1.1.1"))
