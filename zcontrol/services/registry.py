@@ -19,5 +19,7 @@ SERVICE_FACTORIES: list[str] = [
     # primary storage
     # backup storage, image
     # networks
+    "zcontrol.services.network.l2.make",
+    "zcontrol.services.network.l3.make",
     # allocator
 ]
