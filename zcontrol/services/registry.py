@@ -15,6 +15,8 @@ SERVICE_FACTORIES: list[str] = [
     # zone, cluster, offerings
     # primary storage
     # backup storage, image
+    "zcontrol.services.backupstorage.service.make",
+    "zcontrol.services.image.service.make",
     # networks
     # allocator
 ]
