@@ -32,12 +32,12 @@ from twisted.logger import Logger
 from zcontrol.core.errors import SYS, OperationError, error_code, from_failure
 from zcontrol.db.query import Condition, Query
 from zcontrol.services import validate
-from zcontrol.services.backupstorage.messages import BS
-from zcontrol.services.backupstorage.messages import SERVICE_ID as BS_SERVICE
 from zcontrol.services.backupstorage.messages import (
+    BS,
     DeleteBitsOnBackupStorageMsg,
     DownloadImageMsg,
 )
+from zcontrol.services.backupstorage.messages import SERVICE_ID as BS_SERVICE
 from zcontrol.services.base import Service, handles
 from zcontrol.services.image.messages import (
     FORMATS,
