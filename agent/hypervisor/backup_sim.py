@@ -21,7 +21,6 @@ to an install path already holding bits replaces them.
 from __future__ import annotations
 
 import hashlib
-
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
