@@ -748,6 +748,86 @@ class RefreshFirewallRsp(Response):
     """Answer to L{RefreshFirewallCmd}."""
 
 
+# --- Sftp backup storage (messages) -----------------------------------------------------------
+# ZStack's SftpBackupStorageCommands (zstack-utility sftpbackupstorage agent): every response
+# carries the storage's totalCapacity and availableCapacity (bytes).
+
+
+@message
+class SftpBackupStorageRsp(Response):
+    """
+    Base of the Sftp backup storage responses: the storage's capacity (bytes) after the
+    command, sent on failures too (ZStack's C{AgentResponse.totalCapacity/availableCapacity}).
+    """
+
+    total_capacity: int | None = None
+    available_capacity: int | None = None
+
+
+@message
+class SftpConnectCmd(Message):
+    """
+    C{/sftpbackupstorage/connect}: take the storage at C{storage_path} into use (after the
+    framework's C{/host/connect} agreed the callback secret), answering its capacity.
+    """
+
+    uuid: str
+    storage_path: str
+
+
+@message
+class SftpConnectRsp(SftpBackupStorageRsp):
+    """Answer to L{SftpConnectCmd}."""
+
+
+@message
+class SftpDownloadCmd(Message):
+    """
+    C{/sftpbackupstorage/download}: download the image at C{url} to C{install_path} on the
+    storage. C{url_scheme} is the URL's scheme (ZStack sends it apart); C{timeout} seconds.
+    """
+
+    image_uuid: str
+    install_path: str
+    url: str
+    url_scheme: str | None = None
+    format: str | None = None
+    timeout: int | None = None
+
+
+@message
+class SftpDownloadRsp(SftpBackupStorageRsp):
+    """
+    Answer to L{SftpDownloadCmd}: the image's virtual C{size} and C{actual_size} on disk
+    (bytes), its C{md5_sum} and C{format}.
+    """
+
+    image_uuid: str | None = None
+    install_path: str | None = None
+    md5_sum: str | None = None
+    size: int | None = None
+    actual_size: int | None = None
+    format: str | None = None
+
+
+@message
+class SftpDeleteCmd(Message):
+    """
+    C{/sftpbackupstorage/delete}: delete the bits at C{install_url} (idempotent: deleting
+    what is not there succeeds).
+    """
+
+    install_url: str
+
+
+@message
+class SftpDeleteRsp(SftpBackupStorageRsp):
+    """Answer to L{SftpDeleteCmd}."""
+
+
+# --- end of Sftp backup storage (messages) ----------------------------------------------------
+
+
 # --- the command table -----------------------------------------------------------------------
 
 
@@ -800,7 +880,9 @@ _DEFS = [
 
     # --- end of primary storage ---
     # --- Sftp backup storage ---
-
+    CommandDef("/sftpbackupstorage/connect", SftpConnectCmd, SftpConnectRsp),
+    CommandDef("/sftpbackupstorage/download", SftpDownloadCmd, SftpDownloadRsp),
+    CommandDef("/sftpbackupstorage/delete", SftpDeleteCmd, SftpDeleteRsp),
     # --- end of Sftp backup storage ---
 ]
 

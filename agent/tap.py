@@ -38,6 +38,8 @@ PLUGINS: dict[str, tuple[str, str]] = {
     "kvm": ("agent.kvm.KvmPlugin", "KVM host: /host/capacity, /host/fact, /vm/*"),
     "console": ("agent.console.ConsolePlugin", "console proxy: /console/*"),
     "vrouter": ("agent.vrouter.VRouterPlugin", "virtual router: /vrouter/*"),
+    "sftpbackupstorage": ("agent.sftpbackupstorage.SftpBackupStoragePlugin",
+                          "simulated Sftp backup storage: /sftpbackupstorage/*"),
 }
 
 

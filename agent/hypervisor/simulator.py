@@ -121,6 +121,8 @@ class SimulatorConfig:
     cpu_num: int = 32
     cpu_speed: int = 2600
     memory: int = 128 * GiB
+    #: bytes of each simulated Sftp backup storage (L{agent.hypervisor.backup_sim})
+    backup_storage_capacity: int = 10 * 1024**4
 
     def latency_for(self, op: str) -> float:
         """
@@ -416,6 +418,13 @@ class SimulatedVirtualRouter(_Simulated):
         return self._op("/vrouter/refreshfirewall", do)
 
 
+def _backup_storage(key: str, config: SimulatorConfig) -> Any:
+    # imported here: agent.hypervisor.backup_sim builds on this module
+    from agent.hypervisor.backup_sim import SimulatedBackupStorage
+
+    return SimulatedBackupStorage(key, config)
+
+
 class SimulatedCluster:
     """
     The simulated hosts of one agent process, created on first use. Its L{backends} method is
@@ -436,6 +445,7 @@ class SimulatedCluster:
                 hypervisor=SimulatedHypervisor(key, self.config, self),
                 console=SimulatedConsoleProxy(self.config),
                 vrouter=SimulatedVirtualRouter(self.config),
+                backup_storage=_backup_storage(key, self.config),
             )
         return backends
 

@@ -18,6 +18,8 @@ SERVICE_FACTORIES: list[str] = [
     "zcontrol.services.offering.make",
     # primary storage
     # backup storage, image
+    "zcontrol.services.backupstorage.service.make",
+    "zcontrol.services.image.service.make",
     # networks
     "zcontrol.services.network.l2.make",
     "zcontrol.services.network.l3.make",
