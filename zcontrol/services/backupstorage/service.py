@@ -176,30 +176,27 @@ class BackupStorageService(Service):
 
     async def _taken(self, canonical: str, uuid: str) -> None:
         """
-        C{BS.1004} when a backup storage other than C{uuid} is at the agent C{canonical}.
+        C{BS.1004} when a backup storage other than C{uuid}, or a host, is at the agent
+        C{canonical} (L{zcontrol.services.agenturls}: one agent address, one resource).
         """
-        start = 0
-        while True:
-            page = await self.store.query("backupStorage", Query(
-                fields=["uuid", "name", "hostname"], sort="uuid",
-                limit=self.config.page_size, start=start))
-            for row in page.inventories:
-                if row["uuid"] == uuid or not row.get("hostname"):
-                    continue
-                try:
-                    other = canonical_agent_url(row["hostname"], self.config.agent_port)
-                except OperationError:
-                    continue
-                if other == canonical:
-                    raise OperationError.of(
-                        BS.DUPLICATE_HOSTNAME,
-                        f"hostname {row['hostname']!r} of backup storage {row['uuid']} "
-                        f"({row['name']!r}) names the same agent {canonical}",
-                        field="hostname", existingBackupStorageUuid=row["uuid"],
-                        agentUrl=canonical)
-            if len(page.inventories) < self.config.page_size:
-                return
-            start += self.config.page_size
+        from zcontrol.services.agenturls import resources_at
+
+        for kind, row in await resources_at(self.store, canonical, self.config.page_size,
+                                            {"backupStorage": self.config.agent_port}):
+            if kind == "backupStorage" and row["uuid"] != uuid:
+                raise OperationError.of(
+                    BS.DUPLICATE_HOSTNAME,
+                    f"hostname {row['hostname']!r} of backup storage {row['uuid']} "
+                    f"({row['name']!r}) names the same agent {canonical}",
+                    field="hostname", existingBackupStorageUuid=row["uuid"],
+                    agentUrl=canonical)
+            if kind == "host":
+                raise OperationError.of(
+                    BS.DUPLICATE_HOSTNAME,
+                    f"hostname names the agent {canonical} of host {row['uuid']} "
+                    f"({row['name']!r}, managementIp {row['managementIp']!r}); one agent "
+                    "address serves one host or backup storage",
+                    field="hostname", existingHostUuid=row["uuid"], agentUrl=canonical)
 
     # --- add and connect ------------------------------------------------------------------
 

@@ -481,42 +481,33 @@ class HostService(HostOperations):
 
         return chain.run({}).addCallbacks(lambda ctx: ctx["row"], failed)
 
-    async def _hosts_at(self, canonical: str) -> list[dict[str, Any]]:
-        """
-        The hosts whose C{managementIp} names the agent base URL C{canonical}.
-        """
-        found: list[dict[str, Any]] = []
-        start = 0
-        like = Condition("managementIp", "~=", _like_pattern(canonical))
-        while True:
-            page = await self._store.query("host", Query(
-                conditions=[like], fields=["uuid", "name", "managementIp"], sort="uuid",
-                limit=self.config.page_size, start=start))
-            for row in page.inventories:
-                try:
-                    if canonical_agent_url(row["managementIp"],
-                                           self.config.agent_port) == canonical:
-                        found.append(row)
-                except OperationError:
-                    pass  # a row stored before addresses were checked: not this agent
-            if len(page.inventories) < self.config.page_size:
-                return found
-            start += self.config.page_size
-
     async def _refuse_taken(self, management_ip: str, canonical: str, host_uuid: str) -> None:
         """
-        Raise C{HOST.1004} if a host other than C{host_uuid} is at the agent C{canonical}.
+        Raise C{HOST.1004} if a host other than C{host_uuid}, or a backup storage, is at the
+        agent C{canonical} (L{zcontrol.services.agenturls}).
         """
-        others = [r for r in await self._hosts_at(canonical) if r["uuid"] != host_uuid]
+        from zcontrol.services.agenturls import resources_at
+
+        others = [(kind, r) for kind, r in await resources_at(
+            self._store, canonical, self.config.page_size, {"host": self.config.agent_port})
+            if not (kind == "host" and r["uuid"] == host_uuid)]
         if not others:
             return
-        other = others[0]
+        kind, other = others[0]
+        if kind == "host":
+            raise OperationError.of(
+                HOST.DUPLICATE_MANAGEMENT_IP,
+                f"managementIp {management_ip!r} names the agent {canonical} of host "
+                f"{other['uuid']} ({other['name']!r}, managementIp {other['managementIp']!r})",
+                field="managementIp", value=management_ip, existingHostUuid=other["uuid"],
+                agentUrl=canonical)
         raise OperationError.of(
             HOST.DUPLICATE_MANAGEMENT_IP,
-            f"managementIp {management_ip!r} names the agent {canonical} of host "
-            f"{other['uuid']} ({other['name']!r}, managementIp {other['managementIp']!r})",
-            field="managementIp", value=management_ip, existingHostUuid=other["uuid"],
-            agentUrl=canonical)
+            f"managementIp {management_ip!r} names the agent {canonical} of backup storage "
+            f"{other['uuid']} ({other['name']!r}, hostname {other['hostname']!r}); one agent "
+            "address serves one host or backup storage",
+            field="managementIp", value=management_ip,
+            existingBackupStorageUuid=other["uuid"], agentUrl=canonical)
 
     def connect(self, host_uuid: str) -> Deferred[dict[str, Any]]:
         """
