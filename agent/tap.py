@@ -38,6 +38,8 @@ PLUGINS: dict[str, tuple[str, str]] = {
     "kvm": ("agent.kvm.KvmPlugin", "KVM host: /host/capacity, /host/fact, /vm/*"),
     "console": ("agent.console.ConsolePlugin", "console proxy: /console/*"),
     "vrouter": ("agent.vrouter.VRouterPlugin", "virtual router: /vrouter/*"),
+    "storage": ("agent.storage.StoragePlugin",
+                "primary storage on the host: /localstorage/*, /nfsprimarystorage/*"),
 }
 
 
@@ -85,7 +87,7 @@ class Options(usage.Options):
         ["backlog", None, DEFAULT_BACKLOG, "listen() backlog (Twisted's default of 50 "
          "overflows under callback load).", _positive],
         ["hosts", "n", 1, "Number of simulated hosts served by this process.", _positive],
-        ["plugins", None, "kvm,console,vrouter",
+        ["plugins", None, "kvm,console,vrouter,storage",
          "Comma-separated plugins: " + ", ".join(PLUGINS) + "."],
         ["error-rate", None, 0.0, "Probability that a simulated operation fails.", _rate],
         ["never-callback-rate", None, 0.0,

@@ -19,6 +19,7 @@ from agent.app import AgentApp, CallbackPolicy, Faults
 from agent.console import ConsolePlugin
 from agent.hypervisor.simulator import SimulatedCluster, SimulatorConfig
 from agent.kvm import KvmPlugin
+from agent.storage import StoragePlugin
 from agent.vrouter import VRouterPlugin
 
 
@@ -80,7 +81,7 @@ def make_agent(http: Any, clock: Clock | None = None, host_count: int = 4,
                faults: Faults = Faults(), policy: CallbackPolicy = CallbackPolicy(),
                **config: Any) -> tuple[AgentApp, SimulatedCluster]:
     """
-    An agent with all three plugins on simulated hosts.
+    An agent with the kvm, console, vrouter and storage plugins on simulated hosts.
     """
     clock = clock if clock is not None else Clock()
     rng = random.Random(7)
@@ -89,7 +90,7 @@ def make_agent(http: Any, clock: Clock | None = None, host_count: int = 4,
         clock=clock,
         http=http,
         backend_factory=cluster.backends,
-        plugins=[KvmPlugin(), ConsolePlugin(), VRouterPlugin()],
+        plugins=[KvmPlugin(), ConsolePlugin(), VRouterPlugin(), StoragePlugin()],
         host_count=host_count,
         faults=faults,
         policy=policy,
