@@ -14,6 +14,7 @@ SERVICE_FACTORIES: list[str] = [
     "zcontrol.services.inventory.make",
     # zone, cluster, offerings
     # primary storage
+    "zcontrol.services.primarystorage.service.make",
     # backup storage, image
     # networks
     # allocator
