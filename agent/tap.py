@@ -96,6 +96,9 @@ class Options(usage.Options):
          "Probability that a host crashes (forgets everything) right after accepting.", _rate],
         ["cpu", None, 32, "CPUs per simulated host.", _positive],
         ["memory", None, 128, "GiB of memory per simulated host.", _positive],
+        ["local-disk", None, 2048, "GiB of local disk (LocalStorage) per simulated host.",
+         _positive],
+        ["nfs-capacity", None, 10240, "GiB of each simulated NFS export.", _positive],
         ["callback-pool", None, DEFAULT_POOL_SIZE,
          "Persistent connections kept per management node for callbacks.", _positive],
         ["callback-concurrency", None, DEFAULT_POOL_SIZE, "Callbacks POSTed at once.",
@@ -219,6 +222,8 @@ def build_agent(options: Options, reactor: Any) -> AgentApp:
         error_rate=options["error-rate"],
         cpu_num=options["cpu"],
         memory=options["memory"] * 1024**3,
+        local_disk=options["local-disk"] * 1024**3,
+        nfs_capacity=options["nfs-capacity"] * 1024**3,
     )
     cluster = SimulatedCluster(config)
     pool = make_pool(reactor, options["callback-pool"])

@@ -214,3 +214,18 @@ class PluginTests(SynchronousTestCase):
         options.parseOptions(["--bootstrap-token", "t" * 32])
         self.assertIn("storage", options["plugins"])
         self.assertEqual(PLUGINS["storage"][0], "agent.storage.StoragePlugin")
+
+    def test_disk_options(self) -> None:
+        """
+        C{--local-disk} and C{--nfs-capacity} (GiB) size the simulated disks.
+        """
+        from agent.tap import build_agent
+
+        options = Options()
+        options.parseOptions(["--bootstrap-token", "t" * 32, "--local-disk", "3",
+                              "--nfs-capacity", "7"])
+        self.assertEqual((options["local-disk"], options["nfs-capacity"]), (3, 7))
+        agent = build_agent(options, Clock())
+        storage = agent._backend_factory("0").storage
+        self.assertEqual(storage.local.total, 3 * GiB)
+        self.assertEqual(storage._cluster.nfs_export(URL).total, 7 * GiB)
