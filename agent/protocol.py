@@ -828,6 +828,178 @@ class SftpDeleteRsp(SftpBackupStorageRsp):
 # --- end of Sftp backup storage (messages) ----------------------------------------------------
 
 
+# --- primary storage on KVM hosts (LocalStorage, NFS) ----------------------------------------
+#
+# ZStack's LocalStorageKvmBackend and NfsPrimaryStorageKVMBackend commands, simulated by
+# L{agent.storage.StoragePlugin} on L{agent.hypervisor.storage_sim.SimulatedStorage}. Every
+# response reports the storage's capacity (C{totalCapacity}, C{availableCapacity}, bytes):
+# for LocalStorage the host's local disk, for NFS the whole NFS export.
+
+
+@message
+class StorageCapacityRsp(Response):
+    """
+    A primary storage command's answer: the capacity after it (bytes; ZStack's
+    C{AgentResponse} of the storage backends).
+    """
+
+    total_capacity: int = 0
+    available_capacity: int = 0
+
+
+@message
+class StorageVolumeRsp(StorageCapacityRsp):
+    """
+    The answer to a command that created bits: where they are and their size (bytes).
+    """
+
+    install_path: str | None = None
+    size: int = 0
+    actual_size: int = 0
+
+
+@message
+class LocalStorageInitCmd(Message):
+    """C{/localstorage/init}: prepare C{path} (the storage's url) on the host's local disk."""
+
+    path: str
+    host_uuid: str | None = None
+
+
+@message
+class LocalStorageGetPhysicalCapacityCmd(Message):
+    """C{/localstorage/getphysicalcapacity}: the local disk's capacity."""
+
+    storage_path: str
+    host_uuid: str | None = None
+
+
+@message
+class LocalStorageDownloadCmd(Message):
+    """
+    C{/localstorage/sftp/download}: copy an image from a backup storage into the host's
+    image cache at C{primary_storage_install_path}.
+    """
+
+    storage_path: str
+    image_uuid: str
+    primary_storage_install_path: str
+    backup_storage_install_path: str | None = None
+    backup_storage_hostname: str | None = None
+    size: int = 0
+    actual_size: int = 0
+
+
+@message
+class LocalStorageCreateVolumeFromCacheCmd(Message):
+    """C{/localstorage/volume/createvolumefromcache}: a root volume on a cached image."""
+
+    storage_path: str
+    volume_uuid: str
+    template_path_in_cache: str
+    install_url: str
+    virtual_size: int = 0
+
+
+@message
+class LocalStorageCreateEmptyVolumeCmd(Message):
+    """C{/localstorage/volume/createempty}: an empty (data) volume."""
+
+    storage_path: str
+    volume_uuid: str
+    install_url: str
+    size: int = 0
+
+
+@message
+class LocalStorageDeleteCmd(Message):
+    """C{/localstorage/delete}: delete bits (a volume or a cached image); missing is fine."""
+
+    storage_path: str
+    path: str
+
+
+@message
+class NfsMountCmd(Message):
+    """C{/nfsprimarystorage/mount}: mount C{url} (C{server:/export}) at C{mount_path}."""
+
+    uuid: str
+    url: str
+    mount_path: str
+    options: str | None = None
+
+
+@message
+class NfsUnmountCmd(Message):
+    """C{/nfsprimarystorage/unmount}: unmount; not mounted is fine."""
+
+    uuid: str
+    url: str
+    mount_path: str
+
+
+@message
+class NfsGetCapacityCmd(Message):
+    """C{/nfsprimarystorage/getcapacity}: the export's capacity (it must be mounted)."""
+
+    uuid: str
+    url: str
+    mount_path: str
+
+
+@message
+class NfsDownloadCmd(Message):
+    """C{/nfsprimarystorage/sftp/download}: copy an image into the storage's image cache."""
+
+    uuid: str
+    url: str
+    mount_path: str
+    image_uuid: str
+    primary_storage_install_path: str
+    backup_storage_install_path: str | None = None
+    backup_storage_hostname: str | None = None
+    size: int = 0
+    actual_size: int = 0
+
+
+@message
+class NfsCreateRootVolumeCmd(Message):
+    """C{/nfsprimarystorage/createrootvolume}: a root volume on a cached image."""
+
+    uuid: str
+    url: str
+    mount_path: str
+    volume_uuid: str
+    template_path_in_cache: str
+    install_url: str
+    virtual_size: int = 0
+
+
+@message
+class NfsCreateEmptyVolumeCmd(Message):
+    """C{/nfsprimarystorage/createemptyvolume}: an empty (data) volume."""
+
+    uuid: str
+    url: str
+    mount_path: str
+    volume_uuid: str
+    install_url: str
+    size: int = 0
+
+
+@message
+class NfsDeleteCmd(Message):
+    """C{/nfsprimarystorage/delete}: delete bits; missing is fine."""
+
+    uuid: str
+    url: str
+    mount_path: str
+    install_path: str
+
+
+# --- end of primary storage ------------------------------------------------------------------
+
+
 # --- the command table -----------------------------------------------------------------------
 
 
@@ -877,7 +1049,23 @@ _DEFS = [
     CommandDef("/vrouter/adddhcp", AddDhcpEntryCmd, AddDhcpEntryRsp),
     CommandDef("/vrouter/refreshfirewall", RefreshFirewallCmd, RefreshFirewallRsp),
     # --- primary storage on KVM hosts (LocalStorage, NFS) ---
-
+    CommandDef("/localstorage/init", LocalStorageInitCmd, StorageCapacityRsp),
+    CommandDef("/localstorage/getphysicalcapacity", LocalStorageGetPhysicalCapacityCmd,
+               StorageCapacityRsp),
+    CommandDef("/localstorage/sftp/download", LocalStorageDownloadCmd, StorageVolumeRsp),
+    CommandDef("/localstorage/volume/createvolumefromcache",
+               LocalStorageCreateVolumeFromCacheCmd, StorageVolumeRsp),
+    CommandDef("/localstorage/volume/createempty", LocalStorageCreateEmptyVolumeCmd,
+               StorageVolumeRsp),
+    CommandDef("/localstorage/delete", LocalStorageDeleteCmd, StorageCapacityRsp),
+    CommandDef("/nfsprimarystorage/mount", NfsMountCmd, StorageCapacityRsp),
+    CommandDef("/nfsprimarystorage/unmount", NfsUnmountCmd, StorageCapacityRsp),
+    CommandDef("/nfsprimarystorage/getcapacity", NfsGetCapacityCmd, StorageCapacityRsp),
+    CommandDef("/nfsprimarystorage/sftp/download", NfsDownloadCmd, StorageVolumeRsp),
+    CommandDef("/nfsprimarystorage/createrootvolume", NfsCreateRootVolumeCmd, StorageVolumeRsp),
+    CommandDef("/nfsprimarystorage/createemptyvolume", NfsCreateEmptyVolumeCmd,
+               StorageVolumeRsp),
+    CommandDef("/nfsprimarystorage/delete", NfsDeleteCmd, StorageCapacityRsp),
     # --- end of primary storage ---
     # --- Sftp backup storage ---
     CommandDef("/sftpbackupstorage/connect", SftpConnectCmd, SftpConnectRsp),

@@ -40,6 +40,8 @@ PLUGINS: dict[str, tuple[str, str]] = {
     "vrouter": ("agent.vrouter.VRouterPlugin", "virtual router: /vrouter/*"),
     "sftpbackupstorage": ("agent.sftpbackupstorage.SftpBackupStoragePlugin",
                           "simulated Sftp backup storage: /sftpbackupstorage/*"),
+    "storage": ("agent.storage.StoragePlugin",
+                "primary storage on the host: /localstorage/*, /nfsprimarystorage/*"),
 }
 
 
@@ -87,7 +89,7 @@ class Options(usage.Options):
         ["backlog", None, DEFAULT_BACKLOG, "listen() backlog (Twisted's default of 50 "
          "overflows under callback load).", _positive],
         ["hosts", "n", 1, "Number of simulated hosts served by this process.", _positive],
-        ["plugins", None, "kvm,console,vrouter",
+        ["plugins", None, "kvm,console,vrouter,storage,sftpbackupstorage",
          "Comma-separated plugins: " + ", ".join(PLUGINS) + "."],
         ["error-rate", None, 0.0, "Probability that a simulated operation fails.", _rate],
         ["never-callback-rate", None, 0.0,
@@ -96,6 +98,9 @@ class Options(usage.Options):
          "Probability that a host crashes (forgets everything) right after accepting.", _rate],
         ["cpu", None, 32, "CPUs per simulated host.", _positive],
         ["memory", None, 128, "GiB of memory per simulated host.", _positive],
+        ["local-disk", None, 2048, "GiB of local disk (LocalStorage) per simulated host.",
+         _positive],
+        ["nfs-capacity", None, 10240, "GiB of each simulated NFS export.", _positive],
         ["callback-pool", None, DEFAULT_POOL_SIZE,
          "Persistent connections kept per management node for callbacks.", _positive],
         ["callback-concurrency", None, DEFAULT_POOL_SIZE, "Callbacks POSTed at once.",
@@ -219,6 +224,8 @@ def build_agent(options: Options, reactor: Any) -> AgentApp:
         error_rate=options["error-rate"],
         cpu_num=options["cpu"],
         memory=options["memory"] * 1024**3,
+        local_disk=options["local-disk"] * 1024**3,
+        nfs_capacity=options["nfs-capacity"] * 1024**3,
     )
     cluster = SimulatedCluster(config)
     pool = make_pool(reactor, options["callback-pool"])

@@ -20,6 +20,7 @@ from agent.console import ConsolePlugin
 from agent.hypervisor.simulator import SimulatedCluster, SimulatorConfig
 from agent.kvm import KvmPlugin
 from agent.sftpbackupstorage import SftpBackupStoragePlugin
+from agent.storage import StoragePlugin
 from agent.vrouter import VRouterPlugin
 
 
@@ -90,7 +91,8 @@ def make_agent(http: Any, clock: Clock | None = None, host_count: int = 4,
         clock=clock,
         http=http,
         backend_factory=cluster.backends,
-        plugins=[KvmPlugin(), ConsolePlugin(), VRouterPlugin(), SftpBackupStoragePlugin()],
+        plugins=[KvmPlugin(), ConsolePlugin(), VRouterPlugin(), StoragePlugin(),
+                 SftpBackupStoragePlugin()],
         host_count=host_count,
         faults=faults,
         policy=policy,

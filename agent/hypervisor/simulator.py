@@ -14,6 +14,7 @@ concurrent operations on one host never overcommit it.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from typing import Any, Callable
 
 import attrs
@@ -35,6 +36,7 @@ from agent.hypervisor.interfaces import (
     VmSpec,
     WrongState,
 )
+from agent.hypervisor.storage_sim import NfsExport, SimulatedStorage
 from agent.protocol import HOSTS_PREFIX, VmState
 
 __all__ = [
@@ -112,6 +114,8 @@ class SimulatorConfig:
     @ivar error_rate: probability that an operation fails ("injected failure").
     @ivar cpu_num: CPUs per host.
     @ivar memory: bytes of memory per host.
+    @ivar local_disk: bytes of each host's local disk (L{agent.hypervisor.storage_sim}).
+    @ivar nfs_capacity: bytes of each NFS export.
     """
 
     clock: Any
@@ -123,6 +127,10 @@ class SimulatorConfig:
     memory: int = 128 * GiB
     #: bytes of each simulated Sftp backup storage (L{agent.hypervisor.backup_sim})
     backup_storage_capacity: int = 10 * 1024**4
+    #: bytes of each host's local disk (LocalStorage)
+    local_disk: int = 2 * 1024 * GiB
+    #: bytes of each simulated NFS export (one per url, shared by the hosts that mount it)
+    nfs_capacity: int = 10 * 1024 * GiB
 
     def latency_for(self, op: str) -> float:
         """
@@ -434,6 +442,10 @@ class SimulatedCluster:
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
         self._hosts: dict[str, HostBackends] = {}
+        #: NFS url -> the export all hosts mounting that url share (Note [simulated storage]).
+        self.nfs_exports: dict[str, NfsExport] = {}
+        #: (cache location, image uuid) -> image downloads into that cache.
+        self.downloads: Counter[tuple[str, str]] = Counter()
 
     def backends(self, key: str) -> HostBackends:
         """
@@ -446,6 +458,7 @@ class SimulatedCluster:
                 console=SimulatedConsoleProxy(self.config),
                 vrouter=SimulatedVirtualRouter(self.config),
                 backup_storage=_backup_storage(key, self.config),
+                storage=SimulatedStorage(key, self.config, self),
             )
         return backends
 
@@ -455,6 +468,28 @@ class SimulatedCluster:
         """
         backends = self._hosts.get(key)
         return None if backends is None else backends.hypervisor
+
+    def storage(self, key: str) -> SimulatedStorage | None:
+        """
+        The primary storage of an existing host C{key}, or None.
+        """
+        backends = self._hosts.get(key)
+        return None if backends is None else backends.storage
+
+    def nfs_export(self, url: str) -> NfsExport:
+        """
+        The NFS export at C{url}, created (empty, C{config.nfs_capacity} bytes) if new.
+        """
+        export = self.nfs_exports.get(url)
+        if export is None:
+            export = self.nfs_exports[url] = NfsExport(total=self.config.nfs_capacity, url=url)
+        return export
+
+    def count_download(self, location: str, image_uuid: str) -> None:
+        """
+        Count one image download into the cache at C{location}.
+        """
+        self.downloads[(location, image_uuid)] += 1
 
     def reset(self, key: str) -> None:
         """

@@ -5,8 +5,8 @@ C{*_thd} functions that run in those threads.
 
 Note [components]: as buildbot's C{db} connector, each resource group's store operations live
 in a component of their own, L{zcontrol.db.components} (C{base}: L{Db}, migrations, the generic
-get/insert/update/delete/query and edge checks, holders; C{hosts}: host and primary storage
-capacity, audit; C{ips}; C{vms}; C{jobs}; C{nodes}: management node heartbeats), each a mixin
+get/insert/update/delete/query and edge checks, holders; C{hosts}: host capacity, the
+audit; C{storage}: primary storage capacity, LocalStorage refs, image caches; C{ips}; C{vms}; C{jobs}; C{nodes}: management node heartbeats), each a mixin
 of L{AdbapiStore}, which holds only the pool, the C{_run} plumbing and the lifecycle; every
 component runs on that one pool. The C{*_thd} functions and L{Db}, L{Dialect}, L{Holder},
 L{QueryResult}, L{load_migrations} and L{migrate_thd} are re-exported here.
@@ -82,9 +82,7 @@ from zcontrol.db.components.hosts import (  # noqa: F401 (re-exported)
     HostsComponent,
     audit_capacity_thd,
     release_host_capacity_thd,
-    release_primary_storage_thd,
     reserve_host_capacity_thd,
-    reserve_primary_storage_thd,
     set_host_capacity_thd,
 )
 from zcontrol.db.components.images import ImagesComponent
@@ -99,7 +97,11 @@ from zcontrol.db.components.jobs import JobsComponent, claim_jobs_thd, running_j
 from zcontrol.db.components.networks import NetworksComponent
 from zcontrol.db.components.nodes import NodesComponent, heartbeat_thd, live_nodes_thd  # noqa: F401
 from zcontrol.db.components.offerings import OfferingsComponent
-from zcontrol.db.components.storage import StorageComponent
+from zcontrol.db.components.storage import (  # noqa: F401 (re-exported)
+    StorageComponent,
+    release_primary_storage_thd,
+    reserve_primary_storage_thd,
+)
 from zcontrol.db.components.vms import VmsComponent, change_vm_state_thd  # noqa: F401
 from zcontrol.db.components.zones import ZonesComponent
 from zcontrol.db.interfaces import IStore

@@ -191,13 +191,15 @@ class IStore(Interface):
 
     # -- primary storage -------------------------------------------------------------------
 
-    def reserve_primary_storage_capacity(primary_storage_uuid, size, holder):
+    def reserve_primary_storage_capacity(primary_storage_uuid, size, holder, host_uuid=None):
         """
         Atomically take C{size} bytes from the primary storage's available capacity, held
-        by C{holder}; idempotent as L{reserve_host_capacity}.
+        by C{holder}; idempotent as L{reserve_host_capacity}. With C{host_uuid}
+        (LocalStorage), from the storage and that host's C{localStorageHostRef} at once.
 
-        @return: Deferred firing with the storage row; C{DB.1004} when short, C{DB.1000}
-            when C{holder} holds another size there, C{SYS.1003}, C{SYS.1007}.
+        @return: Deferred firing with the storage row; C{DB.1004} when short (on the
+            storage or on the host), C{DB.1000} when C{holder} holds another size (or host)
+            there, C{SYS.1003}, C{SYS.1007}.
         """
 
     def release_primary_storage_capacity(primary_storage_uuid, holder):
@@ -215,7 +217,7 @@ class IStore(Interface):
         differs; with C{repair}, also set the recomputed figures.
 
         @return: Deferred firing with a list of dicts, one per drifted figure: C{resource}
-            (C{"host"}/C{"primaryStorage"}), C{uuid}, C{field} (e.g.
+            (C{"host"}/C{"primaryStorage"}/C{"localStorageHostRef"}), C{uuid}, C{field} (e.g.
             C{"availableCpuCapacity"}), C{recorded}, C{computed}, C{held}, C{repaired}.
         """
 

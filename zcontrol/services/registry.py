@@ -17,6 +17,7 @@ SERVICE_FACTORIES: list[str] = [
     "zcontrol.services.cluster.make",
     "zcontrol.services.offering.make",
     # primary storage
+    "zcontrol.services.primarystorage.service.make",
     # backup storage, image
     "zcontrol.services.backupstorage.service.make",
     "zcontrol.services.image.service.make",

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_db_contract -*-
 """
-Hosts and primary storage: capacity reservations by holder, host status, and the
-capacity audit.
+Hosts: capacity reservations by holder, host status, and the capacity audit (hosts,
+primary storage, LocalStorage host refs). Primary storage capacity lives in
+L{zcontrol.db.components.storage} (its functions are re-exported here).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from zcontrol.db.components.base import (
     _reserve_thd,
     _row,
     _uuid,
+)
+from zcontrol.db.components.storage import (  # noqa: F401 (moved there, re-exported)
+    release_primary_storage_thd,
+    reserve_primary_storage_thd,
 )
 from zcontrol.db.interfaces import DB
 from zcontrol.db.query import (
@@ -108,55 +113,19 @@ def set_host_capacity_thd(
     return _row(_HOST, rows[0])
 
 
-def reserve_primary_storage_thd(db: Db, ps_uuid: str, size: int, holder: Any,
-                                now: float) -> dict:
-    """
-    C{holder} takes bytes from a primary storage, once (Note [holders]).
-    """
-    ps_uuid = _uuid("primary_storage_uuid", ps_uuid)
-    size = _amount("size", size)
-
-    def short() -> OperationError:
-        r = db.one("SELECT available_capacity FROM primary_storages WHERE uuid = ?", (ps_uuid,))
-        if r is None:
-            return _not_found(_PS, ps_uuid)
-        return OperationError.of(
-            DB.STORAGE_CAPACITY,
-            f"primary storage {ps_uuid} has {r[0]} bytes available; {size} were asked",
-            primary_storage_uuid=ps_uuid,
-            availableCapacity=int(r[0]),
-            size=size,
-        )
-
-    return _reserve_thd(
-        db, table="primary_storage_capacity_holders", key="primary_storage_uuid", res=_PS,
-        resource_uuid=ps_uuid, holder=Holder.of(holder), amounts={"size": size},
-        update_sql="UPDATE primary_storages SET available_capacity = available_capacity - ?,"
-        " last_op_date = ? WHERE uuid = ? AND available_capacity >= ?"
-        f" RETURNING {_cols(_PS)}",
-        update_params=(size, now, ps_uuid, size), short=short, now=now)
-
-
-def release_primary_storage_thd(db: Db, ps_uuid: str, holder: Any, now: float) -> dict:
-    """
-    Give back what C{holder} holds on a primary storage (nothing held: no-op).
-    """
-    ps_uuid = _uuid("primary_storage_uuid", ps_uuid)
-    return _release_thd(
-        db, table="primary_storage_capacity_holders", key="primary_storage_uuid", res=_PS,
-        resource_uuid=ps_uuid, holder=Holder.of(holder),
-        figures=(("available_capacity", "size"),), now=now)
-
-
 _AUDITS = (
-    # (resource, table, holders table, key, [(API field, total column, available column,
-    #  held column)])
-    ("host", "hosts", "host_capacity_holders", "host_uuid",
+    # (resource, table, holders table, how a holder row h matches the row r, [(API field,
+    #  total column, available column, held column)])
+    ("host", "hosts", "host_capacity_holders", "h.host_uuid = r.uuid",
      (("availableCpuCapacity", "total_cpu_capacity", "available_cpu_capacity", "cpu"),
       ("availableMemoryCapacity", "total_memory_capacity", "available_memory_capacity",
        "memory"))),
     ("primaryStorage", "primary_storages", "primary_storage_capacity_holders",
-     "primary_storage_uuid",
+     "h.primary_storage_uuid = r.uuid",
+     (("availableCapacity", "total_capacity", "available_capacity", "size"),)),
+    # LocalStorage: each host's share (Note [local capacity] in components.storage).
+    ("localStorageHostRef", "local_storage_host_refs", "primary_storage_capacity_holders",
+     "h.primary_storage_uuid = r.primary_storage_uuid AND h.host_uuid = r.host_uuid",
      (("availableCapacity", "total_capacity", "available_capacity", "size"),)),
 )
 
@@ -169,10 +138,10 @@ def audit_capacity_thd(db: Db, repair: bool, now: float) -> list[dict]:
     concurrent reservation is either counted or waits).
     """
     drift: list[dict] = []
-    for res_name, table, holders, key, figures in _AUDITS:
+    for res_name, table, holders, match, figures in _AUDITS:
         select = ", ".join(
             f"r.{total}, r.{avail}, COALESCE((SELECT SUM(h.{held}) FROM {holders} h"
-            f" WHERE h.{key} = r.uuid), 0)" for _, total, avail, held in figures)
+            f" WHERE {match}), 0)" for _, total, avail, held in figures)
         check = f"SELECT r.uuid, {select} FROM {table} r"
         for row in db.all(check + " ORDER BY r.uuid"):
             found = _drift(res_name, row, figures)
@@ -216,7 +185,7 @@ def _drift(res_name: str, row: tuple, figures: tuple) -> list[dict]:
 
 class HostsComponent(StoreComponent):
     """
-    Hosts, primary storage capacity and the capacity audit (see L{IStore}).
+    Hosts and the capacity audit (see L{IStore}).
     """
 
     def add_host(self, values: dict) -> Deferred:
@@ -243,16 +212,6 @@ class HostsComponent(StoreComponent):
 
     def release_host_capacity(self, host_uuid: str, holder: Any) -> Deferred:
         return self._run(release_host_capacity_thd, host_uuid, holder, self._now())
-
-    def reserve_primary_storage_capacity(self, primary_storage_uuid: str, size: int,
-                                         holder: Any) -> Deferred:
-        return self._run(reserve_primary_storage_thd, primary_storage_uuid, size, holder,
-                         self._now())
-
-    def release_primary_storage_capacity(self, primary_storage_uuid: str, holder: Any
-                                         ) -> Deferred:
-        return self._run(release_primary_storage_thd, primary_storage_uuid, holder,
-                         self._now())
 
     def audit_capacity(self, repair: bool = False) -> Deferred:
         return self._run(audit_capacity_thd, bool(repair), self._now())
