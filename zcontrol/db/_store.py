@@ -99,6 +99,7 @@ from zcontrol.db.components.jobs import JobsComponent, claim_jobs_thd, running_j
 from zcontrol.db.components.networks import NetworksComponent
 from zcontrol.db.components.nodes import NodesComponent, heartbeat_thd, live_nodes_thd  # noqa: F401
 from zcontrol.db.components.offerings import OfferingsComponent
+from zcontrol.db.components.scheduler import SchedulerComponent
 from zcontrol.db.components.storage import StorageComponent
 from zcontrol.db.components.vms import VmsComponent, change_vm_state_thd  # noqa: F401
 from zcontrol.db.components.zones import ZonesComponent
@@ -176,7 +177,7 @@ class _Pool(adbapi.ConnectionPool):
 @implementer(IStore)
 class AdbapiStore(CrudComponent, HostsComponent, IpsComponent, VmsComponent, JobsComponent,
                   NodesComponent, ZonesComponent, OfferingsComponent, StorageComponent,
-                  ImagesComponent, NetworksComponent):
+                  ImagesComponent, NetworksComponent, SchedulerComponent):
     """
     The store over an L{adbapi.ConnectionPool} of C{pool_size} threads (see L{IStore}).
     """

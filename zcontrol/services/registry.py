@@ -17,4 +17,5 @@ SERVICE_FACTORIES: list[str] = [
     # backup storage, image
     # networks
     # allocator
+    "zcontrol.scheduler.service.make",
 ]
