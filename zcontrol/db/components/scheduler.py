@@ -129,7 +129,7 @@ def _snapshot_of(db: Db, hosts: list[HostView], l3_l2: dict[str, str], everythin
     """
     clusters = sorted({h.cluster_uuid for h in hosts})
     host_uuids = [h.uuid for h in hosts]
-    if not hosts:
+    if not hosts and not everything:
         return Snapshot(l3_l2=l3_l2)
     if everything:
         by_cluster, by_host, c_params, h_params = "", "", (), ()
