@@ -52,17 +52,28 @@ def inventories(draw: Any, max_hosts: int = 8) -> Inventory:
     refs and NFS mounts.
     """
     rows: list[tuple[str, dict[str, Any]]] = []
+    # Half the inventories are healthy (every state Enabled, every status Connected, most
+    # things attached): otherwise the chain of six filters almost never lets a host through.
+    healthy = draw(st.booleans())
+
+    def state(choices: Any, good: str = "Enabled") -> str:
+        return good if healthy else draw(st.sampled_from(choices))
+
+    def often() -> bool:
+        # (hypothesis favours the bounds of a range: test a middle value)
+        return healthy or draw(st.integers(0, 4)) != 2
+
     zones = [_uuid("a0", i) for i in range(draw(st.integers(1, 2)))]
     for z in zones:
         rows.append(("zone", {"uuid": z, "name": z,
-                              "state": draw(st.sampled_from(("Enabled",) * 3 + ("Disabled",)))}))
+                              "state": state(("Enabled", "Disabled"))}))
     clusters: dict[str, str] = {}
     for i in range(draw(st.integers(1, 3))):
         c = _uuid("c0", i)
         clusters[c] = draw(st.sampled_from(zones))
         rows.append(("cluster", {"uuid": c, "name": c, "zoneUuid": clusters[c],
                                  "hypervisorType": "KVM",
-                                 "state": draw(st.sampled_from(("Enabled",) * 3 + ("Disabled",)))}))
+                                 "state": state(("Enabled", "Disabled"))}))
     l2s = [_uuid("b0", i) for i in range(draw(st.integers(1, 3)))]
     for i, l2 in enumerate(l2s):
         rows.append(("l2Network", {"uuid": l2, "name": l2, "zoneUuid": zones[0],
@@ -73,7 +84,7 @@ def inventories(draw: Any, max_hosts: int = 8) -> Inventory:
                                    "zoneUuid": zones[0]}))
     for c in clusters:
         for l2 in l2s:
-            if draw(st.integers(0, 3)):
+            if often():
                 rows.append(("l2NetworkClusterRef", {"uuid": f"r{c}{l2}", "l2NetworkUuid": l2,
                                                      "clusterUuid": c}))
     hosts: list[str] = []
@@ -83,44 +94,49 @@ def inventories(draw: Any, max_hosts: int = 8) -> Inventory:
             continue
         hosts.append(h)
         c = draw(st.sampled_from(sorted(clusters)))
-        total_cpu = draw(st.integers(0, 8))
-        total_mem = draw(st.integers(0, 8)) * GIB
+        total_cpu = draw(st.integers(2 if healthy else 0, 8))
+        total_mem = draw(st.integers(2 if healthy else 0, 8)) * GIB
+        low_cpu = total_cpu // 2 if healthy else 0
+        low_mem = total_mem // GIB // 2 if healthy else 0
         rows.append(("host", {
             "uuid": h, "name": h, "zoneUuid": clusters[c], "clusterUuid": c,
             "managementIp": f"10.0.{i}.1", "hypervisorType": "KVM",
-            "state": draw(st.sampled_from(("Enabled",) * 6 + _HOST_STATES[1:])),
-            "status": draw(st.sampled_from(("Connected",) * 6 + _STATUSES[1:])),
+            "state": state(_HOST_STATES),
+            "status": state(_STATUSES, "Connected"),
             "cpuNum": total_cpu, "totalCpuCapacity": total_cpu,
-            "availableCpuCapacity": draw(st.integers(0, total_cpu)),
+            "availableCpuCapacity": draw(st.integers(low_cpu, total_cpu)),
             "totalMemoryCapacity": total_mem,
-            "availableMemoryCapacity": draw(st.integers(0, total_mem // GIB)) * GIB}))
-    for i in range(draw(st.integers(0, 4))):
+            "availableMemoryCapacity": draw(st.integers(low_mem, total_mem // GIB)) * GIB}))
+    for i in range(draw(st.integers(1 if healthy else 0, 4))):
         ps = _uuid("f0", i)
         ps_type = draw(st.sampled_from(("LocalStorage", "NFS")))
-        total = draw(st.integers(0, 100)) * GIB
+        total = draw(st.integers(50 if healthy else 0, 100)) * GIB
         rows.append(("primaryStorage", {
             "uuid": ps, "name": ps, "zoneUuid": zones[0], "url": f"/ps/{i}", "type": ps_type,
-            "state": draw(st.sampled_from(("Enabled",) * 5 + _PS_STATES[1:])),
-            "status": draw(st.sampled_from(("Connected",) * 5 + _STATUSES[1:])),
+            "state": state(_PS_STATES),
+            "status": state(_STATUSES, "Connected"),
             "totalCapacity": total,
-            "availableCapacity": draw(st.integers(0, total // GIB)) * GIB}))
+            "availableCapacity": draw(st.integers(total // GIB // 2 if healthy else 0,
+                                                  total // GIB)) * GIB}))
         for c in clusters:
-            if draw(st.integers(0, 2)):
+            if often():
                 rows.append(("primaryStorageClusterRef", {"uuid": f"p{ps}{c}",
                                                           "primaryStorageUuid": ps,
                                                           "clusterUuid": c}))
         for h in hosts:
-            if not draw(st.integers(0, 3)):
+            if not often():
                 continue
             if ps_type == "LocalStorage":
-                t = draw(st.integers(0, 40)) * GIB
+                t = draw(st.integers(20 if healthy else 0, 40)) * GIB
                 rows.append(("localStorageHostRef", {
                     "uuid": f"l{ps}{h}", "primaryStorageUuid": ps, "hostUuid": h,
-                    "totalCapacity": t, "availableCapacity": draw(st.integers(0, t // GIB)) * GIB}))
+                    "totalCapacity": t,
+                    "availableCapacity": draw(st.integers(t // GIB // 2 if healthy else 0,
+                                                          t // GIB)) * GIB}))
             else:
                 rows.append(("primaryStorageHostRef", {
                     "uuid": f"m{ps}{h}", "primaryStorageUuid": ps, "hostUuid": h,
-                    "status": draw(st.sampled_from(("Connected", "Connected", "Disconnected")))}))
+                    "status": state(("Connected", "Disconnected"), "Connected")}))
     return Inventory(tuple(rows))
 
 
@@ -132,7 +148,7 @@ def requests(draw: Any, inv: Inventory) -> AllocationRequest:
     """
     def maybe(resource: str) -> str | None:
         uuids = [r["uuid"] for r in inv.of(resource)]
-        if not uuids or draw(st.integers(0, 3)):
+        if not uuids or draw(st.integers(0, 4)) != 2:
             return None
         return draw(st.sampled_from(uuids))
 
@@ -145,7 +161,7 @@ def requests(draw: Any, inv: Inventory) -> AllocationRequest:
         l3_network_uuids=draw(st.lists(st.sampled_from(l3s), max_size=2, unique=True)),
         zone_uuid=maybe("zone"), cluster_uuid=maybe("cluster"), host_uuid=maybe("host"),
         avoid_host_uuids=draw(st.lists(st.sampled_from(hosts), max_size=2, unique=True))
-        if hosts else (),
+        if hosts and draw(st.integers(0, 4)) == 2 else (),
         allocator_strategy=draw(st.sampled_from((None, *sorted(STRATEGIES)))),
         primary_storage_uuid=maybe("primaryStorage"),
     )
