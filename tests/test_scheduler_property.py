@@ -24,6 +24,7 @@ from zcontrol.scheduler.filters import passes, run_filters, usable_primary_stora
 from zcontrol.scheduler.messages import ALLOCATOR
 from zcontrol.scheduler.strategies import order_hosts, strategy_named
 
+
 @st.composite
 def cases(draw):
     inv = draw(inventories())
