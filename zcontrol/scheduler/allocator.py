@@ -103,12 +103,15 @@ class Allocator:
             holds other amounts on a host.
         """
         strategy = strategy_named(req.allocator_strategy)
-        held = await self.store.holder_reservations(holder)
+        held, snap = await self.store.allocation_start(req, strategy.order, self.page_size,
+                                                       holder)
         if held:
             return await self._again(req, holder, held)
         attempts = lost = 0
         while attempts < self.max_attempts:
-            snap = await self.store.allocation_snapshot(req, strategy.order, self.page_size)
+            if snap is None:
+                snap = await self.store.allocation_snapshot(req, strategy.order,
+                                                            self.page_size)
             missing = [u for u in req.l3_network_uuids if u not in snap.l3_l2]
             if missing:
                 raise OperationError.of(ALLOCATOR.NOT_FOUND,
@@ -132,6 +135,7 @@ class Allocator:
                         break
                     continue
                 return Allocation(row, usable_primary_storages(req, snap, host), attempts)
+            snap = None
         candidates, lefts = await self.store.allocation_counts(req)
         raise no_host_error(req, candidates, lefts, lost)
 

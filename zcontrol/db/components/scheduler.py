@@ -12,7 +12,8 @@ LocalStorage capacities and NFS mounts): about six statements per decision whate
 number of hosts, each an index lookup (migration 0009 adds the indexes by cluster and the
 least-used order). The pure filters then run again over that snapshot (a host changed
 between the statements is dropped there) and the strategy orders what is left. When the
-page is empty, L{allocation_counts_thd} counts, in one statement, how many hosts pass each
+page is empty, L{allocation_counts_thd} counts, in one statement over every host (each
+host's conditions evaluated in order up to the first that fails), how many hosts pass each
 prefix of the filters: the per-filter figures of the "no available host" error. The
 property tests check that both agree with the pure filters over a full snapshot
 (L{full_snapshot_thd}) on random inventories.
@@ -43,6 +44,7 @@ __all__ = [
     "SchedulerComponent",
     "allocation_counts_thd",
     "allocation_snapshot_thd",
+    "allocation_start_thd",
     "full_snapshot_thd",
     "holder_reservations_thd",
 ]
@@ -179,23 +181,48 @@ def allocation_snapshot_thd(db: Db, req: AllocationRequest,
     return _snapshot_of(db, [_host(r) for r in rows], l3_l2, everything=False)
 
 
+def allocation_start_thd(db: Db, req: AllocationRequest, order: Iterable[tuple[str, bool]],
+                         limit: int, holder: Any
+                         ) -> tuple[list[tuple[str, int, int]], Snapshot | None]:
+    """
+    The first step of an allocation in one pool trip: C{holder}'s host reservations
+    (L{holder_reservations_thd}) and, when it holds none, the snapshot of
+    L{allocation_snapshot_thd} (else None).
+    """
+    held = holder_reservations_thd(db, holder)
+    if held:
+        return held, None
+    return held, allocation_snapshot_thd(db, req, order, limit)
+
+
 def allocation_counts_thd(db: Db, req: AllocationRequest) -> tuple[int, list[int]]:
     """
     How many hosts there are and how many pass each prefix of the filters (the first,
-    the first two, ...), in one statement (Note [allocation pre-filter]).
+    the first two, ...), in one statement (Note [allocation pre-filter]): a C{CASE} gives
+    each host the number of filters it passes in a row (the branches are evaluated in
+    order, so a host's later, costlier conditions are not evaluated once one failed), and
+    the outer query counts the hosts past each depth.
 
     @return: C{(candidates, [left after each filter])}.
     """
     conds = _conditions(req, _l3_l2_thd(db, req.l3_network_uuids))
-    sums, params = [], []
-    for i in range(len(conds)):
-        prefix = conds[: i + 1]
-        sums.append("COALESCE(SUM(CASE WHEN " + " AND ".join(f"({e})" for _, e, _ in prefix)
-                    + " THEN 1 ELSE 0 END), 0)")
-        params.extend(p for _, _, ps in prefix for p in ps)
-    row = db.one(f"SELECT COUNT(*), {', '.join(sums)}{_FROM}", tuple(params))
-    assert row is not None
-    return int(row[0]), [int(v) for v in row[1:]]
+    whens = " ".join(f"WHEN NOT ({expr}) THEN {i}" for i, (_, expr, _) in enumerate(conds))
+    params = tuple(p for _, _, ps in conds for p in ps)
+    # GROUP BY, not one SUM per depth: a planner inlining the subquery would evaluate the
+    # CASE once per SUM.
+    sql = (f"SELECT t.depth, COUNT(*) FROM (SELECT CASE {whens} ELSE {len(conds)} END AS depth"
+           f"{_FROM}) t GROUP BY t.depth")
+    if db.dialect.name == "postgresql":
+        # The plan's estimated cost (a subquery per host) passes jit_above_cost, and
+        # compiling it costs several times running it (10,000 hosts: ~0.7 s against ~0.1 s).
+        with db.transaction(write=False):
+            db.run("SET LOCAL jit = off")
+            rows = db.all(sql, params)
+    else:
+        rows = db.all(sql, params)
+    by_depth = {int(d): int(n) for d, n in rows}
+    lefts = [sum(n for d, n in by_depth.items() if d > i) for i in range(len(conds))]
+    return sum(by_depth.values()), lefts
 
 
 def full_snapshot_thd(db: Db, l3_uuids: Sequence[str] = ()) -> Snapshot:
@@ -230,6 +257,13 @@ class SchedulerComponent(StoreComponent):
         @return: a Deferred firing with the L{Snapshot} of L{allocation_snapshot_thd}.
         """
         return self._run(allocation_snapshot_thd, request, tuple(order), limit)
+
+    def allocation_start(self, request: AllocationRequest, order: Iterable[tuple[str, bool]],
+                         limit: int, holder: Any) -> Deferred:
+        """
+        @return: a Deferred firing with L{allocation_start_thd}'s C{(held, snapshot)}.
+        """
+        return self._run(allocation_start_thd, request, tuple(order), limit, holder)
 
     def allocation_counts(self, request: AllocationRequest) -> Deferred:
         """
