@@ -51,8 +51,12 @@ __all__ = [
 
 _HOST_COLUMNS = ("h.uuid, h.zone_uuid, h.cluster_uuid, h.state, h.status,"
                  " h.available_cpu_capacity, h.available_memory_capacity, c.state, z.state")
-_FROM = (" FROM hosts h JOIN clusters c ON c.uuid = h.cluster_uuid"
-         " JOIN zones z ON z.uuid = h.zone_uuid")
+# CROSS JOIN: SQLite then keeps hosts as the outer loop, so that the strategy's ORDER BY
+# walks an index (the primary key, hosts_least_used) and stops at the page's end, instead
+# of starting from the zones and sorting every host (10,000 hosts: 24 ms against 1 ms).
+# PostgreSQL plans a CROSS JOIN as any inner join.
+_FROM = (" FROM hosts h CROSS JOIN clusters c CROSS JOIN zones z"
+         " WHERE c.uuid = h.cluster_uuid AND z.uuid = h.zone_uuid")
 _ORDER_COLUMNS = {"uuid": "h.uuid", "available_memory": "h.available_memory_capacity",
                   "available_cpu": "h.available_cpu_capacity"}
 
@@ -112,7 +116,10 @@ def _conditions(req: AllocationRequest, l3_l2: dict[str, str]
         " OR (p.type <> ? AND EXISTS (SELECT 1 FROM primary_storage_host_refs m"
         " WHERE m.primary_storage_uuid = p.uuid AND m.host_uuid = h.uuid AND m.status = ?))))",
         tuple(ps_params)))
-    out.append(("capacity", "h.available_cpu_capacity >= ? AND h.available_memory_capacity >= ?",
+    # "+ 0": not an index range (SQLite would then pick hosts_least_used for it and sort
+    # every fitting host by uuid for first-fit); the ORDER BY's index is walked instead.
+    out.append(("capacity",
+                "h.available_cpu_capacity + 0 >= ? AND h.available_memory_capacity + 0 >= ?",
                 (req.cpu_num, req.memory_size)))
     return out
 
@@ -176,7 +183,7 @@ def allocation_snapshot_thd(db: Db, req: AllocationRequest,
     where = " AND ".join(f"({expr})" for _, expr, _ in conds)
     params = tuple(p for _, _, ps in conds for p in ps)
     order_sql = ", ".join(f"{_ORDER_COLUMNS[a]}{' DESC' if desc else ''}" for a, desc in order)
-    rows = db.all(f"SELECT {_HOST_COLUMNS}{_FROM} WHERE {where} ORDER BY {order_sql} LIMIT ?",
+    rows = db.all(f"SELECT {_HOST_COLUMNS}{_FROM} AND {where} ORDER BY {order_sql} LIMIT ?",
                   (*params, int(limit)))
     return _snapshot_of(db, [_host(r) for r in rows], l3_l2, everything=False)
 
