@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint run run-agent bench bench-core bench-bus bench-db bench-agent clean
+.PHONY: venv test lint run run-agent bench bench-core bench-bus bench-db bench-agent bench-alloc clean
 
 venv: $(STAMP)
 
@@ -55,6 +55,11 @@ bench-db: $(STAMP)
 
 bench-agent: $(STAMP)
 	$(BIN)/python -m bench.bench_agent
+
+# Host allocations/s (choose + reserve + release) at 1,000 and 10,000 hosts, SQLite and
+# PostgreSQL (127.0.0.1:5432), 1 and 50 concurrent allocators.
+bench-alloc: $(STAMP)
+	$(BIN)/python -m bench.bench_alloc
 
 clean:
 	rm -rf $(VENV) _trial_temp* var build *.egg-info

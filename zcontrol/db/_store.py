@@ -97,6 +97,7 @@ from zcontrol.db.components.jobs import JobsComponent, claim_jobs_thd, running_j
 from zcontrol.db.components.networks import NetworksComponent
 from zcontrol.db.components.nodes import NodesComponent, heartbeat_thd, live_nodes_thd  # noqa: F401
 from zcontrol.db.components.offerings import OfferingsComponent
+from zcontrol.db.components.scheduler import SchedulerComponent
 from zcontrol.db.components.storage import (  # noqa: F401 (re-exported)
     StorageComponent,
     release_primary_storage_thd,
@@ -178,7 +179,7 @@ class _Pool(adbapi.ConnectionPool):
 @implementer(IStore)
 class AdbapiStore(CrudComponent, HostsComponent, IpsComponent, VmsComponent, JobsComponent,
                   NodesComponent, ZonesComponent, OfferingsComponent, StorageComponent,
-                  ImagesComponent, NetworksComponent):
+                  ImagesComponent, NetworksComponent, SchedulerComponent):
     """
     The store over an L{adbapi.ConnectionPool} of C{pool_size} threads (see L{IStore}).
     """

@@ -25,4 +25,5 @@ SERVICE_FACTORIES: list[str] = [
     "zcontrol.services.network.l2.make",
     "zcontrol.services.network.l3.make",
     # allocator
+    "zcontrol.scheduler.service.make",
 ]
