@@ -9,7 +9,7 @@ L{allocation_snapshot_thd} reads only a page of hosts that pass all of them, alr
 strategy's order (C{ORDER BY} ... C{LIMIT}), and then, in the same pool trip, what the pure
 filters need about those hosts (their clusters' L2 networks and primary storages, their
 LocalStorage capacities and NFS mounts): about six statements per decision whatever the
-number of hosts, each an index lookup (migration 0009 adds the indexes by cluster and the
+number of hosts, each an index lookup (migration 0005 adds the indexes by cluster and the
 least-used order). The pure filters then run again over that snapshot (a host changed
 between the statements is dropped there) and the strategy orders what is left. When the
 page is empty, L{allocation_counts_thd} counts, in one statement over every host (each

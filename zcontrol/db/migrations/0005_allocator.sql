@@ -1,4 +1,4 @@
--- zcontrol schema, version 9: indexes of the host allocator (zcontrol.scheduler; Note
+-- zcontrol schema, version 5: indexes of the host allocator (zcontrol.scheduler; Note
 -- [allocation pre-filter] in zcontrol.db.components.scheduler). Portable SQL as version 1.
 
 -- The primary storages and L2 networks attached to a host's cluster (the pre-filter's
