@@ -971,6 +971,17 @@ class PostgresContractTests(PostgresStoreFactory, StoreContractMixin, unittest.T
     The contract on the real PostgreSQL (fresh database per test).
     """
 
+    @async_to_deferred
+    async def test_jit_off(self) -> None:
+        """
+        Pooled connections run with JIT off (the allocator's counting query over 10,000
+        hosts spent most of its time compiling), and keep the statement timeout.
+        """
+        rows = await self.raw(lambda db: db.all("SELECT current_setting('jit'),"
+                                                " current_setting('statement_timeout')"))
+        self.assertEqual(rows[0][0], "off")
+        self.assertNotEqual(rows[0][1], "0")
+
 
 class MemoryContractTests(MemoryStoreFactory, StoreContractMixin, unittest.TestCase):
     """

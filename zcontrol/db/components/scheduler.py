@@ -219,14 +219,8 @@ def allocation_counts_thd(db: Db, req: AllocationRequest) -> tuple[int, list[int
     # CASE once per SUM.
     sql = (f"SELECT t.depth, COUNT(*) FROM (SELECT CASE {whens} ELSE {len(conds)} END AS depth"
            f"{_FROM}) t GROUP BY t.depth")
-    if db.dialect.name == "postgresql":
-        # The plan's estimated cost (a subquery per host) passes jit_above_cost, and
-        # compiling it costs several times running it (10,000 hosts: ~0.7 s against ~0.1 s).
-        with db.transaction(write=False):
-            db.run("SET LOCAL jit = off")
-            rows = db.all(sql, params)
-    else:
-        rows = db.all(sql, params)
+    # (On PostgreSQL, JIT is off for every connection: see PostgresDialect.connect_args.)
+    rows = db.all(sql, params)
     by_depth = {int(d): int(n) for d, n in rows}
     lefts = [sum(n for d, n in by_depth.items() if d > i) for i in range(len(conds))]
     return sum(by_depth.values()), lefts
