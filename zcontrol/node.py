@@ -420,6 +420,8 @@ class InventoryServices(Service):
             service = namedAny(dotted)(self._node)
             await maybeDeferred(service.start)
             self.services.append(service)
+        log.info("inventory services up: {ids}",
+                 ids=", ".join(s.service_id for s in self.services))
 
     @async_to_deferred
     async def stopService(self) -> None:
