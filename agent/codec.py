@@ -124,6 +124,15 @@ class CodecError(ValueError):
     """
 
 
+def _type_hints(cls: type) -> dict[str, Any]:
+    """
+    The annotations of C{cls} (and its bases), each resolved in its own module. Unlike
+    C{typing.get_type_hints(cls)}, the class's own namespace is not searched first: a field
+    named C{type} would otherwise shadow the builtin in C{ClassVar[type[Reply]]}.
+    """
+    return typing.get_type_hints(cls, localns={})
+
+
 def camel_case(name: str) -> str:
     """
     C{vm_instance_uuid} -> C{vmInstanceUuid} (ZStack's JSON dialect).
@@ -340,7 +349,7 @@ class Codec:
         decode = self._decoders.get(cls)
         if decode is not None:
             return decode
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         fields = []
         for f in self.wire_fields(cls):
             key = self.rename(f.name)
@@ -442,7 +451,7 @@ class Codec:
         encode = self._encoders.get(cls)
         if encode is not None:
             return encode
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         plain, other = [], []
         for f in self.wire_fields(cls):
             pair = (f.name, self.rename(f.name))

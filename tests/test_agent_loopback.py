@@ -51,18 +51,28 @@ class LoopbackTestCase(TestCase):
 
     faults = Faults()
     latency: dict[str, Any] = {}
+    #: the simulated hosts (slots) the agent serves
+    host_count = 50
+
+    def agent_plugins(self) -> list[Any]:
+        """
+        The agent's plugins (a subclass adds e.g. storage or backup storage).
+        """
+        return [KvmPlugin(), ConsolePlugin(), VRouterPlugin()]
 
     def setUp(self) -> None:
         rng = random.Random(3)
         cluster = SimulatedCluster(SimulatorConfig(clock=reactor, rng=rng,
                                                    latency=dict(self.latency)))
+        #: the agent's simulated hosts (downloads, NFS exports, per-host backends)
+        self.simulated = cluster
         agent_pool = make_pool(reactor, 1000)
         self.agent = AgentApp(
             clock=reactor,
             http=make_http_client(reactor, agent_pool),
             backend_factory=cluster.backends,
-            plugins=[KvmPlugin(), ConsolePlugin(), VRouterPlugin()],
-            host_count=50,
+            plugins=self.agent_plugins(),
+            host_count=self.host_count,
             faults=self.faults,
             policy=CallbackPolicy(max_attempts=3, initial_delay=0.05),
             rng=rng,
