@@ -70,6 +70,8 @@ class PrimaryStorageTestCase(SynchronousTestCase):
         for cluster, zone in (("c", "z"), ("c2", "z"), ("c3", "z2")):
             self.seed("cluster", {"uuid": cluster, "name": cluster, "zoneUuid": zone,
                                   "hypervisorType": "KVM"})
+        for image in ("img-x", "img-big"):  # the image service's rows (a cache re-reads them)
+            self.seed("image", {"uuid": image, "name": image, "status": "Ready"})
         self.hosts = HostService(self.clock, self.bus, self.store, self.pair.client,
                                  HostConfig(command_timeout=30, vm_sync_on_ping=False))
         self.hosts.start(track=False)
