@@ -224,7 +224,7 @@ class SimulatedStorage:
             export.create(install_path, actual_size)
             return export.figures(install_path, size, actual_size)
 
-        return self._op("/nfsprimarystorage/sftp/download", do)
+        return self._op("/nfsprimarystorage/downloadfromsftpbackupstorage", do)
 
     def nfs_create_root(self, url: str, mount_path: str, cache_path: str, install_path: str,
                         size: int) -> Deferred[StorageFigures]:
@@ -235,7 +235,7 @@ class SimulatedStorage:
             export.create(install_path, size)
             return export.figures(install_path, size, size)
 
-        return self._op("/nfsprimarystorage/createrootvolume", do)
+        return self._op("/nfsprimarystorage/sftp/createvolumefromtemplate", do)
 
     def nfs_create_empty(self, url: str, mount_path: str, install_path: str, size: int
                          ) -> Deferred[StorageFigures]:

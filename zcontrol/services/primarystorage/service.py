@@ -834,7 +834,7 @@ class PrimaryStorageService(Service):
                                       backup_storage_hostname=image["backupStorageHostname"],
                                       size=image["size"], actual_size=image["actualSize"]))
             else:
-                await self._agent(host_uuid, "/nfsprimarystorage/sftp/download",
+                await self._agent(host_uuid, "/nfsprimarystorage/downloadfromsftpbackupstorage",
                                   p.NfsDownloadCmd(
                                       **self._nfs(ps), image_uuid=image["uuid"],
                                       primary_storage_install_path=install,
@@ -882,6 +882,7 @@ class PrimaryStorageService(Service):
         host_uuid = await self._volume_host(ps, msg.host_uuid)
         cache, ref_added = await self._ensure_cache(ps, host_uuid, image, volume_uuid)
         install = self._volume_path(ps, "rootVolumes", volume_uuid)
+        cmd: p.Message
         if ps["type"] == LOCAL_STORAGE_TYPE:
             path, cmd = "/localstorage/volume/createvolumefromcache", \
                 p.LocalStorageCreateVolumeFromCacheCmd(
@@ -889,7 +890,8 @@ class PrimaryStorageService(Service):
                     template_path_in_cache=cache["installUrl"], install_url=install,
                     virtual_size=size)
         else:
-            path, cmd = "/nfsprimarystorage/createrootvolume", p.NfsCreateRootVolumeCmd(
+            path = "/nfsprimarystorage/sftp/createvolumefromtemplate"
+            cmd = p.NfsCreateRootVolumeCmd(
                 **self._nfs(ps), volume_uuid=volume_uuid,
                 template_path_in_cache=cache["installUrl"], install_url=install,
                 virtual_size=size)
