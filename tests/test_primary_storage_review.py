@@ -19,10 +19,10 @@ from zcontrol.services.primarystorage import (
     PS,
     SERVICE_ID,
     AddLocalPrimaryStorageMsg,
-    CreateEmptyVolumeMsg,
     DeleteVolumeBitsOnPrimaryStorageMsg,
     DetachPrimaryStorageFromClusterMsg,
     DownloadImageToPrimaryStorageCacheMsg,
+    InstantiateVolumeOnPrimaryStorageMsg,
     RemoveHostFromPrimaryStorageMsg,
 )
 
@@ -180,10 +180,10 @@ class ResendTests(ReviewTestCase):
         for ps, host in (("ls", "h0"), ("nfs", None)):
             msg = {"primary_storage_uuid": ps, "volume_uuid": f"d-{ps}", "size": GiB,
                    "host_uuid": host, "resource_uuid": ps}
-            first = self.ok(CreateEmptyVolumeMsg(**msg))
-            again = self.ok(CreateEmptyVolumeMsg(**msg))
+            first = self.ok(InstantiateVolumeOnPrimaryStorageMsg(**msg))
+            again = self.ok(InstantiateVolumeOnPrimaryStorageMsg(**msg))
             self.assertEqual(again.install_path, first.install_path)
-            err = self.refused(CreateEmptyVolumeMsg(**dict(msg, size=2 * GiB)),
+            err = self.refused(InstantiateVolumeOnPrimaryStorageMsg(**dict(msg, size=2 * GiB)),
                                PS.VOLUME_ERROR)
             self.assertEqual(err.opaque["volumeUuid"], f"d-{ps}")
             self.assertEqual([h["size"] for h in self.holders(ps)
@@ -326,8 +326,9 @@ class ValidationTests(ReviewTestCase):
 
         self.patch(self.service, "send", lambda msg, *a: Deferred.fromCoroutine(
             garbled(msg, *a)))
-        reply = self.send(CreateEmptyVolumeMsg(primary_storage_uuid="ls", volume_uuid="d1",
-                                               size=GiB, host_uuid="h0", resource_uuid="ls"))
+        reply = self.send(InstantiateVolumeOnPrimaryStorageMsg(
+            primary_storage_uuid="ls", volume_uuid="d1", size=GiB, host_uuid="h0",
+            resource_uuid="ls"))
         self.assertEqual(reply.error.code, PS.VOLUME_ERROR)
         self.assertTrue(reply.error.has_code(PS.HOST_ERROR))
         self.assertIn("/localstorage/volume/createempty", str(reply.error))

@@ -60,19 +60,19 @@ from zcontrol.services.primarystorage.messages import (
     AllocatePrimaryStorageReply,
     AttachPrimaryStorageToClusterMsg,
     ChangePrimaryStorageStateMsg,
-    CreateEmptyVolumeMsg,
     DeletePrimaryStorageMsg,
     DeleteVolumeBitsOnPrimaryStorageMsg,
     DetachPrimaryStorageFromClusterMsg,
     DownloadImageToPrimaryStorageCacheMsg,
     ImageCacheReply,
-    InstantiateVolumeMsg,
+    InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg,
+    InstantiateVolumeOnPrimaryStorageMsg,
+    InstantiateVolumeOnPrimaryStorageReply,
     PrimaryStorageReply,
     ReconnectPrimaryStorageMsg,
     RemoveHostFromPrimaryStorageMsg,
     ReturnPrimaryStorageCapacityMsg,
     UpdatePrimaryStorageMsg,
-    VolumeOnPrimaryStorageReply,
 )
 
 __all__ = ["PrimaryStorageService", "make"]
@@ -872,8 +872,9 @@ class PrimaryStorageService(Service):
 
     # --- volumes --------------------------------------------------------------------------
 
-    @handles(InstantiateVolumeMsg)
-    async def instantiate(self, msg: InstantiateVolumeMsg) -> VolumeOnPrimaryStorageReply:
+    @handles(InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg)
+    async def instantiate(self, msg: InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg
+                          ) -> InstantiateVolumeOnPrimaryStorageReply:
         image = _image_spec(msg.image)
         volume_uuid = validate.uuid(msg.volume_uuid, "volumeUuid")
         size = image["size"] if msg.size is None else validate.size(msg.size, "size")
@@ -902,8 +903,9 @@ class PrimaryStorageService(Service):
                 await self._release_cache_refs(ps["uuid"], volume_uuid, cache["uuid"])
             raise
 
-    @handles(CreateEmptyVolumeMsg)
-    async def create_empty(self, msg: CreateEmptyVolumeMsg) -> VolumeOnPrimaryStorageReply:
+    @handles(InstantiateVolumeOnPrimaryStorageMsg)
+    async def create_empty(self, msg: InstantiateVolumeOnPrimaryStorageMsg
+                           ) -> InstantiateVolumeOnPrimaryStorageReply:
         volume_uuid = validate.uuid(msg.volume_uuid, "volumeUuid")
         size = validate.size(msg.size, "size")
         ps = await self._ps(msg.primary_storage_uuid)
@@ -921,7 +923,7 @@ class PrimaryStorageService(Service):
 
     async def _create_volume(self, ps: dict[str, Any], host_uuid: str, volume_uuid: str,
                              size: int, path: str, cmd: p.Message
-                             ) -> VolumeOnPrimaryStorageReply:
+                             ) -> InstantiateVolumeOnPrimaryStorageReply:
         """
         Reserve C{size} for the volume, then create it on the agent; a failure gives back
         the reservation if this call made it. Idempotent per volume uuid (a resend after a
@@ -958,8 +960,9 @@ class PrimaryStorageService(Service):
                 PS.VOLUME_ERROR, f"cannot create volume {volume_uuid} on primary storage "
                 f"{ps['uuid']}", e.error, primaryStorageUuid=ps["uuid"],
                 volumeUuid=volume_uuid)) from None
-        return VolumeOnPrimaryStorageReply(primary_storage_uuid=ps["uuid"], host_uuid=host_uuid,
-                                           install_path=rsp.install_path, size=size)
+        return InstantiateVolumeOnPrimaryStorageReply(
+            primary_storage_uuid=ps["uuid"], host_uuid=host_uuid,
+            install_path=rsp.install_path, size=size)
 
     async def _release_cache_refs(self, ps_uuid: str, volume_uuid: str,
                                   cache_uuid: str | None = None) -> None:
