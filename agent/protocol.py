@@ -949,7 +949,10 @@ class NfsGetCapacityCmd(Message):
 
 @message
 class NfsDownloadCmd(Message):
-    """C{/nfsprimarystorage/sftp/download}: copy an image into the storage's image cache."""
+    """
+    C{/nfsprimarystorage/downloadfromsftpbackupstorage}: copy an image into the storage's
+    image cache.
+    """
 
     uuid: str
     url: str
@@ -964,7 +967,7 @@ class NfsDownloadCmd(Message):
 
 @message
 class NfsCreateRootVolumeCmd(Message):
-    """C{/nfsprimarystorage/createrootvolume}: a root volume on a cached image."""
+    """C{/nfsprimarystorage/sftp/createvolumefromtemplate}: a root volume on a cached image."""
 
     uuid: str
     url: str
@@ -1061,8 +1064,10 @@ _DEFS = [
     CommandDef("/nfsprimarystorage/mount", NfsMountCmd, StorageCapacityRsp),
     CommandDef("/nfsprimarystorage/unmount", NfsUnmountCmd, StorageCapacityRsp),
     CommandDef("/nfsprimarystorage/getcapacity", NfsGetCapacityCmd, StorageCapacityRsp),
-    CommandDef("/nfsprimarystorage/sftp/download", NfsDownloadCmd, StorageVolumeRsp),
-    CommandDef("/nfsprimarystorage/createrootvolume", NfsCreateRootVolumeCmd, StorageVolumeRsp),
+    CommandDef("/nfsprimarystorage/downloadfromsftpbackupstorage", NfsDownloadCmd,
+               StorageVolumeRsp),
+    CommandDef("/nfsprimarystorage/sftp/createvolumefromtemplate", NfsCreateRootVolumeCmd,
+               StorageVolumeRsp),
     CommandDef("/nfsprimarystorage/createemptyvolume", NfsCreateEmptyVolumeCmd,
                StorageVolumeRsp),
     CommandDef("/nfsprimarystorage/delete", NfsDeleteCmd, StorageCapacityRsp),

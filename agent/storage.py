@@ -59,8 +59,8 @@ class StoragePlugin:
             "/nfsprimarystorage/mount": self.nfs_mount,
             "/nfsprimarystorage/unmount": self.nfs_unmount,
             "/nfsprimarystorage/getcapacity": self.nfs_capacity,
-            "/nfsprimarystorage/sftp/download": self.nfs_download,
-            "/nfsprimarystorage/createrootvolume": self.nfs_create_root,
+            "/nfsprimarystorage/downloadfromsftpbackupstorage": self.nfs_download,
+            "/nfsprimarystorage/sftp/createvolumefromtemplate": self.nfs_create_root,
             "/nfsprimarystorage/createemptyvolume": self.nfs_create_empty,
             "/nfsprimarystorage/delete": self.nfs_delete,
         }

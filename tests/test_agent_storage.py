@@ -164,7 +164,8 @@ class LatencyFailureTests(StorageAgentTestCase):
     Latency and injected failures as for the other simulated commands.
     """
 
-    config = {"latency": {"/nfsprimarystorage/sftp/download": parse_latency("const:30")},
+    config = {"latency": {"/nfsprimarystorage/downloadfromsftpbackupstorage":
+                          parse_latency("const:30")},
               "local_disk": 100 * GiB, "nfs_capacity": 50 * GiB}
 
     def test_download_latency_and_config(self) -> None:

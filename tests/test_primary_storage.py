@@ -29,12 +29,12 @@ from zcontrol.services.primarystorage import (
     AllocatePrimaryStorageMsg,
     AttachPrimaryStorageToClusterMsg,
     ChangePrimaryStorageStateMsg,
-    CreateEmptyVolumeMsg,
     DeletePrimaryStorageMsg,
     DeleteVolumeBitsOnPrimaryStorageMsg,
     DetachPrimaryStorageFromClusterMsg,
     DownloadImageToPrimaryStorageCacheMsg,
-    InstantiateVolumeMsg,
+    InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg,
+    InstantiateVolumeOnPrimaryStorageMsg,
     PrimaryStorageService,
     ReconnectPrimaryStorageMsg,
     RemoveHostFromPrimaryStorageMsg,
@@ -70,6 +70,8 @@ class PrimaryStorageTestCase(SynchronousTestCase):
         for cluster, zone in (("c", "z"), ("c2", "z"), ("c3", "z2")):
             self.seed("cluster", {"uuid": cluster, "name": cluster, "zoneUuid": zone,
                                   "hypervisorType": "KVM"})
+        for image in ("img-x", "img-big"):  # the image service's rows (a cache re-reads them)
+            self.seed("image", {"uuid": image, "name": image, "status": "Ready"})
         self.hosts = HostService(self.clock, self.bus, self.store, self.pair.client,
                                  HostConfig(command_timeout=30, vm_sync_on_ping=False))
         self.hosts.start(track=False)
@@ -150,7 +152,7 @@ class PrimaryStorageTestCase(SynchronousTestCase):
 
     def instantiate(self, ps: str, volume: str, host: str | None = "h0",
                     image: dict[str, Any] = IMAGE) -> Deferred:
-        return self.bus.send(InstantiateVolumeMsg(
+        return self.bus.send(InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg(
             service_id=SERVICE_ID, resource_uuid=ps, primary_storage_uuid=ps,
             volume_uuid=volume, host_uuid=host, image=dict(image)))
 
@@ -385,8 +387,9 @@ class VolumeTests(PrimaryStorageTestCase):
         """
         An empty volume takes its size on the host; deleting its bits gives it back.
         """
-        reply = self.ok(CreateEmptyVolumeMsg(primary_storage_uuid="ls", volume_uuid="d1",
-                                             size=5 * GiB, host_uuid="h1", resource_uuid="ls"))
+        reply = self.ok(InstantiateVolumeOnPrimaryStorageMsg(
+            primary_storage_uuid="ls", volume_uuid="d1", size=5 * GiB, host_uuid="h1",
+            resource_uuid="ls"))
         self.assertIn(reply.install_path, self.sim.storage("1").local.files)
         self.assertEqual(self.rows("localStorageHostRef", "hostUuid=h1")[0]
                          ["availableCapacity"], 2 * TiB - 5 * GiB)
@@ -396,8 +399,8 @@ class VolumeTests(PrimaryStorageTestCase):
                                                     resource_uuid="ls"))
         self.assertEqual(self.sim.storage("1").local.files, {})
         self.assertEqual(self.ps("ls")["availableCapacity"], 4 * TiB)
-        nfs = self.ok(CreateEmptyVolumeMsg(primary_storage_uuid="nfs", volume_uuid="d2",
-                                           size=GiB, resource_uuid="nfs"))
+        nfs = self.ok(InstantiateVolumeOnPrimaryStorageMsg(
+            primary_storage_uuid="nfs", volume_uuid="d2", size=GiB, resource_uuid="nfs"))
         self.ok(DeleteVolumeBitsOnPrimaryStorageMsg(primary_storage_uuid="nfs",
                                                     volume_uuid="d2",
                                                     install_path=nfs.install_path,
@@ -434,8 +437,9 @@ class VolumeTests(PrimaryStorageTestCase):
         While a volume holds capacity on a host: detach, delete and RemoveHost are refused
         with PS.1004 naming it; after its bits are deleted they succeed.
         """
-        reply = self.ok(InstantiateVolumeMsg(primary_storage_uuid="ls", volume_uuid="v1",
-                                             host_uuid="h0", image=IMAGE, resource_uuid="ls"))
+        reply = self.ok(InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg(
+            primary_storage_uuid="ls", volume_uuid="v1", host_uuid="h0", image=IMAGE,
+            resource_uuid="ls"))
         err = self.refused(DetachPrimaryStorageFromClusterMsg(
             primary_storage_uuid="ls", cluster_uuid="c", resource_uuid="ls"), PS.IN_USE)
         self.assertEqual(err.opaque["volumeUuids"], ["v1"])
@@ -461,8 +465,8 @@ class VolumeTests(PrimaryStorageTestCase):
         """
         NFS cannot leave its last cluster while volumes are on it.
         """
-        self.ok(CreateEmptyVolumeMsg(primary_storage_uuid="nfs", volume_uuid="d1", size=GiB,
-                                     resource_uuid="nfs"))
+        self.ok(InstantiateVolumeOnPrimaryStorageMsg(
+            primary_storage_uuid="nfs", volume_uuid="d1", size=GiB, resource_uuid="nfs"))
         err = self.refused(DetachPrimaryStorageFromClusterMsg(
             primary_storage_uuid="nfs", cluster_uuid="c", resource_uuid="nfs"), PS.IN_USE)
         self.assertEqual(err.opaque["volumeUuids"], ["d1"])
@@ -511,11 +515,14 @@ class RefusalTests(PrimaryStorageTestCase):
             (AddNfsPrimaryStorageMsg(name="a", zone_uuid="z", url="/no/server"), "url"),
             (AddNfsPrimaryStorageMsg(name="a", zone_uuid="z", url="srv:relative"), "url"),
             (ChangePrimaryStorageStateMsg(uuid="x", state_event="explode"), "stateEvent"),
-            (InstantiateVolumeMsg(primary_storage_uuid="x", volume_uuid="v", image={}),
+            (InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg(
+                primary_storage_uuid="x", volume_uuid="v", image={}),
              "image.uuid"),
-            (InstantiateVolumeMsg(primary_storage_uuid="x", volume_uuid="v",
-                                  image=dict(IMAGE, size=-1)), "image.size"),
-            (CreateEmptyVolumeMsg(primary_storage_uuid="x", volume_uuid="v", size=0), "size"),
+            (InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg(
+                primary_storage_uuid="x", volume_uuid="v", image=dict(IMAGE, size=-1)),
+             "image.size"),
+            (InstantiateVolumeOnPrimaryStorageMsg(
+                primary_storage_uuid="x", volume_uuid="v", size=0), "size"),
         ):
             err = self.refused(msg, SYS.INVALID_ARGUMENT_ERROR)
             self.assertEqual(err.opaque["field"], field, err)
@@ -566,13 +573,14 @@ class RefusalTests(PrimaryStorageTestCase):
         self.add_local()
         self.add_nfs()
         self.attach("ls")
-        err = self.refused(InstantiateVolumeMsg(primary_storage_uuid="ls", volume_uuid="v",
-                                                image=IMAGE), SYS.INVALID_ARGUMENT_ERROR)
+        err = self.refused(InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg(
+            primary_storage_uuid="ls", volume_uuid="v", image=IMAGE), SYS.INVALID_ARGUMENT_ERROR)
         self.assertEqual(err.opaque["field"], "hostUuid")
-        self.refused(InstantiateVolumeMsg(primary_storage_uuid="ls", volume_uuid="v",
-                                          host_uuid="h7", image=IMAGE), PS.WRONG_STATE)
-        self.refused(CreateEmptyVolumeMsg(primary_storage_uuid="nfs", volume_uuid="v",
-                                          size=GiB), PS.WRONG_STATE)
-        self.refused(CreateEmptyVolumeMsg(primary_storage_uuid="ls", volume_uuid="v",
-                                          host_uuid="h0", size=3 * TiB), PS.CAPACITY)
+        self.refused(InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg(
+            primary_storage_uuid="ls", volume_uuid="v", host_uuid="h7", image=IMAGE),
+            PS.WRONG_STATE)
+        self.refused(InstantiateVolumeOnPrimaryStorageMsg(
+            primary_storage_uuid="nfs", volume_uuid="v", size=GiB), PS.WRONG_STATE)
+        self.refused(InstantiateVolumeOnPrimaryStorageMsg(
+            primary_storage_uuid="ls", volume_uuid="v", host_uuid="h0", size=3 * TiB), PS.CAPACITY)
         self.assertEqual(self.holders("ls"), [])

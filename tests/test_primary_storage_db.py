@@ -229,6 +229,73 @@ class StorageDbMixin:
         self.assertEqual(self.ref("h1")["available"], 900)
         self.assertEqual(self.audit(), [])
 
+    def test_reserve_reports_insert(self) -> None:
+        """
+        With C{report}, a reservation says whether it recorded the holder (a resend: not),
+        on shared and local storage; nothing changes the second time.
+        """
+        st.set_primary_storage_capacity_thd(self.db, NFS, 1000, 1000, 1.0)
+        for ps, host in ((PS, "h1"), (NFS, None)):
+            _, inserted = st.reserve_primary_storage_thd(self.db, ps, 10, ("VolumeVO", "v"),
+                                                         1.0, host, True)
+            self.assertTrue(inserted)
+            row, inserted = st.reserve_primary_storage_thd(self.db, ps, 10, ("VolumeVO", "v"),
+                                                           1.0, host, True)
+            self.assertFalse(inserted)
+            self.assertEqual(row["availableCapacity"], (2000 if ps == PS else 1000) - 10)
+        self.assertEqual(self.audit(), [])
+
+    def test_detach_all_or_nothing(self) -> None:
+        """
+        The detach's dependency check and the removal of every host's refs and caches are
+        one transaction: refused by a volume on h2, nothing changed; then all goes.
+        """
+        self.db.run("UPDATE hosts SET cluster_uuid = 'cluster-1'")
+        thd.insert_thd(self.db, "primaryStorageClusterRef", {
+            "uuid": "ref", "primaryStorageUuid": PS, "clusterUuid": "cluster-1"}, 1.0)
+        st.create_image_cache_thd(self.db, {
+            "uuid": "c1", "primaryStorageUuid": PS, "hostUuid": "h1", "imageUuid": "i",
+            "size": 10}, 1.0)
+        st.reserve_primary_storage_thd(self.db, PS, 5, ("VolumeVO", "v"), 1.0, "h2")
+        before = (self.ps(), self.ref("h1"), self.ref("h2"))
+        err = self.error(st.detach_primary_storage_thd, PS, "cluster-1", 2.0)
+        self.assertEqual(err.code, SYS.OPERATION_ERROR)
+        self.assertEqual([h["holderUuid"] for h in err.opaque["holders"]], ["v"])
+        self.assertEqual((self.ps(), self.ref("h1"), self.ref("h2")), before)
+        self.assertIsNotNone(thd.get_thd(self.db, "imageCache", "c1"))
+        st.release_primary_storage_thd(self.db, PS, ("VolumeVO", "v"), 1.0)
+        done = st.detach_primary_storage_thd(self.db, PS, "cluster-1", 2.0)
+        self.assertEqual([c["uuid"] for c in done["imageCaches"]], ["c1"])
+        self.assertEqual((done["primaryStorage"]["totalCapacity"],
+                          done["primaryStorage"]["availableCapacity"]), (0, 0))
+        for table in ("image_caches", "local_storage_host_refs",
+                      "primary_storage_capacity_holders", "primary_storage_cluster_refs"):
+            self.assertEqual(self.db.all(f"SELECT * FROM {table}"), [], table)
+        err = self.error(st.detach_primary_storage_thd, PS, "cluster-1", 2.0)
+        self.assertEqual(err.code, SYS.RESOURCE_NOT_FOUND)
+
+    def test_cache_volume_refs(self) -> None:
+        """
+        A referenced cache is not deleted when only unreferenced ones may be; removing the
+        last ref names the cache; refs go with their cache (cascade).
+        """
+        st.create_image_cache_thd(self.db, {
+            "uuid": "c1", "primaryStorageUuid": PS, "hostUuid": "h1", "imageUuid": "i",
+            "size": 10}, 1.0)
+        self.assertTrue(st.add_image_cache_volume_ref_thd(self.db, "c1", "v1", 1.0))
+        self.assertFalse(st.add_image_cache_volume_ref_thd(self.db, "c1", "v1", 1.0))
+        self.assertTrue(st.add_image_cache_volume_ref_thd(self.db, "c1", "v2", 1.0))
+        self.assertFalse(st.delete_image_cache_thd(self.db, "c1", 1.0, True))
+        self.assertEqual(st.remove_image_cache_volume_refs_thd(self.db, PS, "v1", None), [])
+        self.assertEqual([c["uuid"] for c in st.remove_image_cache_volume_refs_thd(
+            self.db, PS, "v2", "c1")], ["c1"])
+        self.assertTrue(st.add_image_cache_volume_ref_thd(self.db, "c1", "v3", 1.0))
+        self.assertTrue(st.delete_image_cache_thd(self.db, "c1", 1.0))
+        self.assertEqual(self.db.all("SELECT * FROM image_cache_volume_refs"), [])
+        err = self.error(st.add_image_cache_volume_ref_thd, "c1", "v4", 1.0)
+        self.assertEqual(err.code, SYS.RESOURCE_NOT_FOUND)
+        self.assertEqual(self.audit(), [])
+
     def test_recompute(self) -> None:
         """
         After a host's ref went with its host, the totals are recomputed from the refs.

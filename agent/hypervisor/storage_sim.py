@@ -7,7 +7,9 @@ Note [simulated storage]: a host's local disk has C{SimulatorConfig.local_disk} 
 belongs to that host alone; an NFS export (C{server:/export}) is an L{NfsExport} of the
 L{agent.hypervisor.simulator.SimulatedCluster} (C{SimulatorConfig.nfs_capacity} bytes), so
 every host of the agent process that mounts the same URL sees the same files and capacity.
-Files are install paths with a size; creating one takes that size from its disk or export,
+Files are install paths with a size; creating one takes that size from its disk or export
+(creating it again with the same size is a no-op, as ZStack's agents answer a retried
+command; another size is refused),
 deleting it gives the size back (deleting a missing file is not an error, as ZStack's agents
 do). Each operation takes the latency configured for its command path and fails with the
 configured error rate (L{agent.hypervisor.simulator._Simulated._op}); state changes at the
@@ -67,8 +69,15 @@ class Disk:
         return self.total - sum(self.files.values())
 
     def create(self, path: str, size: int) -> None:
+        """
+        Create C{path} of C{size} bytes. Idempotent for the same path and size (a retried
+        command, as ZStack's agents answer it); another size is refused.
+        """
         if path in self.files:
-            raise HypervisorError(f"{path} already exists")
+            if self.files[path] == size:
+                return
+            raise HypervisorError(f"{path} already exists ({self.files[path]} bytes, not"
+                                  f" {size})")
         if size < 0:
             raise HypervisorError(f"negative size {size} for {path}")
         if size > self.available:
@@ -215,7 +224,7 @@ class SimulatedStorage:
             export.create(install_path, actual_size)
             return export.figures(install_path, size, actual_size)
 
-        return self._op("/nfsprimarystorage/sftp/download", do)
+        return self._op("/nfsprimarystorage/downloadfromsftpbackupstorage", do)
 
     def nfs_create_root(self, url: str, mount_path: str, cache_path: str, install_path: str,
                         size: int) -> Deferred[StorageFigures]:
@@ -226,7 +235,7 @@ class SimulatedStorage:
             export.create(install_path, size)
             return export.figures(install_path, size, size)
 
-        return self._op("/nfsprimarystorage/createrootvolume", do)
+        return self._op("/nfsprimarystorage/sftp/createvolumefromtemplate", do)
 
     def nfs_create_empty(self, url: str, mount_path: str, install_path: str, size: int
                          ) -> Deferred[StorageFigures]:

@@ -315,6 +315,10 @@ _SPECS: dict[str, tuple[str, str]] = {
         "uuid primaryStorageUuid hostUuid imageUuid installUrl mediaType size:i md5sum status"
         + _DATES,
     ),
+    "imageCacheVolumeRef": (
+        "image_cache_volume_refs",
+        "uuid imageCacheUuid volumeUuid primaryStorageUuid" + _DATES,
+    ),
     "primaryStorageClusterRef": (
         "primary_storage_cluster_refs", "uuid primaryStorageUuid clusterUuid" + _DATES,
     ),

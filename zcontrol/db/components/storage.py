@@ -47,7 +47,11 @@ __all__ = [
     "StorageComponent",
     "create_image_cache_thd",
     "delete_image_cache_thd",
+    "add_image_cache_volume_ref_thd",
     "delete_primary_storage_thd",
+    "detach_primary_storage_thd",
+    "forget_primary_storage_host_thd",
+    "remove_image_cache_volume_refs_thd",
     "primary_storage_holders_thd",
     "recompute_local_storage_thd",
     "release_primary_storage_thd",
@@ -133,13 +137,16 @@ def _take_in_tx(db: Db, ps_uuid: str, size: int, holder: Holder, host_uuid: str 
 
 
 def reserve_primary_storage_thd(db: Db, ps_uuid: str, size: int, holder: Any, now: float,
-                                host_uuid: str | None = None) -> dict:
+                                host_uuid: str | None = None, report: bool = False) -> Any:
     """
     C{holder} takes C{size} bytes from a primary storage, once (Note [holders] in
     L{zcontrol.db._store}); with C{host_uuid} (LocalStorage), from the storage and that
     host's ref row together, in one transaction (Note [local capacity]).
 
-    @return: the storage row.
+    @param report: return C{(row, inserted)}: whether this call recorded the holder
+        (False: it already held C{size} there, nothing changed), so that a failure path
+        gives back only what its own call reserved.
+    @return: the storage row (C{(row, inserted)} with C{report}).
     @raise OperationError: C{DB.1004} short (on the storage or, naming it, on the host),
         C{DB.1000} when C{holder} already holds another amount (or on another host),
         C{SYS.1003} no such storage.
@@ -147,7 +154,7 @@ def reserve_primary_storage_thd(db: Db, ps_uuid: str, size: int, holder: Any, no
     ps_uuid = _uuid("primary_storage_uuid", ps_uuid)
     size = _amount("size", size)
     holder = Holder.of(holder)
-    if host_uuid is None:
+    if host_uuid is None and not report:
         return _reserve_thd(
             db, table="primary_storage_capacity_holders", key="primary_storage_uuid",
             res=_PS, resource_uuid=ps_uuid, holder=holder, amounts={"size": size},
@@ -156,13 +163,14 @@ def reserve_primary_storage_thd(db: Db, ps_uuid: str, size: int, holder: Any, no
             f" RETURNING {_cols(_PS)}",
             update_params=(size, now, ps_uuid, size),
             short=lambda: _short(db, ps_uuid, size, None), now=now)
-    host_uuid = _uuid("host_uuid", host_uuid)
+    if host_uuid is not None:
+        host_uuid = _uuid("host_uuid", host_uuid)
     try:
         with db.transaction():
             row = _take_in_tx(db, ps_uuid, size, holder, host_uuid, now)
             if row is None:
                 raise _Rollback()
-            return row
+            return (row, True) if report else row
     except _Rollback:
         pass
     except Exception as e:
@@ -184,7 +192,8 @@ def reserve_primary_storage_thd(db: Db, ps_uuid: str, size: int, holder: Any, no
             f" storage {ps_uuid} on host {held[1]}, not {size} on {host_uuid}: release it"
             " first", resource="primaryStorage", uuid=ps_uuid, holder_type=holder.type,
             holder_uuid=holder.uuid, held={"size": int(held[0]), "host_uuid": held[1]})
-    return _ps_row(db, ps_uuid)
+    row = _ps_row(db, ps_uuid)
+    return (row, False) if report else row
 
 
 def _release_in_tx(db: Db, ps_uuid: str, holder: Holder, now: float) -> dict | None:
@@ -351,42 +360,98 @@ def _refuse_held(db: Db, ps_uuid: str, host_uuids: list[str] | None, what: str) 
             primary_storage_uuid=ps_uuid, holders=blockers)
 
 
-def remove_local_storage_host_thd(db: Db, ps_uuid: str, host_uuid: str, now: float) -> dict:
+def _forget_host_in_tx(db: Db, ps_uuid: str, host_uuid: str, now: float) -> list[dict]:
+    """
+    Inside a transaction holding the storage's lock: refuse while anything but an image cache
+    holds capacity on the host, then drop the host's image caches (rows and capacity), its
+    LocalStorage ref (the totals shrink by it) and its NFS host ref. The caches dropped.
+    """
+    _refuse_held(db, ps_uuid, [host_uuid], f"host {host_uuid} cannot be removed")
+    freed = db.all("DELETE FROM primary_storage_capacity_holders WHERE"
+                   " primary_storage_uuid = ? AND host_uuid = ? AND holder_type = ?"
+                   " RETURNING size", (ps_uuid, host_uuid, IMAGE_CACHE_HOLDER))
+    caches = [_row(_CACHE, r) for r in db.all(
+        f"DELETE FROM image_caches WHERE primary_storage_uuid = ? AND host_uuid = ?"
+        f" RETURNING {_cols(_CACHE)}", (ps_uuid, host_uuid))]
+    ref = db.all("DELETE FROM local_storage_host_refs WHERE primary_storage_uuid = ?"
+                 " AND host_uuid = ? RETURNING total_capacity, available_capacity",
+                 (ps_uuid, host_uuid))
+    if ref:
+        # The ref's available figure left out what its caches held, and so did the
+        # storage's: both shrink by the ref's figures (Note [local capacity]).
+        db.run("UPDATE primary_storages SET total_capacity = total_capacity - ?,"
+               " available_capacity = available_capacity - ?, last_op_date = ?"
+               " WHERE uuid = ?", (int(ref[0][0]), int(ref[0][1]), now, ps_uuid))
+        _physical_sums(db, ps_uuid, now)
+    elif freed:
+        db.run("UPDATE primary_storages SET available_capacity = available_capacity + ?,"
+               " last_op_date = ? WHERE uuid = ?",
+               (sum(int(r[0]) for r in freed), now, ps_uuid))
+    db.run("DELETE FROM primary_storage_host_refs WHERE primary_storage_uuid = ?"
+           " AND host_uuid = ?", (ps_uuid, host_uuid))
+    return sorted(caches, key=lambda c: c["uuid"])
+
+
+def forget_primary_storage_host_thd(db: Db, ps_uuid: str, host_uuid: str, now: float
+                                    ) -> dict:
     """
     Forget a host of a primary storage, in one transaction: its image caches (their rows
     and the capacity they hold), its LocalStorage ref (the storage's totals shrink by it)
     and its NFS host ref. Refused (C{SYS.1006}, details C{holders}) while anything other
-    than an image cache holds capacity on the host.
+    than an image cache holds capacity on the host; then nothing changes.
 
-    @return: the storage row.
+    @return: C{{"primaryStorage": row, "imageCaches": [the cache rows dropped]}} (their
+        bits are the caller's to delete on the host).
     """
     ps_uuid = _uuid("primary_storage_uuid", ps_uuid)
     host_uuid = _uuid("host_uuid", host_uuid)
     with db.transaction():
         _lock_storage(db, ps_uuid)
-        _refuse_held(db, ps_uuid, [host_uuid], f"host {host_uuid} cannot be removed")
-        freed = db.all("DELETE FROM primary_storage_capacity_holders WHERE"
-                       " primary_storage_uuid = ? AND host_uuid = ? AND holder_type = ?"
-                       " RETURNING size", (ps_uuid, host_uuid, IMAGE_CACHE_HOLDER))
-        db.run("DELETE FROM image_caches WHERE primary_storage_uuid = ? AND host_uuid = ?",
-               (ps_uuid, host_uuid))
-        ref = db.all("DELETE FROM local_storage_host_refs WHERE primary_storage_uuid = ?"
-                     " AND host_uuid = ? RETURNING total_capacity, available_capacity",
-                     (ps_uuid, host_uuid))
-        if ref:
-            # The ref's available figure left out what its caches held, and so did the
-            # storage's: both shrink by the ref's figures (Note [local capacity]).
-            db.run("UPDATE primary_storages SET total_capacity = total_capacity - ?,"
-                   " available_capacity = available_capacity - ?, last_op_date = ?"
-                   " WHERE uuid = ?", (int(ref[0][0]), int(ref[0][1]), now, ps_uuid))
-            _physical_sums(db, ps_uuid, now)
-        elif freed:
-            db.run("UPDATE primary_storages SET available_capacity = available_capacity + ?,"
-                   " last_op_date = ? WHERE uuid = ?",
-                   (sum(int(r[0]) for r in freed), now, ps_uuid))
-        db.run("DELETE FROM primary_storage_host_refs WHERE primary_storage_uuid = ?"
-               " AND host_uuid = ?", (ps_uuid, host_uuid))
-    return _ps_row(db, ps_uuid)
+        caches = _forget_host_in_tx(db, ps_uuid, host_uuid, now)
+    return {"primaryStorage": _ps_row(db, ps_uuid), "imageCaches": caches}
+
+
+def remove_local_storage_host_thd(db: Db, ps_uuid: str, host_uuid: str, now: float) -> dict:
+    """
+    L{forget_primary_storage_host_thd}, the storage row only.
+    """
+    return forget_primary_storage_host_thd(db, ps_uuid, host_uuid, now)["primaryStorage"]
+
+
+def detach_primary_storage_thd(db: Db, ps_uuid: str, cluster_uuid: str, now: float) -> dict:
+    """
+    Detach a primary storage from a cluster in one transaction: the dependency check, the
+    forgetting of every host of the cluster (L{forget_primary_storage_host_thd}) and the
+    cluster ref's deletion, all or nothing. Refused (C{SYS.1006}, details C{holders}) while
+    anything but an image cache holds capacity on the cluster's hosts (LocalStorage) or,
+    when the cluster is the storage's last, on the storage (shared storage). C{SYS.1003}
+    (resource C{primaryStorageClusterRef}) when it is not attached to the cluster.
+
+    @return: C{{"primaryStorage": row, "hostUuids": [the cluster's hosts], "imageCaches":
+        [the cache rows dropped]}}.
+    """
+    ps_uuid = _uuid("primary_storage_uuid", ps_uuid)
+    cluster_uuid = _uuid("cluster_uuid", cluster_uuid)
+    with db.transaction():
+        _lock_storage(db, ps_uuid)
+        refs = db.all("SELECT uuid, cluster_uuid FROM primary_storage_cluster_refs"
+                      " WHERE primary_storage_uuid = ?", (ps_uuid,))
+        ref = next((r[0] for r in refs if r[1] == cluster_uuid), None)
+        if ref is None:
+            raise _not_found(resource("primaryStorageClusterRef"), cluster_uuid)
+        ps_type = db.one("SELECT type FROM primary_storages WHERE uuid = ?", (ps_uuid,))[0]
+        hosts = sorted(r[0] for r in db.all("SELECT uuid FROM hosts WHERE cluster_uuid = ?",
+                                            (cluster_uuid,)))
+        what = f"primary storage {ps_uuid} cannot be detached from cluster {cluster_uuid}"
+        if ps_type == "LocalStorage":
+            _refuse_held(db, ps_uuid, hosts, what)
+        elif len(refs) == 1:
+            _refuse_held(db, ps_uuid, None, what + " (its last)")
+        caches: list[dict] = []
+        for h in hosts:
+            caches.extend(_forget_host_in_tx(db, ps_uuid, h, now))
+        db.run("DELETE FROM primary_storage_cluster_refs WHERE uuid = ?", (ref,))
+    return {"primaryStorage": _ps_row(db, ps_uuid), "hostUuids": hosts, "imageCaches": caches}
 
 
 def recompute_local_storage_thd(db: Db, ps_uuid: str, now: float) -> dict:
@@ -435,10 +500,12 @@ def create_image_cache_thd(db: Db, values: dict, now: float) -> dict:
         raise _short(db, row["primaryStorageUuid"], row["size"], row["hostUuid"]) from None
 
 
-def delete_image_cache_thd(db: Db, cache_uuid: str, now: float) -> bool:
+def delete_image_cache_thd(db: Db, cache_uuid: str, now: float,
+                           unreferenced_only: bool = False) -> bool:
     """
-    Delete an image cache row and give back the capacity it holds, in one transaction.
-    Whether there was one.
+    Delete an image cache row (its volume refs go with it) and give back the capacity it
+    holds, in one transaction. With C{unreferenced_only}, only while no volume references it
+    (ZStack's C{ImageCacheVolumeRefVO}). Whether it was deleted.
     """
     cache_uuid = _uuid("uuid", cache_uuid)
     with db.transaction():
@@ -447,9 +514,69 @@ def delete_image_cache_thd(db: Db, cache_uuid: str, now: float) -> bool:
         if r is None:
             return False
         _lock_storage(db, r[0])
+        if unreferenced_only and db.one("SELECT 1 FROM image_cache_volume_refs"
+                                        " WHERE image_cache_uuid = ?", (cache_uuid,)):
+            return False
         _release_in_tx(db, r[0], Holder(IMAGE_CACHE_HOLDER, cache_uuid), now)
         db.run("DELETE FROM image_caches WHERE uuid = ?", (cache_uuid,))
         return True
+
+
+def add_image_cache_volume_ref_thd(db: Db, cache_uuid: str, volume_uuid: str,
+                                   now: float) -> bool:
+    """
+    Record that a volume is (being) created from an image cache (ZStack's
+    C{ImageCacheVolumeRefVO}); idempotent. Whether this call recorded it.
+
+    @raise OperationError: C{SYS.1003} (resource C{imageCache}) when the cache is gone.
+    """
+    cache_uuid = _uuid("image_cache_uuid", cache_uuid)
+    volume_uuid = _uuid("volume_uuid", volume_uuid)
+    try:
+        with db.transaction():
+            r = db.one("SELECT primary_storage_uuid FROM image_caches WHERE uuid = ?",
+                       (cache_uuid,))
+            if r is None:
+                raise _not_found(_CACHE, cache_uuid)
+            return bool(db.all(
+                "INSERT INTO image_cache_volume_refs (uuid, image_cache_uuid, volume_uuid,"
+                " primary_storage_uuid, create_date, last_op_date) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING RETURNING uuid",
+                (uuidlib.uuid4().hex, cache_uuid, volume_uuid, r[0], now, now)))
+    except OperationError:
+        raise
+    except Exception as e:
+        err = db.dialect.map_error(e)
+        if err is None or err.code != DB.REFERENCE:
+            raise
+        raise _not_found(_CACHE, cache_uuid) from None
+
+
+def remove_image_cache_volume_refs_thd(db: Db, ps_uuid: str, volume_uuid: str,
+                                       cache_uuid: str | None) -> list[dict]:
+    """
+    Forget a volume's refs to the image caches of a storage (of C{cache_uuid} only, when
+    given): its bits are gone, or were never made. The caches that no volume references
+    any more, for the caller to drop when their image is deleted.
+    """
+    ps_uuid = _uuid("primary_storage_uuid", ps_uuid)
+    volume_uuid = _uuid("volume_uuid", volume_uuid)
+    sql = ("DELETE FROM image_cache_volume_refs WHERE primary_storage_uuid = ?"
+           " AND volume_uuid = ?")
+    params: list[Any] = [ps_uuid, volume_uuid]
+    if cache_uuid is not None:
+        sql += " AND image_cache_uuid = ?"
+        params.append(_uuid("image_cache_uuid", cache_uuid))
+    with db.transaction():
+        gone = sorted({r[0] for r in db.all(sql + " RETURNING image_cache_uuid", params)})
+        out = []
+        for c in gone:
+            if db.one("SELECT 1 FROM image_cache_volume_refs WHERE image_cache_uuid = ?",
+                      (c,)) is None:
+                row = get_thd(db, "imageCache", c)
+                if row is not None:
+                    out.append(row)
+        return out
 
 
 def delete_primary_storage_thd(db: Db, ps_uuid: str) -> bool:
@@ -516,10 +643,33 @@ class StorageComponent(StoreComponent):
         return self._run(set_primary_storage_capacity_thd, primary_storage_uuid, total,
                          available_physical, self._now())
 
+    def reserve_primary_storage_capacity_reporting(
+            self, primary_storage_uuid: str, size: int, holder: Any,
+            host_uuid: str | None = None) -> Deferred:
+        """
+        As L{reserve_primary_storage_capacity}; fires with C{(row, inserted)}.
+        """
+        return self._run(reserve_primary_storage_thd, primary_storage_uuid, size, holder,
+                         self._now(), host_uuid, True)
+
     def remove_primary_storage_host(self, primary_storage_uuid: str, host_uuid: str
                                     ) -> Deferred:
-        return self._run(remove_local_storage_host_thd, primary_storage_uuid, host_uuid,
+        return self._run(forget_primary_storage_host_thd, primary_storage_uuid, host_uuid,
                          self._now())
+
+    def detach_primary_storage(self, primary_storage_uuid: str, cluster_uuid: str
+                               ) -> Deferred:
+        return self._run(detach_primary_storage_thd, primary_storage_uuid, cluster_uuid,
+                         self._now())
+
+    def add_image_cache_volume_ref(self, cache_uuid: str, volume_uuid: str) -> Deferred:
+        return self._run(add_image_cache_volume_ref_thd, cache_uuid, volume_uuid,
+                         self._now())
+
+    def remove_image_cache_volume_refs(self, primary_storage_uuid: str, volume_uuid: str,
+                                       cache_uuid: str | None = None) -> Deferred:
+        return self._run(remove_image_cache_volume_refs_thd, primary_storage_uuid,
+                         volume_uuid, cache_uuid)
 
     def recompute_local_storage(self, primary_storage_uuid: str) -> Deferred:
         return self._run(recompute_local_storage_thd, primary_storage_uuid, self._now())
@@ -527,8 +677,9 @@ class StorageComponent(StoreComponent):
     def create_image_cache(self, values: dict) -> Deferred:
         return self._run(create_image_cache_thd, dict(values), self._now())
 
-    def delete_image_cache(self, cache_uuid: str) -> Deferred:
-        return self._run(delete_image_cache_thd, cache_uuid, self._now())
+    def delete_image_cache(self, cache_uuid: str, unreferenced_only: bool = False
+                           ) -> Deferred:
+        return self._run(delete_image_cache_thd, cache_uuid, self._now(), unreferenced_only)
 
     def delete_primary_storage(self, primary_storage_uuid: str) -> Deferred:
         return self._run(delete_primary_storage_thd, primary_storage_uuid)

@@ -5,7 +5,8 @@ C{APIAttachPrimaryStorageToClusterMsg}, ... without C{API}, and the internal mes
 C{PrimaryStorageBase}: C{AllocatePrimaryStorageMsg}, C{InstantiateVolumeOnPrimaryStorageMsg},
 ...). Every message about one storage is sent with C{resource_uuid} = the storage's uuid.
 
-Sizes are bytes. An image spec (L{InstantiateVolumeMsg.image}) is a dict with camelCase keys:
+Sizes are bytes. An image spec
+(L{InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg.image}) is a dict with camelCase keys:
 C{uuid}, C{size} (virtual), C{actualSize} (bytes to copy; default C{size}), C{format},
 C{mediaType}, and where to copy it from: C{backupStorageUuid}, C{installPath} (on the backup
 storage), C{backupStorageHostname}.
@@ -29,19 +30,19 @@ __all__ = [
     "AllocatePrimaryStorageReply",
     "AttachPrimaryStorageToClusterMsg",
     "ChangePrimaryStorageStateMsg",
-    "CreateEmptyVolumeMsg",
+    "InstantiateVolumeOnPrimaryStorageMsg",
     "DeletePrimaryStorageMsg",
     "DeleteVolumeBitsOnPrimaryStorageMsg",
     "DetachPrimaryStorageFromClusterMsg",
     "DownloadImageToPrimaryStorageCacheMsg",
     "ImageCacheReply",
-    "InstantiateVolumeMsg",
+    "InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg",
     "PrimaryStorageReply",
     "ReconnectPrimaryStorageMsg",
     "RemoveHostFromPrimaryStorageMsg",
     "ReturnPrimaryStorageCapacityMsg",
     "UpdatePrimaryStorageMsg",
-    "VolumeOnPrimaryStorageReply",
+    "InstantiateVolumeOnPrimaryStorageReply",
 ]
 
 #: The bus service id of the primary storage service (ZStack: C{storage.primary}).
@@ -265,7 +266,7 @@ class ReturnPrimaryStorageCapacityMsg(NeedReplyMessage):
 
 @registry.register
 @attrs.define(kw_only=True)
-class VolumeOnPrimaryStorageReply(Reply):
+class InstantiateVolumeOnPrimaryStorageReply(Reply):
     """
     A volume's bits on a primary storage: C{install_path}, C{size} (bytes), the host they
     are on (LocalStorage) or were created through (NFS).
@@ -279,18 +280,23 @@ class VolumeOnPrimaryStorageReply(Reply):
 
 @registry.register
 @attrs.define(kw_only=True)
-class InstantiateVolumeMsg(NeedReplyMessage):
+class InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg(NeedReplyMessage):
     """
     Create a root volume from an image (ZStack C{InstantiateRootVolumeFromTemplateOnPrimary
     StorageMsg}): ensure the image is in the storage's cache (one download however many ask
     at once), reserve C{size} (default the image's size; holder C{("VolumeVO",
     volume_uuid)}) and create the volume on the cache. LocalStorage needs C{host_uuid}; NFS
-    uses it or any host that mounts the storage. The volumes table is not written here.
+    uses it or any host that mounts the storage. The volumes table is not written here. The
+    volume's reference to the cache is recorded (ZStack's C{ImageCacheVolumeRefVO}): the
+    cache outlives its image's deletion until the last such volume's bits are deleted.
+    Idempotent per volume uuid (a resend after a lost reply answers the existing volume).
+    C{PS.1008} when the image is deleted and not cached, or the host left during the
+    download.
 
     @ivar image: the image spec (module docstring).
     """
 
-    reply_type: ClassVar[type[Reply]] = VolumeOnPrimaryStorageReply
+    reply_type: ClassVar[type[Reply]] = InstantiateVolumeOnPrimaryStorageReply
 
     primary_storage_uuid: str
     volume_uuid: str
@@ -301,12 +307,15 @@ class InstantiateVolumeMsg(NeedReplyMessage):
 
 @registry.register
 @attrs.define(kw_only=True)
-class CreateEmptyVolumeMsg(NeedReplyMessage):
+class InstantiateVolumeOnPrimaryStorageMsg(NeedReplyMessage):
     """
-    Create an empty (data) volume of C{size} bytes (holder C{("VolumeVO", volume_uuid)}).
+    Create an empty (data) volume of C{size} bytes (holder C{("VolumeVO", volume_uuid)};
+    ZStack's C{InstantiateVolumeOnPrimaryStorageMsg}, which creates an empty volume unless
+    it is the root-from-template subclass). Idempotent per volume uuid: a resend with the
+    same size answers the existing volume; another size is C{PS.1009} naming C{volumeUuid}.
     """
 
-    reply_type: ClassVar[type[Reply]] = VolumeOnPrimaryStorageReply
+    reply_type: ClassVar[type[Reply]] = InstantiateVolumeOnPrimaryStorageReply
 
     primary_storage_uuid: str
     volume_uuid: str
@@ -345,7 +354,8 @@ class ImageCacheReply(Reply):
 class DownloadImageToPrimaryStorageCacheMsg(NeedReplyMessage):
     """
     Ensure an image is in the storage's cache (on C{host_uuid} for LocalStorage), as
-    L{InstantiateVolumeMsg} does first. C{PS.1008} when the download fails (no cache row and
+    L{InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg} does first. C{PS.1008} when the
+    download fails (no cache row and
     no capacity left held; the next request tries again).
     """
 

@@ -60,19 +60,19 @@ from zcontrol.services.primarystorage.messages import (
     AllocatePrimaryStorageReply,
     AttachPrimaryStorageToClusterMsg,
     ChangePrimaryStorageStateMsg,
-    CreateEmptyVolumeMsg,
     DeletePrimaryStorageMsg,
     DeleteVolumeBitsOnPrimaryStorageMsg,
     DetachPrimaryStorageFromClusterMsg,
     DownloadImageToPrimaryStorageCacheMsg,
     ImageCacheReply,
-    InstantiateVolumeMsg,
+    InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg,
+    InstantiateVolumeOnPrimaryStorageMsg,
+    InstantiateVolumeOnPrimaryStorageReply,
     PrimaryStorageReply,
     ReconnectPrimaryStorageMsg,
     RemoveHostFromPrimaryStorageMsg,
     ReturnPrimaryStorageCapacityMsg,
     UpdatePrimaryStorageMsg,
-    VolumeOnPrimaryStorageReply,
 )
 
 __all__ = ["PrimaryStorageService", "make"]
@@ -111,8 +111,9 @@ def _image_spec(value: Any) -> dict[str, Any]:
         "size": validate.size(value.get("size"), "image.size"),
         "format": validate.optional_text(value.get("format"), "image.format", 64),
         "mediaType": validate.optional_text(value.get("mediaType"), "image.mediaType", 64),
-        "backupStorageUuid": validate.optional_text(value.get("backupStorageUuid"),
-                                                    "image.backupStorageUuid", 64),
+        "backupStorageUuid": (None if value.get("backupStorageUuid") is None else
+                              validate.uuid(value.get("backupStorageUuid"),
+                                            "image.backupStorageUuid")),
         "installPath": validate.optional_text(value.get("installPath"), "image.installPath"),
         "backupStorageHostname": validate.optional_text(value.get("backupStorageHostname"),
                                                         "image.backupStorageHostname"),
@@ -163,7 +164,8 @@ class PrimaryStorageService(Service):
     # --- helpers --------------------------------------------------------------------------
 
     async def _ps(self, uuid: Any, field: str = "primaryStorageUuid") -> dict[str, Any]:
-        return await self.must_get("primaryStorage", uuid, PS.NOT_FOUND, field=field)
+        return await self.must_get("primaryStorage", validate.uuid(uuid, field), PS.NOT_FOUND,
+                                   field=field)
 
     async def _inventory(self, uuid: str) -> dict[str, Any] | None:
         return await inventory(self.store, "primaryStorage", uuid)
@@ -184,7 +186,12 @@ class PrimaryStorageService(Service):
         except OperationError as e:
             raise OperationError(error_code(PS.HOST_ERROR, f"{path} on host {host_uuid}",
                                             e.error, hostUuid=host_uuid, path=path)) from None
-        rsp = p.COMMANDS[path].rsp_type.from_dict(reply.response)
+        try:
+            rsp = p.COMMANDS[path].rsp_type.from_dict(reply.response)
+        except Exception as e:  # a malformed answer: the command failed, say which
+            raise OperationError.of(
+                PS.HOST_ERROR, f"{path} on host {host_uuid}: malformed response"
+                f" ({type(e).__name__}: {e})", hostUuid=host_uuid, path=path) from None
         if not rsp.success:
             raise OperationError.of(PS.HOST_ERROR, f"{path} on host {host_uuid}: {rsp.error}",
                                     hostUuid=host_uuid, path=path, agentError=rsp.error)
@@ -254,6 +261,10 @@ class PrimaryStorageService(Service):
                 raise OperationError(error_code(PS.ADD_ERROR,
                                                 f"a primary storage {ps_uuid} exists",
                                                 e.error, uuid=ps_uuid)) from None
+            if e.error.code == DB.REFERENCE:  # the zone went meanwhile
+                raise OperationError(error_code(
+                    PS.NOT_FOUND, f"no zone with uuid {zone_uuid}", e.error, resource="zone",
+                    uuid=zone_uuid, field="zoneUuid", zoneUuid=zone_uuid)) from None
             raise
         return PrimaryStorageReply(inventory=await self._inventory(ps_uuid))
 
@@ -352,28 +363,53 @@ class PrimaryStorageService(Service):
         await self.store.set_primary_storage_capacity(ps["uuid"], rsp.total_capacity,
                                                       rsp.available_capacity)
 
-    async def _forget_host(self, ps: dict[str, Any], host_uuid: str, best_effort: bool = True
-                           ) -> None:
+    async def _forget_host(self, ps: dict[str, Any], host_uuid: str) -> None:
         """
-        Delete the host's image caches on it (agent, best effort), unmount (NFS, best
-        effort), and drop its refs, caches and their capacity from the store.
+        Drop the host's refs, caches and their capacity from the store in one transaction
+        (refused, C{PS.1004} naming the volumes, while volumes hold capacity on the host:
+        then nothing changed), then delete the caches' bits / unmount on the host (agent,
+        best effort).
         """
-        host = await self.store.get("host", host_uuid)
-        reachable = host is not None and host["status"] == CONNECTED
+        try:
+            done = await self.store.remove_primary_storage_host(ps["uuid"], host_uuid)
+        except OperationError as e:
+            raise self._in_use(e, ps["uuid"], f"removed from host {host_uuid}") from None
+        await self._clean_hosts(ps, [host_uuid], done["imageCaches"])
+
+    async def _clean_hosts(self, ps: dict[str, Any], host_uuids: list[str],
+                           caches: list[dict[str, Any]]) -> None:
+        """
+        After the store forgot C{host_uuids}: delete the bits of their dropped C{caches}
+        (LocalStorage) or unmount (NFS) on those that are Connected; best effort.
+        """
+        hosts = await self._query("host", f"uuid?={','.join(host_uuids)}",
+                                  f"status={CONNECTED}") if host_uuids else []
+        reachable = {h["uuid"] for h in hosts}
         if ps["type"] == LOCAL_STORAGE_TYPE:
-            caches = await self._query("imageCache", f"primaryStorageUuid={ps['uuid']}",
-                                       f"hostUuid={host_uuid}")
-            for cache in caches if reachable else []:
-                await self._best_effort(self._agent(host_uuid, "/localstorage/delete",
-                                                    p.LocalStorageDeleteCmd(
-                                                        storage_path=ps["url"],
-                                                        path=cache["installUrl"] or "")),
-                                        "deleting an image cache")
-        elif reachable:
-            await self._best_effort(self._agent(host_uuid, "/nfsprimarystorage/unmount",
+            for cache in caches:
+                if cache["hostUuid"] in reachable and cache["installUrl"]:
+                    await self._best_effort(self._delete_bits(ps, cache["hostUuid"],
+                                                              cache["installUrl"]),
+                                            "deleting an image cache")
+            return
+        for h in sorted(reachable):
+            await self._best_effort(self._agent(h, "/nfsprimarystorage/unmount",
                                                 p.NfsUnmountCmd(**self._nfs(ps))),
                                     "unmounting")
-        await self.store.remove_primary_storage_host(ps["uuid"], host_uuid)
+
+    def _in_use(self, e: OperationError, ps_uuid: str, what: str) -> OperationError:
+        """
+        The store's refusal (C{SYS.1006}, details C{holders}) as C{PS.1004} naming the
+        volumes; any other error as it is.
+        """
+        if e.error.code != SYS.OPERATION_ERROR:
+            return e
+        holders = list(e.error.opaque.get("holders") or [])
+        names = ", ".join(f"{h['holderType']} {h['holderUuid']}" for h in holders[:20])
+        return OperationError(error_code(
+            PS.IN_USE, f"primary storage {ps_uuid} cannot be {what}: {len(holders)}"
+            f" volume(s) hold its capacity ({names})", e.error, primaryStorageUuid=ps_uuid,
+            holders=holders, volumeUuids=[h["holderUuid"] for h in holders]))
 
     async def _best_effort(self, coro: Any, what: str) -> None:
         try:
@@ -391,8 +427,6 @@ class PrimaryStorageService(Service):
         ps = await self._ps(msg.primary_storage_uuid)
 
         async def run() -> Reply:
-            await self._refuse_volumes(ps["uuid"], [msg.host_uuid],
-                                       f"removed from host {msg.host_uuid}")
             await self._forget_host(ps, msg.host_uuid)
             return Reply()
 
@@ -408,8 +442,8 @@ class PrimaryStorageService(Service):
         (hosts already done are forgotten) and fails with C{PS.1001}.
         """
         ps = await self._ps(msg.primary_storage_uuid)
-        cluster = await self.must_get("cluster", msg.cluster_uuid, PS.NOT_FOUND,
-                                      field="clusterUuid")
+        cluster = await self.must_get("cluster", validate.uuid(msg.cluster_uuid, "clusterUuid"),
+                                      PS.NOT_FOUND, field="clusterUuid")
         if cluster["zoneUuid"] != ps["zoneUuid"]:
             raise OperationError.of(
                 PS.ATTACH_ERROR, f"cluster {cluster['uuid']} is in zone {cluster['zoneUuid']},"
@@ -491,22 +525,25 @@ class PrimaryStorageService(Service):
                                      lambda: self._detach(ps["uuid"], msg.cluster_uuid))
 
     async def _detach(self, ps_uuid: str, cluster_uuid: str) -> PrimaryStorageReply:
+        """
+        The dependency check, the hosts' refs and caches and the cluster ref go in one store
+        transaction (L{zcontrol.db.components.storage.detach_primary_storage_thd}), before
+        any agent call: a volume reserved meanwhile either blocks the detach (C{PS.1004}
+        naming it, nothing changed) or finds its host gone. The caches' bits are deleted /
+        the hosts unmount afterwards, best effort.
+        """
         ps = await self._ps(ps_uuid)
-        refs = await self._query("primaryStorageClusterRef", f"primaryStorageUuid={ps_uuid}")
-        ref = next((r for r in refs if r["clusterUuid"] == cluster_uuid), None)
-        if ref is None:
-            raise OperationError.of(
-                PS.DETACH_ERROR, f"primary storage {ps_uuid} is not attached to cluster "
-                f"{cluster_uuid}", primaryStorageUuid=ps_uuid, clusterUuid=cluster_uuid)
-        hosts = await self._cluster_hosts(cluster_uuid, connected_only=False)
-        if ps["type"] == LOCAL_STORAGE_TYPE:
-            await self._refuse_volumes(ps_uuid, hosts, f"detached from cluster {cluster_uuid}")
-        elif len(refs) == 1:
-            await self._refuse_volumes(ps_uuid, None, f"detached from cluster {cluster_uuid}"
-                                       " (its last)")
-        for h in hosts:
-            await self._forget_host(ps, h)
-        await self.store.delete("primaryStorageClusterRef", ref["uuid"])
+        try:
+            done = await self.store.detach_primary_storage(ps_uuid, cluster_uuid)
+        except OperationError as e:
+            if (e.error.code == SYS.RESOURCE_NOT_FOUND
+                    and e.error.opaque.get("resource") == "primaryStorageClusterRef"):
+                raise OperationError.of(
+                    PS.DETACH_ERROR, f"primary storage {ps_uuid} is not attached to cluster "
+                    f"{cluster_uuid}", primaryStorageUuid=ps_uuid,
+                    clusterUuid=cluster_uuid) from None
+            raise self._in_use(e, ps_uuid, f"detached from cluster {cluster_uuid}") from None
+        await self._clean_hosts(ps, done["hostUuids"], done["imageCaches"])
         return PrimaryStorageReply(inventory=await self._inventory(ps_uuid))
 
     @handles(ReconnectPrimaryStorageMsg)
@@ -580,7 +617,8 @@ class PrimaryStorageService(Service):
     async def _image_deleted(self, image_uuid: str) -> None:
         """
         Drop the caches of a deleted image on the storages this node owns (agent delete
-        best effort, capacity given back).
+        best effort, capacity given back), those no volume references: a referenced one
+        goes when its last volume's bits are deleted (L{_release_cache_refs}).
         """
         for cache in await self._query("imageCache", f"imageUuid={image_uuid}"):
             ps_uuid = cache["primaryStorageUuid"]
@@ -590,6 +628,12 @@ class PrimaryStorageService(Service):
             await self.serialized(key, lambda c=cache: self._drop_cache(c))
 
     async def _drop_cache(self, cache: dict[str, Any]) -> None:
+        """
+        Delete an unreferenced cache's row and capacity (atomically checking that no volume
+        references it), then its bits (agent, best effort).
+        """
+        if not await self.store.delete_image_cache(cache["uuid"], unreferenced_only=True):
+            return
         ps = await self.store.get("primaryStorage", cache["primaryStorageUuid"])
         if ps is not None and cache["installUrl"]:
             try:
@@ -599,7 +643,6 @@ class PrimaryStorageService(Service):
             if host is not None:
                 await self._best_effort(self._delete_bits(ps, host, cache["installUrl"]),
                                         "deleting an image cache")
-        await self.store.delete_image_cache(cache["uuid"])
 
     # --- capacity -------------------------------------------------------------------------
 
@@ -689,7 +732,9 @@ class PrimaryStorageService(Service):
             return host_uuid
         return await self._bits_host(ps, host_uuid)
 
-    async def _bits_host(self, ps: dict[str, Any], host_uuid: str | None) -> str:
+    async def _bits_host(self, ps: dict[str, Any], host_uuid: Any) -> str:
+        if host_uuid is not None:
+            host_uuid = validate.uuid(host_uuid, "hostUuid")
         if ps["type"] == LOCAL_STORAGE_TYPE:
             if host_uuid is None:
                 raise validate.invalid("hostUuid", None, "is needed for LocalStorage")
@@ -698,7 +743,6 @@ class PrimaryStorageService(Service):
                                  f"status={CONNECTED}")
         mounted = sorted(r["hostUuid"] for r in refs)
         if host_uuid is not None:
-            validate.uuid(host_uuid, "hostUuid")
             if host_uuid not in mounted:
                 raise OperationError.of(
                     PS.WRONG_STATE, f"NFS primary storage {ps['uuid']} is not mounted on host"
@@ -712,17 +756,48 @@ class PrimaryStorageService(Service):
                 primaryStorageUuid=ps["uuid"])
         return sorted(h["uuid"] for h in hosts)[0]
 
-    async def _ensure_cache(self, ps: dict[str, Any], host_uuid: str,
-                            image: dict[str, Any]) -> dict[str, Any]:
+    async def _ensure_cache(self, ps: dict[str, Any], host_uuid: str, image: dict[str, Any],
+                            volume_uuid: str | None = None) -> tuple[dict[str, Any], bool]:
+        """
+        The image's cache row, Ready (Note [one download]); with C{volume_uuid}, the
+        volume's reference to it recorded in the same chain (so that a drop of the cache
+        queued behind sees it). Also whether this call recorded the reference.
+        """
         cache_host = host_uuid if ps["type"] == LOCAL_STORAGE_TYPE else None
         key = self._cache_key(ps["uuid"], cache_host, image["uuid"])
-        return await self.serialized(key, lambda: self._fill_cache(ps, host_uuid, cache_host,
-                                                                   image))
+
+        async def run() -> tuple[dict[str, Any], bool]:
+            cache = await self._fill_cache(ps, host_uuid, cache_host, image)
+            if volume_uuid is None:
+                return cache, False
+            try:
+                added = await self.store.add_image_cache_volume_ref(cache["uuid"], volume_uuid)
+            except OperationError as e:
+                if e.error.code != SYS.RESOURCE_NOT_FOUND:
+                    raise
+                raise OperationError(error_code(
+                    PS.DOWNLOAD_ERROR, f"the cache of image {image['uuid']} on primary storage"
+                    f" {ps['uuid']} went away", e.error, primaryStorageUuid=ps["uuid"],
+                    imageUuid=image["uuid"], hostUuid=host_uuid)) from None
+            return cache, added
+
+        return await self.serialized(key, run)
+
+    async def _image_gone(self, image_uuid: str) -> bool:
+        """
+        Whether an image is deleted: no row, or status C{Deleted}.
+        """
+        row = await self.store.get("image", image_uuid)
+        return row is None or row["status"] == "Deleted"
 
     async def _fill_cache(self, ps: dict[str, Any], host_uuid: str, cache_host: str | None,
                           image: dict[str, Any]) -> dict[str, Any]:
         """
-        Note [one download]: the cache row, Ready, downloading it first if needed.
+        Note [one download]: the cache row, Ready, downloading it first if needed. A new
+        cache of a deleted image is refused (C{PS.1008} naming C{imageUuid}): an instantiate
+        racing with the image's deletion would leave it for good. A cache row that went
+        during the download (its host removed) fails with C{PS.1008} naming the host, the
+        downloaded bits deleted (best effort).
         """
         conditions = [f"primaryStorageUuid={ps['uuid']}", f"imageUuid={image['uuid']}",
                       f"hostUuid={cache_host}" if cache_host else "hostUuid is null"]
@@ -733,6 +808,11 @@ class PrimaryStorageService(Service):
         if rows:
             cache = rows[0]  # a download cut short (a restart): try again
         else:
+            if await self._image_gone(image["uuid"]):
+                raise OperationError.of(
+                    PS.DOWNLOAD_ERROR, f"image {image['uuid']} is deleted: not caching it on"
+                    f" primary storage {ps['uuid']}", primaryStorageUuid=ps["uuid"],
+                    imageUuid=image["uuid"])
             try:
                 cache = await self.store.create_image_cache({
                     "uuid": uuidlib.uuid4().hex, "primaryStorageUuid": ps["uuid"],
@@ -754,7 +834,7 @@ class PrimaryStorageService(Service):
                                       backup_storage_hostname=image["backupStorageHostname"],
                                       size=image["size"], actual_size=image["actualSize"]))
             else:
-                await self._agent(host_uuid, "/nfsprimarystorage/sftp/download",
+                await self._agent(host_uuid, "/nfsprimarystorage/downloadfromsftpbackupstorage",
                                   p.NfsDownloadCmd(
                                       **self._nfs(ps), image_uuid=image["uuid"],
                                       primary_storage_install_path=install,
@@ -767,7 +847,18 @@ class PrimaryStorageService(Service):
                 PS.DOWNLOAD_ERROR, f"cannot download image {image['uuid']} to primary storage"
                 f" {ps['uuid']}", e.error, primaryStorageUuid=ps["uuid"],
                 imageUuid=image["uuid"], hostUuid=host_uuid)) from None
-        return await self.store.update("imageCache", cache["uuid"], {"status": "Ready"})
+        try:
+            return await self.store.update("imageCache", cache["uuid"], {"status": "Ready"})
+        except OperationError as e:
+            if e.error.code != SYS.RESOURCE_NOT_FOUND:
+                raise
+        # The row went meanwhile (RemoveHostFromPrimaryStorage / detach forgot the host).
+        await self._best_effort(self._delete_bits(ps, host_uuid, install),
+                                "deleting an orphaned image cache")
+        raise OperationError.of(
+            PS.DOWNLOAD_ERROR, f"host {host_uuid} left primary storage {ps['uuid']} while"
+            f" image {image['uuid']} was downloaded to it", primaryStorageUuid=ps["uuid"],
+            imageUuid=image["uuid"], hostUuid=host_uuid)
 
     @handles(DownloadImageToPrimaryStorageCacheMsg)
     async def download_to_cache(self, msg: DownloadImageToPrimaryStorageCacheMsg
@@ -776,20 +867,23 @@ class PrimaryStorageService(Service):
         ps = await self._ps(msg.primary_storage_uuid)
         self._check_usable(ps)
         host_uuid = await self._volume_host(ps, msg.host_uuid)
-        return ImageCacheReply(inventory=await self._ensure_cache(ps, host_uuid, image))
+        cache, _ = await self._ensure_cache(ps, host_uuid, image)
+        return ImageCacheReply(inventory=cache)
 
     # --- volumes --------------------------------------------------------------------------
 
-    @handles(InstantiateVolumeMsg)
-    async def instantiate(self, msg: InstantiateVolumeMsg) -> VolumeOnPrimaryStorageReply:
+    @handles(InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg)
+    async def instantiate(self, msg: InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg
+                          ) -> InstantiateVolumeOnPrimaryStorageReply:
         image = _image_spec(msg.image)
         volume_uuid = validate.uuid(msg.volume_uuid, "volumeUuid")
         size = image["size"] if msg.size is None else validate.size(msg.size, "size")
         ps = await self._ps(msg.primary_storage_uuid)
         self._check_usable(ps)
         host_uuid = await self._volume_host(ps, msg.host_uuid)
-        cache = await self._ensure_cache(ps, host_uuid, image)
+        cache, ref_added = await self._ensure_cache(ps, host_uuid, image, volume_uuid)
         install = self._volume_path(ps, "rootVolumes", volume_uuid)
+        cmd: p.Message
         if ps["type"] == LOCAL_STORAGE_TYPE:
             path, cmd = "/localstorage/volume/createvolumefromcache", \
                 p.LocalStorageCreateVolumeFromCacheCmd(
@@ -797,14 +891,21 @@ class PrimaryStorageService(Service):
                     template_path_in_cache=cache["installUrl"], install_url=install,
                     virtual_size=size)
         else:
-            path, cmd = "/nfsprimarystorage/createrootvolume", p.NfsCreateRootVolumeCmd(
+            path = "/nfsprimarystorage/sftp/createvolumefromtemplate"
+            cmd = p.NfsCreateRootVolumeCmd(
                 **self._nfs(ps), volume_uuid=volume_uuid,
                 template_path_in_cache=cache["installUrl"], install_url=install,
                 virtual_size=size)
-        return await self._create_volume(ps, host_uuid, volume_uuid, size, path, cmd)
+        try:
+            return await self._create_volume(ps, host_uuid, volume_uuid, size, path, cmd)
+        except Exception:
+            if ref_added:  # no volume of this call references the cache
+                await self._release_cache_refs(ps["uuid"], volume_uuid, cache["uuid"])
+            raise
 
-    @handles(CreateEmptyVolumeMsg)
-    async def create_empty(self, msg: CreateEmptyVolumeMsg) -> VolumeOnPrimaryStorageReply:
+    @handles(InstantiateVolumeOnPrimaryStorageMsg)
+    async def create_empty(self, msg: InstantiateVolumeOnPrimaryStorageMsg
+                           ) -> InstantiateVolumeOnPrimaryStorageReply:
         volume_uuid = validate.uuid(msg.volume_uuid, "volumeUuid")
         size = validate.size(msg.size, "size")
         ps = await self._ps(msg.primary_storage_uuid)
@@ -822,28 +923,58 @@ class PrimaryStorageService(Service):
 
     async def _create_volume(self, ps: dict[str, Any], host_uuid: str, volume_uuid: str,
                              size: int, path: str, cmd: p.Message
-                             ) -> VolumeOnPrimaryStorageReply:
+                             ) -> InstantiateVolumeOnPrimaryStorageReply:
         """
-        Reserve C{size} for the volume, then create it on the agent; a failure gives the
-        reservation back.
+        Reserve C{size} for the volume, then create it on the agent; a failure gives back
+        the reservation if this call made it. Idempotent per volume uuid (a resend after a
+        lost reply): when the volume already holds C{size} there (on that host) the agent
+        is asked again, and answers that the volume exists with that size (ZStack's agents
+        do for a retried command). C{PS.1009} naming C{volumeUuid} when the volume holds
+        another size or host, or the agent fails; C{PS.1007} short.
         """
         local = ps["type"] == LOCAL_STORAGE_TYPE
         holder = (VOLUME_HOLDER, volume_uuid)
         try:
-            await self.store.reserve_primary_storage_capacity(
+            _, inserted = await self.store.reserve_primary_storage_capacity_reporting(
                 ps["uuid"], size, holder, host_uuid if local else None)
         except OperationError as e:
+            if e.error.code == DB.DUPLICATE:
+                held = e.error.opaque.get("held") or {}
+                raise OperationError(error_code(
+                    PS.VOLUME_ERROR, f"volume {volume_uuid} already holds {held.get('size')}"
+                    f" bytes of primary storage {ps['uuid']} (host {held.get('host_uuid')}),"
+                    f" not {size}", e.error, primaryStorageUuid=ps["uuid"],
+                    volumeUuid=volume_uuid, held=held)) from None
             raise self._capacity_error(e, ps["uuid"]) from None
         try:
             rsp = await self._agent(host_uuid, path, cmd)
+            if rsp.install_path is None or (rsp.size and rsp.size != size):
+                raise OperationError.of(
+                    PS.HOST_ERROR, f"{path} on host {host_uuid} answered volume"
+                    f" {rsp.install_path} of {rsp.size} bytes, not {size}", hostUuid=host_uuid,
+                    path=path)
         except OperationError as e:
-            await self.store.release_primary_storage_capacity(ps["uuid"], holder)
+            if inserted:
+                await self.store.release_primary_storage_capacity(ps["uuid"], holder)
             raise OperationError(error_code(
                 PS.VOLUME_ERROR, f"cannot create volume {volume_uuid} on primary storage "
                 f"{ps['uuid']}", e.error, primaryStorageUuid=ps["uuid"],
                 volumeUuid=volume_uuid)) from None
-        return VolumeOnPrimaryStorageReply(primary_storage_uuid=ps["uuid"], host_uuid=host_uuid,
-                                           install_path=rsp.install_path, size=size)
+        return InstantiateVolumeOnPrimaryStorageReply(
+            primary_storage_uuid=ps["uuid"], host_uuid=host_uuid,
+            install_path=rsp.install_path, size=size)
+
+    async def _release_cache_refs(self, ps_uuid: str, volume_uuid: str,
+                                  cache_uuid: str | None = None) -> None:
+        """
+        Forget a volume's references to image caches; a cache left unreferenced whose
+        image is deleted is dropped (ZStack's C{ImageCacheVolumeRefVO} cleanup).
+        """
+        for cache in await self.store.remove_image_cache_volume_refs(ps_uuid, volume_uuid,
+                                                                     cache_uuid):
+            if await self._image_gone(cache["imageUuid"]):
+                key = self._cache_key(ps_uuid, cache["hostUuid"], cache["imageUuid"])
+                await self.serialized(key, lambda c=cache: self._drop_cache(c))
 
     async def _delete_bits(self, ps: dict[str, Any], host_uuid: str, install_path: str
                            ) -> None:
@@ -866,7 +997,8 @@ class PrimaryStorageService(Service):
         if not install:
             raise validate.invalid("installPath", msg.install_path, "must not be empty")
         ps = await self._ps(msg.primary_storage_uuid)
-        host_uuid = msg.host_uuid
+        host_uuid = (None if msg.host_uuid is None
+                     else validate.uuid(msg.host_uuid, "hostUuid"))
         if ps["type"] == LOCAL_STORAGE_TYPE and host_uuid is None:
             held = [h for h in await self.store.primary_storage_holders(ps["uuid"])
                     if h["holderType"] == VOLUME_HOLDER and h["holderUuid"] == volume_uuid]
@@ -875,6 +1007,7 @@ class PrimaryStorageService(Service):
         await self._delete_bits(ps, host_uuid, install)
         row = await self.store.release_primary_storage_capacity(ps["uuid"],
                                                                 (VOLUME_HOLDER, volume_uuid))
+        await self._release_cache_refs(ps["uuid"], volume_uuid)
         return PrimaryStorageReply(inventory=row)
 
 
