@@ -162,17 +162,23 @@ class BackupStorageService(Service):
     async def _store_capacity(self, uuid: str, rsp: Any) -> None:
         """
         Store the capacity an agent response reports (if it reports one); a backup storage
-        deleted meanwhile is no error.
+        deleted meanwhile is no error. The writes of one backup storage run one at a time in
+        the order the responses came (chain C{bs-capacity-<uuid>}): concurrent writes could
+        complete in any order, and the last would not be the agent's latest figure.
         """
         total, available = rsp.total_capacity, rsp.available_capacity
         if total is None or available is None:
             return
-        try:
-            await self.store.update("backupStorage", uuid, {
-                "totalCapacity": total, "availableCapacity": max(0, min(available, total))})
-        except OperationError as e:
-            if e.error.code != SYS.RESOURCE_NOT_FOUND:
-                raise
+
+        async def write() -> None:
+            try:
+                await self.store.update("backupStorage", uuid, {
+                    "totalCapacity": total, "availableCapacity": max(0, min(available, total))})
+            except OperationError as e:
+                if e.error.code != SYS.RESOURCE_NOT_FOUND:
+                    raise
+
+        await self.serialized(f"bs-capacity-{uuid}", write)
 
     async def _taken(self, canonical: str, uuid: str) -> None:
         """
