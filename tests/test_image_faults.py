@@ -17,6 +17,7 @@ from zcontrol.bus.local import LocalBus
 from zcontrol.db.query import Condition, Query
 from zcontrol.services.backupstorage import (
     SERVICE_ID,
+    AddSftpBackupStorageMsg,
     DeleteBackupStorageMsg,
     DeleteBitsOnBackupStorageMsg,
 )
@@ -282,3 +283,27 @@ class TwoNodesTests(FaultsTestCase):
                              self.bus.owner_of(reply.inventory["uuid"]))
             nodes.add(job["managementNodeUuid"])
         self.assertEqual(nodes, {"mn-1", "mn-2"})
+
+    def test_add_backup_storage_runs_on_owner(self) -> None:
+        """
+        A backup storage added through mn-1 that mn-2 owns is added on mn-2 in its chain: a
+        delete (routed to mn-2) during the connect waits for the add, which ends Connected,
+        then deletes it.
+        """
+        uuid = self.owned_by("mn-2", "bs")
+        self.agents.hold(bs_base(0), p.SftpConnectCmd)
+        add = self.bus.send(AddSftpBackupStorageMsg(
+            service_id=SERVICE_ID, name="b", url="/zstack_bs", hostname=bs_base(0),
+            username="root", password="secret", uuid=uuid))
+        self.pump()
+        delete = self.bus.send(DeleteBackupStorageMsg(service_id=SERVICE_ID, uuid=uuid,
+                                                      resource_uuid=uuid))
+        self.pump()
+        self.assertNoResult(delete)
+        self.agents.release(bs_base(0), p.SftpConnectCmd)
+        reply = self.result(add)
+        self.assertTrue(reply.success, reply.error)
+        self.assertEqual(reply.inventory["status"], "Connected")
+        reply = self.result(delete)
+        self.assertTrue(reply.success, reply.error)
+        self.assert_clean()
