@@ -33,7 +33,7 @@ from zcontrol.services.backupstorage import (
 from zcontrol.services.backupstorage.service import BackupStorageConfig, BackupStorageService
 from zcontrol.services.image import IMAGE, AddImageMsg, DeleteImageMsg
 from zcontrol.services.image import SERVICE_ID as IMAGE_SERVICE
-from zcontrol.services.image.service import ImageService
+from zcontrol.services.image.service import ADD_IMAGE_JOB, RESTARTED, ImageService
 from zcontrol.services.inventory import inventory
 
 
@@ -152,6 +152,47 @@ class _Integration:
                              "imageBackupStorageRef"):
                 page = await self.store.query(resource, Query(count=True))
                 self.assertEqual(page.total, 0, resource)
+
+        return defer.Deferred.fromCoroutine(go())
+
+    def test_restart_resolution(self) -> defer.Deferred:
+        """
+        The store steps of an add interrupted by a restart, on the real backend: a download
+        recorded as it ended, then the resolution: the image Ready with it, the other ref
+        Error saying why, the job Succeeded; a job whose image was never inserted Failed
+        with IMAGE.1001; the end of an add whose rows are gone changes nothing.
+        """
+
+        async def go() -> None:
+            for uuid in ("bs1", "bs2"):
+                await self.store.insert("backupStorage", {
+                    "uuid": uuid, "name": uuid, "url": "/zstack_bs", "type": "SftpBackupStorage",
+                    "hostname": p.host_base_url(self.agent_url, 3), "status": "Disconnected"})
+            await self.store.create_job("j1", ADD_IMAGE_JOB, {"uuid": "i1"}, "mn-1",
+                                        resource_uuid="i1")
+            await self.store.add_image({
+                "uuid": "i1", "name": "i", "url": "http://h/i", "status": "Downloading",
+                "mediaType": "RootVolumeTemplate", "format": "qcow2", "platform": "Linux",
+                "system": False}, ["bs1", "bs2"])
+            done = {"backupStorageUuid": "bs1", "installPath": "/zstack_bs/x", "size": 99,
+                    "actualSize": 33, "md5sum": "m"}
+            self.assertTrue(await self.store.record_image_ref_download("i1", done))
+            self.assertFalse(await self.store.record_image_ref_download(
+                "i1", {"backupStorageUuid": "bs1", "error": "late"}))
+            await self.store.create_job("j2", ADD_IMAGE_JOB, {"uuid": "i2"}, "mn-1",
+                                        resource_uuid="i2")
+            await self.images.resolve_add_image_jobs(await self.store.running_jobs("mn-1"))
+            inv = await inventory(self.store, "image", "i1")
+            self.assertEqual((inv["status"], inv["size"], inv["actualSize"], inv["md5sum"]),
+                             ("Ready", 99, 33, "m"))
+            self.assertEqual([(r["backupStorageUuid"], r["status"], r["lastError"])
+                              for r in inv["backupStorageRefs"]],
+                             [("bs1", "Ready", None), ("bs2", "Error", RESTARTED)])
+            j1, j2 = [await self.store.get("job", j) for j in ("j1", "j2")]
+            self.assertEqual((j1["state"], j2["state"], j2["error"]["code"]),
+                             ("Succeeded", "Failed", IMAGE.NOT_FOUND))
+            self.assertEqual(await self.store.running_jobs("mn-1"), [])
+            self.assertIsNone(await self.store.finish_image_download("i2", [done]))
 
         return defer.Deferred.fromCoroutine(go())
 

@@ -43,8 +43,73 @@ def add_image_thd(db: Db, image: dict, backup_storage_uuids: Sequence[str], now:
     return row
 
 
+def record_image_ref_download_thd(db: Db, image_uuid: str, result: dict, now: float) -> bool:
+    """
+    Record the outcome of one download (C{result} as one of L{finish_image_download_thd}'s)
+    as soon as it is known, atomically, so that a management node restarting before the
+    others end finds it (L{resolve_interrupted_image_download_thd}): the ref C{Ready} with
+    its install path and size (and the image's C{size}, C{actualSize}, C{md5sum} from the
+    first success), or C{Error} with its C{lastError}. The image stays C{Downloading}.
+
+    @return: whether the ref was there, still C{Downloading}.
+    """
+    image_uuid = _uuid("image_uuid", image_uuid)
+    with db.transaction():
+        ref = db.one("SELECT uuid FROM image_backup_storage_refs WHERE image_uuid = ?"
+                     " AND backup_storage_uuid = ? AND status = ?",
+                     (image_uuid, result["backupStorageUuid"], "Downloading"))
+        if ref is None:
+            return False
+        if result.get("error") is not None:
+            update_thd(db, "imageBackupStorageRef", ref[0], {
+                "status": "Error", "lastError": result["error"]}, None, now)
+            return True
+        first = not db.one("SELECT COUNT(*) FROM image_backup_storage_refs WHERE image_uuid = ?"
+                           " AND status = ?", (image_uuid, "Ready"))[0]
+        update_thd(db, "imageBackupStorageRef", ref[0], {
+            "status": "Ready", "installPath": result["installPath"],
+            "size": result["actualSize"], "lastError": None}, None, now)
+        if first:
+            update_thd(db, "image", image_uuid, {
+                "size": result["size"], "actualSize": result["actualSize"],
+                "md5sum": result.get("md5sum")}, None, now)
+        return True
+
+
+def resolve_interrupted_image_download_thd(db: Db, image_uuid: str, reason: str, now: float
+                                           ) -> dict | None:
+    """
+    Resolve the downloads of an image whose add was interrupted (its management node
+    restarted: nothing downloads any more), atomically: every ref still C{Downloading}
+    becomes C{Error} with C{lastError} C{reason}; an image still C{Downloading} becomes
+    C{Ready} when a ref is C{Ready} (a download that ended before the restart, see
+    L{record_image_ref_download_thd}), else C{Error}. Idempotent.
+
+    @return: C{{"image": row, "interrupted": [backup storage uuids]}} (C{interrupted}: the
+        refs that were still C{Downloading}), or None when the image row is gone.
+    """
+    image_uuid = _uuid("image_uuid", image_uuid)
+    with db.transaction():
+        row = get_thd(db, "image", image_uuid)
+        if row is None:
+            return None
+        refs = db.all("SELECT uuid, backup_storage_uuid, status FROM image_backup_storage_refs"
+                      " WHERE image_uuid = ? ORDER BY backup_storage_uuid", (image_uuid,))
+        interrupted = []
+        for ref_uuid, bs, status in refs:
+            if status == "Downloading":
+                update_thd(db, "imageBackupStorageRef", ref_uuid, {
+                    "status": "Error", "lastError": reason}, None, now)
+                interrupted.append(bs)
+        if row["status"] == "Downloading":
+            ready = any(status == "Ready" for _, _, status in refs)
+            row = update_thd(db, "image", image_uuid,
+                             {"status": "Ready" if ready else "Error"}, None, now)
+        return {"image": row, "interrupted": interrupted}
+
+
 def finish_image_download_thd(db: Db, image_uuid: str, results: Sequence[dict], now: float
-                              ) -> dict:
+                              ) -> dict | None:
     """
     Record the outcome of an image's downloads, atomically. C{results}: one dict per backup
     storage, C{backupStorageUuid} and either C{installPath}, C{size}, C{actualSize},
@@ -54,11 +119,13 @@ def finish_image_download_thd(db: Db, image_uuid: str, results: Sequence[dict], 
     refs that succeeded C{Ready} with their install paths and the failed refs deleted. When
     all failed, the image is C{Error} and each ref C{Error} with its C{lastError}.
 
-    @return: the image row.
+    @return: the image row, or None when the image was deleted meanwhile (nothing changed).
     """
     image_uuid = _uuid("image_uuid", image_uuid)
     good = [r for r in results if r.get("error") is None]
     with db.transaction():
+        if get_thd(db, "image", image_uuid) is None:
+            return None
         for r in results:
             ref = db.one("SELECT uuid FROM image_backup_storage_refs WHERE image_uuid = ?"
                          " AND backup_storage_uuid = ?", (image_uuid, r["backupStorageUuid"]))
@@ -170,6 +237,19 @@ class ImagesComponent(StoreComponent):
         See L{add_image_thd}.
         """
         return self._run(add_image_thd, _copy(image), list(backup_storage_uuids), self._now())
+
+    def record_image_ref_download(self, image_uuid: str, result: dict) -> Deferred:
+        """
+        See L{record_image_ref_download_thd}.
+        """
+        return self._run(record_image_ref_download_thd, image_uuid, _copy(result), self._now())
+
+    def resolve_interrupted_image_download(self, image_uuid: str, reason: str) -> Deferred:
+        """
+        See L{resolve_interrupted_image_download_thd}.
+        """
+        return self._run(resolve_interrupted_image_download_thd, image_uuid, reason,
+                         self._now())
 
     def finish_image_download(self, image_uuid: str, results: Sequence[dict]) -> Deferred:
         """

@@ -15,8 +15,15 @@ C{sftpbackupstorage} agent plugin, on the bus.
    after each one, failed ones included.
  - B{commands}: C{DownloadImageMsg} and C{DeleteBitsOnBackupStorageMsg} run on a Connected
    backup storage (downloads also need it Enabled), in parallel; operations that change the
-   backup storage (attach, detach, state, update, reconnect, delete) run one at a time per
-   backup storage (C{bs-<uuid>}).
+   backup storage (add, attach, detach, state, update, reconnect, delete) run one at a time
+   per backup storage (C{bs-<uuid>}).
+
+Note [add on the owner]: the messages about a backup storage are routed to its owner node
+(C{resource_uuid}), where its chain C{bs-<uuid>} runs; so the add too: its uuid is chosen
+first (C{uuid}, or a fresh one), a node that is not the owner forwards the message to it
+(with C{resource_uuid} = the uuid), and the insert and connect run in the chain. A delete
+(or reconnect, attach, ...) sent meanwhile waits for the add's outcome instead of removing
+the row under its connect.
 
 Note [one backup storage per agent]: as for hosts (Note [one host per agent] in
 L{zcontrol.services.host.service}), two backup storages may not share an agent, however its
@@ -39,6 +46,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from agent import protocol as p
+from zcontrol.bus.message import new_id
 from zcontrol.core.errors import SYS, OperationError, error_code
 from zcontrol.core.flow import FlowChain, flow
 from zcontrol.db.interfaces import DB
@@ -162,17 +170,23 @@ class BackupStorageService(Service):
     async def _store_capacity(self, uuid: str, rsp: Any) -> None:
         """
         Store the capacity an agent response reports (if it reports one); a backup storage
-        deleted meanwhile is no error.
+        deleted meanwhile is no error. The writes of one backup storage run one at a time in
+        the order the responses came (chain C{bs-capacity-<uuid>}): concurrent writes could
+        complete in any order, and the last would not be the agent's latest figure.
         """
         total, available = rsp.total_capacity, rsp.available_capacity
         if total is None or available is None:
             return
-        try:
-            await self.store.update("backupStorage", uuid, {
-                "totalCapacity": total, "availableCapacity": max(0, min(available, total))})
-        except OperationError as e:
-            if e.error.code != SYS.RESOURCE_NOT_FOUND:
-                raise
+
+        async def write() -> None:
+            try:
+                await self.store.update("backupStorage", uuid, {
+                    "totalCapacity": total, "availableCapacity": max(0, min(available, total))})
+            except OperationError as e:
+                if e.error.code != SYS.RESOURCE_NOT_FOUND:
+                    raise
+
+        await self.serialized(f"bs-capacity-{uuid}", write)
 
     async def _taken(self, canonical: str, uuid: str) -> None:
         """
@@ -204,6 +218,7 @@ class BackupStorageService(Service):
     async def add(self, msg: AddSftpBackupStorageMsg) -> BackupStorageReply:
         """
         Insert and connect (see the module docstring); C{BS.1000} when the connect fails.
+        Runs on the backup storage's owner node, in its chain (Note [add on the owner]).
         """
         name = validate.name(msg.name)
         description = validate.optional_text(msg.description, "description")
@@ -219,6 +234,11 @@ class BackupStorageService(Service):
         ssh_port = validate.integer(msg.ssh_port, "sshPort", 1, 65535)
         validate.one_of(msg.type, "type", [SFTP_BACKUP_STORAGE_TYPE])
         uuid = validate.uuid(msg.uuid, "uuid") if msg.uuid is not None else uuidlib.uuid4().hex
+        if msg.resource_uuid != uuid and self.bus.owner_of(uuid) != self.bus.node_id:
+            forwarded = attrs.evolve(msg, id=new_id(), uuid=uuid, resource_uuid=uuid,
+                                     deadline=None, timeout=None, reply_to=None)
+            return await self.send(forwarded, timeout=self.config.connect_timeout
+                                   + self.config.command_timeout + self.send_timeout)
         base = agent_base_url(msg.hostname, self.config.agent_port)
 
         async def insert(ctx: dict[str, Any]) -> None:
@@ -245,7 +265,7 @@ class BackupStorageService(Service):
             flow("connect-backup-storage", connect, forget),
         ])
         try:
-            await chain.run({})
+            await self.serialized(f"bs-{uuid}", lambda: chain.run({}))
         except OperationError as e:
             err = e.error
             cause = err.cause if err.cause is not None and err.location else err
