@@ -79,7 +79,7 @@ from zcontrol.services.primarystorage.messages import (
     DeletePrimaryStorageMsg,
     DeleteVolumeBitsOnPrimaryStorageMsg,
     DetachPrimaryStorageFromClusterMsg,
-    InstantiateVolumeMsg,
+    InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg,
 )
 from zcontrol.services.primarystorage.messages import SERVICE_ID as PRIMARY
 from zcontrol.services.zone.messages import SERVICE_ID as ZONE_SERVICE
@@ -111,7 +111,7 @@ class InventoryScenario:
         # requests all arrive while the first cache fill is still running
         DOWNLOAD_PATH: parse_latency("const:0.5"),
         "/localstorage/sftp/download": parse_latency("const:0.2"),
-        "/nfsprimarystorage/sftp/download": parse_latency("const:0.2"),
+        "/nfsprimarystorage/downloadfromsftpbackupstorage": parse_latency("const:0.2"),
     }
 
     def agent_plugins(self) -> list[Any]:
@@ -388,7 +388,7 @@ class InventoryScenario:
             before = await self.inv("primaryStorage", ps)
             uuids = [f"vol-{ps[:8]}-{i}" for i in range(VOLUMES)]
             replies = await defer.gatherResults([
-                defer.ensureDeferred(self.send(InstantiateVolumeMsg(
+                defer.ensureDeferred(self.send(InstantiateRootVolumeFromTemplateOnPrimaryStorageMsg(
                     primary_storage_uuid=ps, volume_uuid=v, image=dict(spec), host_uuid=host),
                     PRIMARY, ps)) for v in uuids])
             failed = [r.error for r in replies if not r.success]
