@@ -9,6 +9,7 @@ sizes in bytes, CPU speed in MHz.
 from __future__ import annotations
 
 import ipaddress
+import math
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
@@ -23,6 +24,7 @@ __all__ = [
     "netmask",
     "one_of",
     "optional_text",
+    "seconds",
     "size",
     "url",
     "uuid",
@@ -117,6 +119,18 @@ def integer(value: Any, field: str, minimum: int | None = None,
     if maximum is not None and value > maximum:
         raise invalid(field, value, f"must be at most {maximum}")
     return value
+
+
+def seconds(value: Any, field: str, maximum: float = 86400.0) -> float:
+    """
+    A duration in seconds: a finite number (an integer or a float, not a bool) greater
+    than 0 and at most C{maximum}.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(field, value, "must be a number of seconds")
+    if not math.isfinite(value) or value <= 0 or value > maximum:
+        raise invalid(field, value, f"must be more than 0 and at most {maximum:g} seconds")
+    return float(value)
 
 
 def size(value: Any, field: str, minimum: int = 1) -> int:
