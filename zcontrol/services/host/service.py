@@ -139,6 +139,11 @@ def canonical_agent_url(management_ip: str, agent_port: int) -> str:
 
     if not isinstance(management_ip, str) or not management_ip.strip():
         raise bad("is empty")
+    if len(management_ip) > 255:
+        raise validate.invalid("managementIp", management_ip, "must be at most 255 characters")
+    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in management_ip):
+        raise validate.invalid("managementIp", management_ip,
+                               "must not contain control characters")
     if management_ip != management_ip.strip() or any(c.isspace() for c in management_ip):
         raise bad("contains white space")
     parts = urlsplit(agent_base_url(management_ip, agent_port))
