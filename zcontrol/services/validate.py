@@ -17,6 +17,7 @@ from zcontrol.core.errors import SYS, OperationError
 
 __all__ = [
     "cidr",
+    "has_control",
     "integer",
     "invalid",
     "ipv4",
@@ -56,9 +57,19 @@ def _text(field: str, value: Any, max_length: int) -> str:
         raise invalid(field, value, "must be a string")
     if len(value) > max_length:
         raise invalid(field, value, f"must be at most {max_length} characters")
-    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+    if has_control(value):
         raise invalid(field, value, "must not contain control characters")
     return value
+
+
+def has_control(text: str) -> bool:
+    """
+    Whether C{text} holds a C0 or C1 control character (tab and newline too) or a lone
+    surrogate: a superset of what the store refuses (L{zcontrol.db.query.check_text}), so
+    that a field checked here never meets the store's own check, which names its column.
+    """
+    return any(ord(c) < 32 or 127 <= ord(c) <= 159 or 0xD800 <= ord(c) <= 0xDFFF
+               for c in text)
 
 
 def name(value: Any, field: str = "name", max_length: int = 255) -> str:

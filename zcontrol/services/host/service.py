@@ -141,7 +141,7 @@ def canonical_agent_url(management_ip: str, agent_port: int) -> str:
         raise bad("is empty")
     if len(management_ip) > 255:
         raise validate.invalid("managementIp", management_ip, "must be at most 255 characters")
-    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in management_ip):
+    if validate.has_control(management_ip):
         raise validate.invalid("managementIp", management_ip,
                                "must not contain control characters")
     if management_ip != management_ip.strip() or any(c.isspace() for c in management_ip):
