@@ -26,6 +26,7 @@ from zcontrol.bus.local import LocalBus
 from zcontrol.core.errors import SYS, OperationError
 from zcontrol.db.memory import MemoryStore
 from zcontrol.db.query import Query
+from zcontrol.services.cluster.messages import CLUSTER
 from zcontrol.services.host import (
     HOST,
     SERVICE_ID,
@@ -457,7 +458,8 @@ class AddConnectTests(HostServiceTestCase):
         """
         Fault (issue 8 item 14): the store fake had no foreign keys, so a host was added
         (and connected) in a cluster that does not exist. The real stores refuse it:
-        HOST.1000, no row, no callback secret agreed with the agent.
+        CLUSTER.1000 naming the cluster (checked before the insert), no row, no callback
+        secret agreed with the agent.
         """
         d = self.bus.send(AddHostMsg(service_id=SERVICE_ID, name="stray", zone_uuid="z",
                                      cluster_uuid="no-such-cluster", uuid="h2",
@@ -465,7 +467,9 @@ class AddConnectTests(HostServiceTestCase):
         self.pump()
         reply = self.successResultOf(d)
         self.assertFalse(reply.success)
-        self.assertEqual(reply.error.code, HOST.ADD_ERROR)
+        self.assertEqual(reply.error.code, CLUSTER.NOT_FOUND)
+        self.assertEqual((reply.error.opaque["field"], reply.error.opaque["uuid"]),
+                         ("clusterUuid", "no-such-cluster"))
         self.assertIsNone(self.row("host", "h2"))
         self.assertIsNone(self.pair.client.secret_for(base(2)))
         self.assertEqual(self.statuses(), [])
@@ -870,12 +874,17 @@ class VmSyncTests(HostServiceTestCase):
         the condition parser trims the text, so the sync of host C{"h1 "} read the VMs of
         host C{h1} and reconciled them against the wrong agent's list (here marking h1's
         running vm-b Stopped). The condition is now a L{Condition}: the value is taken as
-        is, on every store.
+        is, on every store. (AddHostMsg now refuses such a uuid, C{SYS.1007}; the row is
+        made in the store, as one written before that check would be.)
         """
         d = self.bus.send(AddHostMsg(service_id=SERVICE_ID, name="h1-twin", zone_uuid="z",
                                      cluster_uuid="c", uuid="h1 ", management_ip=base(2)))
         self.pump()
-        self.assertTrue(self.successResultOf(d).success)
+        self.assertEqual(self.successResultOf(d).error.opaque["field"], "uuid")
+        self.result(self.store.add_host({
+            "uuid": "h1 ", "name": "h1-twin", "zoneUuid": "z", "clusterUuid": "c",
+            "managementIp": base(2), "hypervisorType": "KVM", "status": "Connecting"}))
+        self.assertEqual(self.result(self.service.connect("h1 "))["status"], "Connected")
         del self.events[:]
         self.assertEqual(self.result(self.service.sync_vms("h1 ")), 0)
         self.assertEqual(self.vm_states(),

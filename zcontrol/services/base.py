@@ -33,6 +33,7 @@ from zcontrol.bus.message import Event, NeedReplyMessage, Reply
 from zcontrol.bus.publishing import publish_after_commit
 from zcontrol.core.chain import ChainTaskQueue
 from zcontrol.core.errors import SYS, OperationError, from_failure
+from zcontrol.services import validate
 
 __all__ = ["Service", "handles", "reply_or_raise"]
 
@@ -182,12 +183,11 @@ class Service:
         """
         The store row of C{resource} C{uuid}, or an L{OperationError} with the code
         C{not_found} (the service's NOT_FOUND) naming the uuid (and C{field}, the message
-        field that carried it, when given).
+        field that carried it, when given). Anything but a uuid (L{validate.uuid}: not a
+        string, blank, too long, control characters) is C{SYS.1007} naming C{field}, before
+        the store sees it (the store's own edge check would name its column, C{uuid}).
         """
-        if not isinstance(uuid, str) or not uuid:
-            raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
-                                    f"{field or 'uuid'} must be a non-empty uuid",
-                                    field=field or "uuid")
+        validate.uuid(uuid, field or "uuid")
         row = await self.store.get(resource, uuid)
         if row is None:
             details: dict[str, Any] = {"resource": resource, "uuid": uuid}

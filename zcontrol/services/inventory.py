@@ -21,7 +21,8 @@ import attrs
 
 from zcontrol.bus.message import NeedReplyMessage, Reply, registry
 from zcontrol.core.errors import SYS, OperationError
-from zcontrol.db.query import Query, parse_condition
+from zcontrol.db.query import MAX_LIMIT, Query, compile_query, parse_condition, resource
+from zcontrol.services import validate
 from zcontrol.services.base import Service, handles
 
 __all__ = [
@@ -125,8 +126,10 @@ class QueryInventoryMsg(NeedReplyMessage):
     @ivar conditions: condition strings (C{"state=Enabled"}, C{"uuid?=a,b"}), ANDed.
     @ivar fields: only these fields (None: all, the list fields included).
 
-    Fails with C{SYS.1007} naming the field for anything outside the language or the
-    resource's whitelist.
+    Fails with C{SYS.1007} naming the message field (C{resource}, C{conditions[i]},
+    C{conditions}, C{sort}, C{fields}, C{limit}, C{start}, C{count}, C{replyWithCount})
+    for anything outside the language or the resource's whitelist; the resource's field at
+    fault, if any, is C{queryField}.
     """
 
     reply_type: ClassVar[type[Reply]] = QueryInventoryReply
@@ -141,6 +144,29 @@ class QueryInventoryMsg(NeedReplyMessage):
     fields: list[str] | None = None
 
 
+def _flag(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise validate.invalid(field, value, "must be true or false")
+    return value
+
+
+def _as_field(field: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """
+    C{fn(*args)}, its C{SYS.1007} naming the message field C{field} (the query language's
+    own C{field}, a field of the resource, moves to C{queryField}).
+    """
+    try:
+        return fn(*args)
+    except OperationError as e:
+        if e.error.code != SYS.INVALID_ARGUMENT_ERROR:
+            raise
+        opaque = dict(e.error.opaque)
+        inner = opaque.pop("field", None)
+        opaque["queryField"] = inner if isinstance(inner, str) else None
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, f"{field}: {e.error.details}",
+                                field=field, **opaque) from None
+
+
 class QueryService(Service):
     """
     Answers L{QueryInventoryMsg} from the store on the node that receives it.
@@ -150,7 +176,8 @@ class QueryService(Service):
 
     @handles(QueryInventoryMsg)
     async def query(self, msg: QueryInventoryMsg) -> QueryInventoryReply:
-        builder = _BUILDERS.get(msg.resource) if isinstance(msg.resource, str) else None
+        res = resource(msg.resource)
+        builder = _BUILDERS.get(res.name)
         extra = set(builder.extra_fields) if builder is not None else set()
         fields = msg.fields
         wanted_extra: set[str] = set(extra)
@@ -162,10 +189,22 @@ class QueryService(Service):
             fields = [f for f in fields if f not in extra]
             if wanted_extra and "uuid" not in fields:
                 fields = [*fields, "uuid"]
-        conditions = [parse_condition(c) for c in msg.conditions]
-        result = await self.store.query(msg.resource, Query(
-            conditions=conditions, sort=msg.sort, limit=msg.limit, start=msg.start,
-            count=msg.count, reply_with_count=msg.reply_with_count, fields=fields))
+        if not isinstance(msg.conditions, list):
+            raise validate.invalid("conditions", msg.conditions, "must be a list of conditions")
+        conditions = [_as_field(f"conditions[{i}]", parse_condition, c)
+                      for i, c in enumerate(msg.conditions)]
+        query = Query(
+            conditions=conditions, sort=msg.sort,
+            limit=validate.integer(msg.limit, "limit", 0, MAX_LIMIT),
+            start=validate.integer(msg.start, "start", 0, 2**62),
+            count=_flag(msg.count, "count"),
+            reply_with_count=_flag(msg.reply_with_count, "replyWithCount"), fields=fields)
+        # each part compiled alone (no store call) so that a refusal names the message
+        # field, the query's own check naming the resource's field (queryField)
+        _as_field("conditions", compile_query, res, Query(conditions=conditions))
+        _as_field("sort", compile_query, res, Query(sort=query.sort))
+        _as_field("fields", compile_query, res, Query(fields=fields))
+        result = await self.store.query(res.name, query)
         rows = result.inventories
         if builder is not None and wanted_extra and rows:
             rows = await builder.expand(self.store, [dict(r) for r in rows])

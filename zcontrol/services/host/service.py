@@ -59,7 +59,7 @@ import uuid as uuidlib
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -76,6 +76,8 @@ from zcontrol.core.errors import SYS, OperationError, error_code, from_failure
 from zcontrol.core.flow import FlowChain, flow
 from zcontrol.db.interfaces import DB
 from zcontrol.db.query import Condition, Query
+from zcontrol.services import validate
+from zcontrol.services.cluster.messages import CLUSTER, HYPERVISOR_TYPES
 from zcontrol.services.host.interfaces import IHostService
 from zcontrol.services.host.messages import (
     HOST,
@@ -91,6 +93,7 @@ from zcontrol.services.host.messages import (
     VmStateChangedOnHostEvent,
 )
 from zcontrol.services.host.operations import HostOperations
+from zcontrol.services.zone.messages import ZONE
 
 __all__ = ["HostConfig", "HostService", "agent_base_url", "canonical_agent_url"]
 
@@ -136,6 +139,11 @@ def canonical_agent_url(management_ip: str, agent_port: int) -> str:
 
     if not isinstance(management_ip, str) or not management_ip.strip():
         raise bad("is empty")
+    if len(management_ip) > 255:
+        raise validate.invalid("managementIp", management_ip, "must be at most 255 characters")
+    if validate.has_control(management_ip):
+        raise validate.invalid("managementIp", management_ip,
+                               "must not contain control characters")
     if management_ip != management_ip.strip() or any(c.isspace() for c in management_ip):
         raise bad("contains white space")
     parts = urlsplit(agent_base_url(management_ip, agent_port))
@@ -290,12 +298,12 @@ class HostService(HostOperations):
         The bus handler of the C{host} service.
         """
         if isinstance(msg, PingHostMsg):
-            return self.ping(msg.host_uuid).addCallback(
+            return self.ping(validate.uuid(msg.host_uuid, "hostUuid")).addCallback(
                 lambda row: PingHostReply(connected=row["status"] == CONNECTED,
                                           status=row["status"])
             )
         if isinstance(msg, ConnectHostMsg):
-            return self.connect(msg.host_uuid).addCallback(
+            return self.connect(validate.uuid(msg.host_uuid, "hostUuid")).addCallback(
                 lambda row: HostReply(inventory=row)
             )
         if isinstance(msg, AddHostMsg):
@@ -392,6 +400,9 @@ class HostService(HostOperations):
             signature, lambda: Deferred.fromCoroutine(coroutine_fn()), **kwargs))
 
     def _async_http_call(self, msg: KVMHostAsyncHttpCallMsg) -> Deferred[Any]:
+        host_uuid = validate.uuid(msg.host_uuid, "hostUuid")
+        timeout = (validate.seconds(msg.command_timeout, "commandTimeout")
+                   if msg.command_timeout is not None else None)
         definition = p.COMMANDS.get(msg.path) if isinstance(msg.path, str) else None
         if definition is None or definition.sync:
             raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
@@ -402,7 +413,7 @@ class HostService(HostOperations):
         except p.ProtocolError as e:
             raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
                                     f"command for {msg.path}: {e}", field="command") from None
-        return self.call(msg.host_uuid, cmd, timeout=msg.command_timeout).addCallback(
+        return self.call(host_uuid, cmd, timeout=timeout).addCallback(
             lambda rsp: KVMHostAsyncHttpCallReply(response=rsp.to_dict()))
 
     # --- add and connect ------------------------------------------------------------------
@@ -419,30 +430,47 @@ class HostService(HostOperations):
             Rollback errors, if any, are in the cause's C{opaque["rollback_errors"]}. A
             management address taken by another host (see Note [one host per agent]) fails
             with C{HOST.1004} itself (C{opaque}: C{field} C{managementIp}, C{value},
-            C{existingHostUuid}, C{agentUrl}), a malformed one with C{SYS.1007}.
+            C{existingHostUuid}, C{agentUrl}), a malformed one with C{SYS.1007}; every
+            field is checked first (C{SYS.1007} naming it), an unknown zone or cluster is
+            C{ZONE.1000} / C{CLUSTER.1000} naming it, a cluster of another zone C{SYS.1007}
+            naming C{clusterUuid}.
         """
-        host_uuid = msg.uuid or uuidlib.uuid4().hex
-        base = agent_base_url(msg.management_ip, self.config.agent_port)
+        try:
+            host_uuid = (uuidlib.uuid4().hex if msg.uuid is None
+                         else validate.uuid(msg.uuid, "uuid"))
+            name = validate.name(msg.name)
+            description = validate.optional_text(msg.description, "description")
+            zone_uuid = validate.uuid(msg.zone_uuid, "zoneUuid")
+            cluster_uuid = validate.uuid(msg.cluster_uuid, "clusterUuid")
+            hypervisor = validate.one_of(msg.hypervisor_type, "hypervisorType",
+                                         HYPERVISOR_TYPES)
+            management_ip = validate.name(msg.management_ip, "managementIp")
+        except OperationError:
+            return fail()
+        base = agent_base_url(management_ip, self.config.agent_port)
 
         async def insert(ctx: dict[str, Any]) -> None:
             # Note [one host per agent]: the check before the insert is what a user
             # normally meets; the store's unique key on the text catches a concurrent add of
             # the same text, and the check after the insert one of another spelling.
-            canonical = canonical_agent_url(msg.management_ip, self.config.agent_port)
-            await self._refuse_taken(msg.management_ip, canonical, host_uuid)
+            canonical = canonical_agent_url(management_ip, self.config.agent_port)
+            await self._refuse_taken(management_ip, canonical, host_uuid)
+            await self._cluster_in_zone(cluster_uuid, zone_uuid)
             try:
                 await self._store.add_host({
-                    "uuid": host_uuid, "name": msg.name, "description": msg.description,
-                    "zoneUuid": msg.zone_uuid, "clusterUuid": msg.cluster_uuid,
-                    "managementIp": msg.management_ip, "hypervisorType": msg.hypervisor_type,
+                    "uuid": host_uuid, "name": name, "description": description,
+                    "zoneUuid": zone_uuid, "clusterUuid": cluster_uuid,
+                    "managementIp": management_ip, "hypervisorType": hypervisor,
                     "status": CONNECTING,
                 })
             except OperationError as e:
                 if e.error.code == DB.DUPLICATE:
-                    await self._refuse_taken(msg.management_ip, canonical, host_uuid)
+                    await self._refuse_taken(management_ip, canonical, host_uuid)
+                if e.error.code == DB.REFERENCE:  # the cluster went meanwhile
+                    await self._cluster_in_zone(cluster_uuid, zone_uuid)
                 raise
             ctx["inserted"] = True
-            await self._refuse_taken(msg.management_ip, canonical, host_uuid)
+            await self._refuse_taken(management_ip, canonical, host_uuid)
 
         async def uninsert(ctx: dict[str, Any]) -> None:
             if ctx.get("inserted"):
@@ -474,12 +502,32 @@ class HostService(HostOperations):
             cause = err.cause if err.cause is not None and err.location else err
             if err.opaque.get("rollback_errors"):
                 cause = err
-            elif cause.code in (HOST.DUPLICATE_MANAGEMENT_IP, SYS.INVALID_ARGUMENT_ERROR):
+            elif cause.code in (HOST.DUPLICATE_MANAGEMENT_IP, SYS.INVALID_ARGUMENT_ERROR,
+                                ZONE.NOT_FOUND, CLUSTER.NOT_FOUND):
                 raise OperationError(cause)  # the caller's argument: its own code
-            raise OperationError(error_code(HOST.ADD_ERROR, f"cannot add host {msg.name}",
+            raise OperationError(error_code(HOST.ADD_ERROR, f"cannot add host {name}",
                                             cause, hostUuid=host_uuid))
 
         return chain.run({}).addCallbacks(lambda ctx: ctx["row"], failed)
+
+    async def _cluster_in_zone(self, cluster_uuid: str, zone_uuid: str) -> None:
+        """
+        Raise C{CLUSTER.1000} or C{ZONE.1000} naming the unknown one, or C{SYS.1007} naming
+        C{clusterUuid} when the cluster is in another zone.
+        """
+        cluster = await self._store.get("cluster", cluster_uuid)
+        if cluster is not None and cluster["zoneUuid"] == zone_uuid:
+            return
+        if await self._store.get("zone", zone_uuid) is None:
+            raise OperationError.of(ZONE.NOT_FOUND, f"no zone with uuid {zone_uuid}",
+                                    resource="zone", uuid=zone_uuid, field="zoneUuid")
+        if cluster is None:
+            raise OperationError.of(CLUSTER.NOT_FOUND, f"no cluster with uuid {cluster_uuid}",
+                                    resource="cluster", uuid=cluster_uuid, field="clusterUuid")
+        raise OperationError.of(
+            SYS.INVALID_ARGUMENT_ERROR,
+            f"clusterUuid {cluster_uuid} is a cluster of zone {cluster['zoneUuid']}, not of "
+            f"zone {zone_uuid}", field="clusterUuid", value=cluster_uuid)
 
     async def _refuse_taken(self, management_ip: str, canonical: str, host_uuid: str) -> None:
         """

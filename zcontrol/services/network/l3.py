@@ -429,7 +429,8 @@ class L3NetworkService(Service):
         required = v.ipv4(msg.required_ip, "requiredIp") if msg.required_ip is not None \
             else None
         strategy = IP_ALLOCATOR_STRATEGIES[v.one_of(
-            msg.allocate_strategy or DEFAULT_IP_ALLOCATOR_STRATEGY, "allocateStrategy",
+            DEFAULT_IP_ALLOCATOR_STRATEGY if msg.allocate_strategy is None
+            else msg.allocate_strategy, "allocateStrategy",
             IP_ALLOCATOR_STRATEGIES)]
         used_uuid = v.uuid(msg.used_ip_uuid, "usedIpUuid") if msg.used_ip_uuid is not None \
             else None
@@ -476,17 +477,26 @@ class L3NetworkService(Service):
     async def get_free_ip(self, msg: GetFreeIpMsg) -> GetFreeIpReply:
         """
         Free addresses (see L{GetFreeIpMsg}); C{SYS.1007} when neither C{l3NetworkUuid}
-        nor C{ipRangeUuid} is given, C{L3.1000} naming the unknown one.
+        nor C{ipRangeUuid} is given (or both, the range not in that network), C{L3.1000}
+        naming the unknown one. Both are checked when both are given.
         """
         limit = v.integer(msg.limit, "limit", 0, 100_000)
         start = _ip_long(v.ipv4(msg.start, "start")) if msg.start is not None else None
-        if msg.ip_range_uuid is not None:
-            range_uuid = v.uuid(msg.ip_range_uuid, "ipRangeUuid")
-            await self.must_get("ipRange", range_uuid, L3.NOT_FOUND, field="ipRangeUuid")
-            ranges = await self.store.ip_ranges_of(None, range_uuid)
-        elif msg.l3_network_uuid is not None:
-            l3_uuid = v.uuid(msg.l3_network_uuid, "l3NetworkUuid")
+        l3_uuid = (v.uuid(msg.l3_network_uuid, "l3NetworkUuid")
+                   if msg.l3_network_uuid is not None else None)
+        range_uuid = (v.uuid(msg.ip_range_uuid, "ipRangeUuid")
+                      if msg.ip_range_uuid is not None else None)
+        if l3_uuid is not None:
             await self._l3(l3_uuid)
+        if range_uuid is not None:
+            rng = await self.must_get("ipRange", range_uuid, L3.NOT_FOUND,
+                                      field="ipRangeUuid")
+            if l3_uuid is not None and rng["l3NetworkUuid"] != l3_uuid:
+                raise v.invalid("ipRangeUuid", range_uuid,
+                                f"is a range of L3 network {rng['l3NetworkUuid']}, "
+                                f"not of {l3_uuid}")
+            ranges = await self.store.ip_ranges_of(None, range_uuid)
+        elif l3_uuid is not None:
             ranges = await self.store.ip_ranges_of(l3_uuid)
         else:
             raise v.invalid("l3NetworkUuid", None, "or ipRangeUuid must be given")
