@@ -452,8 +452,13 @@ class BackupStorageService(Service):
         """
         Download an image; C{BS.1007} with the agent's C{reason}.
         """
+        from zcontrol.services.image.messages import FORMATS, MEDIA_TYPES
+
         validate.uuid(msg.image_uuid, "imageUuid")
         url = validate.url(msg.url, "url", ("http", "https", "file", "ftp", "sftp"))
+        if msg.format is not None:
+            validate.one_of(msg.format, "format", FORMATS)
+        validate.one_of(msg.media_type, "mediaType", MEDIA_TYPES)
         row = await self._usable(msg.backup_storage_uuid, need_enabled=True)
         path = install_path(row["url"], msg.image_uuid, msg.media_type)
         cmd = p.SftpDownloadCmd(image_uuid=msg.image_uuid, install_path=path, url=url,

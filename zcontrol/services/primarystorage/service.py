@@ -124,10 +124,11 @@ def _image_spec(value: Any) -> dict[str, Any]:
     return spec
 
 
-def _local_url(value: Any) -> str:
-    url = validate.optional_text(value, "url") or ""
-    if not url.startswith("/") or url.rstrip("/") == "" or ".." in url.split("/"):
-        raise validate.invalid("url", value, "must be an absolute directory such as /zstack_ps")
+def _local_url(value: Any, field: str = "url") -> str:
+    url = validate.optional_text(value, field) or ""
+    if (not url.startswith("/") or url.rstrip("/") == "" or ".." in url.split("/")
+            or any(c.isspace() for c in url)):
+        raise validate.invalid(field, value, "must be an absolute directory such as /zstack_ps")
     return url.rstrip("/")
 
 
@@ -247,7 +248,7 @@ class PrimaryStorageService(Service):
         url = _local_url(msg.url) if local else _nfs_url(msg.url)
         mount_path = None
         if not local and msg.mount_path is not None:
-            mount_path = _local_url(msg.mount_path) if msg.mount_path else None
+            mount_path = _local_url(msg.mount_path, "mountPath")
         ps_uuid = validate.uuid(msg.uuid, "uuid") if msg.uuid is not None else uuidlib.uuid4().hex
         await self.must_get("zone", zone_uuid, PS.NOT_FOUND, field="zoneUuid")
         try:
@@ -654,6 +655,7 @@ class PrimaryStorageService(Service):
         host_uuid = None
         if msg.required_host_uuid is not None:
             host_uuid = validate.uuid(msg.required_host_uuid, "requiredHostUuid")
+            await self.must_get("host", host_uuid, PS.NOT_FOUND, field="requiredHostUuid")
         if msg.required_primary_storage_uuid is not None:
             candidates = [await self._ps(msg.required_primary_storage_uuid,
                                          "requiredPrimaryStorageUuid")]
@@ -994,7 +996,7 @@ class PrimaryStorageService(Service):
         """
         volume_uuid = validate.uuid(msg.volume_uuid, "volumeUuid")
         install = validate.optional_text(msg.install_path, "installPath")
-        if not install:
+        if not install or not install.strip():
             raise validate.invalid("installPath", msg.install_path, "must not be empty")
         ps = await self._ps(msg.primary_storage_uuid)
         host_uuid = (None if msg.host_uuid is None
