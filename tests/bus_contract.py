@@ -158,6 +158,28 @@ class BusContractMixin:
         self.assertFalse(reply.success)
         self.assertEqual(reply.error.code, SYS.NO_ROUTE_ERROR)
 
+    async def test_unroutable_envelope(self):
+        """
+        A message whose C{resource_uuid} is not a string (or None), or whose C{service_id} is
+        not a non-empty string, fails its send or post with SYS.1007 naming the field,
+        instead of raising from inside the bus's routing.
+        """
+        bus = await self.one_bus()
+        for fields, field in (({"resource_uuid": 5}, "resource_uuid"),
+                              ({"resource_uuid": ["a"]}, "resource_uuid"),
+                              ({"service_id": ""}, "service_id"),
+                              ({"service_id": None}, "service_id")):
+            for call in (bus.send, bus.post):
+                kw = {"service_id": SERVICE, **fields}
+                msg = (ContractEcho if call == bus.send else ContractNote)(**kw)
+                try:
+                    await call(msg)
+                except OperationError as e:
+                    self.assertEqual((e.error.code, e.error.opaque["field"]),
+                                     (SYS.INVALID_ARGUMENT_ERROR, field))
+                else:
+                    self.fail(f"{call.__name__} of {fields} did not fail")
+
     async def test_handler_raises(self):
         """
         An unexpected exception becomes SYS.1000 naming it; an OperationError keeps its

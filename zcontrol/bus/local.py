@@ -36,6 +36,7 @@ from zcontrol.bus.message import (
     NeedReplyMessage,
     Registry,
     Reply,
+    envelope_error,
     new_id,
 )
 from zcontrol.bus.message import (
@@ -245,6 +246,9 @@ class LocalBus(BusSendMixin):
             return fail(OperationError.of(
                 SYS.INVALID_ARGUMENT_ERROR,
                 f"send() takes a NeedReplyMessage, not {type(message).__name__}"))
+        bad = envelope_error(message)
+        if bad is not None:
+            return fail(OperationError(bad))
         message = exchange_of(message)
         self._pending.prepare(message, timeout)
         message.reply_to = self.node_id
@@ -255,6 +259,9 @@ class LocalBus(BusSendMixin):
         return d
 
     def post(self, message: Message) -> Deferred[None]:
+        bad = envelope_error(message)
+        if bad is not None:
+            return fail(OperationError(bad))
         if isinstance(message, NeedReplyMessage):
             message.reply_to = None
         message.created_at = self._clock.seconds()

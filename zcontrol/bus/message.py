@@ -41,6 +41,7 @@ __all__ = [
     "NeedReplyMessage",
     "Registry",
     "Reply",
+    "envelope_error",
     "new_id",
     "registry",
 ]
@@ -50,6 +51,25 @@ M = TypeVar("M", bound=type)
 #: The largest body L{Registry.decode} accepts unless told (bytes): the AMQP bus's default
 #: C{max_message_size} (L{zcontrol.bus.amqp.DEFAULT_MAX_MESSAGE_SIZE}); a bus passes its own.
 DEFAULT_MAX_MESSAGE_SIZE = 8 * 1024 * 1024
+
+
+def envelope_error(message: Any) -> ErrorCode | None:
+    """
+    C{SYS.1007} naming the envelope field of C{message} that cannot be routed (a
+    C{service_id} that is not a non-empty string, a C{resource_uuid} that is neither None nor
+    a string), or None: what a bus's C{send} and C{post} answer instead of raising.
+    """
+    service_id = getattr(message, "service_id", None)
+    if not isinstance(service_id, str) or not service_id:
+        return error_code(SYS.INVALID_ARGUMENT_ERROR,
+                          f"service_id must be a non-empty string, not {service_id!r:.80}",
+                          field="service_id")
+    resource_uuid = getattr(message, "resource_uuid", None)
+    if resource_uuid is not None and not isinstance(resource_uuid, str):
+        return error_code(SYS.INVALID_ARGUMENT_ERROR,
+                          f"resource_uuid must be a string or None, not {resource_uuid!r:.80}",
+                          field="resource_uuid")
+    return None
 
 
 def new_id() -> str:
