@@ -382,7 +382,9 @@ class ImageTests(ServicesTestCase):
         self.assertEqual([(type(e).__name__, e.image_uuid) for e in self.events],
                          [("ImageDeletedEvent", "i1")])
         self.assertEqual((self.rows("image"), self.rows("imageBackupStorageRef")), ([], []))
-        self.refused(DeleteImageMsg(service_id=IMAGE_SERVICE, uuid="i1"), IMAGE.NOT_FOUND)
+        # Deleting it again succeeds (idempotent) and publishes nothing more.
+        self.ok(DeleteImageMsg(service_id=IMAGE_SERVICE, uuid="i1"))
+        self.assertEqual(len(self.events), 1)
 
     def test_delete_with_disconnected_bs(self) -> None:
         """

@@ -227,15 +227,15 @@ class DeleteClusterTests(ClusterTestCase):
 
     def test_delete_unknown(self) -> None:
         """
-        CLUSTER.1000 naming the uuid.
+        Deleting a cluster that does not exist succeeds with no inventory (ZStack's
+        C{successIfResourceNotExisting}).
         """
-        err = self.refused(DeleteClusterMsg(service_id="cluster", uuid="nope"),
-                           CLUSTER.NOT_FOUND)
-        self.assertEqual(err.opaque["uuid"], "nope")
+        reply = self.ok(DeleteClusterMsg(service_id="cluster", uuid="nope"))
+        self.assertIsNone(reply.inventory)
 
     def test_concurrent_deletes(self) -> None:
         """
-        Two deletes together: one succeeds, the other is CLUSTER.1000.
+        Two deletes together: both succeed (the second finds it gone), one deletes it.
         """
         self.cluster("c1")
         d1 = self.bus.send(DeleteClusterMsg(service_id="cluster", resource_uuid="c1",
@@ -244,5 +244,6 @@ class DeleteClusterTests(ClusterTestCase):
                                             uuid="c1"))
         r1, r2 = self.result(d1), self.result(d2)
         self.assertTrue(r1.success, r1.error)
-        self.assertEqual(r2.error.code, CLUSTER.NOT_FOUND)
+        self.assertTrue(r2.success, r2.error)
+        self.assertIsNone(r2.inventory)
         self.assertEqual(self.count("cluster"), 0)

@@ -147,8 +147,8 @@ class InstanceOfferingTests(ServiceTestCase):
 
     def test_delete(self) -> None:
         """
-        The row goes; unknown is OFFERING.1000; a second delete sent with the first finds
-        nothing.
+        The row goes; a second delete sent with the first finds it gone and succeeds too
+        (ZStack's C{successIfResourceNotExisting}).
         """
         self.ok(instance(uuid="io1"))
         d1 = self.bus.send(DeleteInstanceOfferingMsg(service_id="offering",
@@ -158,7 +158,7 @@ class InstanceOfferingTests(ServiceTestCase):
         r1, r2 = self.result(d1), self.result(d2)
         self.assertTrue(r1.success, r1.error)
         self.assertIsNone(r1.inventory)
-        self.assertEqual(r2.error.code, OFFERING.INSTANCE_OFFERING_NOT_FOUND)
+        self.assertTrue(r2.success, r2.error)
         self.assertEqual(self.count("instanceOffering"), 0)
 
     def test_delete_used_by_vm(self) -> None:
@@ -231,10 +231,11 @@ class DiskOfferingTests(ServiceTestCase):
         self.assertEqual(self.count("diskOffering"), 0)
         for msg in (UpdateDiskOfferingMsg(service_id="offering", uuid="do1", name="x"),
                     ChangeDiskOfferingStateMsg(service_id="offering", uuid="do1",
-                                               state_event="enable"),
-                    DeleteDiskOfferingMsg(service_id="offering", uuid="do1")):
+                                               state_event="enable")):
             err = self.refused(msg, OFFERING.DISK_OFFERING_NOT_FOUND)
             self.assertEqual(err.opaque["uuid"], "do1")
+        # A delete of what is gone succeeds (idempotent).
+        self.ok(DeleteDiskOfferingMsg(service_id="offering", uuid="do1"))
 
     def test_concurrent_updates(self) -> None:
         """

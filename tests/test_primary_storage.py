@@ -538,8 +538,9 @@ class RefusalTests(PrimaryStorageTestCase):
         err = self.refused(AttachPrimaryStorageToClusterMsg(primary_storage_uuid="ls",
                                                             cluster_uuid="nope"), PS.NOT_FOUND)
         self.assertEqual(err.opaque["uuid"], "nope")
-        for msg in (DeletePrimaryStorageMsg(uuid="ghost"),
-                    ReconnectPrimaryStorageMsg(uuid="ghost"),
+        # A delete of what does not exist succeeds (ZStack's successIfResourceNotExisting).
+        self.assertTrue(self.ok(DeletePrimaryStorageMsg(uuid="ghost")).success)
+        for msg in (ReconnectPrimaryStorageMsg(uuid="ghost"),
                     DetachPrimaryStorageFromClusterMsg(primary_storage_uuid="ghost",
                                                        cluster_uuid="c")):
             self.assertEqual(self.refused(msg, PS.NOT_FOUND).opaque["uuid"], "ghost")

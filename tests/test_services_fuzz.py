@@ -297,6 +297,10 @@ IDEMPOTENT: dict[tuple[str, str], str] = {
     ("DeleteL2NetworkMsg", "uuid"): "deleting a network that does not exist (ZStack)",
     ("DeleteL3NetworkMsg", "uuid"): "deleting a network that does not exist (ZStack)",
     ("DeleteIpRangeMsg", "uuid"): "deleting a range that does not exist",
+    **{(f"Delete{kind}Msg", "uuid"): "deleting what does not exist succeeds (ZStack's "
+       "successIfResourceNotExisting)"
+       for kind in ("Zone", "Cluster", "InstanceOffering", "DiskOffering", "PrimaryStorage",
+                    "BackupStorage", "Image")},
     ("DetachL2NetworkFromClusterMsg", "cluster_uuid"): "detaching a cluster not attached",
     ("ReturnIpMsg", "l3_network_uuid"): "returning an address not held",
     ("RemoveHostFromPrimaryStorageMsg", "host_uuid"): "a host the storage keeps nothing of",

@@ -345,10 +345,14 @@ class DeleteZoneTests(ServiceTestCase):
 
     def test_delete_unknown(self) -> None:
         """
-        ZONE.1000 naming the uuid; a bad uuid is SYS.1007.
+        Deleting a zone that does not exist succeeds with no inventory (ZStack's
+        C{successIfResourceNotExisting}: a retried delete whose reply was lost succeeds) and
+        publishes nothing; a bad uuid is SYS.1007.
         """
-        err = self.refused(DeleteZoneMsg(service_id="zone", uuid="nope"), ZONE.NOT_FOUND)
-        self.assertEqual((err.opaque["uuid"], err.opaque["field"]), ("nope", "uuid"))
+        reply = self.ok(DeleteZoneMsg(service_id="zone", uuid="nope"))
+        self.assertIsNone(reply.inventory)
+        self.pump()
+        self.assertEqual(self.of_type(ZoneDeletedEvent), [])
         self.invalid(DeleteZoneMsg(service_id="zone", uuid=""), "uuid")
 
     def test_refused_with_clusters(self) -> None:
@@ -388,16 +392,16 @@ class DeleteZoneTests(ServiceTestCase):
 
     def test_concurrent_deletes(self) -> None:
         """
-        Two deletes of one zone sent together: the first deletes it, the second finds no
-        zone (ZONE.1000); one event.
+        Two deletes of one zone sent together: the first deletes it, the second finds it
+        gone and succeeds too (idempotent delete); one event.
         """
         self.zone("z1")
         d1 = self.bus.send(DeleteZoneMsg(service_id="zone", resource_uuid="z1", uuid="z1"))
         d2 = self.bus.send(DeleteZoneMsg(service_id="zone", resource_uuid="z1", uuid="z1"))
         r1, r2 = self.result(d1), self.result(d2)
         self.assertTrue(r1.success, r1.error)
-        self.assertFalse(r2.success)
-        self.assertEqual(r2.error.code, ZONE.NOT_FOUND)
+        self.assertTrue(r2.success, r2.error)
+        self.assertIsNone(r2.inventory)
         self.pump()
         self.assertEqual(len(self.of_type(ZoneDeletedEvent)), 1)
 

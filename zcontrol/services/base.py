@@ -23,6 +23,7 @@ at a time (ZStack's C{ChainTask} with C{syncLevel} 1 and the resource uuid as it
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Awaitable, Callable, ClassVar, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
@@ -35,7 +36,7 @@ from zcontrol.core.chain import ChainTaskQueue
 from zcontrol.core.errors import SYS, OperationError, from_failure
 from zcontrol.services import validate
 
-__all__ = ["Service", "handles", "reply_or_raise"]
+__all__ = ["Service", "handles", "reply_or_raise", "succeeds_if_gone"]
 
 log = Logger()
 
@@ -54,6 +55,33 @@ def handles(*message_types: type) -> Callable[[F], F]:
         return fn
 
     return mark
+
+
+def succeeds_if_gone(not_found: str, field: str = "uuid") -> Callable[[F], F]:
+    """
+    Make a delete handler idempotent, as ZStack's C{APIDelete*Msg} are
+    (C{@APIParam(successIfResourceNotExisting = true)}): when the resource the message's
+    C{field} names does not exist (the handler fails with C{not_found} naming that uuid), the
+    delete succeeds with an empty reply (C{inventory} None), so that a retried delete whose
+    first reply was lost, or two concurrent deletes, both succeed. A C{not_found} about
+    another uuid (a dependent) still fails. Put it under L{handles}.
+    """
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        async def handler(self: Any, msg: Any) -> Any:
+            try:
+                return await maybe_deferred(fn, self, msg)
+            except OperationError as e:
+                opaque = e.error.opaque
+                if (e.error.code == not_found and opaque.get("uuid") == getattr(msg, field)
+                        and opaque.get("field", field) == field):
+                    return type(msg).reply_type()
+                raise
+
+        return handler  # type: ignore[return-value]
+
+    return wrap
 
 
 def reply_or_raise(reply: Reply) -> Reply:

@@ -69,7 +69,7 @@ from zcontrol.services.backupstorage.messages import (
     ReconnectBackupStorageMsg,
     UpdateBackupStorageMsg,
 )
-from zcontrol.services.base import Service, handles
+from zcontrol.services.base import Service, handles, succeeds_if_gone
 from zcontrol.services.host.service import agent_base_url, canonical_agent_url
 from zcontrol.services.inventory import inventory, register_inventory
 
@@ -411,6 +411,7 @@ class BackupStorageService(Service):
         return await self._reply(msg.uuid)
 
     @handles(DeleteBackupStorageMsg)
+    @succeeds_if_gone(BS.NOT_FOUND)
     async def delete(self, msg: DeleteBackupStorageMsg) -> BackupStorageReply:
         """
         Drop its image refs (image service), detach it, delete it, forget its agent.

@@ -26,7 +26,7 @@ from zcontrol.core.errors import SYS, OperationError
 from zcontrol.db.interfaces import DB
 from zcontrol.db.query import Condition, Query
 from zcontrol.services import validate
-from zcontrol.services.base import Service, handles
+from zcontrol.services.base import Service, handles, succeeds_if_gone
 from zcontrol.services.cluster.messages import (
     CLUSTER,
     HYPERVISOR_TYPES,
@@ -154,6 +154,7 @@ class ClusterService(Service):
         return [r[field] for r in page.inventories]
 
     @handles(DeleteClusterMsg)
+    @succeeds_if_gone(CLUSTER.NOT_FOUND)
     async def delete(self, msg: DeleteClusterMsg) -> ClusterReply:
         """
         L{DeleteClusterMsg}: refused with C{CLUSTER.1001} naming the hosts (and VMs) in it;

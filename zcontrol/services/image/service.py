@@ -60,7 +60,7 @@ from zcontrol.services.backupstorage.messages import (
 )
 from zcontrol.services.backupstorage.messages import SERVICE_ID as BS_SERVICE
 from zcontrol.services.backupstorage.service import install_path
-from zcontrol.services.base import Service, handles
+from zcontrol.services.base import Service, handles, succeeds_if_gone
 from zcontrol.services.image.messages import (
     FORMATS,
     IMAGE,
@@ -372,6 +372,7 @@ class ImageService(Service):
     # --- delete ---------------------------------------------------------------------------
 
     @handles(DeleteImageMsg)
+    @succeeds_if_gone(IMAGE.NOT_FOUND)
     async def delete(self, msg: DeleteImageMsg) -> ImageReply:
         """
         Delete (see the module docstring); C{IMAGE.1003} naming the VMs using it.

@@ -25,7 +25,7 @@ import attrs
 from zcontrol.core.errors import SYS, OperationError
 from zcontrol.db.interfaces import DB
 from zcontrol.services import validate
-from zcontrol.services.base import Service, handles
+from zcontrol.services.base import Service, handles, succeeds_if_gone
 from zcontrol.services.offering.messages import (
     DISK_ALLOCATOR_STRATEGIES,
     HOST_ALLOCATOR_STRATEGIES,
@@ -191,6 +191,7 @@ class OfferingService(Service):
         return await self._change_state(_INSTANCE, msg.uuid, msg.state_event)
 
     @handles(DeleteInstanceOfferingMsg)
+    @succeeds_if_gone(OFFERING.INSTANCE_OFFERING_NOT_FOUND)
     async def delete_instance_offering(self, msg: DeleteInstanceOfferingMsg
                                        ) -> InstanceOfferingReply:
         """
@@ -233,6 +234,7 @@ class OfferingService(Service):
         return await self._change_state(_DISK, msg.uuid, msg.state_event)
 
     @handles(DeleteDiskOfferingMsg)
+    @succeeds_if_gone(OFFERING.DISK_OFFERING_NOT_FOUND)
     async def delete_disk_offering(self, msg: DeleteDiskOfferingMsg) -> DiskOfferingReply:
         """
         L{DeleteDiskOfferingMsg}.

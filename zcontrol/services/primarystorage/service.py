@@ -38,7 +38,7 @@ from zcontrol.db.components.storage import IMAGE_CACHE_HOLDER
 from zcontrol.db.interfaces import DB
 from zcontrol.db.query import Query
 from zcontrol.services import validate
-from zcontrol.services.base import Service, handles
+from zcontrol.services.base import Service, handles, succeeds_if_gone
 from zcontrol.services.host.messages import (
     SERVICE_ID as HOST_SERVICE_ID,
 )
@@ -294,6 +294,7 @@ class PrimaryStorageService(Service):
         return await self.serialized(f"ps-{msg.uuid}", run)
 
     @handles(DeletePrimaryStorageMsg)
+    @succeeds_if_gone(PS.NOT_FOUND)
     async def delete_storage(self, msg: DeletePrimaryStorageMsg) -> Reply:
         """
         Refused (C{PS.1004}) while attached or holding volumes; else the caches, refs and row

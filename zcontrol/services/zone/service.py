@@ -24,7 +24,7 @@ from typing import Any
 from zcontrol.core.errors import SYS, OperationError, error_code
 from zcontrol.db.interfaces import DB
 from zcontrol.services import validate
-from zcontrol.services.base import Service, handles
+from zcontrol.services.base import Service, handles, succeeds_if_gone
 from zcontrol.services.zone.messages import (
     SERVICE_ID,
     ZONE,
@@ -178,6 +178,7 @@ class ZoneService(Service):
         return await self.serialized(f"zone-{uuid}", change)
 
     @handles(DeleteZoneMsg)
+    @succeeds_if_gone(ZONE.NOT_FOUND)
     async def delete(self, msg: DeleteZoneMsg) -> ZoneReply:
         """
         L{DeleteZoneMsg}: refused with C{ZONE.1001} while anything is in the zone; publishes
