@@ -37,10 +37,25 @@ from zcontrol.db.query import (
 _HOST = resource("host")
 _PS = resource("primaryStorage")
 
+#: The conditions a host must meet to take a new VM, as the allocator's C{state} filter
+#: (L{zcontrol.scheduler.filters}) has them: over the C{hosts} row being updated.
+_ALLOCATABLE_SQL = (
+    " AND state = 'Enabled' AND status = 'Connected'"
+    " AND EXISTS (SELECT 1 FROM clusters c JOIN zones z ON z.uuid = c.zone_uuid"
+    " WHERE c.uuid = hosts.cluster_uuid AND c.state = 'Enabled' AND z.state = 'Enabled')"
+)
+
+
 def reserve_host_capacity_thd(db: Db, host_uuid: str, cpu: int, memory: int, holder: Any,
-                              now: float) -> dict:
+                              now: float, allocatable: bool = False) -> dict:
     """
     C{holder} takes cpu and memory from a host, once (Note [holders]).
+
+    With C{allocatable} (the allocator's reservation, Note [allocation races] in
+    L{zcontrol.scheduler.allocator}), the same statement also requires the host Enabled and
+    Connected and its cluster and zone Enabled: a host that went to (Pre)Maintenance,
+    Disabled or Disconnected after the allocator's snapshot is refused with C{DB.1008}, so
+    nothing new is reserved on it once its state change committed.
     """
     host_uuid = _uuid("host_uuid", host_uuid)
     cpu, memory = _amount("cpu", cpu), _amount("memory", memory)
@@ -48,11 +63,20 @@ def reserve_host_capacity_thd(db: Db, host_uuid: str, cpu: int, memory: int, hol
 
     def short() -> OperationError:
         r = db.one(
-            "SELECT available_cpu_capacity, available_memory_capacity FROM hosts WHERE uuid = ?",
+            "SELECT h.available_cpu_capacity, h.available_memory_capacity, h.state, h.status,"
+            " c.state, z.state FROM hosts h LEFT JOIN clusters c ON c.uuid = h.cluster_uuid"
+            " LEFT JOIN zones z ON z.uuid = h.zone_uuid WHERE h.uuid = ?",
             (host_uuid,),
         )
         if r is None:
             return _not_found(_HOST, host_uuid)
+        if allocatable and tuple(r[2:]) != ("Enabled", "Connected", "Enabled", "Enabled"):
+            return OperationError.of(
+                DB.HOST_NOT_ALLOCATABLE,
+                f"host {host_uuid} takes no new VM: it is {r[2]} and {r[3]}, its cluster"
+                f" {r[4]}, its zone {r[5]}",
+                host_uuid=host_uuid, state=r[2], status=r[3], clusterState=r[4],
+                zoneState=r[5])
         return OperationError.of(
             DB.HOST_CAPACITY,
             f"host {host_uuid} has {r[0]} CPU and {r[1]} memory available;"
@@ -70,6 +94,7 @@ def reserve_host_capacity_thd(db: Db, host_uuid: str, cpu: int, memory: int, hol
         update_sql="UPDATE hosts SET available_cpu_capacity = available_cpu_capacity - ?,"
         " available_memory_capacity = available_memory_capacity - ?, last_op_date = ?"
         " WHERE uuid = ? AND available_cpu_capacity >= ? AND available_memory_capacity >= ?"
+        f"{_ALLOCATABLE_SQL if allocatable else ''}"
         f" RETURNING {_cols(_HOST)}",
         update_params=(cpu, memory, now, host_uuid, cpu, memory), short=short, now=now)
 
@@ -209,6 +234,11 @@ class HostsComponent(StoreComponent):
                               ) -> Deferred:
         return self._run(reserve_host_capacity_thd, host_uuid, cpu, memory, holder,
                          self._now())
+
+    def reserve_host_capacity_for_allocation(self, host_uuid: str, cpu: int, memory: int,
+                                             holder: Any) -> Deferred:
+        return self._run(reserve_host_capacity_thd, host_uuid, cpu, memory, holder,
+                         self._now(), True)
 
     def release_host_capacity(self, host_uuid: str, holder: Any) -> Deferred:
         return self._run(release_host_capacity_thd, host_uuid, holder, self._now())
