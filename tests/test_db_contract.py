@@ -444,6 +444,35 @@ class StoreContractMixin(TextOrderMixin):
         self.assertEqual(await self.store.audit_capacity(), [])
 
     @async_to_deferred
+    async def test_delete_host_releases_destroyed_vms(self) -> None:
+        """
+        Fault (review 2, item 4): a Destroyed VM's hostUuid kept the host from being
+        deleted. C{delete_host} clears it (lastHostUuid = the host) in the delete's
+        transaction; any other VM still refuses it (DB.1001), changing nothing;
+        C{host_capacity_holders} names who holds the host's CPU and memory.
+        """
+        await self.seed("zone", "cluster", "host")
+        base = TOPOLOGY["vmInstance"]
+        await self.store.insert("vmInstance", {**base, "uuid": "vm-d", "hostUuid": "host-1",
+                                               "state": "Destroyed"})
+        await self.store.insert("vmInstance", {**base, "uuid": "vm-r", "hostUuid": "host-1",
+                                               "state": "Running"})
+        await self.store.reserve_host_capacity("host-1", 2, 20, ("VmInstanceVO", "vm-r"))
+        held = await self.store.host_capacity_holders("host-1")
+        self.assertEqual(held, {"total": 1, "holders": [
+            {"holderType": "VmInstanceVO", "holderUuid": "vm-r", "cpu": 2, "memory": 20}]})
+        await self.failure(self.store.delete_host("host-1"), DB.REFERENCE)
+        self.assertEqual((await self.store.get("vmInstance", "vm-d"))["hostUuid"], "host-1")
+        await self.store.release_host_capacity("host-1", ("VmInstanceVO", "vm-r"))
+        await self.failure(self.store.delete_host("host-1"), DB.REFERENCE)
+        await self.store.delete("vmInstance", "vm-r")
+        self.assertTrue(await self.store.delete_host("host-1"))
+        vm = await self.store.get("vmInstance", "vm-d")
+        self.assertEqual((vm["hostUuid"], vm["lastHostUuid"]), (None, "host-1"))
+        self.assertIsNone(await self.store.get("host", "host-1"))
+        self.assertFalse(await self.store.delete_host("host-1"))
+
+    @async_to_deferred
     async def test_concurrent_reservations(self) -> None:
         """
         40 concurrent reservations of 1 CPU on a 16-CPU host: exactly 16 win, the rest get

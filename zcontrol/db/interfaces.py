@@ -194,6 +194,23 @@ class IStore(Interface):
             C{status}, C{clusterState}, C{zoneState}) when the host takes no new VM.
         """
 
+    def host_capacity_holders(host_uuid, limit=20):
+        """
+        Who holds the host's CPU and memory.
+
+        @return: Deferred firing with C{{"total": n, "holders": [{"holderType",
+            "holderUuid", "cpu", "memory"}]}} (at most C{limit}, by holder type and uuid).
+        """
+
+    def delete_host(host_uuid):
+        """
+        Delete a host; in the same transaction its C{Destroyed} VMs let go of it
+        (C{hostUuid} cleared, C{lastHostUuid} set to it, as ZStack's destroyed VMs).
+
+        @return: Deferred firing with True if the host was deleted, False if there was
+            none; fails with C{DB.1001} (nothing changed) while anything else refers to it.
+        """
+
     def release_host_capacity(host_uuid, holder):
         """
         Atomically give back what C{holder} holds on the host. Idempotent: when it holds

@@ -138,6 +138,40 @@ def set_host_capacity_thd(
     return _row(_HOST, rows[0])
 
 
+def host_capacity_holders_thd(db: Db, host_uuid: str, limit: int) -> dict:
+    """
+    Who holds CPU and memory of a host: C{{"total": n, "holders": [{holderType,
+    holderUuid, cpu, memory}]}} (at most C{limit}, by holder type and uuid).
+    """
+    host_uuid = _uuid("host_uuid", host_uuid)
+    limit = check_int("limit", limit, 0, 10_000)
+    total = db.one("SELECT COUNT(*) FROM host_capacity_holders WHERE host_uuid = ?",
+                   (host_uuid,))[0]
+    rows = db.all("SELECT holder_type, holder_uuid, cpu, memory FROM host_capacity_holders"
+                  " WHERE host_uuid = ? ORDER BY holder_type, holder_uuid LIMIT ?",
+                  (host_uuid, limit))
+    return {"total": int(total), "holders": [
+        {"holderType": t, "holderUuid": u, "cpu": int(c), "memory": int(m)}
+        for t, u, c, m in rows]}
+
+
+def delete_host_thd(db: Db, host_uuid: str, now: float) -> bool:
+    """
+    Delete a host; in the same transaction its Destroyed VMs let go of it (C{hostUuid}
+    cleared, C{lastHostUuid} the host: as ZStack, a Destroyed VM keeps no host). Anything
+    else still referring to the host (a VM in another state, an image cache, held
+    capacity) fails the delete with C{DB.1001} and nothing changes.
+
+    @return: whether there was a host.
+    """
+    host_uuid = _uuid("host_uuid", host_uuid)
+    with db.transaction():
+        db.run("UPDATE vm_instances SET last_host_uuid = host_uuid, host_uuid = NULL,"
+               " last_op_date = ? WHERE host_uuid = ? AND state = 'Destroyed'",
+               (now, host_uuid))
+        return db.run("DELETE FROM hosts WHERE uuid = ?", (host_uuid,)) > 0
+
+
 _AUDITS = (
     # (resource, table, holders table, how a holder row h matches the row r, [(API field,
     #  total column, available column, held column)])
@@ -242,6 +276,12 @@ class HostsComponent(StoreComponent):
 
     def release_host_capacity(self, host_uuid: str, holder: Any) -> Deferred:
         return self._run(release_host_capacity_thd, host_uuid, holder, self._now())
+
+    def host_capacity_holders(self, host_uuid: str, limit: int = 20) -> Deferred:
+        return self._run(host_capacity_holders_thd, host_uuid, limit)
+
+    def delete_host(self, host_uuid: str) -> Deferred:
+        return self._run(delete_host_thd, host_uuid, self._now())
 
     def audit_capacity(self, repair: bool = False) -> Deferred:
         return self._run(audit_capacity_thd, bool(repair), self._now())
