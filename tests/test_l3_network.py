@@ -6,11 +6,12 @@ address queries; and the range rules as pure functions.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_l2_network import NetworkTestCase
@@ -301,6 +302,55 @@ class RangePropertyTests(L3TestCase):
     def tearDown_l3s(self) -> None:
         for uuid in ("p1", "p2"):
             self.ok(DeleteL3NetworkMsg(uuid=uuid))
+
+
+class FreeIpPropertyTests(L3TestCase):
+    """
+    Fault (review 2, item 3): GetFreeIp read the used addresses in batches of 256 and,
+    after a full batch, answered the addresses past its end as free, used or not. It is
+    compared here with a brute-force set difference on random used sets (runs of used
+    addresses longer than a batch included).
+    """
+
+    RANGES = (("r1", "10.0.0.10", "10.0.2.200"), ("r2", "10.0.3.10", "10.0.3.100"))
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.l3()
+        self.addresses: list[tuple[int, str]] = []
+        for uuid, start, end in self.RANGES:
+            self.ok(add_range(start, end, uuid=uuid, netmask="255.255.252.0"))
+            lo, hi = (int(ipaddress.IPv4Address(a)) for a in (start, end))
+            self.addresses += [(n, uuid) for n in range(lo, hi + 1)]
+
+    @settings(max_examples=25, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 800), st.integers(1, 600)), max_size=4),
+           st.one_of(st.none(), st.integers(0, 800)), st.integers(1, 40))
+    def test_free_ips_are_the_set_difference(self, runs: list, start: int | None,
+                                             limit: int) -> None:
+        """
+        GetFreeIp (of the L3 network, from C{start} when given, up to C{limit}) answers
+        the lowest addresses of its ranges that are not used, in address order.
+        """
+        used: dict[int, str] = {}
+        for first, length in runs:
+            for n, range_uuid in self.addresses[first:first + length]:
+                used[n] = range_uuid
+        rows = self.result(gatherResults([self.store.insert("usedIp", {
+            "uuid": f"u{n}", "ipRangeUuid": r, "l3NetworkUuid": "l3a",
+            "ip": str(ipaddress.IPv4Address(n)), "ipInLong": n, "netmask": "255.255.252.0",
+            "gateway": "10.0.0.1"}) for n, r in used.items()], consumeErrors=True))
+        try:
+            start_n = None if start is None else self.addresses[start][0]
+            expected = [(str(ipaddress.IPv4Address(n)), r) for n, r in self.addresses
+                        if n not in used and (start_n is None or n >= start_n)][:limit]
+            msg = GetFreeIpMsg(l3_network_uuid="l3a", limit=limit,
+                               start=None if start_n is None
+                               else str(ipaddress.IPv4Address(start_n)))
+            got = [(f["ip"], f["ipRangeUuid"]) for f in self.ok(msg).inventories]
+            self.assertEqual(got, expected)
+        finally:
+            self.result(gatherResults([self.store.delete("usedIp", r["uuid"]) for r in rows]))
 
 
 class DnsAndServicesTests(L3TestCase):

@@ -350,6 +350,10 @@ def l3_extras_thd(db: Db, l3_uuids: Sequence[str]) -> dict[str, dict[str, list]]
 # Addresses ---------------------------------------------------------------------------------
 
 
+#: How many used addresses L{free_ips_thd} reads per statement.
+_FREE_IP_BATCH = 256
+
+
 def free_ips_thd(db: Db, ranges: list[tuple], start: int | None, limit: int) -> list[dict]:
     """
     Up to C{limit} free addresses of C{ranges} (C{(uuid, l3 uuid, start, end, netmask,
@@ -366,8 +370,13 @@ def free_ips_thd(db: Db, ranges: list[tuple], start: int | None, limit: int) -> 
         while cursor <= hi and len(out) < limit:
             used = [int(n) for (n,) in db.all(
                 "SELECT ip_in_long FROM used_ips WHERE l3_network_uuid = ? AND ip_in_long >= ?"
-                " AND ip_in_long <= ? ORDER BY ip_in_long LIMIT 256", (l3_uuid, cursor, hi))]
-            for n in [*used, hi + 1]:
+                " AND ip_in_long <= ? ORDER BY ip_in_long LIMIT ?",
+                (l3_uuid, cursor, hi, _FREE_IP_BATCH))]
+            # A full batch may be followed by more used addresses: the gaps up to its last
+            # one are free, what lies after it is for the next batch. Only a short batch
+            # is the last one, its end the range's.
+            full = len(used) == _FREE_IP_BATCH
+            for n in used if full else [*used, hi + 1]:
                 while cursor < n and len(out) < limit:
                     out.append({"ipRangeUuid": range_uuid,
                                 "ip": str(ipaddress.IPv4Address(cursor)),
@@ -376,7 +385,7 @@ def free_ips_thd(db: Db, ranges: list[tuple], start: int | None, limit: int) -> 
                 if len(out) >= limit:
                     break
                 cursor = max(cursor, n + 1)
-            if len(used) < 256:
+            if not full:
                 break
     return out
 
