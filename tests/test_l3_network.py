@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_l2_network import NetworkTestCase
 from zcontrol.core.errors import SYS, OperationError
+from zcontrol.db.memory import MemoryStore
 from zcontrol.services import inventory as inv
 from zcontrol.services.network import (
     L3,
@@ -351,6 +352,67 @@ class FreeIpPropertyTests(L3TestCase):
             self.assertEqual(got, expected)
         finally:
             self.result(gatherResults([self.store.delete("usedIp", r["uuid"]) for r in rows]))
+
+
+class DeletedMeanwhileTests(L3TestCase):
+    """
+    Fault (review 2, item 6, the same kind in L3): a write into an L3 network deleted
+    between the service's look-up and the store's write (AddIpRange runs on the L2's
+    chain, not the L3's) answered the store's raw C{DB.1001} / C{SYS.1003}.
+    """
+
+    def delete_first(self, name: str) -> None:
+        """
+        Make the store's C{name} delete the L3 network C{l3a} (as another node) first.
+        """
+        orig = getattr(MemoryStore, name).__get__(self.store)
+
+        def racing(*a: Any, **kw: Any) -> Deferred:
+            async def go() -> Any:
+                await self.store.delete_l3_network("l3a")
+                return await orig(*a, **kw)
+            return Deferred.fromCoroutine(go())
+
+        setattr(self.store, name, racing)
+
+    def test_writes_into_a_deleted_l3(self) -> None:
+        """
+        AddIpRange, AddDns, AttachNetworkService: L3.1000 naming l3NetworkUuid; nothing
+        written.
+        """
+        for name, msg in (
+                ("add_ip_ranges", add_range("10.0.0.10", "10.0.0.20")),
+                ("add_dns", AddDnsToL3NetworkMsg(l3_network_uuid="l3a", dns="8.8.8.8")),
+                ("attach_network_services", AttachNetworkServiceToL3NetworkMsg(
+                    l3_network_uuid="l3a", network_services={"flat": ["DHCP"]}))):
+            self.l3()
+            self.delete_first(name)
+            err = self.refused(msg, L3.NOT_FOUND, "l3NetworkUuid")
+            self.assertEqual(err.opaque["uuid"], "l3a", name)
+            self.assertIn("l3a", err.details)
+            for resource in ("l3Network", "ipRange", "l3NetworkDns",
+                             "networkServiceL3NetworkRef"):
+                self.assertEqual(self.rows(resource), [], (name, resource))
+            delattr(self.store, name)
+
+    def test_l3_on_a_deleted_l2(self) -> None:
+        """
+        CreateL3Network racing DeleteL2Network: L3.1000 naming l2NetworkUuid.
+        """
+        orig = self.store.insert
+
+        def racing(resource: str, values: dict) -> Deferred:
+            async def go() -> Any:
+                if resource == "l3Network":
+                    await self.store.delete_l2_network("l2a")
+                return await orig(resource, values)
+            return Deferred.fromCoroutine(go())
+
+        self.store.insert = racing
+        err = self.refused(CreateL3NetworkMsg(name="x", l2_network_uuid="l2a"), L3.NOT_FOUND,
+                           "l2NetworkUuid")
+        self.assertEqual(err.opaque["uuid"], "l2a")
+        self.assertEqual(self.rows("l3Network"), [])
 
 
 class DnsAndServicesTests(L3TestCase):
