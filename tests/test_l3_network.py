@@ -270,6 +270,54 @@ class IpRangeTests(L3TestCase):
                                           b["startIpInLong"], b["endIpInLong"]))
 
 
+class GatewayInRangeTests(L3TestCase):
+    """
+    Fault (review 2, item 7): a range's gateway could lie inside another L3 network's
+    range on the same L2 network (one broadcast domain), so a VM on that L3 could be given
+    the other network's router address.
+    """
+
+    def test_gateway_inside_another_range(self) -> None:
+        """
+        A new range whose gateway lies in an existing range of the L2, or whose addresses
+        contain an existing range's gateway: L3.1001 naming that range; nothing added. A
+        gateway outside every range is accepted.
+        """
+        self.l3("l3a")
+        self.l3("l3b")
+        self.ok(add_range("10.0.0.10", "10.0.0.20", l3="l3a", gateway="10.0.0.1", uuid="ra"))
+        err = self.refused(add_range("10.0.0.30", "10.0.0.40", l3="l3b",
+                                     gateway="10.0.0.15"), L3.IP_RANGE_OVERLAP, "gateway")
+        self.assertEqual((err.opaque["ipRangeUuid"], err.opaque["l3NetworkUuid"]),
+                         ("ra", "l3a"))
+        self.assertIn("10.0.0.15", err.details)
+        err = self.refused(add_range("10.0.0.1", "10.0.0.5", l3="l3b", gateway="10.0.0.50",
+                                     netmask="255.255.0.0"), L3.IP_RANGE_OVERLAP)
+        self.assertEqual(err.opaque["ipRangeUuid"], "ra")
+        self.assertIn("contains the gateway 10.0.0.1", err.details)
+        err = self.refused(AddIpRangeByNetworkCidrMsg(
+            l3_network_uuid="l3b", name="c", network_cidr="10.0.0.0/29",
+            gateway="10.0.0.6"), L3.IP_RANGE_OVERLAP)
+        self.assertEqual(err.opaque["ipRangeUuid"], "ra")
+        self.assertEqual([r["uuid"] for r in self.rows("ipRange")], ["ra"])
+        self.ok(add_range("10.0.0.30", "10.0.0.40", l3="l3b", gateway="10.0.0.1"))
+
+    def test_gateway_inside_the_other_new_range(self) -> None:
+        """
+        Within one request (a CIDR's two spans share the gateway they leave out): each
+        range's gateway is checked against the others too.
+        """
+        from zcontrol.services.network.ranges import NewRange, check_new_ranges
+
+        a = NewRange(167772170, 167772180, "255.255.255.0", "10.0.0.1", "10.0.0.0/24", 24)
+        b = NewRange(167772190, 167772200, "255.255.255.0", "10.0.0.15", "10.0.0.0/24", 24)
+        with self.assertRaises(OperationError) as e:
+            check_new_ranges("l3a", [a, b], [])
+        self.assertEqual(e.exception.error.code, L3.IP_RANGE_OVERLAP)
+        self.assertEqual(e.exception.error.opaque["field"], "gateway")
+        check_new_ranges("l3a", ranges_from_cidr("10.0.0.0/24", "10.0.0.100"), [])
+
+
 class RangePropertyTests(L3TestCase):
     """
     The overlap rule, by property: AddIpRange accepts exactly the ranges that overlap no
