@@ -404,6 +404,75 @@ class StoreContractMixin(TextOrderMixin):
             self.assertTrue(err.opaque["field"].startswith("holder"), err)
 
     @async_to_deferred
+    async def test_reservation_for_allocation_needs_an_allocatable_host(self) -> None:
+        """
+        Fault (review 2, item 1): the allocator's reservation checked only capacity, so a
+        host that went to Maintenance (Disabled, Disconnected, or its cluster or zone
+        Disabled) after the allocator's snapshot still got the VM.
+        C{reserve_host_capacity_for_allocation} refuses such a host with C{DB.1008} in
+        the same statement, taking nothing; C{reserve_host_capacity} (the other callers)
+        still checks capacity only.
+        """
+        await self.seed("zone", "cluster", "host")
+        await self.store.update_host_status("host-1", "Connected")
+        row = await self.store.reserve_host_capacity_for_allocation("host-1", 1, 10,
+                                                                    self.holder())
+        self.assertEqual(row["availableCpuCapacity"], 15)
+        for resource, uuid, changes in (
+                ("host", "host-1", {"state": "Maintenance"}),
+                ("host", "host-1", {"state": "PreMaintenance"}),
+                ("host", "host-1", {"state": "Disabled"}),
+                ("host", "host-1", {"status": "Disconnected"}),
+                ("cluster", "cluster-1", {"state": "Disabled"}),
+                ("zone", "zone-1", {"state": "Disabled"})):
+            before = await self.store.get(resource, uuid)
+            await self.store.update(resource, uuid, changes)
+            err = await self.failure(self.store.reserve_host_capacity_for_allocation(
+                "host-1", 1, 10, self.holder()), DB.HOST_NOT_ALLOCATABLE)
+            self.assertEqual(err.opaque["host_uuid"], "host-1")
+            self.assertIn("takes no new VM", err.details)
+            self.assertEqual((await self.store.get("host", "host-1"))["availableCpuCapacity"],
+                             15, changes)
+            await self.store.update(resource, uuid, {k: before[k] for k in changes})
+        # Short of capacity on an allocatable host: still DB.1003.
+        await self.failure(self.store.reserve_host_capacity_for_allocation(
+            "host-1", 100, 10, self.holder()), DB.HOST_CAPACITY)
+        # The plain reservation does not look at the state.
+        await self.store.update("host", "host-1", {"state": "Maintenance"})
+        row = await self.store.reserve_host_capacity("host-1", 1, 10, self.holder())
+        self.assertEqual(row["availableCpuCapacity"], 14)
+        self.assertEqual(await self.store.audit_capacity(), [])
+
+    @async_to_deferred
+    async def test_delete_host_releases_destroyed_vms(self) -> None:
+        """
+        Fault (review 2, item 4): a Destroyed VM's hostUuid kept the host from being
+        deleted. C{delete_host} clears it (lastHostUuid = the host) in the delete's
+        transaction; any other VM still refuses it (DB.1001), changing nothing;
+        C{host_capacity_holders} names who holds the host's CPU and memory.
+        """
+        await self.seed("zone", "cluster", "host")
+        base = TOPOLOGY["vmInstance"]
+        await self.store.insert("vmInstance", {**base, "uuid": "vm-d", "hostUuid": "host-1",
+                                               "state": "Destroyed"})
+        await self.store.insert("vmInstance", {**base, "uuid": "vm-r", "hostUuid": "host-1",
+                                               "state": "Running"})
+        await self.store.reserve_host_capacity("host-1", 2, 20, ("VmInstanceVO", "vm-r"))
+        held = await self.store.host_capacity_holders("host-1")
+        self.assertEqual(held, {"total": 1, "holders": [
+            {"holderType": "VmInstanceVO", "holderUuid": "vm-r", "cpu": 2, "memory": 20}]})
+        await self.failure(self.store.delete_host("host-1"), DB.REFERENCE)
+        self.assertEqual((await self.store.get("vmInstance", "vm-d"))["hostUuid"], "host-1")
+        await self.store.release_host_capacity("host-1", ("VmInstanceVO", "vm-r"))
+        await self.failure(self.store.delete_host("host-1"), DB.REFERENCE)
+        await self.store.delete("vmInstance", "vm-r")
+        self.assertTrue(await self.store.delete_host("host-1"))
+        vm = await self.store.get("vmInstance", "vm-d")
+        self.assertEqual((vm["hostUuid"], vm["lastHostUuid"]), (None, "host-1"))
+        self.assertIsNone(await self.store.get("host", "host-1"))
+        self.assertFalse(await self.store.delete_host("host-1"))
+
+    @async_to_deferred
     async def test_concurrent_reservations(self) -> None:
         """
         40 concurrent reservations of 1 CPU on a 16-CPU host: exactly 16 win, the rest get

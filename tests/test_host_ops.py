@@ -110,6 +110,28 @@ class ChangeStateTests(HostOpsTestCase):
         self.assertEqual(self.transitions()[-2:], [("Disabled", "PreMaintenance"),
                                                    ("PreMaintenance", "Disabled")])
 
+    def test_maintain_refused_with_capacity_held(self) -> None:
+        """
+        Fault (review 2, item 1): maintain looked only at VM rows, so a VM being created
+        (its capacity reserved on the host by the allocator, its row not yet naming the
+        host) did not stop it. Capacity held on the host is HOST.1005 naming the holders,
+        and the host returns to its state; once given back, maintain goes through.
+        """
+        self.result(self.store.reserve_host_capacity("h1", 1, 1, ("VmInstanceVO", "vm-new")))
+        err = self.refused(self.state("maintain"), HOST.HAS_VMS)
+        self.assertEqual(err.opaque["holders"], [{"holderType": "VmInstanceVO",
+                                                  "holderUuid": "vm-new", "cpu": 1,
+                                                  "memory": 1}])
+        self.assertEqual(err.opaque["vmUuids"], [])
+        self.assertIn("host CPU/memory held by 1 holder(s)", err.details)
+        self.assertIn("vm-new", err.details)
+        self.assertEqual(self.row("host", "h1")["state"], "Enabled")
+        self.pump()
+        self.assertEqual(self.transitions(), [("Enabled", "PreMaintenance"),
+                                              ("PreMaintenance", "Enabled")])
+        self.result(self.store.release_host_capacity("h1", ("VmInstanceVO", "vm-new")))
+        self.assertEqual(self.ok(self.state("maintain")).inventory["state"], "Maintenance")
+
     def test_invalid(self) -> None:
         """
         An unknown event is SYS.1007 naming stateEvent (preMaintain is internal); an
@@ -224,7 +246,7 @@ class DeleteHostTests(HostOpsTestCase):
         err = self.refused(DeleteHostMsg(service_id=SERVICE_ID, uuid="h1"), HOST.HAS_VMS)
         self.assertEqual(err.opaque["vmUuids"], ["vm-1"])
         self.assertEqual(self.removals, [])
-        self.assertIsNotNone(self.row("host", "h1"))
+        self.assertEqual(self.row("host", "h1")["state"], "Enabled")
 
     def test_storage_refuses(self) -> None:
         """
@@ -237,18 +259,84 @@ class DeleteHostTests(HostOpsTestCase):
         self.assertEqual(err.cause.code, SYS.OPERATION_ERROR)
         self.assertEqual(err.opaque["primaryStorageUuid"], "ps1")
         self.assertEqual(self.row("host", "h1")["status"], "Connected")
+        self.assertEqual(self.row("host", "h1")["state"], "Enabled")
         self.assertIsNotNone(self.pair.client.secret_for(base(1)))
+
+    def test_destroyed_vms_let_go(self) -> None:
+        """
+        Fault (review 2, item 4): Destroyed VMs, exempted by the pre-check, still refused
+        the delete through their hostUuid foreign key. As in ZStack a Destroyed VM keeps no
+        host: the delete clears its hostUuid (lastHostUuid is the host), in the same
+        transaction as the host's row.
+        """
+        self.seed_vm("vm-gone", "h1", "Destroyed")
+        self.ok(DeleteHostMsg(service_id=SERVICE_ID, uuid="h1"))
+        self.assertIsNone(self.row("host", "h1"))
+        vm = self.row("vmInstance", "vm-gone")
+        self.assertEqual((vm["hostUuid"], vm["lastHostUuid"], vm["state"]),
+                         (None, "h1", "Destroyed"))
+
+    def test_refused_with_capacity_held(self) -> None:
+        """
+        Fault (review 2, item 2): capacity reserved on the host (a VM being created)
+        refused the delete only at the row's foreign key, after the storages had been told
+        to drop the host, with an error blaming "local storage". It is refused first,
+        HOST.1006 naming the holders as host CPU/memory; no storage is told; the host is
+        back Enabled and Connected.
+        """
+        self.attach_storage("ps1")
+        self.result(self.store.reserve_host_capacity("h1", 1, 1, ("VmInstanceVO", "vm-new")))
+        err = self.refused(DeleteHostMsg(service_id=SERVICE_ID, uuid="h1"), HOST.DELETE_ERROR)
+        self.assertEqual(err.opaque["holders"], {"hostCapacity": [
+            {"holderType": "VmInstanceVO", "holderUuid": "vm-new", "cpu": 1, "memory": 1}]})
+        self.assertIn("host CPU/memory held by", err.details)
+        self.assertIn("vm-new", err.details)
+        self.assertNotIn("local storage", err.details)
+        self.assertEqual(self.removals, [])
+        row = self.row("host", "h1")
+        self.assertEqual((row["state"], row["status"]), ("Enabled", "Connected"))
+        self.pump()
+        self.assertEqual(self.transitions(), [("Enabled", "Disabled"), ("Disabled", "Enabled")])
+
+    def test_out_of_allocation_before_the_checks(self) -> None:
+        """
+        The host leaves allocation (Disabled) before its VMs and holders are looked at:
+        an allocator reserving meanwhile is refused (DB.1008), so the delete's checks
+        cannot miss a reservation.
+        """
+        from zcontrol.db.interfaces import DB
+        orig = self.store.host_capacity_holders
+        seen: list[Any] = []
+
+        def racing(host_uuid: str, limit: int = 20) -> Any:
+            d = self.store.reserve_host_capacity_for_allocation(
+                host_uuid, 1, 1, ("VmInstanceVO", "vm-late"))
+            d.addErrback(lambda f: seen.append(f.value.error.code))
+            return d.addBoth(lambda _: orig(host_uuid, limit))
+
+        self.store.host_capacity_holders = racing
+        self.ok(DeleteHostMsg(service_id=SERVICE_ID, uuid="h1"))
+        self.assertEqual(seen, [DB.HOST_NOT_ALLOCATABLE])
+        self.assertIsNone(self.row("host", "h1"))
 
     def test_store_reference_named(self) -> None:
         """
-        A destroyed VM still naming the host makes the store's delete fail on its foreign
-        key: HOST.1006 naming the VM, never a raw DB.1001.
+        Something the checks did not see (a VM appearing meanwhile) makes the store's
+        delete fail on its foreign key: HOST.1006 naming the VM, never a raw DB.1001; the
+        host is back Enabled.
         """
-        self.seed_vm("vm-gone", "h1", "Destroyed")
+        orig = self.store.host_capacity_holders
+
+        def appearing(host_uuid: str, limit: int = 20) -> Any:
+            self.store.host_capacity_holders = orig
+            self.seed_vm("vm-late", "h1", "Running")
+            return orig(host_uuid, limit)
+
+        self.store.host_capacity_holders = appearing
         err = self.refused(DeleteHostMsg(service_id=SERVICE_ID, uuid="h1"), HOST.DELETE_ERROR)
-        self.assertEqual(err.opaque["holders"], {"vmInstance": ["vm-gone"]})
-        self.assertIn("vm-gone", err.details)
-        self.assertIsNotNone(self.row("host", "h1"))
+        self.assertEqual(err.opaque["holders"], {"vmInstance": ["vm-late"]})
+        self.assertIn("vm-late", err.details)
+        self.assertEqual(self.row("host", "h1")["state"], "Enabled")
 
 
 class AsyncHttpCallTests(HostOpsTestCase):

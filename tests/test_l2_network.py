@@ -13,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.agent_fakes import seed_zone_and_cluster
 from zcontrol.bus.local import LocalBus
-from zcontrol.core.errors import SYS, ErrorCode
+from zcontrol.core.errors import SYS, ErrorCode, OperationError
+from zcontrol.db.interfaces import DB
 from zcontrol.db.memory import MemoryStore
 from zcontrol.db.query import Query
 from zcontrol.services import inventory as inv
@@ -319,6 +320,48 @@ class AttachL2Tests(NetworkTestCase):
         self.pump()
         self.assertEqual(sorted(self.successResultOf(d).success for d in ds), [False, True])
         self.assertEqual(len(self.rows("l2NetworkClusterRef")), 1)
+
+
+class AttachRaceTests(NetworkTestCase):
+    """
+    Fault (review 2, item 6): AttachL2NetworkToCluster racing DeleteCluster answered the
+    store's raw C{DB.1001}.
+    """
+
+    def racing(self, delete_first: bool) -> None:
+        """
+        The cluster is deleted between the service's look-up and the store's attach:
+        before the store's check under the lock (C{delete_first}), or after it (the
+        ref's foreign key refuses, as when another node deletes it concurrently).
+        """
+        orig = MemoryStore.attach_l2_to_cluster.__get__(self.store)
+
+        def racing(l2: str, cluster: str) -> Deferred:
+            async def go() -> Any:
+                if delete_first:
+                    await self.store.delete_cluster(cluster)
+                    return await orig(l2, cluster)
+                result = await orig(l2, cluster)
+                await self.store.delete("l2NetworkClusterRef", result["ref"]["uuid"])
+                await self.store.delete_cluster(cluster)
+                raise OperationError.of(DB.REFERENCE, "FOREIGN KEY constraint failed")
+            return Deferred.fromCoroutine(go())
+
+        self.store.attach_l2_to_cluster = racing
+
+    def test_cluster_deleted_meanwhile(self) -> None:
+        """
+        L2.1000 naming clusterUuid, whichever check sees it gone; nothing attached.
+        """
+        self.novlan()
+        for delete_first, cluster in ((True, "c2"), (False, "c")):
+            self.racing(delete_first)
+            err = self.refused(AttachL2NetworkToClusterMsg(l2_network_uuid="l2a",
+                                                           cluster_uuid=cluster),
+                               L2.NOT_FOUND, "clusterUuid")
+            self.assertEqual(err.opaque["uuid"], cluster)
+            self.assertIn(cluster, err.details)
+            self.assertEqual(self.rows("l2NetworkClusterRef"), [])
 
 
 class DeleteL2Tests(NetworkTestCase):

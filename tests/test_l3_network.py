@@ -6,15 +6,17 @@ address queries; and the range rules as pure functions.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_l2_network import NetworkTestCase
 from zcontrol.core.errors import SYS, OperationError
+from zcontrol.db.memory import MemoryStore
 from zcontrol.services import inventory as inv
 from zcontrol.services.network import (
     L3,
@@ -268,6 +270,54 @@ class IpRangeTests(L3TestCase):
                                           b["startIpInLong"], b["endIpInLong"]))
 
 
+class GatewayInRangeTests(L3TestCase):
+    """
+    Fault (review 2, item 7): a range's gateway could lie inside another L3 network's
+    range on the same L2 network (one broadcast domain), so a VM on that L3 could be given
+    the other network's router address.
+    """
+
+    def test_gateway_inside_another_range(self) -> None:
+        """
+        A new range whose gateway lies in an existing range of the L2, or whose addresses
+        contain an existing range's gateway: L3.1001 naming that range; nothing added. A
+        gateway outside every range is accepted.
+        """
+        self.l3("l3a")
+        self.l3("l3b")
+        self.ok(add_range("10.0.0.10", "10.0.0.20", l3="l3a", gateway="10.0.0.1", uuid="ra"))
+        err = self.refused(add_range("10.0.0.30", "10.0.0.40", l3="l3b",
+                                     gateway="10.0.0.15"), L3.IP_RANGE_OVERLAP, "gateway")
+        self.assertEqual((err.opaque["ipRangeUuid"], err.opaque["l3NetworkUuid"]),
+                         ("ra", "l3a"))
+        self.assertIn("10.0.0.15", err.details)
+        err = self.refused(add_range("10.0.0.1", "10.0.0.5", l3="l3b", gateway="10.0.0.50",
+                                     netmask="255.255.0.0"), L3.IP_RANGE_OVERLAP)
+        self.assertEqual(err.opaque["ipRangeUuid"], "ra")
+        self.assertIn("contains the gateway 10.0.0.1", err.details)
+        err = self.refused(AddIpRangeByNetworkCidrMsg(
+            l3_network_uuid="l3b", name="c", network_cidr="10.0.0.0/29",
+            gateway="10.0.0.6"), L3.IP_RANGE_OVERLAP)
+        self.assertEqual(err.opaque["ipRangeUuid"], "ra")
+        self.assertEqual([r["uuid"] for r in self.rows("ipRange")], ["ra"])
+        self.ok(add_range("10.0.0.30", "10.0.0.40", l3="l3b", gateway="10.0.0.1"))
+
+    def test_gateway_inside_the_other_new_range(self) -> None:
+        """
+        Within one request (a CIDR's two spans share the gateway they leave out): each
+        range's gateway is checked against the others too.
+        """
+        from zcontrol.services.network.ranges import NewRange, check_new_ranges
+
+        a = NewRange(167772170, 167772180, "255.255.255.0", "10.0.0.1", "10.0.0.0/24", 24)
+        b = NewRange(167772190, 167772200, "255.255.255.0", "10.0.0.15", "10.0.0.0/24", 24)
+        with self.assertRaises(OperationError) as e:
+            check_new_ranges("l3a", [a, b], [])
+        self.assertEqual(e.exception.error.code, L3.IP_RANGE_OVERLAP)
+        self.assertEqual(e.exception.error.opaque["field"], "gateway")
+        check_new_ranges("l3a", ranges_from_cidr("10.0.0.0/24", "10.0.0.100"), [])
+
+
 class RangePropertyTests(L3TestCase):
     """
     The overlap rule, by property: AddIpRange accepts exactly the ranges that overlap no
@@ -301,6 +351,116 @@ class RangePropertyTests(L3TestCase):
     def tearDown_l3s(self) -> None:
         for uuid in ("p1", "p2"):
             self.ok(DeleteL3NetworkMsg(uuid=uuid))
+
+
+class FreeIpPropertyTests(L3TestCase):
+    """
+    Fault (review 2, item 3): GetFreeIp read the used addresses in batches of 256 and,
+    after a full batch, answered the addresses past its end as free, used or not. It is
+    compared here with a brute-force set difference on random used sets (runs of used
+    addresses longer than a batch included).
+    """
+
+    RANGES = (("r1", "10.0.0.10", "10.0.2.200"), ("r2", "10.0.3.10", "10.0.3.100"))
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.l3()
+        self.addresses: list[tuple[int, str]] = []
+        for uuid, start, end in self.RANGES:
+            self.ok(add_range(start, end, uuid=uuid, netmask="255.255.252.0"))
+            lo, hi = (int(ipaddress.IPv4Address(a)) for a in (start, end))
+            self.addresses += [(n, uuid) for n in range(lo, hi + 1)]
+
+    @settings(max_examples=25, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 800), st.integers(1, 600)), max_size=4),
+           st.one_of(st.none(), st.integers(0, 800)), st.integers(1, 40))
+    def test_free_ips_are_the_set_difference(self, runs: list, start: int | None,
+                                             limit: int) -> None:
+        """
+        GetFreeIp (of the L3 network, from C{start} when given, up to C{limit}) answers
+        the lowest addresses of its ranges that are not used, in address order.
+        """
+        used: dict[int, str] = {}
+        for first, length in runs:
+            for n, range_uuid in self.addresses[first:first + length]:
+                used[n] = range_uuid
+        rows = self.result(gatherResults([self.store.insert("usedIp", {
+            "uuid": f"u{n}", "ipRangeUuid": r, "l3NetworkUuid": "l3a",
+            "ip": str(ipaddress.IPv4Address(n)), "ipInLong": n, "netmask": "255.255.252.0",
+            "gateway": "10.0.0.1"}) for n, r in used.items()], consumeErrors=True))
+        try:
+            start_n = None if start is None else self.addresses[start][0]
+            expected = [(str(ipaddress.IPv4Address(n)), r) for n, r in self.addresses
+                        if n not in used and (start_n is None or n >= start_n)][:limit]
+            msg = GetFreeIpMsg(l3_network_uuid="l3a", limit=limit,
+                               start=None if start_n is None
+                               else str(ipaddress.IPv4Address(start_n)))
+            got = [(f["ip"], f["ipRangeUuid"]) for f in self.ok(msg).inventories]
+            self.assertEqual(got, expected)
+        finally:
+            self.result(gatherResults([self.store.delete("usedIp", r["uuid"]) for r in rows]))
+
+
+class DeletedMeanwhileTests(L3TestCase):
+    """
+    Fault (review 2, item 6, the same kind in L3): a write into an L3 network deleted
+    between the service's look-up and the store's write (AddIpRange runs on the L2's
+    chain, not the L3's) answered the store's raw C{DB.1001} / C{SYS.1003}.
+    """
+
+    def delete_first(self, name: str) -> None:
+        """
+        Make the store's C{name} delete the L3 network C{l3a} (as another node) first.
+        """
+        orig = getattr(MemoryStore, name).__get__(self.store)
+
+        def racing(*a: Any, **kw: Any) -> Deferred:
+            async def go() -> Any:
+                await self.store.delete_l3_network("l3a")
+                return await orig(*a, **kw)
+            return Deferred.fromCoroutine(go())
+
+        setattr(self.store, name, racing)
+
+    def test_writes_into_a_deleted_l3(self) -> None:
+        """
+        AddIpRange, AddDns, AttachNetworkService: L3.1000 naming l3NetworkUuid; nothing
+        written.
+        """
+        for name, msg in (
+                ("add_ip_ranges", add_range("10.0.0.10", "10.0.0.20")),
+                ("add_dns", AddDnsToL3NetworkMsg(l3_network_uuid="l3a", dns="8.8.8.8")),
+                ("attach_network_services", AttachNetworkServiceToL3NetworkMsg(
+                    l3_network_uuid="l3a", network_services={"flat": ["DHCP"]}))):
+            self.l3()
+            self.delete_first(name)
+            err = self.refused(msg, L3.NOT_FOUND, "l3NetworkUuid")
+            self.assertEqual(err.opaque["uuid"], "l3a", name)
+            self.assertIn("l3a", err.details)
+            for resource in ("l3Network", "ipRange", "l3NetworkDns",
+                             "networkServiceL3NetworkRef"):
+                self.assertEqual(self.rows(resource), [], (name, resource))
+            delattr(self.store, name)
+
+    def test_l3_on_a_deleted_l2(self) -> None:
+        """
+        CreateL3Network racing DeleteL2Network: L3.1000 naming l2NetworkUuid.
+        """
+        orig = self.store.insert
+
+        def racing(resource: str, values: dict) -> Deferred:
+            async def go() -> Any:
+                if resource == "l3Network":
+                    await self.store.delete_l2_network("l2a")
+                return await orig(resource, values)
+            return Deferred.fromCoroutine(go())
+
+        self.store.insert = racing
+        err = self.refused(CreateL3NetworkMsg(name="x", l2_network_uuid="l2a"), L3.NOT_FOUND,
+                           "l2NetworkUuid")
+        self.assertEqual(err.opaque["uuid"], "l2a")
+        self.assertEqual(self.rows("l3Network"), [])
 
 
 class DnsAndServicesTests(L3TestCase):

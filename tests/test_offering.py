@@ -75,6 +75,25 @@ class InstanceOfferingTests(ServiceTestCase):
         for strategy in HOST_ALLOCATOR_STRATEGIES:
             self.ok(instance(allocator_strategy=strategy))
 
+    def test_strategies_are_the_allocators(self) -> None:
+        """
+        Fault (review 2, item 5): an offering accepted C{LastHostPreferredAllocatorStrategy},
+        which the allocator then refused (C{SYS.1007} at allocation time). The offering's
+        names are the allocator's: each one an offering accepts, an allocation accepts.
+        """
+        from zcontrol.scheduler import AllocateHostMsg
+        from zcontrol.scheduler.service import request_of
+        from zcontrol.scheduler.strategies import STRATEGIES
+
+        self.assertEqual(set(HOST_ALLOCATOR_STRATEGIES), set(STRATEGIES))
+        self.assertIn("LastHostPreferredAllocatorStrategy", HOST_ALLOCATOR_STRATEGIES)
+        for strategy in HOST_ALLOCATOR_STRATEGIES:
+            inv = self.ok(instance(allocator_strategy=strategy)).inventory
+            req = request_of(AllocateHostMsg(
+                service_id="host.allocator", vm_instance_uuid="vm", cpu_num=inv["cpuNum"],
+                memory_size=inv["memorySize"], allocator_strategy=inv["allocatorStrategy"]))
+            self.assertEqual(req.allocator_strategy, strategy)
+
     def test_invalid_fields(self) -> None:
         """
         Each field out of range is SYS.1007 naming it; nothing created.

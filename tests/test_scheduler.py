@@ -17,6 +17,7 @@ from zcontrol.scheduler.messages import ALLOCATOR
 from zcontrol.scheduler.model import AllocationRequest, HostView, PrimaryStorageView, Snapshot
 from zcontrol.scheduler.strategies import (
     FIRST_FIT,
+    LAST_HOST_PREFERRED,
     LEAST_USED,
     STRATEGIES,
     order_hosts,
@@ -256,5 +257,8 @@ class FilterExampleTests(SynchronousTestCase):
         least = strategy_named("LeastVmPreferredHostAllocatorStrategy")
         self.assertEqual([h.uuid for h in order_hosts(least, hosts)], ["h3", "h4", "h2", "h1"])
         self.assertIs(strategy_named("DefaultHostAllocatorStrategy"), FIRST_FIT)
-        self.assertEqual(set(STRATEGIES.values()), {FIRST_FIT, LEAST_USED})
+        self.assertEqual(set(STRATEGIES.values()), {FIRST_FIT, LEAST_USED, LAST_HOST_PREFERRED})
+        # Last-host-preferred orders the other hosts as first-fit.
+        self.assertEqual([h.uuid for h in order_hosts(LAST_HOST_PREFERRED, hosts)],
+                         ["h1", "h2", "h3", "h4"])
         self.assertRaises(KeyError, strategy_named, "RandomStrategy")

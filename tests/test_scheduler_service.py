@@ -35,10 +35,42 @@ class LosingStore(MemoryStore):
     allocations always took the capacity first.
     """
 
-    def reserve_host_capacity(self, host_uuid: str, cpu: int, memory: int, holder: Any
-                              ) -> Deferred:
+    def reserve_host_capacity_for_allocation(self, host_uuid: str, cpu: int, memory: int,
+                                             holder: Any) -> Deferred:
         self.lost = getattr(self, "lost", 0) + 1
         return fail(OperationError.of(DB.HOST_CAPACITY, f"host {host_uuid} is full"))
+
+
+class ChangeBeforeReservation(MemoryStore):
+    """
+    A store on which C{change} (C{(resource, uuid, changes)}, set by the test) commits
+    right before the first host reservation: between the allocator's snapshot and its
+    reservation, as a state change by another node (or chain) may.
+    """
+
+    change: tuple[str, str, dict] | None = None
+
+    async def _first(self) -> None:
+        if self.change is not None:
+            resource, uuid, changes = self.change
+            self.change = None
+            await MemoryStore.update(self, resource, uuid, changes)
+
+    def reserve_host_capacity(self, host_uuid: str, cpu: int, memory: int, holder: Any
+                              ) -> Deferred:
+        async def go() -> Any:
+            await self._first()
+            return await MemoryStore.reserve_host_capacity(self, host_uuid, cpu, memory,
+                                                           holder)
+        return Deferred.fromCoroutine(go())
+
+    def reserve_host_capacity_for_allocation(self, host_uuid: str, cpu: int, memory: int,
+                                             holder: Any) -> Deferred:
+        async def go() -> Any:
+            await self._first()
+            return await MemoryStore.reserve_host_capacity_for_allocation(
+                self, host_uuid, cpu, memory, holder)
+        return Deferred.fromCoroutine(go())
 
 
 class AllocatorServiceTestCase(SynchronousTestCase):
@@ -349,6 +381,106 @@ class LostRaceTests(AllocatorServiceTestCase):
         self.assertEqual(err.opaque["lostRaces"], 8)
         self.assertIn("8 reservations were lost to concurrent allocations", err.details)
         self.assertEqual(err.opaque["filters"][-1]["left"], 2)
+
+
+class StateChangeRaceTests(AllocatorServiceTestCase):
+    """
+    Fault (review 2, item 1): a host that left allocation between the allocator's
+    snapshot and its reservation still got the VM (the reservation checked capacity only).
+    """
+
+    store_class = ChangeBeforeReservation
+
+    def test_host_leaves_allocation_meanwhile(self) -> None:
+        """
+        h1 goes to Maintenance, PreMaintenance, Disabled or Disconnected after the
+        snapshot that chose it: its reservation is refused and the allocation takes h2 (a
+        lost race), nothing held on h1.
+        """
+        for i, changes in enumerate(({"state": "Maintenance"}, {"state": "PreMaintenance"},
+                                     {"state": "Disabled"}, {"status": "Disconnected"})):
+            before = self.host("h1")
+            self.store.change = ("host", "h1", changes)
+            reply = self.ok(self.allocate(f"vm-{i}"))
+            self.assertEqual(reply.inventory["uuid"], "h2", changes)
+            self.assertEqual(self.host("h1")["availableCpuCapacity"], 4)
+            self.assertEqual(self.result(self.store.holder_reservations(
+                ("VmInstanceVO", f"vm-{i}"))), [("h2", 1, GIB)])
+            self.result(self.store.update("host", "h1", {k: before[k] for k in changes}))
+        self.assertEqual(self.result(self.store.audit_capacity()), [])
+
+    def test_cluster_or_zone_disabled_meanwhile(self) -> None:
+        """
+        The cluster or zone of every host is Disabled after the snapshot: no host is
+        reserved; the error counts the refused reservations as lost races.
+        """
+        for resource, uuid in (("cluster", "c"), ("zone", "z")):
+            self.store.change = (resource, uuid, {"state": "Disabled"})
+            err = self.error(self.allocate(), ALLOCATOR.NO_AVAILABLE_HOST)
+            self.assertEqual(err.opaque["lostRaces"], 2)
+            self.assertIn("stopped taking VMs", err.details)
+            self.assertEqual([self.host(h)["availableCpuCapacity"] for h in ("h1", "h2")],
+                             [4, 4])
+            self.result(self.store.update(resource, uuid, {"state": "Enabled"}))
+
+
+class LastHostPreferredTests(AllocatorServiceTestCase):
+    """
+    Fault (review 2, item 5): an instance offering accepted
+    C{LastHostPreferredAllocatorStrategy} but the allocator refused it (C{SYS.1007}).
+    """
+
+    strategy = "LastHostPreferredAllocatorStrategy"
+
+    def test_last_host_chosen_when_it_fits(self) -> None:
+        """
+        The VM's last host (h2, not first-fit's h1) is chosen when it passes every filter.
+        """
+        reply = self.ok(self.allocate(allocator_strategy=self.strategy, last_host_uuid="h2"))
+        self.assertEqual(reply.inventory["uuid"], "h2")
+        self.assertEqual(reply.inventory["availableCpuCapacity"], 3)
+        self.assertEqual(reply.primary_storage_uuids, ["nfs"])
+        # Other strategies ignore it.
+        self.assertEqual(self.ok(self.allocate("vm-2", last_host_uuid="h2")).inventory["uuid"],
+                         "h1")
+
+    def test_first_fit_otherwise(self) -> None:
+        """
+        Without a last host, with one that fails a filter (full, in maintenance, avoided,
+        outside the requested cluster, unknown), or that a concurrent change took: first-fit.
+        """
+        self.add_host("h3", cpu=1)
+        self.add_host("h4", state="Maintenance")
+        self.result(self.store.update("host", "h1", {"totalCpuCapacity": 16,
+                                                     "availableCpuCapacity": 16}))
+        self.assertEqual(self.ok(self.allocate("vm-0", allocator_strategy=self.strategy))
+                         .inventory["uuid"], "h1")
+        for i, kw in enumerate(({"last_host_uuid": "h3", "cpu_num": 2},
+                                {"last_host_uuid": "h4"},
+                                {"last_host_uuid": "h2", "avoid_host_uuids": ["h2"]},
+                                {"last_host_uuid": "h2", "host_uuid": "h1"},
+                                {"last_host_uuid": "h9"})):
+            reply = self.ok(self.allocate(f"vm-{i + 1}", allocator_strategy=self.strategy,
+                                          memory_size=GIB // 8, **kw))
+            self.assertEqual(reply.inventory["uuid"], "h1", kw)
+        err = self.error(self.allocate("vm-x", allocator_strategy=self.strategy,
+                                       last_host_uuid=""), SYS.INVALID_ARGUMENT_ERROR)
+        self.assertEqual(err.opaque["field"], "lastHostUuid")
+
+
+class LastHostLostTests(AllocatorServiceTestCase):
+    """
+    The last host leaves allocation between the snapshot and the reservation.
+    """
+
+    store_class = ChangeBeforeReservation
+
+    def test_last_host_lost_then_first_fit(self) -> None:
+        self.store.change = ("host", "h2", {"state": "Disabled"})
+        reply = self.ok(self.allocate(allocator_strategy="LastHostPreferredAllocatorStrategy",
+                                      last_host_uuid="h2"))
+        self.assertEqual(reply.inventory["uuid"], "h1")
+        self.assertEqual(self.host("h2")["availableCpuCapacity"], 4)
 
 
 class WiringTests(SynchronousTestCase):

@@ -52,6 +52,7 @@ class DB:
             1005: "No free IP address left in the L3 network",
             1006: "The database schema is newer than this management node knows",
             1007: "Too many concurrent callers competed for the same rows; try again",
+            1008: "The host takes no new VM (its state or status, or its cluster's or zone's)",
         },
     )
     DUPLICATE = _codes[1000]
@@ -62,6 +63,7 @@ class DB:
     NO_FREE_IP = _codes[1005]
     SCHEMA_TOO_NEW = _codes[1006]
     CONTENTION = _codes[1007]
+    HOST_NOT_ALLOCATABLE = _codes[1008]
 
 
 class IStore(Interface):
@@ -179,6 +181,34 @@ class IStore(Interface):
             C{availableMemory}), C{DB.1000} when C{holder} already holds other amounts on
             this host, C{SYS.1003} for an unknown host, C{SYS.1007} for negative amounts or
             a malformed holder.
+        """
+
+    def reserve_host_capacity_for_allocation(host_uuid, cpu, memory, holder):
+        """
+        L{reserve_host_capacity} for the host allocator: the same statement also requires
+        the host C{Enabled} and C{Connected} and its cluster and zone C{Enabled} (the
+        allocator's C{state} filter), so a host moved out of allocation after the
+        allocator's snapshot (maintenance, disable, disconnect) gets nothing new.
+
+        @return: as L{reserve_host_capacity}; also fails with C{DB.1008} (opaque C{state},
+            C{status}, C{clusterState}, C{zoneState}) when the host takes no new VM.
+        """
+
+    def host_capacity_holders(host_uuid, limit=20):
+        """
+        Who holds the host's CPU and memory.
+
+        @return: Deferred firing with C{{"total": n, "holders": [{"holderType",
+            "holderUuid", "cpu", "memory"}]}} (at most C{limit}, by holder type and uuid).
+        """
+
+    def delete_host(host_uuid):
+        """
+        Delete a host; in the same transaction its C{Destroyed} VMs let go of it
+        (C{hostUuid} cleared, C{lastHostUuid} set to it, as ZStack's destroyed VMs).
+
+        @return: Deferred firing with True if the host was deleted, False if there was
+            none; fails with C{DB.1001} (nothing changed) while anything else refers to it.
         """
 
     def release_host_capacity(host_uuid, holder):

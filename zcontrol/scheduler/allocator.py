@@ -4,10 +4,13 @@ One allocation: read a pre-filtered snapshot from the store, filter and order it
 pure functions, reserve on the first host, and on a lost race try the next one.
 
 Note [allocation races]: two allocators (on one node or on several) may choose the same
-host from snapshots read before either reserved. The reservation
-(C{store.reserve_host_capacity}, a conditional UPDATE recording the holder) lets at most as
-many win as the host has room for; a loser gets C{DB.1003} and tries the next host of its
-page, re-reading a fresh snapshot when the page is used up, for at most C{max_attempts}
+host from snapshots read before either reserved, and a host may leave allocation
+(maintenance, disable, disconnect, its cluster or zone disabled) between the snapshot and
+the reservation. The reservation (C{store.reserve_host_capacity_for_allocation}, a
+conditional UPDATE recording the holder, which also requires the host Enabled and Connected
+and its cluster and zone Enabled) lets at most as many win as the host has room for, and
+none once the host left allocation; a loser gets C{DB.1003} (or C{DB.1008}) and tries the
+next host of its page, re-reading a fresh snapshot when the page is used up, for at most C{max_attempts}
 reservations in all. When they are used up, the "no available host" error says how many
 races were lost. Nothing is held in memory between allocations.
 """
@@ -29,6 +32,10 @@ from zcontrol.scheduler.strategies import order_hosts, strategy_named
 __all__ = ["Allocation", "Allocator", "no_host_error"]
 
 log = Logger()
+
+#: The reservation's refusals that mean a concurrent change took the host (its capacity,
+#: or its allocatability): try the next one.
+_LOST_RACE = (DB.HOST_CAPACITY, DB.HOST_NOT_ALLOCATABLE)
 
 
 @attrs.frozen
@@ -62,7 +69,7 @@ def no_host_error(req: AllocationRequest, candidates: int, lefts: list[int],
     extra: dict[str, Any] = {}
     if lost_races:
         details += (f"; {lost_races} reservations were lost to concurrent allocations"
-                    " (their hosts filled up meanwhile)")
+                    " (their hosts filled up or stopped taking VMs meanwhile)")
         extra["lostRaces"] = lost_races
     return OperationError.of(ALLOCATOR.NO_AVAILABLE_HOST, details, filters=filters,
                              candidates=candidates, request=request_dict(req), **extra)
@@ -77,7 +84,8 @@ def request_dict(req: AllocationRequest) -> dict[str, Any]:
             "zoneUuid": req.zone_uuid, "clusterUuid": req.cluster_uuid,
             "hostUuid": req.host_uuid, "avoidHostUuids": sorted(req.avoid_host_uuids),
             "allocatorStrategy": req.allocator_strategy,
-            "primaryStorageUuid": req.primary_storage_uuid}
+            "primaryStorageUuid": req.primary_storage_uuid,
+            "lastHostUuid": req.last_host_uuid}
 
 
 @attrs.define
@@ -108,6 +116,11 @@ class Allocator:
         if held:
             return await self._again(req, holder, held)
         attempts = lost = 0
+        if strategy.prefers_last_host and req.last_host_uuid is not None:
+            attempts, preferred = await self._last_host(req, holder)
+            if preferred is not None:
+                return preferred
+            lost = attempts
         while attempts < self.max_attempts:
             if snap is None:
                 snap = await self.store.allocation_snapshot(req, strategy.order,
@@ -124,10 +137,10 @@ class Allocator:
             for host in ordered:
                 attempts += 1
                 try:
-                    row = await self.store.reserve_host_capacity(
+                    row = await self.store.reserve_host_capacity_for_allocation(
                         host.uuid, req.cpu_num, req.memory_size, holder)
                 except OperationError as e:
-                    if e.error.code != DB.HOST_CAPACITY:
+                    if e.error.code not in _LOST_RACE:
                         raise
                     lost += 1
                     log.debug("allocation lost the race for host {host}", host=host.uuid)
@@ -138,6 +151,34 @@ class Allocator:
             snap = None
         candidates, lefts = await self.store.allocation_counts(req)
         raise no_host_error(req, candidates, lefts, lost)
+
+    async def _last_host(self, req: AllocationRequest, holder: Any
+                         ) -> tuple[int, Allocation | None]:
+        """
+        C{LastHostPreferredAllocatorStrategy}: reserve on C{req.last_host_uuid} when it
+        passes every filter (a snapshot of that host alone).
+
+        @return: C{(reservations tried, the allocation or None)}: None when the last host
+            does not fit, is outside the request's narrowing, or was lost to a race (the
+            caller then goes on first-fit).
+        """
+        last = req.last_host_uuid
+        if req.host_uuid is not None and req.host_uuid != last:
+            return 0, None
+        only = attrs.evolve(req, host_uuid=last)
+        snap = await self.store.allocation_snapshot(only, (("uuid", False),), 1)
+        fitting = run_filters(only, snap).hosts
+        if not fitting:
+            return 0, None
+        try:
+            row = await self.store.reserve_host_capacity_for_allocation(
+                last, req.cpu_num, req.memory_size, holder)
+        except OperationError as e:
+            if e.error.code not in _LOST_RACE:
+                raise
+            log.debug("allocation lost the race for the last host {host}", host=last)
+            return 1, None
+        return 1, Allocation(row, usable_primary_storages(req, snap, fitting[0]), 1)
 
     async def _again(self, req: AllocationRequest, holder: Any,
                      held: list[tuple[str, int, int]]) -> Allocation:

@@ -71,7 +71,8 @@ class AllocateHostMsg(NeedReplyMessage):
     Choose a host for a VM and reserve C{cpu_num} CPUs and C{memory_size} bytes on it for
     the holder C{("VmInstanceVO", vm_instance_uuid)} (ZStack's C{AllocateHostMsg} /
     C{DesignatedAllocateHostMsg}). See L{zcontrol.scheduler.filters} for the filters and
-    L{zcontrol.scheduler.strategies} for C{allocator_strategy}.
+    L{zcontrol.scheduler.strategies} for C{allocator_strategy}; C{last_host_uuid} (the VM's
+    last host) is chosen first by C{LastHostPreferredAllocatorStrategy} when it fits.
 
     Idempotent per VM: when the VM already holds the same amounts on a host (a retry after a
     lost reply), that host is answered again; different amounts fail with C{ALLOCATOR.1002}.
@@ -94,6 +95,7 @@ class AllocateHostMsg(NeedReplyMessage):
     avoid_host_uuids: list[str] = attrs.field(factory=list)
     allocator_strategy: str | None = None
     primary_storage_uuid: str | None = None
+    last_host_uuid: str | None = None
 
 
 @registry.register

@@ -59,6 +59,9 @@ class AllocationRequest:
         (None: the default, first-fit).
     @ivar primary_storage_uuid: the root volume must go to this primary storage (None: any
         attached one).
+    @ivar last_host_uuid: the VM's last host (ZStack's C{VmInstanceVO.lastHostUuid}):
+        chosen first by C{LastHostPreferredAllocatorStrategy} when it passes every filter;
+        ignored by the other strategies.
     """
 
     cpu_num: int
@@ -72,6 +75,7 @@ class AllocationRequest:
     avoid_host_uuids: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     allocator_strategy: str | None = None
     primary_storage_uuid: str | None = None
+    last_host_uuid: str | None = None
 
     def describe(self) -> str:
         """
@@ -82,7 +86,8 @@ class AllocationRequest:
                  f"l3NetworkUuids=[{', '.join(self.l3_network_uuids)}]"]
         for label, value in (("zoneUuid", self.zone_uuid), ("clusterUuid", self.cluster_uuid),
                              ("hostUuid", self.host_uuid),
-                             ("primaryStorageUuid", self.primary_storage_uuid)):
+                             ("primaryStorageUuid", self.primary_storage_uuid),
+                             ("lastHostUuid", self.last_host_uuid)):
             if value is not None:
                 parts.append(f"{label}={value}")
         if self.avoid_host_uuids:

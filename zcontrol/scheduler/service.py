@@ -69,6 +69,7 @@ def request_of(msg: AllocateHostMsg) -> AllocationRequest:
         avoid_host_uuids=avoid,
         allocator_strategy=msg.allocator_strategy,
         primary_storage_uuid=_optional_uuid(msg.primary_storage_uuid, "primaryStorageUuid"),
+        last_host_uuid=_optional_uuid(msg.last_host_uuid, "lastHostUuid"),
     )
 
 

@@ -17,6 +17,12 @@ Names (an instance offering's C{allocatorStrategy}):
    smallest uuid. ZStack's counts VMs per host; free capacity is the measure kept in the
    hosts table (no count of VMs per decision), and it spreads VMs the same way when they
    are of similar sizes.
+ - ZStack's C{LastHostPreferredAllocatorStrategy}: the request's C{last_host_uuid} (the
+   VM's last host) when it is given and passes every filter, else first-fit
+   (L{Strategy.prefers_last_host}; the allocator tries that host first).
+
+L{STRATEGIES} is the one list of names: the offering service validates an instance
+offering's C{allocatorStrategy} against it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from zcontrol.scheduler.model import HostView
 __all__ = [
     "DEFAULT_STRATEGY",
     "FIRST_FIT",
+    "LAST_HOST_PREFERRED",
     "LEAST_USED",
     "STRATEGIES",
     "Strategy",
@@ -43,11 +50,15 @@ class Strategy:
     """
     A strategy: its name, the sort key of a host (smallest first) and the same order as
     C{(HostView attribute, descending)} pairs for SQL.
+
+    @ivar prefers_last_host: the request's C{last_host_uuid}, when it passes every filter,
+        is chosen before any other host.
     """
 
     name: str
     key: Callable[[HostView], Any]
     order: tuple[tuple[str, bool], ...]
+    prefers_last_host: bool = False
 
 
 FIRST_FIT = Strategy("FirstFitHostAllocatorStrategy", lambda h: (h.uuid,), (("uuid", False),))
@@ -56,6 +67,8 @@ LEAST_USED = Strategy(
     lambda h: (-h.available_memory, -h.available_cpu, h.uuid),
     (("available_memory", True), ("available_cpu", True), ("uuid", False)),
 )
+LAST_HOST_PREFERRED = Strategy("LastHostPreferredAllocatorStrategy", FIRST_FIT.key,
+                               FIRST_FIT.order, prefers_last_host=True)
 DEFAULT_STRATEGY = FIRST_FIT
 
 #: Strategy name -> L{Strategy} (ZStack's names and ours).
@@ -64,6 +77,7 @@ STRATEGIES: dict[str, Strategy] = {
     FIRST_FIT.name: FIRST_FIT,
     "LeastVmPreferredHostAllocatorStrategy": LEAST_USED,
     LEAST_USED.name: LEAST_USED,
+    LAST_HOST_PREFERRED.name: LAST_HOST_PREFERRED,
 }
 
 

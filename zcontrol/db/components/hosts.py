@@ -37,10 +37,25 @@ from zcontrol.db.query import (
 _HOST = resource("host")
 _PS = resource("primaryStorage")
 
+#: The conditions a host must meet to take a new VM, as the allocator's C{state} filter
+#: (L{zcontrol.scheduler.filters}) has them: over the C{hosts} row being updated.
+_ALLOCATABLE_SQL = (
+    " AND state = 'Enabled' AND status = 'Connected'"
+    " AND EXISTS (SELECT 1 FROM clusters c JOIN zones z ON z.uuid = c.zone_uuid"
+    " WHERE c.uuid = hosts.cluster_uuid AND c.state = 'Enabled' AND z.state = 'Enabled')"
+)
+
+
 def reserve_host_capacity_thd(db: Db, host_uuid: str, cpu: int, memory: int, holder: Any,
-                              now: float) -> dict:
+                              now: float, allocatable: bool = False) -> dict:
     """
     C{holder} takes cpu and memory from a host, once (Note [holders]).
+
+    With C{allocatable} (the allocator's reservation, Note [allocation races] in
+    L{zcontrol.scheduler.allocator}), the same statement also requires the host Enabled and
+    Connected and its cluster and zone Enabled: a host that went to (Pre)Maintenance,
+    Disabled or Disconnected after the allocator's snapshot is refused with C{DB.1008}, so
+    nothing new is reserved on it once its state change committed.
     """
     host_uuid = _uuid("host_uuid", host_uuid)
     cpu, memory = _amount("cpu", cpu), _amount("memory", memory)
@@ -48,11 +63,20 @@ def reserve_host_capacity_thd(db: Db, host_uuid: str, cpu: int, memory: int, hol
 
     def short() -> OperationError:
         r = db.one(
-            "SELECT available_cpu_capacity, available_memory_capacity FROM hosts WHERE uuid = ?",
+            "SELECT h.available_cpu_capacity, h.available_memory_capacity, h.state, h.status,"
+            " c.state, z.state FROM hosts h LEFT JOIN clusters c ON c.uuid = h.cluster_uuid"
+            " LEFT JOIN zones z ON z.uuid = h.zone_uuid WHERE h.uuid = ?",
             (host_uuid,),
         )
         if r is None:
             return _not_found(_HOST, host_uuid)
+        if allocatable and tuple(r[2:]) != ("Enabled", "Connected", "Enabled", "Enabled"):
+            return OperationError.of(
+                DB.HOST_NOT_ALLOCATABLE,
+                f"host {host_uuid} takes no new VM: it is {r[2]} and {r[3]}, its cluster"
+                f" {r[4]}, its zone {r[5]}",
+                host_uuid=host_uuid, state=r[2], status=r[3], clusterState=r[4],
+                zoneState=r[5])
         return OperationError.of(
             DB.HOST_CAPACITY,
             f"host {host_uuid} has {r[0]} CPU and {r[1]} memory available;"
@@ -70,6 +94,7 @@ def reserve_host_capacity_thd(db: Db, host_uuid: str, cpu: int, memory: int, hol
         update_sql="UPDATE hosts SET available_cpu_capacity = available_cpu_capacity - ?,"
         " available_memory_capacity = available_memory_capacity - ?, last_op_date = ?"
         " WHERE uuid = ? AND available_cpu_capacity >= ? AND available_memory_capacity >= ?"
+        f"{_ALLOCATABLE_SQL if allocatable else ''}"
         f" RETURNING {_cols(_HOST)}",
         update_params=(cpu, memory, now, host_uuid, cpu, memory), short=short, now=now)
 
@@ -111,6 +136,40 @@ def set_host_capacity_thd(
     if not rows:
         raise _not_found(_HOST, host_uuid)
     return _row(_HOST, rows[0])
+
+
+def host_capacity_holders_thd(db: Db, host_uuid: str, limit: int) -> dict:
+    """
+    Who holds CPU and memory of a host: C{{"total": n, "holders": [{holderType,
+    holderUuid, cpu, memory}]}} (at most C{limit}, by holder type and uuid).
+    """
+    host_uuid = _uuid("host_uuid", host_uuid)
+    limit = check_int("limit", limit, 0, 10_000)
+    total = db.one("SELECT COUNT(*) FROM host_capacity_holders WHERE host_uuid = ?",
+                   (host_uuid,))[0]
+    rows = db.all("SELECT holder_type, holder_uuid, cpu, memory FROM host_capacity_holders"
+                  " WHERE host_uuid = ? ORDER BY holder_type, holder_uuid LIMIT ?",
+                  (host_uuid, limit))
+    return {"total": int(total), "holders": [
+        {"holderType": t, "holderUuid": u, "cpu": int(c), "memory": int(m)}
+        for t, u, c, m in rows]}
+
+
+def delete_host_thd(db: Db, host_uuid: str, now: float) -> bool:
+    """
+    Delete a host; in the same transaction its Destroyed VMs let go of it (C{hostUuid}
+    cleared, C{lastHostUuid} the host: as ZStack, a Destroyed VM keeps no host). Anything
+    else still referring to the host (a VM in another state, an image cache, held
+    capacity) fails the delete with C{DB.1001} and nothing changes.
+
+    @return: whether there was a host.
+    """
+    host_uuid = _uuid("host_uuid", host_uuid)
+    with db.transaction():
+        db.run("UPDATE vm_instances SET last_host_uuid = host_uuid, host_uuid = NULL,"
+               " last_op_date = ? WHERE host_uuid = ? AND state = 'Destroyed'",
+               (now, host_uuid))
+        return db.run("DELETE FROM hosts WHERE uuid = ?", (host_uuid,)) > 0
 
 
 _AUDITS = (
@@ -210,8 +269,19 @@ class HostsComponent(StoreComponent):
         return self._run(reserve_host_capacity_thd, host_uuid, cpu, memory, holder,
                          self._now())
 
+    def reserve_host_capacity_for_allocation(self, host_uuid: str, cpu: int, memory: int,
+                                             holder: Any) -> Deferred:
+        return self._run(reserve_host_capacity_thd, host_uuid, cpu, memory, holder,
+                         self._now(), True)
+
     def release_host_capacity(self, host_uuid: str, holder: Any) -> Deferred:
         return self._run(release_host_capacity_thd, host_uuid, holder, self._now())
+
+    def host_capacity_holders(self, host_uuid: str, limit: int = 20) -> Deferred:
+        return self._run(host_capacity_holders_thd, host_uuid, limit)
+
+    def delete_host(self, host_uuid: str) -> Deferred:
+        return self._run(delete_host_thd, host_uuid, self._now())
 
     def audit_capacity(self, repair: bool = False) -> Deferred:
         return self._run(audit_capacity_thd, bool(repair), self._now())

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 
-from zcontrol.db.components.base import Db, StoreComponent, _cols, _row, _uuid
+from zcontrol.db.components.base import Db, StoreComponent, _cols, _not_found, _row, _uuid
 from zcontrol.db.query import resource
 
 __all__ = ["NetworksComponent"]
@@ -73,8 +73,10 @@ def attach_l2_to_cluster_thd(db: Db, l2_uuid: str, cluster_uuid: str, now: float
     physical interface with the same vlan (NoVlan: any other NoVlan one on it).
 
     @return: C{{"ref": row}} (the new ref), C{{"attached": row}} (already attached: the
-        existing ref), C{{"conflicts": [l2 uuids]}}, or C{{"missing": "l2Network"}} when the
-        L2 network is gone.
+        existing ref), C{{"conflicts": [l2 uuids]}}, or C{{"missing": "l2Network"}} /
+        C{{"missing": "cluster"}} when the L2 network or the cluster is gone (deleted
+        since the caller looked; a cluster deleted after this check fails the ref's
+        foreign key, C{DB.1001}).
     """
     l2_uuid = _uuid("l2_network_uuid", l2_uuid)
     cluster_uuid = _uuid("cluster_uuid", cluster_uuid)
@@ -84,6 +86,8 @@ def attach_l2_to_cluster_thd(db: Db, l2_uuid: str, cluster_uuid: str, now: float
                     (l2_uuid,))
         if l2 is None:
             return {"missing": "l2Network"}
+        if db.one("SELECT 1 FROM clusters WHERE uuid = ?", (cluster_uuid,)) is None:
+            return {"missing": "cluster"}
         ref = db.one(f"SELECT {_cols(_CLUSTER_REF)} FROM l2_network_cluster_refs"
                      " WHERE l2_network_uuid = ? AND cluster_uuid = ?", (l2_uuid, cluster_uuid))
         if ref is not None:
@@ -197,6 +201,11 @@ def delete_l3_thd(db: Db, l3_uuid: str) -> dict[str, Any]:
         return {"deleted": db.run("DELETE FROM l3_networks WHERE uuid = ?", (l3_uuid,)) > 0}
 
 
+def _must_l3_thd(db: Db, l3_uuid: str) -> None:
+    if db.one("SELECT 1 FROM l3_networks WHERE uuid = ?", (l3_uuid,)) is None:
+        raise _not_found(_L3, l3_uuid)
+
+
 def add_ip_ranges_thd(db: Db, l3_uuid: str, ranges: list[dict[str, Any]],
                       check: Callable[[list[dict[str, Any]]], None], now: float
                       ) -> list[dict[str, Any]] | None:
@@ -216,6 +225,9 @@ def add_ip_ranges_thd(db: Db, l3_uuid: str, ranges: list[dict[str, Any]],
         if r is None:
             return None
         db.dialect.lock_row(db, "l2_networks", r[0])
+        # Again under the L2's lock, which delete_l3_thd takes too: deleted meanwhile?
+        if db.one("SELECT 1 FROM l3_networks WHERE uuid = ?", (l3_uuid,)) is None:
+            return None
         existing = [_row(_RANGE, row) for row in db.all(
             f"SELECT {', '.join('i.' + f.column for f in _RANGE.fields.values())}"
             " FROM ip_ranges i JOIN l3_networks l3 ON l3.uuid = i.l3_network_uuid"
@@ -248,11 +260,13 @@ def add_dns_thd(db: Db, l3_uuid: str, dns: str, now: float) -> dict[str, Any] | 
     """
     Append a DNS server to an L3 network (position after the others).
 
-    @return: the new row, or None when the L3 already has it.
+    @return: the new row, or None when the L3 already has it; C{SYS.1003} when the L3
+        network is gone (checked under its lock, which delete_l3_thd takes too).
     """
     l3_uuid = _uuid("l3_network_uuid", l3_uuid)
     with db.transaction():
         db.dialect.lock_row(db, "l3_networks", l3_uuid)
+        _must_l3_thd(db, l3_uuid)
         if db.one("SELECT 1 FROM l3_network_dns WHERE l3_network_uuid = ? AND dns = ?",
                   (l3_uuid, dns)) is not None:
             return None
@@ -279,11 +293,13 @@ def attach_network_services_thd(db: Db, l3_uuid: str, refs: list[tuple[str, str]
     same provider already gives is kept.
 
     @return: C{{"conflicts": [{networkServiceType, networkServiceProviderUuid}]}} (a type
-        another provider gives; nothing attached) or C{{"added": [rows]}}.
+        another provider gives; nothing attached) or C{{"added": [rows]}}; C{SYS.1003}
+        when the L3 network is gone (checked under its lock).
     """
     l3_uuid = _uuid("l3_network_uuid", l3_uuid)
     with db.transaction():
         db.dialect.lock_row(db, "l3_networks", l3_uuid)
+        _must_l3_thd(db, l3_uuid)
         have = dict(db.all("SELECT network_service_type, network_service_provider_uuid"
                            " FROM network_service_l3_refs WHERE l3_network_uuid = ?",
                            (l3_uuid,)))
@@ -350,6 +366,10 @@ def l3_extras_thd(db: Db, l3_uuids: Sequence[str]) -> dict[str, dict[str, list]]
 # Addresses ---------------------------------------------------------------------------------
 
 
+#: How many used addresses L{free_ips_thd} reads per statement.
+_FREE_IP_BATCH = 256
+
+
 def free_ips_thd(db: Db, ranges: list[tuple], start: int | None, limit: int) -> list[dict]:
     """
     Up to C{limit} free addresses of C{ranges} (C{(uuid, l3 uuid, start, end, netmask,
@@ -366,8 +386,13 @@ def free_ips_thd(db: Db, ranges: list[tuple], start: int | None, limit: int) -> 
         while cursor <= hi and len(out) < limit:
             used = [int(n) for (n,) in db.all(
                 "SELECT ip_in_long FROM used_ips WHERE l3_network_uuid = ? AND ip_in_long >= ?"
-                " AND ip_in_long <= ? ORDER BY ip_in_long LIMIT 256", (l3_uuid, cursor, hi))]
-            for n in [*used, hi + 1]:
+                " AND ip_in_long <= ? ORDER BY ip_in_long LIMIT ?",
+                (l3_uuid, cursor, hi, _FREE_IP_BATCH))]
+            # A full batch may be followed by more used addresses: the gaps up to its last
+            # one are free, what lies after it is for the next batch. Only a short batch
+            # is the last one, its end the range's.
+            full = len(used) == _FREE_IP_BATCH
+            for n in used if full else [*used, hi + 1]:
                 while cursor < n and len(out) < limit:
                     out.append({"ipRangeUuid": range_uuid,
                                 "ip": str(ipaddress.IPv4Address(cursor)),
@@ -376,7 +401,7 @@ def free_ips_thd(db: Db, ranges: list[tuple], start: int | None, limit: int) -> 
                 if len(out) >= limit:
                     break
                 cursor = max(cursor, n + 1)
-            if len(used) < 256:
+            if not full:
                 break
     return out
 

@@ -8,22 +8,37 @@ and pings of the same host, so a delete never interleaves with a reconnect. Stat
 are compare-and-swaps on C{state} (Note [host states]).
 
 Note [host states]: C{Enabled} hosts get new VMs; C{Disabled}, C{PreMaintenance} and
-C{Maintenance} ones do not (the allocator filters on the state). C{maintain} first moves
+C{Maintenance} ones do not (the allocator filters on the state, and its reservation,
+C{reserve_host_capacity_for_allocation}, requires C{Enabled} in the same statement, so
+nothing is reserved on a host once its state change committed). C{maintain} first moves
 the host to C{PreMaintenance} (from then on no new VM lands there), then looks for active
-VMs on it (any state but C{Stopped}, C{Created}, C{Destroyed}, C{Error}): with none, the
-host goes on to C{Maintenance}; with some, it returns to the state it had and the reply is
-C{HOST.1005} naming them. Migrating them away, as ZStack's maintenance does, comes with the
-VM issue. Every committed transition publishes a L{HostStateChangedEvent}.
+VMs on it (any state but C{Stopped}, C{Created}, C{Destroyed}, C{Error}) and for capacity
+held on it (C{host_capacity_holders}: VMs being created hold the host's CPU and memory
+before their row names the host): with neither, the host goes on to C{Maintenance}; else
+it returns to the state it had and the reply is C{HOST.1005} naming them (C{vmUuids},
+C{holders}). Migrating them away, as ZStack's maintenance does, comes with the VM issue.
+Every committed transition publishes a L{HostStateChangedEvent}.
 
-Note [host delete]: a host with VMs (any state but C{Destroyed}) is refused with
-C{HOST.1005}. Otherwise every primary storage attached to the host's cluster gets a
-L{RemoveHostFromPrimaryStorageMsg} (one after the other; the first refusal stops the
-delete with C{HOST.1006}, its error the cause; the storages told before keep what they
-dropped, as in ZStack). Then the agent client forgets the host (its pending commands fail)
-and so does the service, the row is deleted, and L{HostDeletedEvent} is published. If
-something in the store still refers to the host (a VM or an image cache that appeared
-meanwhile, capacity held on its local storage), the store's foreign-key error C{DB.1001}
-becomes C{HOST.1006} naming what holds it.
+Note [host delete]: the steps, in order, so that a refusal at any of them leaves the host
+as it was:
+ 1. an C{Enabled} host is compare-and-swapped to C{Disabled} (taken out of allocation:
+    with the allocator's reservation conditions, nothing new is reserved on it from then
+    on); a host already Disabled, PreMaintenance or Maintenance is left so;
+ 2. VMs on it (any state but C{Destroyed}) refuse the delete with C{HOST.1005} naming
+    them; capacity held on it (a VM being created) refuses it with C{HOST.1006} naming the
+    holders ("CPU/memory of host ... held by ...", details C{holders.hostCapacity});
+ 3. every primary storage attached to the host's cluster gets a
+    L{RemoveHostFromPrimaryStorageMsg} (one after the other; the first refusal stops the
+    delete with C{HOST.1006}, its error the cause; the storages told before keep what they
+    dropped, as in ZStack);
+ 4. the row is deleted; in the same transaction the host's Destroyed VMs let go of it
+    (C{hostUuid} cleared, C{lastHostUuid} kept: ZStack's destroyed VMs keep no host). If
+    something else in the store still refers to it (a VM or image cache that appeared
+    meanwhile, capacity held on its local storage), the store's C{DB.1001} becomes
+    C{HOST.1006} naming what holds it;
+ 5. the agent client forgets the host (its pending commands fail) and so does the
+    service, and L{HostDeletedEvent} is published.
+On a refusal at steps 2-4 the host returns to its previous state (step 1 undone).
 """
 
 from __future__ import annotations
@@ -133,12 +148,18 @@ class HostOperations:
         return page.total or 0, [r["uuid"] for r in page.inventories]
 
     @staticmethod
-    def _has_vms(uuid: str, operation: str, count: int, vms: list[str]) -> OperationError:
-        more = ", ..." if count > len(vms) else ""
+    def _has_vms(uuid: str, operation: str, count: int, vms: list[str],
+                 held: dict[str, Any] | None = None) -> OperationError:
+        parts, extra = [], {}
+        if count:
+            more = ", ..." if count > len(vms) else ""
+            parts.append(f"{count} VM(s) on it ({', '.join(vms)}{more})")
+        if held and held["total"]:
+            parts.append(_held_text(held))
+            extra = {"holders": held["holders"], "holderCount": held["total"]}
         return OperationError.of(
-            HOST.HAS_VMS, f"cannot {operation} host {uuid}: {count} VM(s) on it "
-            f"({', '.join(vms)}{more})", hostUuid=uuid, vmUuids=vms, vmCount=count,
-            operation=operation)
+            HOST.HAS_VMS, f"cannot {operation} host {uuid}: {'; '.join(parts)}",
+            hostUuid=uuid, vmUuids=vms, vmCount=count, operation=operation, **extra)
 
     # --- operations -----------------------------------------------------------------------
 
@@ -167,10 +188,11 @@ class HostOperations:
             if old != PRE_MAINTENANCE:
                 row = await self._set_state(uuid, old, PRE_MAINTENANCE)
             count, vms = await self._vms_on(uuid, INACTIVE_VM_STATES)
-            if count:
+            held = await self._store.host_capacity_holders(uuid, VMS_SHOWN)
+            if count or held["total"]:
                 back = old if old != PRE_MAINTENANCE else "Enabled"
                 await self._set_state(uuid, PRE_MAINTENANCE, back)
-                raise self._has_vms(uuid, "maintain", count, vms)
+                raise self._has_vms(uuid, "maintain", count, vms, held)
             return await self._set_state(uuid, PRE_MAINTENANCE, MAINTENANCE)
 
         return self._run(f"host-connect-{uuid}", change)
@@ -220,42 +242,69 @@ class HostOperations:
 
         async def delete() -> None:
             row = await self._must_host(uuid)
-            count, vms = await self._vms_on(uuid, ("Destroyed",))
-            if count:
-                raise self._has_vms(uuid, "delete", count, vms)
-            page = await self._store.query("primaryStorageClusterRef", Query(
-                conditions=[Condition("clusterUuid", "=", row["clusterUuid"])],
-                fields=["primaryStorageUuid"], sort="primaryStorageUuid", limit=10_000))
-            for ref in page.inventories:
-                ps_uuid = ref["primaryStorageUuid"]
-                try:
-                    await self._send(RemoveHostFromPrimaryStorageMsg(
-                        service_id=PS_SERVICE_ID, resource_uuid=ps_uuid,
-                        primary_storage_uuid=ps_uuid, host_uuid=uuid))
-                except OperationError as e:
-                    raise OperationError(error_code(
-                        HOST.DELETE_ERROR, f"cannot delete host {uuid}: primary storage "
-                        f"{ps_uuid} refused to remove it", e.error, hostUuid=uuid,
-                        primaryStorageUuid=ps_uuid)) from None
+            old = row["state"]
+            if old == "Enabled":
+                # Step 1: out of allocation before anything is checked (Note [host delete]).
+                row = await self._set_state(uuid, old, "Disabled")
+            try:
+                await self._delete_steps(uuid, row)
+            except BaseException:
+                if old == "Enabled":
+                    try:
+                        await self._set_state(uuid, "Disabled", old)
+                    except OperationError as e:
+                        log.warn("host {uuid}: cannot restore state {old} after a refused"
+                                 " delete: {error}", uuid=uuid, old=old, error=e.error)
+                raise
             self._agents.forget(self._base(row), f"host {uuid} was deleted")
             self._facts.pop(uuid, None)
             self._failures.pop(uuid, None)
-            try:
-                await self._store.delete("host", uuid)
-            except OperationError as e:
-                if e.error.code != DB.REFERENCE:
-                    raise
-                holders = await self._holders(uuid)
-                named = "; ".join(f"{k}: {', '.join(v)}" for k, v in holders.items())
-                raise OperationError(error_code(
-                    HOST.DELETE_ERROR, f"cannot delete host {uuid}: still referenced"
-                    + (f" by {named}" if named else " (capacity held on its local storage)"),
-                    e.error, hostUuid=uuid, holders=holders)) from None
             self._background(publish_after_commit(self._bus, HostDeletedEvent(
                 host_uuid=uuid, cluster_uuid=row["clusterUuid"], zone_uuid=row["zoneUuid"]),
                 self._clock), "publishing a host deletion")
 
         return self._run(f"host-connect-{uuid}", delete)
+
+    async def _delete_steps(self, uuid: str, row: dict[str, Any]) -> None:
+        """
+        Steps 2 to 4 of Note [host delete] (the caller undoes step 1 when they fail).
+        """
+        count, vms = await self._vms_on(uuid, ("Destroyed",))
+        if count:
+            raise self._has_vms(uuid, "delete", count, vms)
+        held = await self._store.host_capacity_holders(uuid, VMS_SHOWN)
+        if held["total"]:
+            raise OperationError.of(
+                HOST.DELETE_ERROR, f"cannot delete host {uuid}: {_held_text(held)}",
+                hostUuid=uuid, holders={"hostCapacity": held["holders"]},
+                holderCount=held["total"])
+        page = await self._store.query("primaryStorageClusterRef", Query(
+            conditions=[Condition("clusterUuid", "=", row["clusterUuid"])],
+            fields=["primaryStorageUuid"], sort="primaryStorageUuid", limit=10_000))
+        for ref in page.inventories:
+            ps_uuid = ref["primaryStorageUuid"]
+            try:
+                await self._send(RemoveHostFromPrimaryStorageMsg(
+                    service_id=PS_SERVICE_ID, resource_uuid=ps_uuid,
+                    primary_storage_uuid=ps_uuid, host_uuid=uuid))
+            except OperationError as e:
+                raise OperationError(error_code(
+                    HOST.DELETE_ERROR, f"cannot delete host {uuid}: primary storage "
+                    f"{ps_uuid} refused to remove it", e.error, hostUuid=uuid,
+                    primaryStorageUuid=ps_uuid)) from None
+        try:
+            deleted = await self._store.delete_host(uuid)
+        except OperationError as e:
+            if e.error.code != DB.REFERENCE:
+                raise
+            holders = await self._holders(uuid)
+            named = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in holders.items())
+            raise OperationError(error_code(
+                HOST.DELETE_ERROR, f"cannot delete host {uuid}: still referenced"
+                + (f" by {named}" if named else " (capacity held on its local storage)"),
+                e.error, hostUuid=uuid, holders=holders)) from None
+        if not deleted:
+            raise self._host_not_found(uuid)
 
     async def _send(self, msg: Any) -> Any:
         reply = await self._bus.send(msg, 300.0)
@@ -271,4 +320,19 @@ class HostOperations:
                 limit=VMS_SHOWN))
             if page.inventories:
                 holders[resource] = [r["uuid"] for r in page.inventories]
+        held = await self._store.host_capacity_holders(uuid, VMS_SHOWN)
+        if held["holders"]:
+            holders["hostCapacity"] = [f"{h['holderType']} {h['holderUuid']}"
+                                       for h in held["holders"]]
         return holders
+
+
+def _held_text(held: dict[str, Any]) -> str:
+    """
+    "host CPU/memory held by ..." for L{host_capacity_holders}' answer.
+    """
+    shown = ", ".join(f"{h['holderType']} {h['holderUuid']} ({h['cpu']} CPUs,"
+                      f" {h['memory']} bytes)" for h in held["holders"])
+    more = ", ..." if held["total"] > len(held["holders"]) else ""
+    return (f"host CPU/memory held by {held['total']} holder(s) (VMs being created):"
+            f" {shown}{more}")

@@ -177,10 +177,17 @@ class L2NetworkService(Service):
                     f" {l2_uuid} in zone {l2['zoneUuid']}",
                     field="clusterUuid", clusterZoneUuid=cluster["zoneUuid"],
                     zoneUuid=l2["zoneUuid"])
-            result = await self.store.attach_l2_to_cluster(l2_uuid, cluster_uuid)
+            try:
+                result = await self.store.attach_l2_to_cluster(l2_uuid, cluster_uuid)
+            except OperationError as e:
+                if e.error.code != DB.REFERENCE:
+                    raise
+                # The cluster (or the L2) was deleted after the store's check.
+                missing = ("l2Network" if await self.store.get("l2Network", l2_uuid) is None
+                           else "cluster")
+                raise self._gone(missing, l2_uuid, cluster_uuid, e.error) from None
             if "missing" in result:
-                raise OperationError.of(L2.NOT_FOUND, f"no l2Network with uuid {l2_uuid}",
-                                        field="l2NetworkUuid", uuid=l2_uuid)
+                raise self._gone(result["missing"], l2_uuid, cluster_uuid)
             if "attached" in result:
                 raise OperationError.of(
                     L2.ATTACH_ERROR,
@@ -198,6 +205,18 @@ class L2NetworkService(Service):
             return await self._reply(l2_uuid)
 
         return await self.serialized(f"l2-{l2_uuid}", run)
+
+    @staticmethod
+    def _gone(missing: str, l2_uuid: str, cluster_uuid: str, cause: Any = None
+              ) -> OperationError:
+        """
+        C{L2.1000} naming the L2 network or the cluster deleted while attaching.
+        """
+        uuid, field = ((cluster_uuid, "clusterUuid") if missing == "cluster"
+                       else (l2_uuid, "l2NetworkUuid"))
+        extra = {} if cause is None else {"cause": cause}
+        return OperationError.of(L2.NOT_FOUND, f"no {missing} with uuid {uuid}",
+                                 field=field, uuid=uuid, **extra)
 
     @handles(DetachL2NetworkFromClusterMsg)
     async def detach(self, msg: DetachL2NetworkFromClusterMsg) -> L2NetworkReply:

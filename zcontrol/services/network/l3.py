@@ -154,6 +154,23 @@ class L3NetworkService(Service):
     async def _l3(self, uuid: Any, field: str = "l3NetworkUuid") -> dict[str, Any]:
         return await self.must_get("l3Network", uuid, L3.NOT_FOUND, field=field)
 
+    @staticmethod
+    async def _gone_as_not_found(l3_uuid: str, d: Any) -> Any:
+        """
+        The result of C{d}, a store write into the L3 network C{l3_uuid}; when the L3
+        network was deleted since it was looked up (C{SYS.1003} from the store's check
+        under the lock, or C{DB.1001} from a foreign key), C{L3.1000} naming
+        C{l3NetworkUuid} instead of the store's code.
+        """
+        try:
+            return await d
+        except OperationError as e:
+            if e.error.code not in (SYS.RESOURCE_NOT_FOUND, DB.REFERENCE):
+                raise
+            raise OperationError.of(L3.NOT_FOUND, f"L3 network {l3_uuid} was deleted",
+                                    cause=e.error, field="l3NetworkUuid",
+                                    uuid=l3_uuid) from None
+
     # --- the network ----------------------------------------------------------------------
 
     @handles(CreateL3NetworkMsg)
@@ -293,9 +310,9 @@ class L3NetworkService(Service):
             check_new_ranges(l3_uuid, ranges, existing)
 
         async def run() -> IpRangeReply:
-            rows = await self.store.add_ip_ranges(l3_uuid, [
+            rows = await self._gone_as_not_found(l3_uuid, self.store.add_ip_ranges(l3_uuid, [
                 {"uuid": u, "name": name, "description": description, **r.values()}
-                for u, r in new], check)
+                for u, r in new], check))
             if rows is None:
                 raise OperationError.of(L3.NOT_FOUND, f"no l3Network with uuid {l3_uuid}",
                                         field="l3NetworkUuid", uuid=l3_uuid)
@@ -344,7 +361,7 @@ class L3NetworkService(Service):
 
         async def run() -> L3NetworkReply:
             await self._l3(l3_uuid)
-            if await self.store.add_dns(l3_uuid, dns) is None:
+            if await self._gone_as_not_found(l3_uuid, self.store.add_dns(l3_uuid, dns)) is None:
                 raise OperationError.of(
                     L3.DUPLICATE_DNS, f"L3 network {l3_uuid} already has DNS server {dns}",
                     field="dns", dns=dns)
@@ -382,7 +399,8 @@ class L3NetworkService(Service):
 
         async def run() -> L3NetworkReply:
             await self._l3(l3_uuid)
-            result = await self.store.attach_network_services(l3_uuid, refs)
+            result = await self._gone_as_not_found(
+                l3_uuid, self.store.attach_network_services(l3_uuid, refs))
             if "conflicts" in result:
                 names = ", ".join(f"{c['networkServiceType']} (provider"
                                   f" {c['networkServiceProviderUuid']})"

@@ -140,17 +140,44 @@ def ranges_from_cidr(network_cidr: Any, gateway: Any = None) -> list[NewRange]:
     return [NewRange(a, b, mask, gw_s, str(net), net.prefixlen) for a, b in spans if a <= b]
 
 
+def _check_gateways(r: NewRange, uuid: str | None, l3_uuid: str, start_ip: str, end_ip: str,
+                    start: int, end: int, gateway: str) -> None:
+    """
+    C{L3.1001} when the new range C{r}'s gateway lies in the range C{[start, end]} (of
+    L3 network C{l3_uuid}; C{uuid} None for another new range), or C{r} contains that
+    range's C{gateway}.
+    """
+    name = "the new range" if uuid is None else f"ip range {uuid}"
+    where = f"{name} [{start_ip}, {end_ip}] of L3 network {l3_uuid}"
+    details = {"ipRangeUuid": uuid, "l3NetworkUuid": l3_uuid, "startIp": start_ip,
+               "endIp": end_ip}
+    gw = int(ipaddress.IPv4Address(r.gateway))
+    if start <= gw <= end:
+        raise OperationError.of(
+            L3.IP_RANGE_OVERLAP,
+            f"the gateway {r.gateway} of new ip range [{r.start_ip}, {r.end_ip}] lies in"
+            f" {where}", field="gateway", **details)
+    other_gw = int(ipaddress.IPv4Address(gateway))
+    if r.start <= other_gw <= r.end:
+        raise OperationError.of(
+            L3.IP_RANGE_OVERLAP,
+            f"new ip range [{r.start_ip}, {r.end_ip}] contains the gateway {gateway} of"
+            f" {where}", field="startIp", gateway=gateway, **details)
+
+
 def check_new_ranges(l3_uuid: str, new: Sequence[NewRange],
                      existing: Iterable[dict[str, Any]]) -> None:
     """
     Refuse C{new} (ranges to add to L3 network C{l3_uuid}) when one overlaps an C{existing}
-    range of any L3 network of the same L2 network, or another of C{new}, or when it
-    differs from the L3's own ranges in gateway or network CIDR.
+    range of any L3 network of the same L2 network, or another of C{new}, when its gateway
+    lies in such a range or its addresses contain such a range's gateway (one broadcast
+    domain: a VM would get a router's address), or when it differs from the L3's own
+    ranges in gateway or network CIDR.
 
     @param existing: ipRange rows (C{uuid}, C{l3NetworkUuid}, C{startIp}, C{endIp},
         C{startIpInLong}, C{endIpInLong}, C{gateway}, C{networkCidr}).
-    @raise OperationError: C{L3.1001} (overlap, details C{ipRangeUuid}, C{l3NetworkUuid},
-        C{startIp}, C{endIp} of the existing range) or C{L3.1009} (gateway or CIDR
+    @raise OperationError: C{L3.1001} (overlap or a gateway inside a range, details
+        C{ipRangeUuid}, C{l3NetworkUuid}, C{startIp}, C{endIp} of the existing range) or C{L3.1009} (gateway or CIDR
         mismatch, naming the range and the field).
     """
     rows = list(existing)
@@ -162,6 +189,10 @@ def check_new_ranges(l3_uuid: str, new: Sequence[NewRange],
                     f"new ip range [{r.start_ip}, {r.end_ip}] overlaps the new range"
                     f" [{other.start_ip}, {other.end_ip}]",
                     field="startIp", startIp=r.start_ip, endIp=r.end_ip)
+            _check_gateways(r, None, l3_uuid, other.start_ip, other.end_ip, other.start,
+                            other.end, other.gateway)
+            _check_gateways(other, None, l3_uuid, r.start_ip, r.end_ip, r.start, r.end,
+                            r.gateway)
         for row in rows:
             if overlaps(r.start, r.end, int(row["startIpInLong"]), int(row["endIpInLong"])):
                 raise OperationError.of(
@@ -172,6 +203,9 @@ def check_new_ranges(l3_uuid: str, new: Sequence[NewRange],
                     field="startIp", ipRangeUuid=row["uuid"],
                     l3NetworkUuid=row["l3NetworkUuid"], startIp=row["startIp"],
                     endIp=row["endIp"])
+            _check_gateways(r, row["uuid"], row["l3NetworkUuid"], row["startIp"],
+                            row["endIp"], int(row["startIpInLong"]), int(row["endIpInLong"]),
+                            row["gateway"])
             if row["l3NetworkUuid"] != l3_uuid:
                 continue
             if row["gateway"] != r.gateway:

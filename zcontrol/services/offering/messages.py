@@ -19,6 +19,7 @@ import attrs
 
 from zcontrol.bus.message import NeedReplyMessage, Reply, registry
 from zcontrol.core.errors import register_codes
+from zcontrol.scheduler.strategies import STRATEGIES
 
 __all__ = [
     "DISK_ALLOCATOR_STRATEGIES",
@@ -43,15 +44,12 @@ __all__ = [
 #: The bus service id of the offering service (ZStack: C{configuration}).
 SERVICE_ID = "offering"
 
-#: The host allocator strategies an instance offering may name (ZStack's
-#: C{HostAllocatorConstant}: the user-facing ones; C{DesignatedHostAllocatorStrategy} and
-#: C{MigrateVmAllocatorStrategy} are chosen internally, never by an offering). None: the
-#: allocator's default.
-HOST_ALLOCATOR_STRATEGIES = (
-    "DefaultHostAllocatorStrategy",
-    "LeastVmPreferredHostAllocatorStrategy",
-    "LastHostPreferredAllocatorStrategy",
-)
+#: The host allocator strategies an instance offering may name: the allocator's own list
+#: (L{zcontrol.scheduler.strategies.STRATEGIES}, ZStack's user-facing
+#: C{HostAllocatorConstant} names and ours), so an offering never names one the allocator
+#: refuses. C{DesignatedHostAllocatorStrategy} and C{MigrateVmAllocatorStrategy} are chosen
+#: internally, never by an offering. None: the allocator's default.
+HOST_ALLOCATOR_STRATEGIES: tuple[str, ...] = tuple(sorted(STRATEGIES))
 
 #: The primary storage allocator strategies a disk offering may name (ZStack's
 #: C{PrimaryStorageConstant.DEFAULT_PRIMARY_STORAGE_ALLOCATION_STRATEGY_TYPE} and
