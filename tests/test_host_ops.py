@@ -234,7 +234,13 @@ class DeleteHostTests(HostOpsTestCase):
         [event] = [e for e in self.events if isinstance(e, HostDeletedEvent)]
         self.assertEqual((event.host_uuid, event.cluster_uuid, event.zone_uuid),
                          ("h1", "c", "z"))
-        self.refused(DeleteHostMsg(service_id=SERVICE_ID, uuid="h1"), HOST.NOT_FOUND)
+        # Deleting it again succeeds (ZStack's successIfResourceNotExisting), telling no
+        # storage and publishing nothing.
+        removals = len(self.removals)
+        self.assertIsNone(self.ok(DeleteHostMsg(service_id=SERVICE_ID, uuid="h1")).inventory)
+        self.pump()
+        self.assertEqual(len(self.removals), removals)
+        self.assertEqual(len([e for e in self.events if isinstance(e, HostDeletedEvent)]), 1)
 
     def test_refused_with_vms(self) -> None:
         """

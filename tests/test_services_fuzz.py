@@ -246,7 +246,7 @@ VALID: dict[type, dict[str, Any]] = {
                               "l3_network_uuids": ["l3"], "zone_uuid": "z",
                               "cluster_uuid": "c", "host_uuid": None,
                               "avoid_host_uuids": [], "allocator_strategy": None,
-                              "primary_storage_uuid": None},
+                              "primary_storage_uuid": None, "last_host_uuid": None},
     sched_m.ReturnHostCapacityMsg: {"host_uuid": "h0", "vm_instance_uuid": "vm-1"},
     inv_m.QueryInventoryMsg: {"resource": "zone", "conditions": ["state=Enabled"],
                               "limit": 10, "start": 0, "count": False,
@@ -297,10 +297,11 @@ IDEMPOTENT: dict[tuple[str, str], str] = {
     ("DeleteL2NetworkMsg", "uuid"): "deleting a network that does not exist (ZStack)",
     ("DeleteL3NetworkMsg", "uuid"): "deleting a network that does not exist (ZStack)",
     ("DeleteIpRangeMsg", "uuid"): "deleting a range that does not exist",
+    ("AllocateHostMsg", "last_host_uuid"): "a preference: a VM's last host may be gone",
     **{(f"Delete{kind}Msg", "uuid"): "deleting what does not exist succeeds (ZStack's "
        "successIfResourceNotExisting)"
-       for kind in ("Zone", "Cluster", "InstanceOffering", "DiskOffering", "PrimaryStorage",
-                    "BackupStorage", "Image")},
+       for kind in ("Zone", "Cluster", "Host", "InstanceOffering", "DiskOffering",
+                    "PrimaryStorage", "BackupStorage", "Image")},
     ("DetachL2NetworkFromClusterMsg", "cluster_uuid"): "detaching a cluster not attached",
     ("ReturnIpMsg", "l3_network_uuid"): "returning an address not held",
     ("RemoveHostFromPrimaryStorageMsg", "host_uuid"): "a host the storage keeps nothing of",

@@ -110,7 +110,17 @@ class HostOperations:
             validate.uuid(msg.uuid, "uuid")
             return self.connect(msg.uuid).addCallback(lambda row: HostReply(inventory=row))
         if isinstance(msg, DeleteHostMsg):
-            return self.delete_host(msg.uuid).addCallback(lambda _: HostReply(inventory=None))
+            def gone(reason: Any) -> Any:
+                # Idempotent, as ZStack's APIDeleteHostMsg (successIfResourceNotExisting): a
+                # host that is not (or no longer) there is deleted already.
+                error = getattr(reason.value, "error", None)
+                if (error is not None and error.code == HOST.NOT_FOUND
+                        and error.opaque.get("uuid") == msg.uuid):
+                    return None
+                return reason
+
+            return self.delete_host(msg.uuid).addErrback(gone).addCallback(
+                lambda _: HostReply(inventory=None))
         return None
 
     # --- helpers --------------------------------------------------------------------------
