@@ -88,3 +88,23 @@ class HostIntegrationTests(LoopbackTestCase):
             self.assertEqual(rsp.host_uuid, "h5")
 
         return defer.Deferred.fromCoroutine(go())
+
+    def test_missing_slot_fails_at_once(self) -> defer.Deferred:
+        """
+        Fault (new-user trial): a managementIp naming a slot the agent does not serve
+        (C{/hosts/99} of a 50-host agent) was echoed for the whole connect timeout, the
+        agent's 404 retried as if the agent were starting. A 404 to the echo fails the add at
+        once, saying the agent serves no such slot; nothing is left in the store.
+        """
+
+        async def go() -> None:
+            reply = await self.bus.send(AddHostMsg(
+                service_id=SERVICE_ID, name="h", zone_uuid="z", cluster_uuid="c", uuid="h99",
+                management_ip=self.base(99)))
+            self.assertFalse(reply.success)
+            self.assertIn("serves no such host slot", str(reply.error))
+            # One echo, not the connect timeout's worth of them ("N attempt(s) in Ts").
+            self.assertNotIn("attempt(s)", str(reply.error))
+            self.assertIsNone(await self.store.get("host", "h99"))
+
+        return defer.Deferred.fromCoroutine(go())

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from zcontrol.core.errors import OperationError
+from zcontrol.core.errors import SYS, ErrorCode, OperationError, error_code
 from zcontrol.db.query import Condition, Query
 
-__all__ = ["HOST_AGENT_PORT", "SFTP_AGENT_PORT", "resources_at"]
+__all__ = ["HOST_AGENT_PORT", "SFTP_AGENT_PORT", "echo_refusal", "resources_at"]
 
 #: The port a bare host C{managementIp} means (ZStack's KVM agent).
 HOST_AGENT_PORT = 7070
@@ -59,3 +59,18 @@ async def resources_at(store: Any, canonical: str, page_size: int = 1000,
                 break
             start += page_size
     return found
+
+
+def echo_refusal(error: ErrorCode, base: str) -> OperationError | None:
+    """
+    When an echo's C{error} says that retrying cannot help, the error to fail with at once
+    (C{SYS.1015} naming C{url} and the hint), else None: an agent that answers C{404} to
+    C{<base>/host/echo} is up but serves no such slot (C{/hosts/<i>} beyond its
+    C{--hosts}, or a path that is not an agent's), which no amount of echoing changes.
+    """
+    if error.code == SYS.HTTP_ERROR and error.opaque.get("status") == 404:
+        return OperationError(error_code(
+            SYS.HTTP_ERROR, f"the agent at {base} answered 404 to its echo: it serves no such "
+            "host slot; check the address (a simulated agent serves /hosts/0 to "
+            "/hosts/<N-1> with --hosts N)", error, url=base, status=404))
+    return None

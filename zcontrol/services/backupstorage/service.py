@@ -317,6 +317,11 @@ class BackupStorageService(Service):
                 await self.agents.call(base, p.EchoCmd(), timeout=self.config.echo_timeout)
                 return
             except OperationError as e:
+                from zcontrol.services.agenturls import echo_refusal
+
+                refusal = echo_refusal(e.error, base)
+                if refusal is not None:
+                    raise refusal from None
                 waited = self.clock.seconds() - started
                 if waited + self.config.echo_interval >= self.config.connect_timeout:
                     raise OperationError(error_code(

@@ -619,6 +619,11 @@ class HostService(HostOperations):
                              uuid=host_uuid, url=base, n=attempts)
                 return
             except OperationError as e:
+                from zcontrol.services.agenturls import echo_refusal
+
+                refusal = echo_refusal(e.error, base)
+                if refusal is not None:
+                    raise refusal from None
                 if attempts == 1 or attempts % ECHO_LOG_EVERY == 0:
                     log.info("host {uuid}: echo attempt {n} to agent at {url} failed: {error}; "
                              "retrying every {interval:g}s for up to {limit:g}s",
