@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint run run-agent bench bench-core bench-bus bench-db bench-agent bench-alloc clean
+.PHONY: venv test lint run run-agent demo bench bench-core bench-bus bench-db bench-agent bench-alloc clean
 
 venv: $(STAMP)
 
@@ -28,10 +28,15 @@ run: $(STAMP)
 	$(BIN)/twistd --nodaemon --pidfile= zcontrol --data-dir var
 
 # A simulated-hypervisor agent in the foreground, requiring the token of `make run`'s node
-# (var/agent-token, created here if the node has not run yet: either may start first).
+# (var/agent-token, created here if the node has not run yet: either may start first). It
+# serves 4 slots, http://127.0.0.1:7070/hosts/0..3: hosts and a backup storage, one a slot.
 run-agent: $(STAMP)
 	$(BIN)/python -m agent.bootstrap var/agent-token
-	$(BIN)/twistd --nodaemon --pidfile= zagent --bootstrap-token-file var/agent-token
+	$(BIN)/twistd --nodaemon --pidfile= zagent --hosts 4 --bootstrap-token-file var/agent-token
+
+# The inventory through a real node and a real simulated agent, in one process, step by step.
+demo: $(STAMP)
+	$(BIN)/python -m zcontrol.demo
 
 bench: bench-core bench-bus bench-db bench-agent
 	$(BIN)/python -m bench.summary

@@ -20,6 +20,8 @@ A config file looks like::
     amqp_url = "amqp://guest:guest@127.0.0.1:5672/"
     message_timeout = 1800
     max_message_size = 8388608  # bytes (AMQP): keep below the broker's max_message_size
+    prefix = "cloud-a."         # before every AMQP exchange and queue name (default none):
+                                # clouds sharing one broker never see each other's nodes
 
     [http]
     port = 8080

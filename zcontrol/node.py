@@ -75,7 +75,7 @@ class OrderedMultiService(MultiService):
             log.info("starting {name}", name=child.name)
             await maybeDeferred(child.startService)
             self._up.append(child)
-        log.info("{n} services up", n=len(self._up))
+        log.info("{n} node parts up", n=len(self._up))
 
     async def _stop_children(self) -> None:
         while self._up:
