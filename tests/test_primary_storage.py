@@ -243,7 +243,12 @@ class AddAttachTests(PrimaryStorageTestCase):
         self.add_host(0)
         self.add_host(1)
         self.add_nfs()
-        self.sim.storage("1").mounts[NFS_URL] = "/somewhere/else"
+        from twisted.internet.defer import fail
+
+        from agent.hypervisor.interfaces import HypervisorError
+
+        self.sim.storage("1").nfs_mount = lambda url, path: fail(
+            HypervisorError(f"mount {url} on {path}: permission denied"))
         err = self.refused(AttachPrimaryStorageToClusterMsg(
             primary_storage_uuid="nfs", cluster_uuid="c", resource_uuid="nfs"), PS.ATTACH_ERROR)
         self.assertTrue(err.has_code(PS.HOST_ERROR))

@@ -190,15 +190,15 @@ class SimulatedStorage:
 
     def nfs_mount(self, url: str, mount_path: str) -> Deferred[StorageFigures]:
         """
-        Mount C{url} at C{mount_path} (idempotent; another mount path for the same url is
-        refused).
+        Mount C{url} at C{mount_path} (idempotent). A mount of the same url at another path
+        moves it there: Linux mounts one export at several points, and the other path is
+        what a management node whose store was wiped (a new primary storage uuid, so a new
+        mount path) asks for, while this agent kept the old mount (ZStack's agent mounts
+        when the path is not mounted, whatever else is).
         """
         def do() -> StorageFigures:
             if ":/" not in url:
                 raise HypervisorError(f"{url} is not an NFS url (server:/export)")
-            current = self.mounts.get(url)
-            if current is not None and current != mount_path:
-                raise HypervisorError(f"{url} is already mounted at {current}")
             self.mounts[url] = mount_path
             return self._cluster.nfs_export(url).figures()
 
