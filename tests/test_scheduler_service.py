@@ -281,6 +281,9 @@ class AllocateTests(AllocatorServiceTestCase):
         self.assertEqual(hosts, ["h1"] * 4 + ["h2"] * 4)
         err = self.error(self.allocate("vm-9"), ALLOCATOR.NO_AVAILABLE_HOST)
         self.assertEqual(err.opaque["filters"][-1], {"name": "capacity", "removed": 2, "left": 0})
+        # The text says why, for the filters that removed hosts (new-user trial).
+        self.assertIn("capacity removed 2 (not enough free CPU or memory)", err.details)
+        self.assertNotIn("state removed 0 (", err.details)
         self.assertEqual(self.result(self.store.audit_capacity()), [])
 
     def test_concurrent_allocations_never_exceed_capacity(self) -> None:

@@ -54,6 +54,18 @@ class Allocation:
     attempts: int = 1
 
 
+#: What a host removed by each filter lacked, for the error's text (an operator reads why).
+FILTER_REASONS: dict[str, str] = {
+    "narrowing": "outside the zone/cluster/host asked for",
+    "avoid": "on the avoid list",
+    "state": "not Enabled and Connected, or in a Disabled cluster or zone (or in maintenance)",
+    "l2Network": "in a cluster not attached to the L2 network of every requested L3",
+    "primaryStorage": "no Enabled, Connected primary storage attached to its cluster with room "
+                      "for the root disk (LocalStorage: on that very host; NFS: mounted there)",
+    "capacity": "not enough free CPU or memory",
+}
+
+
 def no_host_error(req: AllocationRequest, candidates: int, lefts: list[int],
                   lost_races: int = 0) -> OperationError:
     """
@@ -64,7 +76,9 @@ def no_host_error(req: AllocationRequest, candidates: int, lefts: list[int],
     for name, left in zip(FILTER_NAMES, lefts, strict=True):
         filters.append({"name": name, "removed": before - left, "left": left})
         before = left
-    why = ", ".join(f"{f['name']} removed {f['removed']}" for f in filters)
+    why = ", ".join(f"{f['name']} removed {f['removed']}"
+                    + (f" ({FILTER_REASONS[f['name']]})" if f["removed"] else "")
+                    for f in filters)
     details = f"no available host for {req.describe()}: of {candidates} hosts, {why}"
     extra: dict[str, Any] = {}
     if lost_races:
