@@ -59,6 +59,7 @@ import uuid as uuidlib
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -67,7 +68,7 @@ from zope.interface import implementer
 from agent import protocol as p
 from zcontrol._defer import DeferWaiter, async_to_deferred, maybe_deferred
 from zcontrol.agentclient.errors import AGENT
-from zcontrol.bus.message import Reply
+from zcontrol.bus.message import Reply, new_id
 from zcontrol.bus.publishing import publish_after_commit
 from zcontrol.config import HostConfig
 from zcontrol.core.chain import ChainTaskQueue
@@ -307,6 +308,9 @@ class HostService(HostOperations):
                 lambda row: HostReply(inventory=row)
             )
         if isinstance(msg, AddHostMsg):
+            forwarded = self._add_on_owner(msg)
+            if forwarded is not None:
+                return forwarded
             return self.add_host(msg).addCallback(lambda row: HostReply(inventory=row))
         if isinstance(msg, KVMHostAsyncHttpCallMsg):
             return self._async_http_call(msg)
@@ -417,6 +421,23 @@ class HostService(HostOperations):
             lambda rsp: KVMHostAsyncHttpCallReply(response=rsp.to_dict()))
 
     # --- add and connect ------------------------------------------------------------------
+
+    def _add_on_owner(self, msg: AddHostMsg) -> Deferred[Reply] | None:
+        """
+        Note [add on the owner]: the node that connects a host holds its callback secret
+        and is where the agent's callbacks go, so the add runs on the host's owner node
+        (its uuid chosen first, C{msg.uuid} set to it); a node that is not the owner
+        forwards the message there and returns the owner's reply. None: add here.
+        """
+        if msg.uuid is None:
+            msg.uuid = uuidlib.uuid4().hex
+        if not isinstance(msg.uuid, str) or msg.resource_uuid == msg.uuid \
+                or self._bus.owner_of(msg.uuid) == self._bus.node_id:
+            return None  # a malformed uuid is refused by the add itself
+        forwarded = attrs.evolve(msg, id=new_id(), resource_uuid=msg.uuid, deadline=None,
+                                 timeout=None, reply_to=None)
+        return self._bus.send(forwarded, self.config.connect_timeout
+                              + 3 * self.config.command_timeout)
 
     def add_host(self, msg: AddHostMsg) -> Deferred[dict[str, Any]]:
         """
