@@ -379,6 +379,8 @@ class HostService(HostOperations):
                 raise OperationError.of(HOST.NOT_CONNECTED,
                                         f"host {host_uuid} is {row['status']}",
                                         hostUuid=host_uuid)
+            if self._agents.secret_for(self._base(row)) is None:
+                row = await self._take_over(host_uuid)
             return await self._agents.call(self._base(row), cmd, deadline=expiry)
 
         def not_sent(reason: Any) -> Any:
@@ -394,6 +396,26 @@ class HostService(HostOperations):
         return self._run(f"host-{host_uuid}", run, sync_level=self.config.host_sync_level,
                          max_pending=self.config.max_pending_per_host,
                          deadline=expiry).addErrback(not_sent)
+
+    async def _take_over(self, host_uuid: str) -> dict[str, Any]:
+        """
+        Note [take over]: a Connected host whose callback secret this node does not hold
+        was connected by another node (this one took it over when that node left the
+        ring, or restarted): reconnect it from here first (once, in its connect chain), so
+        that its commands are signed with a secret agreed by this node and their callbacks
+        come here.
+
+        @return: the host row, Connected; fails as L{connect}.
+        """
+        async def reconnect() -> dict[str, Any]:
+            row = await self._host(host_uuid)
+            if self._agents.secret_for(self._base(row)) is not None:
+                return row  # a reconnect queued before this one did it
+            log.info("host {uuid}: taking it over (no callback secret here); reconnecting",
+                     uuid=host_uuid)
+            return await self._connect(host_uuid)
+
+        return await self._run(f"host-connect-{host_uuid}", reconnect)
 
     def _run(self, signature: str, coroutine_fn: Any, **kwargs: Any) -> Deferred[Any]:
         """
@@ -698,7 +720,9 @@ class HostService(HostOperations):
                 self._agents.lost_work(base, f"the agent of host {host_uuid} restarted (its "
                                              "ping answers as never connected)")
             self._reconnect_later(host_uuid)
-        elif row["status"] == DISCONNECTED:
+        elif row["status"] == DISCONNECTED or self._agents.secret_for(base) is None:
+            # Disconnected, or connected by another node (Note [take over]): its callbacks
+            # and reports must come here.
             self._reconnect_later(host_uuid)
         elif self.config.vm_sync_on_ping:
             # New work, not bounded by the ping's deadline (Note [deadlines]).
