@@ -217,13 +217,15 @@ class TwoNodeInventoryTests(RabbitPostgresInventoryTests):
             if key in key_owner:
                 self.assertEqual(url, key_owner[key].agents.callback_url, (path, key))
 
-        # backup storage owned by A through B; an image owned by B added through A
-        bs = self.uuid_owned_by(a)
+        # backup storage owned by B through A; an image owned by B added through A
+        bs = self.uuid_owned_by(b)
         await self.ok(AddSftpBackupStorageMsg(uuid=bs, name="bs", url="/zstack_bs",
                                               hostname=self.base(BS_SLOT),
-                                              password="password"), BACKUP, via=b)
+                                              password="password"), BACKUP, via=a)
         await self.ok(AttachBackupStorageToZoneMsg(backup_storage_uuid=bs, zone_uuid=z),
-                      BACKUP, bs, via=b)
+                      BACKUP, bs, via=a)
+        self.assertIsNotNone(b.agents.report_secret(bs))
+        self.assertIsNone(a.agents.report_secret(bs))
         img = self.uuid_owned_by(b)
         image = (await self.ok(AddImageMsg(
             uuid=img, name="img", url=f"http://images.example/two.qcow2?size={IMAGE_SIZE}"
@@ -241,6 +243,16 @@ class TwoNodeInventoryTests(RabbitPostgresInventoryTests):
         self.assertEqual(a.bus.owner_of(img), a.bus.node_id)
         dropped = self.settled("image.deleted", lambda e: e.image_uuid == img)
         await self.ok(DeleteImageMsg(uuid=img), IMAGE_SERVICE, img, via=a)
+        await dropped
+        # B's backup storage downloads (and deletes) for A now
+        again = (await self.ok(AddImageMsg(
+            name="img2", url=f"http://images.example/two2.qcow2?size={IMAGE_SIZE}"
+            f"&actualSize={IMAGE_ACTUAL}", backup_storage_uuids=[bs]),
+            IMAGE_SERVICE, via=a)).inventory
+        self.assertEqual(again["status"], "Ready")
+        self.assertIsNotNone(a.agents.report_secret(bs))
+        dropped = self.settled("image.deleted", lambda e: e.image_uuid == again["uuid"])
+        await self.ok(DeleteImageMsg(uuid=again["uuid"]), IMAGE_SERVICE, again["uuid"], via=a)
         await dropped
         await self.ok(DetachPrimaryStorageFromClusterMsg(primary_storage_uuid=ns,
                                                          cluster_uuid=c), PRIMARY, ns, via=a)
