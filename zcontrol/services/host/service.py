@@ -451,11 +451,13 @@ class HostService(HostOperations):
         (its uuid chosen first, C{msg.uuid} set to it); a node that is not the owner
         forwards the message there and returns the owner's reply. None: add here.
         """
-        if msg.uuid is None:
-            msg.uuid = uuidlib.uuid4().hex
-        if not isinstance(msg.uuid, str) or msg.resource_uuid == msg.uuid \
-                or self._bus.owner_of(msg.uuid) == self._bus.node_id:
-            return None  # a malformed uuid is refused by the add itself
+        try:
+            msg.uuid = (uuidlib.uuid4().hex if msg.uuid is None
+                        else validate.uuid(msg.uuid, "uuid"))
+        except OperationError:
+            return fail()
+        if msg.resource_uuid == msg.uuid or self._bus.owner_of(msg.uuid) == self._bus.node_id:
+            return None
         forwarded = attrs.evolve(msg, id=new_id(), resource_uuid=msg.uuid, deadline=None,
                                  timeout=None, reply_to=None)
         return self._bus.send(forwarded, self.config.connect_timeout
