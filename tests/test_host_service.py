@@ -818,6 +818,49 @@ class CommandTests(HostServiceTestCase):
             self.failureResultOf(to_nope, OperationError).value.error.code, HOST.NOT_FOUND)
 
 
+class TakeOverTests(HostServiceTestCase):
+    """
+    Note [take over]: a Connected host this node holds no callback secret for (another node
+    connected it, and left the ring).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.successResultOf(self.add(1))
+        self.agent_url = agent_base_url(self.row("host", "h1")["managementIp"],
+                                        self.config.agent_port)
+        # as on the node that takes h1 over: the row says Connected, no secret here
+        self.pair.client.forget(self.agent_url, "connected by another node")
+        del self.events[:]
+
+    def test_command_reconnects_first_once(self) -> None:
+        """
+        Fault: on the node that took a host over, every command to it failed (no callback
+        secret) for ever. Now the first commands reconnect it once, then run.
+        """
+        calls = [self.service.call("h1", p.HostCapacityCmd()) for _ in range(5)]
+        for _ in range(5):
+            self.pump(1)
+        for d in calls:
+            self.assertTrue(self.successResultOf(d).success)
+        self.assertIsNotNone(self.pair.client.secret_for(self.agent_url))
+        self.assertEqual(self.statuses(), [("h1", "Connected", "Connecting"),
+                                           ("h1", "Connecting", "Connected")])
+
+    def test_ping_reconnects(self) -> None:
+        """
+        Fault: a ping that the agent answers with the host's uuid left such a host alone, so
+        its callbacks and reports kept going to the node that had left. Now it reconnects.
+        """
+        d = self.bus.send(PingHostMsg(service_id=SERVICE_ID, host_uuid="h1",
+                                      resource_uuid="h1"))
+        for _ in range(5):
+            self.pump(1)
+        self.assertTrue(self.successResultOf(d).connected)
+        self.assertIsNotNone(self.pair.client.secret_for(self.agent_url))
+        self.assertEqual(self.row("host", "h1")["status"], "Connected")
+
+
 class VmSyncTests(HostServiceTestCase):
     """
     VM state reconciliation.

@@ -451,7 +451,27 @@ class BackupStorageService(Service):
                 BS.WRONG_STATUS, f"backup storage {uuid} is {row['status']} and "
                 f"{row['state']}", backupStorageUuid=uuid, status=row["status"],
                 state=row["state"])
+        if self.agents.secret_for(self._base(row)) is None:
+            row = await self._take_over(uuid)
         return row
+
+    async def _take_over(self, uuid: str) -> dict[str, Any]:
+        """
+        Note [take over]: a Connected backup storage whose callback secret this node does not
+        hold was connected by another node (this one took it over when that node left the
+        ring, or restarted): reconnect it from here first (once, in its chain C{bs-<uuid>}),
+        so that commands are signed with a secret this node agreed and their callbacks come
+        here. C{BS.1001} when that fails.
+        """
+        async def reconnect() -> dict[str, Any]:
+            row = await self._get(uuid, "backupStorageUuid")
+            if self.agents.secret_for(self._base(row)) is not None:
+                return row  # a reconnect queued before this one did it
+            log.info("backup storage {uuid}: taking it over (no callback secret here); "
+                     "reconnecting", uuid=uuid)
+            return await self._connect(uuid)
+
+        return await self.serialized(f"bs-{uuid}", reconnect)
 
     @handles(DownloadImageMsg)
     async def download(self, msg: DownloadImageMsg) -> DownloadImageReply:

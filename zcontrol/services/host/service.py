@@ -59,6 +59,7 @@ import uuid as uuidlib
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -67,7 +68,7 @@ from zope.interface import implementer
 from agent import protocol as p
 from zcontrol._defer import DeferWaiter, async_to_deferred, maybe_deferred
 from zcontrol.agentclient.errors import AGENT
-from zcontrol.bus.message import Reply
+from zcontrol.bus.message import Reply, new_id
 from zcontrol.bus.publishing import publish_after_commit
 from zcontrol.config import HostConfig
 from zcontrol.core.chain import ChainTaskQueue
@@ -307,6 +308,9 @@ class HostService(HostOperations):
                 lambda row: HostReply(inventory=row)
             )
         if isinstance(msg, AddHostMsg):
+            forwarded = self._add_on_owner(msg)
+            if forwarded is not None:
+                return forwarded
             return self.add_host(msg).addCallback(lambda row: HostReply(inventory=row))
         if isinstance(msg, KVMHostAsyncHttpCallMsg):
             return self._async_http_call(msg)
@@ -375,6 +379,8 @@ class HostService(HostOperations):
                 raise OperationError.of(HOST.NOT_CONNECTED,
                                         f"host {host_uuid} is {row['status']}",
                                         hostUuid=host_uuid)
+            if self._agents.secret_for(self._base(row)) is None:
+                row = await self._take_over(host_uuid)
             return await self._agents.call(self._base(row), cmd, deadline=expiry)
 
         def not_sent(reason: Any) -> Any:
@@ -390,6 +396,26 @@ class HostService(HostOperations):
         return self._run(f"host-{host_uuid}", run, sync_level=self.config.host_sync_level,
                          max_pending=self.config.max_pending_per_host,
                          deadline=expiry).addErrback(not_sent)
+
+    async def _take_over(self, host_uuid: str) -> dict[str, Any]:
+        """
+        Note [take over]: a Connected host whose callback secret this node does not hold
+        was connected by another node (this one took it over when that node left the
+        ring, or restarted): reconnect it from here first (once, in its connect chain), so
+        that its commands are signed with a secret agreed by this node and their callbacks
+        come here.
+
+        @return: the host row, Connected; fails as L{connect}.
+        """
+        async def reconnect() -> dict[str, Any]:
+            row = await self._host(host_uuid)
+            if self._agents.secret_for(self._base(row)) is not None:
+                return row  # a reconnect queued before this one did it
+            log.info("host {uuid}: taking it over (no callback secret here); reconnecting",
+                     uuid=host_uuid)
+            return await self._connect(host_uuid)
+
+        return await self._run(f"host-connect-{host_uuid}", reconnect)
 
     def _run(self, signature: str, coroutine_fn: Any, **kwargs: Any) -> Deferred[Any]:
         """
@@ -417,6 +443,25 @@ class HostService(HostOperations):
             lambda rsp: KVMHostAsyncHttpCallReply(response=rsp.to_dict()))
 
     # --- add and connect ------------------------------------------------------------------
+
+    def _add_on_owner(self, msg: AddHostMsg) -> Deferred[Reply] | None:
+        """
+        Note [add on the owner]: the node that connects a host holds its callback secret
+        and is where the agent's callbacks go, so the add runs on the host's owner node
+        (its uuid chosen first, C{msg.uuid} set to it); a node that is not the owner
+        forwards the message there and returns the owner's reply. None: add here.
+        """
+        try:
+            msg.uuid = (uuidlib.uuid4().hex if msg.uuid is None
+                        else validate.uuid(msg.uuid, "uuid"))
+        except OperationError:
+            return fail()
+        if msg.resource_uuid == msg.uuid or self._bus.owner_of(msg.uuid) == self._bus.node_id:
+            return None
+        forwarded = attrs.evolve(msg, id=new_id(), resource_uuid=msg.uuid, deadline=None,
+                                 timeout=None, reply_to=None)
+        return self._bus.send(forwarded, self.config.connect_timeout
+                              + 3 * self.config.command_timeout)
 
     def add_host(self, msg: AddHostMsg) -> Deferred[dict[str, Any]]:
         """
@@ -682,7 +727,9 @@ class HostService(HostOperations):
                 self._agents.lost_work(base, f"the agent of host {host_uuid} restarted (its "
                                              "ping answers as never connected)")
             self._reconnect_later(host_uuid)
-        elif row["status"] == DISCONNECTED:
+        elif row["status"] == DISCONNECTED or self._agents.secret_for(base) is None:
+            # Disconnected, or connected by another node (Note [take over]): its callbacks
+            # and reports must come here.
             self._reconnect_later(host_uuid)
         elif self.config.vm_sync_on_ping:
             # New work, not bounded by the ping's deadline (Note [deadlines]).
