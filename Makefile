@@ -38,7 +38,7 @@ run-agent: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m zcontrol.demo
 
-bench: bench-core bench-bus bench-db bench-agent
+bench: bench-core bench-bus bench-db bench-agent bench-alloc
 	$(BIN)/python -m bench.summary
 
 bench-core: $(STAMP)
