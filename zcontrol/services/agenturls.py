@@ -12,10 +12,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
 from zcontrol.core.errors import SYS, ErrorCode, OperationError, error_code
 from zcontrol.db.query import Condition, Query
 
-__all__ = ["HOST_AGENT_PORT", "SFTP_AGENT_PORT", "echo_refusal", "resources_at"]
+log = Logger()
+
+__all__ = ["HOST_AGENT_PORT", "SFTP_AGENT_PORT", "echo_refusal", "echo_until_up",
+           "resources_at"]
+
+#: A connect logs its first failed echo, then every this many.
+ECHO_LOG_EVERY = 10
 
 #: The port a bare host C{managementIp} means (ZStack's KVM agent).
 HOST_AGENT_PORT = 7070
@@ -74,3 +83,55 @@ def echo_refusal(error: ErrorCode, base: str) -> OperationError | None:
             "host slot; check the address (a simulated agent serves /hosts/0 to "
             "/hosts/<N-1> with --hosts N)", error, url=base, status=404))
     return None
+
+
+async def echo_until_up(clock: Any, agents: Any, base: str, *, what: str,
+                        connect_timeout: float, echo_interval: float, echo_timeout: float,
+                        setting: str) -> None:
+    """
+    Echo the agent at C{base} every C{echo_interval} seconds until it answers, for at most
+    C{connect_timeout} seconds (or the current deadline, if earlier): how a host or a backup
+    storage connect waits for an agent that is starting (ZStack's KVMHost echo). An answer
+    that no retry can change fails at once (L{echo_refusal}). Failed attempts are logged at
+    info, rate-limited (the first, then every L{ECHO_LOG_EVERY}th).
+
+    @param what: the resource, for the log (C{"host <uuid>"}).
+    @param setting: the name of the C{connect_timeout} setting, for the error.
+    @raise OperationError: C{SYS.1001} wrapping the last attempt's error, with the number of
+        attempts and the last reason (C{opaque}: C{attempts}, C{lastError}, C{url}); or
+        L{echo_refusal}'s C{SYS.1015}.
+    """
+    from agent import protocol as p
+    from zcontrol.core.deadline import current_deadline
+
+    started = clock.seconds()
+    give_up = started + connect_timeout
+    deadline = current_deadline()
+    if deadline is not None and deadline < give_up:
+        give_up = deadline
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            await agents.call(base, p.EchoCmd(), timeout=echo_timeout)
+            if attempts > 1:
+                log.info("{what}: agent at {url} answered echo after {n} attempt(s)",
+                         what=what, url=base, n=attempts)
+            return
+        except OperationError as e:
+            refusal = echo_refusal(e.error, base)
+            if refusal is not None:
+                raise refusal from None
+            if attempts == 1 or attempts % ECHO_LOG_EVERY == 0:
+                log.info("{what}: echo attempt {n} to agent at {url} failed: {error}; "
+                         "retrying every {interval:g}s for up to {limit:g}s", what=what,
+                         n=attempts, url=base, error=str(e.error), interval=echo_interval,
+                         limit=max(give_up - clock.seconds(), 0.0))
+            if clock.seconds() + echo_interval >= give_up:
+                waited = clock.seconds() - started
+                raise OperationError(error_code(
+                    SYS.TIMEOUT, f"agent at {base} did not answer echo: {attempts} "
+                    f"attempt(s) in {waited:g}s, every {echo_interval:g}s ({setting} "
+                    f"{connect_timeout:g}s); last error: {e.error}",
+                    e.error, url=base, attempts=attempts, lastError=str(e.error))) from None
+        await deferLater(clock, echo_interval, lambda: None)

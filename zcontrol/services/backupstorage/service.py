@@ -42,7 +42,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from agent import protocol as p
@@ -309,26 +308,13 @@ class BackupStorageService(Service):
         return await self._set_status(uuid, CONNECTED)
 
     async def _echo_until_up(self, base: str) -> None:
-        started = self.clock.seconds()
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                await self.agents.call(base, p.EchoCmd(), timeout=self.config.echo_timeout)
-                return
-            except OperationError as e:
-                from zcontrol.services.agenturls import echo_refusal
+        from zcontrol.services.agenturls import echo_until_up
 
-                refusal = echo_refusal(e.error, base)
-                if refusal is not None:
-                    raise refusal from None
-                waited = self.clock.seconds() - started
-                if waited + self.config.echo_interval >= self.config.connect_timeout:
-                    raise OperationError(error_code(
-                        SYS.TIMEOUT, f"agent at {base} did not answer echo: {attempts} "
-                        f"attempt(s) in {waited:g}s; last error: {e.error}", e.error,
-                        url=base, attempts=attempts)) from None
-            await deferLater(self.clock, self.config.echo_interval, lambda: None)
+        await echo_until_up(self.clock, self.agents, base, what=f"backup storage at {base}",
+                            connect_timeout=self.config.connect_timeout,
+                            echo_interval=self.config.echo_interval,
+                            echo_timeout=self.config.echo_timeout,
+                            setting="backup storage connect_timeout")
 
     # --- zones ----------------------------------------------------------------------------
 

@@ -61,7 +61,7 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -104,8 +104,6 @@ CONNECTING, CONNECTED, DISCONNECTED = "Connecting", "Connected", "Disconnected"
 #: VM states the agent reports and the sync reconciles (transitional states are left alone:
 #: an operation in progress owns them).
 _STABLE = {"Running", "Stopped", "Unknown"}
-#: A connect logs its first failed echo, then every this many.
-ECHO_LOG_EVERY = 10
 
 
 def agent_base_url(management_ip: str, agent_port: int) -> str:
@@ -641,50 +639,16 @@ class HostService(HostOperations):
 
     async def _echo_until_up(self, host_uuid: str, base: str) -> None:
         """
-        Echo the agent every C{echo_interval} seconds until it answers, for at most
-        C{connect_timeout} seconds (or the current deadline). Failed attempts are logged at
-        info, rate-limited (the first, then every L{ECHO_LOG_EVERY}th).
-
-        @raise OperationError: C{SYS.1001} wrapping the last attempt's error, with the
-            number of attempts and the last reason in its details (C{opaque}: C{attempts},
-            C{lastError}, C{url}).
+        Echo the agent until it answers, for at most C{connect_timeout} seconds
+        (L{zcontrol.services.agenturls.echo_until_up}).
         """
-        started = self._clock.seconds()
-        give_up = started + self.config.connect_timeout
-        deadline = current_deadline()
-        if deadline is not None and deadline < give_up:
-            give_up = deadline
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                await self._agents.call(base, p.EchoCmd(), timeout=self.config.echo_timeout)
-                if attempts > 1:
-                    log.info("host {uuid}: agent at {url} answered echo after {n} attempt(s)",
-                             uuid=host_uuid, url=base, n=attempts)
-                return
-            except OperationError as e:
-                from zcontrol.services.agenturls import echo_refusal
+        from zcontrol.services.agenturls import echo_until_up
 
-                refusal = echo_refusal(e.error, base)
-                if refusal is not None:
-                    raise refusal from None
-                if attempts == 1 or attempts % ECHO_LOG_EVERY == 0:
-                    log.info("host {uuid}: echo attempt {n} to agent at {url} failed: {error}; "
-                             "retrying every {interval:g}s for up to {limit:g}s",
-                             uuid=host_uuid, n=attempts, url=base, error=str(e.error),
-                             interval=self.config.echo_interval,
-                             limit=max(give_up - self._clock.seconds(), 0.0))
-                if self._clock.seconds() + self.config.echo_interval >= give_up:
-                    waited = self._clock.seconds() - started
-                    raise OperationError(error_code(
-                        SYS.TIMEOUT, f"agent at {base} did not answer echo: {attempts} "
-                        f"attempt(s) in {waited:g}s, every {self.config.echo_interval:g}s "
-                        f"(host.connect_timeout {self.config.connect_timeout:g}s); last "
-                        f"error: {e.error}",
-                        e.error, url=base, attempts=attempts,
-                        lastError=str(e.error))) from None
-            await deferLater(self._clock, self.config.echo_interval, lambda: None)
+        await echo_until_up(self._clock, self._agents, base, what=f"host {host_uuid}",
+                            connect_timeout=self.config.connect_timeout,
+                            echo_interval=self.config.echo_interval,
+                            echo_timeout=self.config.echo_timeout,
+                            setting="host.connect_timeout")
 
     # --- ping -----------------------------------------------------------------------------
 
