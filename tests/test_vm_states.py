@@ -412,6 +412,55 @@ class TransitionMixin:
         self.assertEqual(losses[0].opaque["state"], "Starting")
 
 
+    @async_to_deferred
+    async def test_concurrent_single_target(self) -> None:
+        """
+        Two concurrent stops of one running VM (one swap from every source of C{stopping}):
+        exactly one wins; the other gets VM.1010 naming Stopping.
+        """
+        await self.store.change_vm_state("vm-1", "Created", "Running")
+        results = await defer.DeferredList(
+            [transition(self.store, "vm-1", "stopping") for _ in range(2)],
+            consumeErrors=True)
+        self.assertEqual(sorted(ok for ok, _ in results), [False, True])
+        err = next(error_of(r) for ok, r in results if not ok)
+        self.assertEqual((err.code, err.opaque["state"]), (VM.NOT_IN_CORRECT_STATE, "Stopping"))
+        self.assertEqual((await self.store.get("vmInstance", "vm-1"))["state"], "Stopping")
+
+    @async_to_deferred
+    async def test_changed_between_read_and_swap(self) -> None:
+        """
+        For an event with several targets, a change between the read and the swap to a state
+        that also has the event makes transition() read again and follow the new state.
+        """
+        await self.store.change_vm_state("vm-1", "Created", "Starting")
+        store = _Interfering(self.store, "Starting", "VolumeRecovering")
+        row = await transition(store, "vm-1", "running")
+        self.assertEqual((row["state"], store.reads), ("VolumeRecovering", 2))
+
+
+class _Interfering:
+    """
+    A store whose first C{get} of a VM is followed by another writer's state change.
+    """
+
+    def __init__(self, store: Any, old: str, new: str) -> None:
+        self.store, self.old, self.new, self.reads = store, old, new, 0
+
+    async def _get(self, resource: str, uuid: str) -> Any:
+        row = await self.store.get(resource, uuid)
+        self.reads += 1
+        if self.reads == 1:
+            await self.store.change_vm_state(uuid, self.old, self.new)
+        return row
+
+    def get(self, resource: str, uuid: str) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._get(resource, uuid))
+
+    def change_vm_state(self, *args: Any) -> defer.Deferred:
+        return self.store.change_vm_state(*args)
+
+
 class MemoryTransitionTests(MemoryStoreFactory, TransitionMixin, unittest.TestCase):
     """
     L{transition} on the in-memory store.
