@@ -168,7 +168,7 @@ EXPECTED_OPERATIONS = {
     "detachNic": {"Running", "Stopped"},
     "attachVolume": {"Running", "Stopped"},
     "detachVolume": {"Running", "Stopped"},
-    "changeInstanceOffering": {"Running", "Stopped"},
+    "changeInstanceOffering": {"Stopped"},  # issue 10: while stopped (ZStack: Running too)
     "attachIso": {"Running", "Stopped"},
     "detachIso": {"Running", "Stopped"},
     "setStaticIp": {"Stopped"},
