@@ -72,7 +72,14 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from zcontrol._defer import maybe_deferred
-from zcontrol.core.errors import SYS, ErrorCode, OperationError, error_code, from_failure, register_codes
+from zcontrol.core.errors import (
+    SYS,
+    ErrorCode,
+    OperationError,
+    error_code,
+    from_failure,
+    register_codes,
+)
 from zcontrol.core.flow import FlowChain, IFlow
 
 __all__ = [
