@@ -265,7 +265,8 @@ class JournaledFlowChain:
         """
         Create the job and run it.
 
-        @param message: the job's C{apiMessage} (JSON), in the context as C{"message"}.
+        @param message: the job's C{apiMessage} (JSON; None: C{{}}), in the context as
+            C{"message"}.
         @param resource_uuid: the job's C{resourceUuid}, in the context as C{"resource"}.
         @return: Deferred firing with the finished job row (C{Succeeded}), or failing with
             an L{OperationError}: the chain's (C{SYS.1006}, C{location} the failing flow)
@@ -275,7 +276,8 @@ class JournaledFlowChain:
         return Deferred.fromCoroutine(self._run(message, resource_uuid))
 
     async def _run(self, message: Any, resource_uuid: str | None) -> dict:
-        job = await self.store.create_job(self.job_uuid, self.kind.name, message, self.node_id,
+        job = await self.store.create_job(self.job_uuid, self.kind.name,
+                                          {} if message is None else message, self.node_id,
                                           resource_uuid)
         return await self._chain(job, [])
 
