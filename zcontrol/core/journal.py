@@ -51,10 +51,11 @@ allocator's host) must make its probe find the choice (e.g. by the holder's rows
 rollback release by holder everywhere.
 
 ZStack, Nova and CloudStack have no such thing (ZSTACK_FACTS §8): ZStack's FlowChain state
-lives in the memory of the node that runs it, so a node restart leaves VMs in Starting or
-Migrating and capacity reserved until an operator cleans up; Nova leaves instances in a
-task_state (BUILDING, MIGRATING) that only a reset-state clears; CloudStack's job table
-marks interrupted jobs failed at start but releases nothing they held.
+lives only in the memory of the node that runs it (PR #1160: a restart during a batch create
+left half-made VMs that could not be deleted); Nova leaves the instance's task_state stuck
+after a compute restart (the recover-stuck-state blueprint; bug 1276214, MIGRATING);
+CloudStack's MN restart left VMs, volumes and networks in transitional states that needed
+database edits (PR #8394, PR #2163: volumes stuck in Creating).
 
 The add-image job of L{zcontrol.services.image.service.ImageService}
 (C{resolve_add_image_jobs}) is an ad-hoc form of this mechanism written before it; it should
