@@ -318,13 +318,29 @@ class IStore(Interface):
         @return: Deferred firing with the job row; C{DB.1000} if the uuid exists.
         """
 
-    def finish_job(uuid, result=None, error=None):
+    def finish_job(uuid, result=None, error=None, management_node_uuid=None):
         """
         Move a C{Running} job to C{Succeeded} (with C{result}, JSON-serialisable) or, when
-        C{error} (an L{ErrorCode}) is given, to C{Failed}; sets C{finishDate}.
+        C{error} (an L{ErrorCode}) is given, to C{Failed}; sets C{finishDate}. With
+        C{management_node_uuid}, only while that node owns the job (a compare-and-swap: a
+        node whose job another node claimed cannot finish it).
 
-        @return: Deferred firing with the job row; C{SYS.1005} if the job is not running,
-            C{SYS.1003} if unknown.
+        @return: Deferred firing with the job row; C{SYS.1005} if the job is not running
+            (or not owned by C{management_node_uuid}), C{SYS.1003} if unknown.
+        """
+
+    def record_job_flow(uuid, management_node_uuid, name, took):
+        """
+        Journal a completed flow of a job (L{zcontrol.core.journal}): append
+        C{{"name": name, "took": took}} to the job's C{flows} (a JSON list, schema version
+        7), atomically, while the job is C{Running} and owned by C{management_node_uuid}.
+        Idempotent for a retry of the same record.
+
+        @param took: a JSON object: what the flow holds (e.g. C{{"host": uuid, "cpu": 2,
+            "memory": 1073741824}}, memory in bytes).
+        @return: Deferred firing with the job row; C{SYS.1005} when the job is not
+            C{Running} or another node owns it (details name its state and owner),
+            C{SYS.1003} if unknown, C{SYS.1007} (field C{flow}) for a bad name or C{took}.
         """
 
     def running_jobs(management_node_uuid):

@@ -1,10 +1,13 @@
 # -*- test-case-name: tests.test_db_contract -*-
 """
-Jobs: create, finish, list and claim the running jobs of a management node.
+Jobs: create, finish, list and claim the running jobs of a management node, and journal
+the flows a job completed (L{record_job_flow_thd}, the store side of
+L{zcontrol.core.journal}).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -14,6 +17,7 @@ from zcontrol.db.components.base import (
     Db,
     StoreComponent,
     _cols,
+    _not_found,
     _row,
     _uuid,
 )
@@ -52,6 +56,59 @@ def claim_jobs_thd(db: Db, from_node: str, to_node: str, now: float) -> list[dic
     ]
 
 
+def record_job_flow_thd(db: Db, uuid: str, management_node_uuid: str, name: str, took: Any,
+                        now: float) -> dict:
+    """
+    Append C{{"name": name, "took": took}} to the job's C{flows}, atomically: in one write
+    transaction, a compare-and-swap on the job being C{Running}, owned by
+    C{management_node_uuid} and its C{flows} being what was read. Idempotent: when the last
+    recorded flow is already this one with the same C{took} (a retry after a lost
+    acknowledgement), the row is returned unchanged.
+
+    @return: the job row.
+    @raise OperationError: C{SYS.1007} (field C{flow}) when C{name} is not a non-empty
+        string or C{took} not a JSON object; C{SYS.1003} when no such job; C{SYS.1005} (change-resource-state) when the job is not
+        C{Running} or not owned by that node (its C{details} name both), e.g. another node
+        claimed it.
+    """
+    res = resource("job")
+    uuid = _uuid("uuid", uuid)
+    node = _uuid("management_node_uuid", management_node_uuid)
+    if not isinstance(name, str) or not name:
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, "a flow's name is a non-empty string",
+                                field="flow")
+    if not isinstance(took, dict):
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR,
+                                f"what flow {name!r} took is a JSON object, not"
+                                f" {type(took).__name__}", field="flow")
+    entry = {"name": name, "took": took}
+    with db.transaction():
+        db.dialect.lock_row(db, "jobs", uuid)
+        row = db.one("SELECT flows, state, management_node_uuid FROM jobs WHERE uuid = ?",
+                     (uuid,))
+        if row is None:
+            raise _not_found(res, uuid)
+        old, state, owner = row
+        if state != "Running" or owner != node:
+            raise OperationError.of(
+                SYS.CHANGE_RESOURCE_STATE_ERROR,
+                f"job {uuid}: cannot record flow {name!r}: the job is {state}, owned by"
+                f" {owner} (expected Running, owned by {node})",
+                resource="job", uuid=uuid, actual={"state": state, "managementNodeUuid": owner})
+        flows = json.loads(old or "[]")
+        if not (flows and flows[-1] == entry):
+            flows.append(entry)
+            changed = db.run(
+                "UPDATE jobs SET flows = ?, last_op_date = ? WHERE uuid = ? AND state = ?"
+                " AND management_node_uuid = ? AND flows = ?",
+                (res.field("flows").to_db(flows), now, uuid, "Running", node, old))
+            if changed != 1:  # pragma: no cover - excluded by the transaction and the lock
+                raise OperationError.of(SYS.CHANGE_RESOURCE_STATE_ERROR,
+                                        f"job {uuid} changed while recording flow {name!r}",
+                                        resource="job", uuid=uuid)
+        return _row(res, db.one(f"SELECT {_cols(res)} FROM jobs WHERE uuid = ?", (uuid,)))
+
+
 class JobsComponent(StoreComponent):
     """
     Jobs (see L{IStore}).
@@ -70,8 +127,8 @@ class JobsComponent(StoreComponent):
             "state": "Running",
         })
 
-    def finish_job(self, uuid: str, result: Any = None, error: ErrorCode | None = None
-                   ) -> Deferred:
+    def finish_job(self, uuid: str, result: Any = None, error: ErrorCode | None = None,
+                   management_node_uuid: str | None = None) -> Deferred:
         now = self._now()
         changes: dict[str, Any] = {"finishDate": now}
         if error is not None:
@@ -83,7 +140,15 @@ class JobsComponent(StoreComponent):
         else:
             # A result that is not JSON is refused by the edge check (SYS.1007, "result").
             changes.update(state="Succeeded", result=result)
-        return self.update("job", uuid, changes, {"state": "Running"})
+        expected = {"state": "Running"}
+        if management_node_uuid is not None:
+            expected["managementNodeUuid"] = management_node_uuid
+        return self.update("job", uuid, changes, expected)
+
+    def record_job_flow(self, uuid: str, management_node_uuid: str, name: str, took: Any
+                        ) -> Deferred:
+        return self._run(record_job_flow_thd, uuid, management_node_uuid, name, took,
+                         self._now())
 
     def running_jobs(self, management_node_uuid: str) -> Deferred:
         return self._run(running_jobs_thd, management_node_uuid)
