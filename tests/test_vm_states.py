@@ -154,14 +154,16 @@ FACTS_MAIN = [
 
 # ZStack's AbstractVmInstance.allowedOperations, restated (Suspended/Suspending = Paused/Pausing).
 EXPECTED_OPERATIONS = {
-    "start": {"Created", "Stopped"},
-    "stop": {"Running", "Stopped", "Unknown", "Paused"},
-    "reboot": {"Running"},
+    "start": {"Created", "Stopped", "Running", "Crashed"},
+    "stop": {"Running", "Stopped", "Unknown", "Paused", "Crashed"},
+    "reboot": {"Running", "Crashed"},
+    # + Error: a half-made VM stays destroyable and expungeable (ZStack PR #1160)
     "destroy": {"Running", "Stopped", "Unknown", "Starting", "Migrating", "Stopping",
-                "Rebooting", "Paused", "Pausing", "Resuming"},
-    "expunge": {"Destroyed"},
+                "Rebooting", "Paused", "Pausing", "Resuming", "VolumeMigrating", "Crashed",
+                "Error"},
+    "expunge": {"Destroyed", "Error"},
     "recover": {"Destroyed"},
-    "migrate": {"Running"},
+    "migrate": {"Running", "Unknown", "Paused"},
     "pause": {"Running"},
     "resume": {"Paused"},
     "attachNic": {"Running", "Stopped"},
@@ -173,7 +175,7 @@ EXPECTED_OPERATIONS = {
     "detachIso": {"Running", "Stopped"},
     "setStaticIp": {"Stopped"},
     "deleteStaticIp": {"Running", "Stopped"},
-    "getConsoleAddress": {"Running"},
+    "getConsoleAddress": {"Running", "Crashed"},
     "getMigrationCandidateHosts": {"Running"},
     "createRootVolumeTemplate": {"Stopped"},
 }
@@ -354,6 +356,29 @@ class TransitionMixin:
             row = await transition(self.store, "vm-1", event)
             self.assertEqual(row["state"], want, event)
         self.assertEqual((await self.store.get("vmInstance", "vm-1"))["state"], "Stopped")
+
+    @async_to_deferred
+    async def test_expected_narrows_sources(self) -> None:
+        """
+        Fault (review): a host's late "stopped" report moved a Destroyed VM to Stopped (the
+        table's recover edge), silently recovering it. With C{expected} the swap only leaves
+        the states the caller saw: a Destroyed VM stays Destroyed (VM.1010 naming it), a
+        Running one stops; an event that leaves none of them is SYS.1007.
+        """
+        for event in ("starting", "running", "stopping", "stopped", "destroying",
+                      "destroyed"):
+            await transition(self.store, "vm-1", event)
+        err = await self.refused(transition(self.store, "vm-1", "stopped",
+                                            expected=["Running", "Unknown"]))
+        self.assertEqual((err.code, err.opaque["state"]),
+                         (VM.NOT_IN_CORRECT_STATE, "Destroyed"))
+        self.assertEqual((await self.store.get("vmInstance", "vm-1"))["state"], "Destroyed")
+        row = await transition(self.store, "vm-1", "stopped", expected=["Destroyed"])
+        self.assertEqual(row["state"], "Stopped")
+        err = await self.refused(transition(self.store, "vm-1", "destroyed",
+                                            expected=["Running"]))
+        self.assertEqual((err.code, err.opaque["field"]),
+                         (SYS.INVALID_ARGUMENT_ERROR, "expected"))
 
     @async_to_deferred
     async def test_refused_leaves_state(self) -> None:

@@ -209,14 +209,18 @@ Op = Operation
 #: Suspended/Suspending are our Paused/Pausing). ZStack lets the instance offering change
 #: while Running too (it applies at the next start).
 OPERATIONS: Mapping[str, frozenset[str]] = {
-    Op.start: frozenset({S.Created, S.Stopped}),
-    Op.stop: frozenset({S.Running, S.Stopped, S.Unknown, S.Paused}),
-    Op.reboot: frozenset({S.Running}),
+    # start in Running is a no-op in ZStack; Crashed VMs can be started, stopped, rebooted,
+    # destroyed (ZStack's allowedOperations).
+    Op.start: frozenset({S.Created, S.Stopped, S.Running, S.Crashed}),
+    Op.stop: frozenset({S.Running, S.Stopped, S.Unknown, S.Paused, S.Crashed}),
+    Op.reboot: frozenset({S.Running, S.Crashed}),
+    # Error too: a half-made VM must be destroyable (ZStack PR #1160's undeletable VMs).
     Op.destroy: frozenset({S.Running, S.Stopped, S.Unknown, S.Starting, S.Migrating,
-                          S.Stopping, S.Rebooting, S.Paused, S.Pausing, S.Resuming}),
-    Op.expunge: frozenset({S.Destroyed}),
+                          S.Stopping, S.Rebooting, S.Paused, S.Pausing, S.Resuming,
+                          S.VolumeMigrating, S.Crashed, S.Error}),
+    Op.expunge: frozenset({S.Destroyed, S.Error}),
     Op.recover: frozenset({S.Destroyed}),
-    Op.migrate: frozenset({S.Running}),
+    Op.migrate: frozenset({S.Running, S.Unknown, S.Paused}),
     Op.pause: frozenset({S.Running}),
     Op.resume: frozenset({S.Paused}),
     Op.attachNic: frozenset({S.Running, S.Stopped}),
@@ -230,7 +234,7 @@ OPERATIONS: Mapping[str, frozenset[str]] = {
     Op.detachIso: frozenset({S.Running, S.Stopped}),
     Op.setStaticIp: frozenset({S.Stopped}),
     Op.deleteStaticIp: frozenset({S.Running, S.Stopped}),
-    Op.getConsoleAddress: frozenset({S.Running}),
+    Op.getConsoleAddress: frozenset({S.Running, S.Crashed}),
     Op.getMigrationCandidateHosts: frozenset({S.Running}),
     Op.createRootVolumeTemplate: frozenset({S.Stopped}),
 }
@@ -308,7 +312,7 @@ def check_operation(state: str, operation: str) -> None:
 
 @async_to_deferred
 async def transition(store: Any, vm_uuid: str, event: str, changes: dict | None = None,
-                     ) -> dict:
+                     expected: Iterable[str] | None = None) -> dict:
     """
     Move VM C{vm_uuid} along C{event}: one compare-and-swap
     (C{store.change_vm_state(vm_uuid, expected, new, changes)}) from every state the event
@@ -319,6 +323,9 @@ async def transition(store: Any, vm_uuid: str, event: str, changes: dict | None 
 
     @param changes: other columns to set in the same statement (camelCase, e.g.
         C{{"hostUuid": ...}}).
+    @param expected: only from these states (the state the caller saw): a host's late
+        "stopped" report must not move a Destroyed VM to Stopped, which the table allows
+        (recover), nor "running" a Destroying one.
     @return: a Deferred firing with the updated row.
     @raise OperationError: C{VM.1010} naming the actual state and the event when the VM is in
         a state the event has no transition from (someone else changed it first: the store's
@@ -328,15 +335,24 @@ async def transition(store: Any, vm_uuid: str, event: str, changes: dict | None 
     if event not in EVENTS:
         raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, f"not a VM state event: {event!r}",
                                 field="event")
-    targets = {table[event] for table in TRANSITIONS.values() if event in table}
+    allowed = None if expected is None else set(expected)
+    targets = {table[event] for state, table in TRANSITIONS.items()
+               if event in table and (allowed is None or state in allowed)}
+    if not targets:
+        raise OperationError.of(
+            SYS.INVALID_ARGUMENT_ERROR, f"event {event} leaves none of the expected states "
+            f"{sorted(allowed or ())}", field="expected")
     if len(targets) == 1:
         (target,) = targets
-        return await _swap(store, vm_uuid, event, sources(event, target), target, changes)
+        srcs = [x for x in sources(event, target) if allowed is None or x in allowed]
+        return await _swap(store, vm_uuid, event, srcs, target, changes)
     for attempt in range(3):
         row = await store.get("vmInstance", vm_uuid)
         if row is None:
             raise _not_found(vm_uuid, None)
         state = row["state"]
+        if allowed is not None and state not in allowed:
+            raise _refused(state, event)
         target = next_state(state, event)
         try:
             return await _swap(store, vm_uuid, event, [state], target, changes)
