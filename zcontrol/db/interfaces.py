@@ -343,6 +343,24 @@ class IStore(Interface):
             C{SYS.1003} if unknown, C{SYS.1007} (field C{flow}) for a bad name or C{took}.
         """
 
+    def begin_job_rollback(uuid, management_node_uuid, error):
+        """
+        Mark a failed job I{rolling back} (L{zcontrol.core.journal}): store C{error} (an
+        L{ErrorCode}) as its C{rollbackError} (schema version 7), a compare-and-swap on the
+        job being C{Running} and owned by C{management_node_uuid}; the job stays C{Running}
+        until its rollbacks are done. Idempotent: the first error is kept.
+
+        @return: Deferred firing with the job row; C{SYS.1005} when the job is not
+            C{Running} or another node owns it, C{SYS.1003} if unknown.
+        """
+
+    def record_job_rollback(uuid, management_node_uuid, name):
+        """
+        Journal that the rollback of flow C{name} of a job completed: append C{name} to its
+        C{rolledBack} (a JSON list); compare-and-swap and errors as L{begin_job_rollback}
+        (plus C{SYS.1007}, field C{flow}, for a bad name). Idempotent.
+        """
+
     def running_jobs(management_node_uuid):
         """
         @return: Deferred firing with the list of C{Running} job rows owned by that node,

@@ -402,7 +402,7 @@ _SPECS: dict[str, tuple[str, str]] = {
     "job": (
         "jobs",
         "uuid apiName apiMessage:j managementNodeUuid resourceUuid accountUuid state result:j"
-        " error:j finishDate:f flows:j" + _DATES,
+        " error:j finishDate:f flows:j rollbackError:j rolledBack:j" + _DATES,
     ),
 }
 

@@ -109,6 +109,79 @@ def record_job_flow_thd(db: Db, uuid: str, management_node_uuid: str, name: str,
         return _row(res, db.one(f"SELECT {_cols(res)} FROM jobs WHERE uuid = ?", (uuid,)))
 
 
+def _owned_running(db: Db, res: Any, uuid: str, node: str, what: str) -> tuple:
+    """
+    Lock the job row and check it is C{Running} and owned by C{node}.
+
+    @return: the row's C{(rollback_error, rolled_back)}.
+    @raise OperationError: C{SYS.1003} (no such job), C{SYS.1005} (not Running or not owned).
+    """
+    db.dialect.lock_row(db, "jobs", uuid)
+    row = db.one("SELECT state, management_node_uuid, rollback_error, rolled_back FROM jobs"
+                 " WHERE uuid = ?", (uuid,))
+    if row is None:
+        raise _not_found(res, uuid)
+    state, owner, rollback_error, rolled_back = row
+    if state != "Running" or owner != node:
+        raise OperationError.of(
+            SYS.CHANGE_RESOURCE_STATE_ERROR,
+            f"job {uuid}: cannot {what}: the job is {state}, owned by {owner} (expected"
+            f" Running, owned by {node})",
+            resource="job", uuid=uuid, actual={"state": state, "managementNodeUuid": owner})
+    return rollback_error, rolled_back
+
+
+def begin_job_rollback_thd(db: Db, uuid: str, management_node_uuid: str, error: dict,
+                           now: float) -> dict:
+    """
+    Mark the job I{rolling back} with C{error} (its C{rollbackError}), a compare-and-swap on
+    the job being C{Running} and owned by C{management_node_uuid}. Idempotent: a job already
+    rolling back keeps its first error.
+
+    @return: the job row.
+    @raise OperationError: C{SYS.1003} when no such job; C{SYS.1005} when the job is not
+        C{Running} or not owned by that node (e.g. another node claimed it).
+    """
+    res = resource("job")
+    uuid = _uuid("uuid", uuid)
+    node = _uuid("management_node_uuid", management_node_uuid)
+    if not isinstance(error, dict):
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, "a job error is a JSON object",
+                                field="error")
+    with db.transaction():
+        old, _ = _owned_running(db, res, uuid, node, "start its rollback")
+        if old is None:
+            db.run("UPDATE jobs SET rollback_error = ?, last_op_date = ? WHERE uuid = ?",
+                   (res.field("rollbackError").to_db(error), now, uuid))
+        return _row(res, db.one(f"SELECT {_cols(res)} FROM jobs WHERE uuid = ?", (uuid,)))
+
+
+def record_job_rollback_thd(db: Db, uuid: str, management_node_uuid: str, name: str,
+                            now: float) -> dict:
+    """
+    Append flow C{name} to the job's C{rolledBack} (its rollback completed), a
+    compare-and-swap as L{begin_job_rollback_thd}'s; idempotent.
+
+    @return: the job row.
+    @raise OperationError: C{SYS.1007} (field C{flow}), C{SYS.1003}, C{SYS.1005} as
+        L{begin_job_rollback_thd}.
+    """
+    res = resource("job")
+    uuid = _uuid("uuid", uuid)
+    node = _uuid("management_node_uuid", management_node_uuid)
+    if not isinstance(name, str) or not name:
+        raise OperationError.of(SYS.INVALID_ARGUMENT_ERROR, "a flow's name is a non-empty string",
+                                field="flow")
+    with db.transaction():
+        _, old = _owned_running(db, res, uuid, node, f"record the rollback of flow {name!r}")
+        done = json.loads(old or "[]")
+        if name not in done:
+            done.append(name)
+            db.run("UPDATE jobs SET rolled_back = ?, last_op_date = ? WHERE uuid = ?",
+                   (res.field("rolledBack").to_db(done), now, uuid))
+        return _row(res, db.one(f"SELECT {_cols(res)} FROM jobs WHERE uuid = ?", (uuid,)))
+
+
 class JobsComponent(StoreComponent):
     """
     Jobs (see L{IStore}).
@@ -148,6 +221,20 @@ class JobsComponent(StoreComponent):
     def record_job_flow(self, uuid: str, management_node_uuid: str, name: str, took: Any
                         ) -> Deferred:
         return self._run(record_job_flow_thd, uuid, management_node_uuid, name, took,
+                         self._now())
+
+    def begin_job_rollback(self, uuid: str, management_node_uuid: str, error: ErrorCode
+                           ) -> Deferred:
+        if not isinstance(error, ErrorCode):
+            return fail(OperationError.of(
+                SYS.INVALID_ARGUMENT_ERROR,
+                f"a job error is an ErrorCode, not {type(error).__name__}", field="error"))
+        return self._run(begin_job_rollback_thd, uuid, management_node_uuid, error.to_dict(),
+                         self._now())
+
+    def record_job_rollback(self, uuid: str, management_node_uuid: str, name: str
+                            ) -> Deferred:
+        return self._run(record_job_rollback_thd, uuid, management_node_uuid, name,
                          self._now())
 
     def running_jobs(self, management_node_uuid: str) -> Deferred:
