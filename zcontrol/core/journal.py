@@ -73,6 +73,7 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from zcontrol._defer import maybe_deferred
+from zcontrol.core.asyncwhile import step
 from zcontrol.core.errors import (
     SYS,
     ErrorCode,
@@ -85,6 +86,7 @@ from zcontrol.core.flow import FlowChain, IFlow
 
 __all__ = [
     "JOB_NODE_RESTARTED",
+    "JOB_TAKEN_OVER",
     "IJournaledFlow",
     "JobKind",
     "JournaledFlow",
@@ -96,10 +98,20 @@ log = Logger()
 
 _JOB = register_codes("JOB", {
     1000: "The management node restarted during a job; what the job took was given back",
+    1001: "The job was taken over by another management node",
 })
 #: C{JOB.1000}: the job's node restarted (or died) during flow C{location}; the flows it had
 #: recorded were rolled back at recovery.
 JOB_NODE_RESTARTED = _JOB[1000]
+#: C{JOB.1001}: another node claimed the job (this node was presumed dead) while this node
+#: still ran it; this node abandoned it (no rollback, no finish: the job is the new owner's).
+JOB_TAKEN_OVER = _JOB[1001]
+
+#: Recovery defaults: seconds a probe / a rollback may take before it counts as "cannot
+#: tell" / failed, and how many jobs are resolved at once.
+PROBE_TIMEOUT = 60.0
+ROLLBACK_TIMEOUT = 300.0
+RECOVERY_PARALLELISM = 8
 
 #: Recovery outcomes (the C{outcome} of L{recover_jobs}' results).
 SUCCEEDED = "succeeded"
@@ -221,14 +233,20 @@ class _Journaling:
                 raise OperationError.of(
                     SYS.INTERNAL, f"flow {self.name!r} of job kind {self.chain.kind.name!r}"
                     f" returned {type(took).__name__}, not a dict of what it took")
+            # In the context before the write: a rollback after a failed record gets it.
+            ctx["took"][self.name] = took
             d = self.chain.store.record_job_flow(self.chain.job_uuid, self.chain.node_id,
                                                  self.name, took)
 
             def recorded(_: Any) -> None:
-                ctx["took"][self.name] = took
                 self.chain.recorded.append(self.name)
 
-            return d.addCallback(recorded)
+            def refused(f: Any) -> Any:
+                if _taken_over(from_failure(f)):
+                    self.chain.abandoned = True
+                return f
+
+            return d.addCallbacks(recorded, refused)
 
         return maybe_deferred(self.flow.run, ctx).addCallback(record)
 
@@ -261,6 +279,8 @@ class JournaledFlowChain:
         self.job_uuid = job_uuid or uuidlib.uuid4().hex
         self.recorded: list[str] = []
         self.chain: FlowChain | None = None
+        #: True once a journal write was refused because another node owns the job.
+        self.abandoned = False
 
     def run(self, message: Any = None, resource_uuid: str | None = None) -> Deferred:
         """
@@ -292,28 +312,132 @@ class JournaledFlowChain:
         return Deferred.fromCoroutine(self._chain(job, list(job.get("flows") or [])))
 
     async def _chain(self, job: dict, recorded: list[dict]) -> dict:
-        ctx = _context(self.kind, job)
+        try:
+            ctx = _context(self.kind, job)
+        except Exception as e:
+            err = error_code(SYS.OPERATION_ERROR,
+                             f"job {self.job_uuid} ({self.kind.name}): its context failed",
+                             cause=from_failure(e), job=self.job_uuid)
+            await self._finish_failed(err)
+            raise OperationError(err) from None
         steps: list[IFlow] = []
         for i, f in enumerate(self.kind.flows):
             if i < len(recorded):
                 steps.append(_Journaling(self, f, recorded[i]["took"], replay=True))
             else:
                 steps.append(_Journaling(self, f))
-        self.chain = FlowChain(f"{self.kind.name}:{self.job_uuid}", steps, allow_empty=True)
+        # The rollbacks are ours (journaled, see _roll_back), not the FlowChain's.
+        self.chain = FlowChain(f"{self.kind.name}:{self.job_uuid}", steps, allow_empty=True,
+                               no_rollback=True)
         try:
             await self.chain.run(ctx)
         except OperationError as e:
-            err = e.error
-            try:
-                await self.store.finish_job(self.job_uuid, error=err,
-                                            management_node_uuid=self.node_id)
-            except Exception as fe:
-                log.error("job {job} ({kind}): cannot record its failure: {error}",
-                          job=self.job_uuid, kind=self.kind.name, error=str(from_failure(fe)))
+            if self.abandoned:
+                raise OperationError(self._taken_over_error(e.error)) from None
+            await self._roll_back(ctx, e.error)
             raise
         return await self.store.finish_job(
             self.job_uuid, result={"flows": [f.name for f in self.kind.flows]},
             management_node_uuid=self.node_id)
+
+    def _taken_over_error(self, cause: ErrorCode) -> ErrorCode:
+        return error_code(
+            JOB_TAKEN_OVER,
+            f"{self.kind.name} job {self.job_uuid} was taken over by another management node;"
+            " this node abandoned it (nothing rolled back)", cause=cause, job=self.job_uuid)
+
+    async def _finish_failed(self, err: ErrorCode) -> None:
+        try:
+            await self.store.finish_job(self.job_uuid, error=err,
+                                        management_node_uuid=self.node_id)
+        except Exception as fe:
+            log.error("job {job} ({kind}): cannot record its failure: {error}",
+                      job=self.job_uuid, kind=self.kind.name, error=str(from_failure(fe)))
+
+    async def _roll_back(self, ctx: MutableMapping[str, Any], err: ErrorCode) -> None:
+        """
+        Mark the job rolling back with C{err}, roll back (journaled) the failing flow and
+        every flow before it, then finish the job C{Failed} with C{err}. Raises the error to
+        fail the run with instead of C{err} when it differs: C{JOB.1001} when another node
+        owns the job; C{err} plus C{rollback_errors} when a rollback failed (the job is then
+        left C{Running}, rolling back, for the next recovery).
+        """
+        try:
+            await self.store.begin_job_rollback(self.job_uuid, self.node_id, err)
+        except Exception as me:
+            merr = from_failure(me)
+            if _taken_over(merr):
+                self.abandoned = True
+                raise OperationError(self._taken_over_error(err)) from None
+            log.error("job {job} ({kind}): cannot mark it rolling back: {error}; left Running"
+                      " for recovery, nothing rolled back", job=self.job_uuid,
+                      kind=self.kind.name, error=str(merr))
+            return
+        names = [f.name for f in self.kind.flows]
+        upto = names.index(err.location) if err.location in names else len(ctx["took"]) - 1
+        undo = [(self.kind.flows[i], ctx["took"].get(names[i]))
+                for i in reversed(range(upto + 1))]
+        try:
+            errors = await _undo(self.store, self.node_id, self.kind, self.job_uuid, ctx,
+                                 undo, [], None, None)
+        except _TakenOver:
+            self.abandoned = True
+            raise OperationError(self._taken_over_error(err)) from None
+        if errors:
+            raise OperationError(attrs.evolve(
+                err, opaque={**err.opaque, "rollback_errors": errors})) from None
+        await self._finish_failed(err)
+
+
+class _TakenOver(Exception):
+    pass
+
+
+def _taken_over(err: ErrorCode) -> bool:
+    return err.code == SYS.CHANGE_RESOURCE_STATE_ERROR
+
+
+def _timed(fn: Callable[..., Any], args: tuple, clock: Any, timeout: float | None
+           ) -> Deferred:
+    d = maybe_deferred(fn, *args)
+    if timeout is not None and clock is not None:
+        d.addTimeout(timeout, clock)
+    return d
+
+
+async def _undo(store: Any, node_id: str, kind: JobKind, job_uuid: str,
+                ctx: MutableMapping[str, Any], undo: list, done: list, clock: Any,
+                timeout: float | None) -> list[dict]:
+    """
+    Roll back C{undo} (C{(flow, took)} pairs, in order), skipping the flows in C{done},
+    journaling each completed rollback; a failing (or timed out) rollback is logged and
+    does not stop the others.
+
+    @return: the failures, C{[{"flow", "error"}]}.
+    @raise _TakenOver: another node owns the job (nothing more is rolled back).
+    """
+    errors = []
+    for f, took in undo:
+        if f.name in done:
+            continue
+        try:
+            await _timed(f.rollback, (ctx, took), clock, timeout)
+        except Exception as e:
+            err = from_failure(e)
+            log.error("job {job} ({kind}): rollback of flow {flow!r} failed: {error}; the job"
+                      " stays Running, rolling back, for the next recovery",
+                      job=job_uuid, kind=kind.name, flow=f.name, error=str(err))
+            errors.append({"flow": f.name, "error": err.to_dict()})
+            continue
+        try:
+            await store.record_job_rollback(job_uuid, node_id, f.name)
+        except Exception as e:
+            err = from_failure(e)
+            if _taken_over(err):
+                raise _TakenOver() from None
+            log.error("job {job} ({kind}): cannot journal the rollback of flow {flow!r}:"
+                      " {error}", job=job_uuid, kind=kind.name, flow=f.name, error=str(err))
+    return errors
 
 
 def _kinds(kinds: Iterable[JobKind] | Mapping[str, JobKind]) -> dict[str, JobKind]:
@@ -322,7 +446,39 @@ def _kinds(kinds: Iterable[JobKind] | Mapping[str, JobKind]) -> dict[str, JobKin
     return {k.name: k for k in kinds}
 
 
-async def _recover_one(store: Any, node_id: str, kind: JobKind, job: dict) -> dict:
+async def _finish_rollback(store: Any, node_id: str, kind: JobKind, job: dict,
+                           clock: Any, rollback_timeout: float | None) -> dict:
+    """
+    Recover a job that was rolling back (its C{rollbackError} set): never forwarded nor
+    probed; its remaining rollbacks run and it fails with its original error.
+    """
+    err = ErrorCode.from_dict(job["rollbackError"])
+    recorded = list(job.get("flows") or [])
+    names = [f.name for f in kind.flows]
+    if err.location in names:
+        upto = names.index(err.location)
+    else:
+        upto = min(len(recorded), len(names) - 1)
+    ctx = _context(kind, job)
+    ctx["recovering"] = True
+    for r in recorded:
+        ctx["took"][r["name"]] = r["took"]
+    undo = [(kind.flows[i], recorded[i]["took"] if i < len(recorded) else None)
+            for i in reversed(range(upto + 1))]
+    try:
+        errors = await _undo(store, node_id, kind, job["uuid"], ctx, undo,
+                             list(job.get("rolledBack") or []), clock, rollback_timeout)
+    except _TakenOver:
+        return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "taken over"}
+    if errors:
+        return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "rollback failed",
+                "errors": errors}
+    await store.finish_job(job["uuid"], error=err, management_node_uuid=node_id)
+    return {"job": job["uuid"], "outcome": ROLLED_BACK, "error": err}
+
+
+async def _recover_one(store: Any, node_id: str, kind: JobKind, job: dict, clock: Any,
+                       probe_timeout: float | None, rollback_timeout: float | None) -> dict:
     recorded = list(job.get("flows") or [])
     names = [f.name for f in kind.flows]
     if [r.get("name") for r in recorded] != names[: len(recorded)]:
@@ -330,6 +486,8 @@ async def _recover_one(store: Any, node_id: str, kind: JobKind, job: dict) -> di
                  " {names}; left Running", job=job["uuid"], kind=kind.name,
                  recorded=[r.get("name") for r in recorded], names=names)
         return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "flows differ"}
+    if job.get("rollbackError") is not None:
+        return await _finish_rollback(store, node_id, kind, job, clock, rollback_timeout)
     if len(recorded) == len(names):
         await store.finish_job(job["uuid"], result={"flows": names, "recovered": True},
                                management_node_uuid=node_id)
@@ -340,7 +498,7 @@ async def _recover_one(store: Any, node_id: str, kind: JobKind, job: dict) -> di
         ctx["took"][r["name"]] = r["took"]
     in_flight = kind.flows[len(recorded)]
     try:
-        happened = await maybe_deferred(in_flight.probe, ctx)
+        happened = await _timed(in_flight.probe, (ctx,), clock, probe_timeout)
     except Exception as e:
         log.warn("job {job} ({kind}): the probe of flow {flow!r} failed: {error}",
                  job=job["uuid"], kind=kind.name, flow=in_flight.name,
@@ -357,19 +515,6 @@ async def _recover_one(store: Any, node_id: str, kind: JobKind, job: dict) -> di
     if happened is not False:
         undo.append((in_flight, None))
     undo += [(kind.flows[i], recorded[i]["took"]) for i in reversed(range(len(recorded)))]
-    errors = []
-    for f, took in undo:
-        try:
-            await maybe_deferred(f.rollback, ctx, took)
-        except Exception as e:
-            err = from_failure(e)
-            log.error("job {job} ({kind}): rollback of flow {flow!r} failed at recovery:"
-                      " {error}; the job stays Running for the next recovery",
-                      job=job["uuid"], kind=kind.name, flow=f.name, error=str(err))
-            errors.append({"flow": f.name, "error": err.to_dict()})
-    if errors:
-        return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "rollback failed",
-                "errors": errors}
     err = attrs.evolve(
         error_code(
             JOB_NODE_RESTARTED,
@@ -381,13 +526,32 @@ async def _recover_one(store: Any, node_id: str, kind: JobKind, job: dict) -> di
         ),
         location=in_flight.name,
     )
+    # Journaled as a live rollback: a crash from here on finishes these rollbacks, never
+    # forward (the in-flight flow is the error's location).
+    try:
+        await store.begin_job_rollback(job["uuid"], node_id, err)
+    except OperationError as e:
+        if _taken_over(e.error):
+            return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "taken over"}
+        raise
+    try:
+        errors = await _undo(store, node_id, kind, job["uuid"], ctx, undo, [], clock,
+                             rollback_timeout)
+    except _TakenOver:
+        return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "taken over"}
+    if errors:
+        return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "rollback failed",
+                "errors": errors}
     await store.finish_job(job["uuid"], error=err, management_node_uuid=node_id)
     return {"job": job["uuid"], "outcome": ROLLED_BACK, "error": err}
 
 
 async def recover_jobs(store: Any, node_id: str,
                        kinds: Iterable[JobKind] | Mapping[str, JobKind],
-                       jobs: Sequence[dict] | None = None) -> list[dict]:
+                       jobs: Sequence[dict] | None = None, *, clock: Any = None,
+                       probe_timeout: float | None = PROBE_TIMEOUT,
+                       rollback_timeout: float | None = ROLLBACK_TIMEOUT,
+                       parallelism: int = RECOVERY_PARALLELISM) -> list[dict]:
     """
     Resolve every C{Running} job of node C{node_id} (see the module docstring).
 
@@ -397,29 +561,41 @@ async def recover_jobs(store: Any, node_id: str,
     @param kinds: the job kinds this node knows, by name or as a list.
     @param jobs: the job rows to resolve (default: C{store.running_jobs(node_id)}); rows
         not C{Running} or not owned by C{node_id} are skipped.
-    @return: one dict per job considered: C{job} (uuid), C{outcome} (C{"succeeded"},
-        C{"rolled-back"}, C{"forward"}, C{"left-running"}), and C{error} (the
-        L{ErrorCode} the job failed with) or C{reason}. Never fails for one job: a job
-        that cannot be resolved is logged and left C{Running}.
+    @param clock: the L{IReactorTime} of the timeouts (default: the global reactor).
+    @param probe_timeout: seconds a probe may take; then it "cannot tell" (None: no limit).
+    @param rollback_timeout: seconds a rollback may take; then it failed and the job is left
+        C{Running} for the next recovery (None: no limit).
+    @param parallelism: how many jobs are resolved at once (>= 1).
+    @return: one dict per job considered, in the order of C{jobs}: C{job} (uuid),
+        C{outcome} (C{"succeeded"}, C{"rolled-back"}, C{"forward"}, C{"left-running"}), and
+        C{error} (the L{ErrorCode} the job failed with) or C{reason}. Never fails for one
+        job: a job that cannot be resolved is logged and left C{Running}.
     """
+    if clock is None:
+        from twisted.internet import reactor as clock
     known = _kinds(kinds)
     if jobs is None:
         jobs = await store.running_jobs(node_id)
-    out = []
-    for job in jobs:
-        if job.get("state") != "Running" or job.get("managementNodeUuid") != node_id:
-            continue
+    todo = [j for j in jobs
+            if j.get("state") == "Running" and j.get("managementNodeUuid") == node_id]
+    out: list[dict | None] = [None] * len(todo)
+
+    async def one(i: int) -> None:
+        job = todo[i]
         kind = known.get(job.get("apiName"))
         if kind is None:
             log.warn("job {job}: unknown job kind {kind!r} (another version's job?);"
                      " left Running", job=job["uuid"], kind=job.get("apiName"))
-            out.append({"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "unknown kind"})
-            continue
+            out[i] = {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "unknown kind"}
+            return
         try:
-            out.append(await _recover_one(store, node_id, kind, job))
+            out[i] = await _recover_one(store, node_id, kind, job, clock, probe_timeout,
+                                        rollback_timeout)
         except Exception as e:
             err: ErrorCode = from_failure(e)
             log.error("job {job} ({kind}): cannot resolve it: {error}; left Running",
                       job=job["uuid"], kind=kind.name, error=str(err))
-            out.append({"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": str(err)})
-    return out
+            out[i] = {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": str(err)}
+
+    await step(range(len(todo)), lambda i: Deferred.fromCoroutine(one(i)), parallelism)
+    return [o for o in out if o is not None]
