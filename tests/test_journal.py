@@ -26,6 +26,7 @@ from zcontrol._defer import async_to_deferred
 from zcontrol.core.errors import SYS, OperationError
 from zcontrol.core.journal import (
     JOB_NODE_RESTARTED,
+    JOB_TAKEN_OVER,
     JobKind,
     JournaledFlow,
     JournaledFlowChain,
@@ -154,6 +155,38 @@ class _HangingFinish:
     def finish_job(self, *args: Any, **kwargs: Any) -> Deferred:
         self._plan.reached.callback(None)
         return Deferred()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+class _KeepPlan(Plan):
+    """
+    A plan that keeps its hang's Deferred (C{hung}) so the "stopped" node can go on.
+    """
+
+    def point(self, name: str, phase: str) -> Deferred | None:
+        if self.hang == (name, phase):
+            self.reached.callback(None)
+            self.hung: Deferred = Deferred()
+            return self.hung
+        return None
+
+
+class _FailingRecord:
+    """
+    A store whose C{record_job_flow} of flow C{name} fails (a store error).
+    """
+
+    def __init__(self, store: Any, name: str):
+        self._store = store
+        self._name = name
+
+    def record_job_flow(self, uuid: str, node: str, name: str, took: Any) -> Deferred:
+        if name == self._name:
+            from twisted.internet.defer import fail
+            return fail(OperationError.of(SYS.INTERNAL, "database down"))
+        return self._store.record_job_flow(uuid, node, name, took)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -533,6 +566,200 @@ class MemoryJournalTests(JournalScenarios, unittest.TestCase):
         """
         self.assertRaises(ValueError, JobKind, "K", [HostFlow(None, Plan()),
                                                      HostFlow(None, Plan())])
+
+    def drive(self, coro: Any) -> Any:
+        d = coro if isinstance(coro, Deferred) else Deferred.fromCoroutine(coro)
+        self.flush()
+        return self.successResultOf(d)
+
+    def flush(self) -> None:
+        for _ in range(5):
+            for s in self.stores:
+                s.flush()
+
+    def hanging_rollback_kind(self, plan: Plan, reached: Deferred) -> JobKind:
+        class HangHost(HostFlow):
+            async def rollback(self, ctx: Any, took: Any) -> None:
+                reached.callback(None)
+                await Deferred()  # the node stops here
+
+        return JobKind("CreateToy", [HangHost(self.store, plan), IpFlow(self.store, plan),
+                                     StorageFlow(self.store, plan),
+                                     FinishFlow(self.store, plan)])
+
+    def test_taken_over_job_is_abandoned(self) -> None:
+        """
+        Node A, presumed dead, is claimed by B, which finishes the job forward; A's next
+        record is refused (SYS.1005): A rolls nothing back, does not finish the job, and
+        fails with JOB.1001; B's VM keeps what it holds.
+        """
+        plan = _KeepPlan(hang=("ip", "after"))
+        d = JournaledFlowChain(self.store, NODE, toy_kind(self.store, plan),
+                               job_uuid="job-c").run(None, "vm-c")
+        self.flush()
+        self.assertTrue(plan.reached.called)
+
+        async def b() -> None:
+            claimed = await self.store.claim_jobs(NODE, "node-2")
+            out = await recover_jobs(self.store, "node-2",
+                                     [toy_kind(self.store, forward=lambda c, r, h: True)],
+                                     jobs=claimed, clock=self.clock)
+            self.assertEqual([o["outcome"] for o in out], ["forward"])
+        self.drive(b())
+        plan.hung.callback(None)  # A wakes up
+        self.flush()
+        err = self.failureResultOf(d, OperationError).value.error
+        self.assertEqual(err.code, JOB_TAKEN_OVER)
+        self.assertEqual(plan.rollbacks, [])
+
+        async def check() -> None:
+            row = await self.job("job-c")
+            self.assertEqual(row["state"], "Succeeded")
+            self.assertEqual(row["managementNodeUuid"], "node-2")
+            self.assertIsNone(row["rollbackError"])
+            await self.assert_held_by(["vm-c"])
+        self.drive(check())
+
+    def test_crash_mid_rollback_is_never_forwarded(self) -> None:
+        """
+        A live chain fails at 'finish' and its node stops while rolling back (storage and
+        ip given back, host's rollback in flight): recovery, even with a forward policy,
+        finishes the rollbacks (not the recorded ones again) and fails the job with its
+        real error, not JOB.1000.
+        """
+        plan = Plan(fail="finish")
+        reached: Deferred = Deferred()
+        JournaledFlowChain(self.store, NODE, self.hanging_rollback_kind(plan, reached),
+                           job_uuid="job-x").run(None, "vm-x")
+        self.flush()
+        self.assertTrue(reached.called)
+        self.assertEqual([r[0] for r in plan.rollbacks], ["finish", "storage", "ip"])
+
+        async def recover() -> None:
+            row = await self.job("job-x")
+            self.assertEqual(row["state"], "Running")
+            self.assertEqual(row["rollbackError"]["location"], "finish")
+            self.assertEqual(row["rolledBack"], ["finish", "storage", "ip"])
+            s2 = await self.reopen()
+            plan2 = Plan()
+            out = await recover_jobs(s2, NODE, [toy_kind(s2, plan2, forward=lambda c, r, h: True)],
+                                     clock=self.clock)
+            self.assertEqual([o["outcome"] for o in out], ["rolled-back"])
+            self.assertEqual([r[0] for r in plan2.rollbacks], ["host"])
+            row = await self.job("job-x", s2)
+            self.assertEqual(row["state"], "Failed")
+            self.assertEqual(row["error"]["code"], SYS.OPERATION_ERROR)
+            self.assertEqual(row["error"]["location"], "finish")
+            self.assertIn("injected failure in finish", str(row["error"]))
+            await self.assert_held_by([], s2)
+        self.drive(recover())
+
+    def test_live_rollback_failure_is_retried_at_recovery(self) -> None:
+        """
+        A rollback that fails in a live run: the run fails with the error plus its
+        rollback_errors, the job stays Running (rolling back), and recovery gives back what
+        leaked and fails the job with the original error.
+        """
+        plan = Plan(fail="finish")
+
+        class Broken(StorageFlow):
+            async def rollback(self, ctx: Any, took: Any) -> None:
+                raise OperationError.of(SYS.OPERATION_ERROR, "storage agent down")
+
+        kind = JobKind("CreateToy", [HostFlow(self.store, plan), IpFlow(self.store, plan),
+                                     Broken(self.store, plan), FinishFlow(self.store, plan)])
+        d = JournaledFlowChain(self.store, NODE, kind, job_uuid="job-l").run(None, "vm-l")
+        self.flush()
+        err = self.failureResultOf(d, OperationError).value.error
+        self.assertEqual([e["flow"] for e in err.opaque["rollback_errors"]], ["storage"])
+
+        async def check() -> None:
+            row = await self.job("job-l")
+            self.assertEqual(row["state"], "Running")
+            self.assertEqual(row["rolledBack"], ["finish", "ip", "host"])
+            s2 = await self.reopen()
+            plan2 = Plan()
+            out = await recover_jobs(s2, NODE, [toy_kind(s2, plan2)], clock=self.clock)
+            self.assertEqual([o["outcome"] for o in out], ["rolled-back"])
+            self.assertEqual([r[0] for r in plan2.rollbacks], ["storage"])
+            row = await self.job("job-l", s2)
+            self.assertEqual(row["state"], "Failed")
+            self.assertEqual(row["error"]["location"], "finish")
+            await self.assert_held_by([], s2)
+        self.drive(check())
+
+    def test_context_error_fails_the_job(self) -> None:
+        """
+        kind.context raising: run() fails with an OperationError and the job is Failed.
+        """
+        kind = toy_kind(self.store, context=lambda job: {"vm": job["apiMessage"]["vmUuid"]})
+        d = JournaledFlowChain(self.store, NODE, kind, job_uuid="job-k").run({}, "vm-k")
+        self.flush()
+        err = self.failureResultOf(d, OperationError).value.error
+        self.assertEqual(err.code, SYS.OPERATION_ERROR)
+        row = self.drive(self.job("job-k"))
+        self.assertEqual(row["state"], "Failed")
+        self.assertIn("KeyError", str(row["error"]))
+
+    def test_took_in_context_when_its_record_fails(self) -> None:
+        """
+        A flow whose record fails is rolled back with what it took, not None.
+        """
+        plan = Plan()
+        store = _FailingRecord(self.store, "ip")
+        d = JournaledFlowChain(store, NODE, toy_kind(self.store, plan),
+                               job_uuid="job-t").run(None, "vm-t")
+        self.flush()
+        self.failureResultOf(d, OperationError)
+        self.assertEqual([r[0] for r in plan.rollbacks], ["ip", "host"])
+        self.assertIsNotNone(plan.rollbacks[0][1])
+        self.assertTrue(plan.rollbacks[0][1]["ip"].startswith("10.0.0."))
+        self.drive(self.assert_held_by([]))
+
+    def test_silent_probe_and_rollback_time_out(self) -> None:
+        """
+        A probe and a rollback that never answer: after their timeouts on the injected
+        clock the probe "cannot tell" and the rollback failed (job left Running for the
+        next recovery), the other jobs resolved meanwhile (concurrently).
+        """
+        class Silent(IpFlow):
+            def probe(self, ctx: Any) -> Deferred:
+                return Deferred()
+
+            def rollback(self, ctx: Any, took: Any) -> Deferred:
+                return Deferred()
+
+        async def crash() -> None:
+            await self.crash(("ip", "before"), "vm-p")   # in flight: ip (silent)
+            await self.crash(("host", "before"), "vm-q")  # in flight: host
+        self.drive(crash())
+        p = Plan()
+        kind = JobKind("CreateToy", [HostFlow(self.store, p), Silent(self.store, p),
+                                     StorageFlow(self.store, p), FinishFlow(self.store, p)])
+        d = Deferred.fromCoroutine(recover_jobs(self.store, NODE, [kind], clock=self.clock,
+                                                probe_timeout=10, rollback_timeout=20))
+        self.flush()
+        self.assertEqual(self.drive(self.job("job-vm-q"))["state"], "Failed")
+        self.assertFalse(d.called)
+        self.clock.advance(10)
+        self.flush()
+        self.assertFalse(d.called)
+        self.clock.advance(20)
+        self.flush()
+        out = self.successResultOf(d)
+        self.assertEqual({o["job"]: o["outcome"] for o in out},
+                         {"job-vm-p": "left-running", "job-vm-q": "rolled-back"})
+        self.assertEqual(out[0]["errors"][0]["flow"], "ip")
+        self.assertEqual(out[0]["errors"][0]["error"]["code"], SYS.TIMEOUT)
+        row = self.drive(self.job("job-vm-p"))
+        self.assertEqual(row["state"], "Running")
+        self.assertEqual(row["rollbackError"]["code"], JOB_NODE_RESTARTED)
+        # the next recovery (the agent answers now) finishes it, never probing again
+        self.drive(recover_jobs(self.store, NODE, [toy_kind(self.store)], clock=self.clock))
+        row = self.drive(self.job("job-vm-p"))
+        self.assertEqual(row["state"], "Failed")
+        self.assertEqual(row["error"]["code"], JOB_NODE_RESTARTED)
+        self.drive(self.assert_held_by([]))
 
 
 class _RealBackend(JournalScenarios):
