@@ -23,7 +23,7 @@ from twisted.trial import unittest
 
 from tests.db_support import PostgresStoreFactory, SQLiteStoreFactory
 from zcontrol._defer import async_to_deferred
-from zcontrol.core.errors import SYS, OperationError
+from zcontrol.core.errors import SYS, OperationError, error_code
 from zcontrol.core.journal import (
     JOB_NODE_RESTARTED,
     JOB_TAKEN_OVER,
@@ -365,6 +365,36 @@ class JournalScenarios:
                                  SYS.CHANGE_RESOURCE_STATE_ERROR)
         self.assertEqual(err.opaque["actual"]["state"], "Succeeded")
 
+    async def scenario_rollback_marker(self) -> None:
+        s = self.store
+        await s.create_job("j2", "CreateToy", {}, NODE, "vm-2")
+        row = await s.record_job_flow("j2", NODE, "host", {"host": HOST})
+        self.assertIsNone(row["rollbackError"])
+        self.assertEqual(row["rolledBack"], [])
+        first = error_code(SYS.OPERATION_ERROR, "first")
+        row = await s.begin_job_rollback("j2", NODE, first)
+        self.assertEqual(row["state"], "Running")
+        self.assertEqual(row["rollbackError"]["details"], "first")
+        # idempotent: the first error is kept
+        row = await s.begin_job_rollback("j2", NODE, error_code(SYS.OPERATION_ERROR, "second"))
+        self.assertEqual(row["rollbackError"]["details"], "first")
+        row = await s.record_job_rollback("j2", NODE, "ip")
+        row = await s.record_job_rollback("j2", NODE, "ip")
+        row = await s.record_job_rollback("j2", NODE, "host")
+        self.assertEqual(row["rolledBack"], ["ip", "host"])
+        await self.failure(s.record_job_rollback("j2", NODE, ""), SYS.INVALID_ARGUMENT_ERROR)
+        await self.failure(s.begin_job_rollback("nope", NODE, first), SYS.RESOURCE_NOT_FOUND)
+        await self.failure(s.begin_job_rollback("j2", NODE, "not an error"),
+                           SYS.INVALID_ARGUMENT_ERROR)
+        # another node's writes are refused
+        await self.failure(s.begin_job_rollback("j2", "node-2", first),
+                           SYS.CHANGE_RESOURCE_STATE_ERROR)
+        await self.failure(s.record_job_rollback("j2", "node-2", "x"),
+                           SYS.CHANGE_RESOURCE_STATE_ERROR)
+        await s.finish_job("j2", error=first, management_node_uuid=NODE)
+        await self.failure(s.record_job_rollback("j2", NODE, "x"),
+                           SYS.CHANGE_RESOURCE_STATE_ERROR)
+
     async def failure(self, d: Deferred, code: str) -> Any:
         try:
             result = await d
@@ -559,6 +589,12 @@ class MemoryJournalTests(JournalScenarios, unittest.TestCase):
         The store operation: append, idempotent retry, refused once finished or claimed.
         """
         self.go(self.scenario_record())
+
+    def test_rollback_marker(self) -> None:
+        """
+        begin_job_rollback / record_job_rollback: compare-and-swaps, idempotent.
+        """
+        self.go(self.scenario_rollback_marker())
 
     def test_duplicate_flow_names(self) -> None:
         """
@@ -792,6 +828,13 @@ class _RealBackend(JournalScenarios):
         The store operation: append, idempotent retry, refused once finished or claimed.
         """
         await self.scenario_record()
+
+    @async_to_deferred
+    async def test_rollback_marker(self) -> None:
+        """
+        begin_job_rollback / record_job_rollback on this backend.
+        """
+        await self.scenario_rollback_marker()
 
     @async_to_deferred
     async def test_success_and_failure(self) -> None:
