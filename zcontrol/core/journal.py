@@ -17,13 +17,24 @@ C{apiName}) and an ordered list of journaled flows (L{IJournaledFlow}). Running 
        chain rolled back in reverse order every flow that ran (each C{rollback(ctx, took)}
        with its recorded C{took}; the failing flow itself with C{took=None}), C{Failed} with
        the chain's error (C{SYS.1006}, C{location} the failing flow's name, C{cause} its
-       error).
+       error). The rollbacks are journaled: before them the job is marked I{rolling back}
+       (C{store.begin_job_rollback}: its C{rollbackError}, a compare-and-swap), and each
+       completed rollback is recorded (C{store.record_job_rollback}, C{rolledBack}); when a
+       rollback fails the job stays C{Running}, rolling back, for the next recovery, and the
+       run fails with the error plus C{rollback_errors}. A journal write refused because
+       another node claimed the job (C{SYS.1005}) abandons it: no rollback, no finish, the
+       run fails with L{JOB_TAKEN_OVER} (C{JOB.1001}). A C{kind.context} that raises fails
+       the job (C{SYS.1006}).
 
-Recovery (L{recover_jobs}), called when a node starts with its own C{Running} jobs (and, in
+Recovery (L{recover_jobs}; jobs resolved concurrently, at most C{parallelism} at once;
+each probe and rollback bounded by a timeout on the injected clock: a probe that times out
+cannot tell, a rollback that times out failed), called when a node starts with its own C{Running} jobs (and, in
 the multi-node issue, with the rows C{store.claim_jobs(dead, self)} returned), resolves each:
 
     - a job whose kind is unknown here (another version's job), or whose recorded flows do
       not match its kind's, is logged and left C{Running}: it never stops the start;
+    - a job rolling back (C{rollbackError} set) is never probed nor forwarded: its
+      remaining rollbacks run and it is finished C{Failed} with that error;
     - every flow recorded: the work was done, only the finish was lost; the job is finished
       C{Succeeded};
     - otherwise the first unrecorded flow was I{in flight}. Its C{probe(ctx)} says whether
