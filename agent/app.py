@@ -112,6 +112,7 @@ _TASK = TASK_UUID_HEADER.encode("ascii")
 _CALLBACK = CALLBACK_URL_HEADER.encode("ascii")
 _SIGNATURE = SIGNATURE_HEADER.encode("ascii")
 _EXPIRY = protocol.EXPIRY_HEADER.encode("ascii")
+_TRACE = protocol.TRACE_ID_HEADER.encode("ascii")
 _JSON = b"application/json"
 
 #: A plugin's command handler: (host, decoded command) -> Response or Deferred[Response].
@@ -490,13 +491,18 @@ class AgentApp:
             self.stats["duplicates"] += 1
             return b""
         self.stats["accepted"] += 1
-        self._accepted(definition, handler, host, taskuuid, callback_url, cmd)
+        trace_id = protocol.trace_id_of(headers.getRawHeaders(_TRACE))
+        if trace_id is not None:
+            log.info("accepted {path} task {task} for host {key}", path=path, task=taskuuid,
+                     key=key, trace_id=trace_id)
+        self._accepted(definition, handler, host, taskuuid, callback_url, cmd, trace_id)
         return b""
 
     # --- the asynchronous pattern ---------------------------------------------------------
 
     def _accepted(self, definition: CommandDef, handler: Handler, host: HostState,
-                  taskuuid: str, callback_url: str, cmd: Message) -> None:
+                  taskuuid: str, callback_url: str, cmd: Message,
+                  trace_id: str | None = None) -> None:
         faults = self._faults
         if faults.crash_after_accept_rate and self._rng.random() < faults.crash_after_accept_rate:
             log.info("simulated crash of host {key} after accepting {task}", key=host.key,
@@ -511,7 +517,7 @@ class AgentApp:
         if silent:
             d.addErrback(lambda f: None)
             return
-        d.addCallback(self._send_result, host, taskuuid, callback_url, secret)
+        d.addCallback(self._send_result, host, taskuuid, callback_url, secret, trace_id)
         d.addErrback(
             lambda f: log.failure("callback of {task} failed", f, task=taskuuid)
         )
@@ -535,7 +541,7 @@ class AgentApp:
         return result.addErrback(failed)
 
     def _send_result(self, rsp: Response, host: HostState, taskuuid: str, url: str,
-                     secret: str) -> Deferred[bool] | None:
+                     secret: str, trace_id: str | None = None) -> Deferred[bool] | None:
         if self._hosts.get(host.key) is not host:
             return None  # the host crashed meanwhile: its work is lost
         body = rsp.to_json()
@@ -546,6 +552,10 @@ class AgentApp:
             ],
             b"content-type": [_JSON],
         }
+        if trace_id is not None:
+            headers[_TRACE] = [trace_id.encode("ascii")]
+            log.info("calling back task {task} for host {key} (success={success})",
+                     task=taskuuid, key=host.key, success=rsp.success, trace_id=trace_id)
         if self._policy.time_slice is None:
             return self._post(url, body, headers, taskuuid, 1)
         done: Deferred[bool] = Deferred()

@@ -104,6 +104,7 @@ __all__ = [
     "Response",
     "SIGNATURE_HEADER",
     "TASK_UUID_HEADER",
+    "TRACE_ID_HEADER",
     "VmState",
     "allowed_callback_prefixes",
     "command_for",
@@ -116,6 +117,7 @@ __all__ = [
     "sign_command",
     "sign_report",
     "token_matches",
+    "trace_id_of",
     "url_under",
     "verify",
     "verify_command",
@@ -135,6 +137,24 @@ RESOURCE_UUID_HEADER = "X-Resource-UUID"
 #: Header of an asynchronous command: the absolute time (seconds since the epoch, a decimal,
 #: see L{format_expiry}) after which the agent must not accept it; signed with it.
 EXPIRY_HEADER = "X-Command-Expiry"
+#: Header carrying the trace id of the job a command belongs to (L{zcontrol.core.trace}):
+#: informative, not signed; the agent logs it with the command's accept and callback and
+#: sends it back on the callback.
+TRACE_ID_HEADER = "X-Trace-Id"
+
+_TRACE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def trace_id_of(values: list[bytes] | None) -> str | None:
+    """
+    The trace id in a request's raw L{TRACE_ID_HEADER} values, or None when there is none or
+    it is not 1 to 64 characters of C{[A-Za-z0-9._-]} (a bad one is ignored, never refused:
+    the header is informative).
+    """
+    if not values:
+        return None
+    text = values[0].decode("ascii", "replace")
+    return text if _TRACE_ID.fullmatch(text) else None
 
 #: Labels opening the signed strings (Note [signed strings]): one per direction and kind, so
 #: that no signature is valid as another kind's.

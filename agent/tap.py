@@ -28,6 +28,7 @@ from agent.http import (
     trust_root_from_pem,
 )
 from agent.hypervisor.simulator import SimulatedCluster, SimulatorConfig, parse_latency
+from agent.tracelog import install_trace_observer
 
 __all__ = ["NO_TOKEN", "Options", "PLUGINS", "build_agent", "makeService"]
 
@@ -290,6 +291,8 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     _require_token(options)
+    # The lines of a traced command end in [trace=<id>] (agent.tracelog).
+    install_trace_observer()
     agent = build_agent(options, reactor)
     if agent.bootstrap_token is None:
         log.warn("--insecure-no-token: anyone reaching this agent can connect its hosts and "

@@ -20,7 +20,9 @@ from zope.interface.verify import verifyObject
 
 from zcontrol.bus.interfaces import IBus, ISubscription
 from zcontrol.bus.message import Event, Message, NeedReplyMessage, Reply, registry
+from zcontrol.core.chain import ChainTaskQueue
 from zcontrol.core.errors import SYS, OperationError
+from zcontrol.core.trace import current_trace_id, trace_scope
 
 SERVICE = "contract"
 
@@ -441,6 +443,61 @@ class BusContractMixin:
         self.assertLessEqual(c.timeout, 10)
         self.clock.advance(10 + self.tick)
         self.assertEqual((await d).error.code, SYS.TIMEOUT)
+
+    async def test_trace_propagation(self):
+        """
+        A request sent under a trace id carries it; its handler runs with it current; what
+        the handler sends (a request to another node, a post) carries it; a chain task that
+        waited for its slot and was started outside any scope still sees it; a message sent
+        with no trace id current has none, and one that names its own keeps it.
+        """
+        self.clock = Clock()
+        buses = await self.make_buses(2, self.clock)
+        bus, other = buses
+        seen = {}
+        noted = Deferred()
+        queue = ChainTaskQueue()
+        blocker, queued = Deferred(), Deferred()
+        self.addCleanup(lambda: blocker.called or blocker.callback(None))
+
+        async def parent(msg):
+            seen["parent"] = (msg.trace_id, current_trace_id())
+            queue.run("sig", lambda: blocker)
+            waited = queue.run("sig", lambda: current_trace_id())
+            queued.callback(None)
+            seen["chain"] = await waited
+            r = await bus.send(ContractEcho(service_id="child", resource_uuid=remote))
+            seen["child"] = r.text
+            await bus.post(ContractNote(service_id="note", resource_uuid=remote))
+            seen["after"] = current_trace_id()
+            return ContractEchoReply(text="ok")
+
+        def child(msg):
+            return ContractEchoReply(text=f"{msg.trace_id}/{current_trace_id()}")
+
+        for b in buses:
+            await self.serve(b, SERVICE, parent)
+            await self.serve(b, "child", child)
+            await self.serve(b, "note", lambda m: noted.callback((m.trace_id,
+                                                                   current_trace_id())))
+        remote = uuid_owned_by(bus, other.node_id)
+        d = trace_scope("trace-1", bus.send, ContractEcho(service_id=SERVICE))
+        self.assertIsNone(current_trace_id())
+        await queued
+        blocker.callback(None)  # frees the slot outside any trace scope
+        reply = await d
+        self.assertTrue(reply.success, reply.error)
+        self.assertEqual(seen["parent"], ("trace-1", "trace-1"))
+        self.assertEqual(seen["chain"], "trace-1")
+        self.assertEqual(seen["child"], "trace-1/trace-1")
+        self.assertEqual(seen["after"], "trace-1")
+        self.assertEqual(await noted, ("trace-1", "trace-1"))
+
+        untraced = await bus.send(ContractEcho(service_id="child", resource_uuid=remote))
+        self.assertEqual(untraced.text, "None/None")
+        own = await trace_scope("trace-1", bus.send, ContractEcho(
+            service_id="child", resource_uuid=remote, trace_id="own"))
+        self.assertEqual(own.text, "own/own")
 
     async def test_routing_by_resource(self):
         """

@@ -92,9 +92,9 @@ class TwoNodeInventoryTests(RabbitPostgresInventoryTests):
         accept = self.agent._accepted
 
         def recording(definition: Any, handler: Any, host: Any, taskuuid: str,
-                      callback_url: str, cmd: Any) -> None:
+                      callback_url: str, cmd: Any, *rest: Any) -> None:
             self.callbacks.append((definition.path, host.key, callback_url))
-            accept(definition, handler, host, taskuuid, callback_url, cmd)
+            accept(definition, handler, host, taskuuid, callback_url, cmd, *rest)
 
         self.agent._accepted = recording
 

@@ -112,11 +112,15 @@ def makeService(options: Options):
     """
     from twisted.internet import reactor
 
+    from zcontrol.core.tracelog import install_node_trace_observer
     from zcontrol.node import make_node
 
     # The thread budget of a node is 16 OS threads: the reactor thread, the store's pool
     # (at most 8) and a few for name resolution.
     reactor.suggestThreadPoolSize(4)
+    # Every log line caused by a job names its trace id (before twistd adds its file
+    # observer; installed first on the publisher either way).
+    install_node_trace_observer()
 
     def give_up(_reason):
         # The cause is logged already (one line, see OrderedMultiService); stop and exit 1.

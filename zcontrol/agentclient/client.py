@@ -74,6 +74,7 @@ from zcontrol.agentclient.errors import AGENT
 from zcontrol.agentclient.interfaces import IAgentClient
 from zcontrol.core.deadline import current_deadline
 from zcontrol.core.errors import SYS, OperationError, error_code
+from zcontrol.core.trace import current_trace_id
 
 __all__ = ["AGENT_LOST_WORK", "AgentClient", "DEFAULT_ACCEPT_TIMEOUT",
            "DEFAULT_MAX_IN_FLIGHT_PER_HOST", "NOT_SENT"]
@@ -97,6 +98,7 @@ _TASK = TASK_UUID_HEADER.encode("ascii")
 _CALLBACK = CALLBACK_URL_HEADER.encode("ascii")
 _SIGNATURE = protocol.SIGNATURE_HEADER.encode("ascii")
 _EXPIRY = protocol.EXPIRY_HEADER.encode("ascii")
+_TRACE = protocol.TRACE_ID_HEADER.encode("ascii")
 _CONTENT_TYPE = b"content-type"
 _JSON = [b"application/json"]
 
@@ -111,7 +113,7 @@ class _Pending:
     """
 
     __slots__ = ("result", "url", "secret", "rsp_type", "timer", "accept", "raise_on_failure",
-                 "base", "sent", "expiry", "accepted")
+                 "base", "sent", "expiry", "accepted", "trace_id")
 
     def __init__(self, result: Deferred, url: str, secret: str, rsp_type: type,
                  raise_on_failure: bool, base: str = "") -> None:
@@ -127,6 +129,8 @@ class _Pending:
         self.raise_on_failure = raise_on_failure
         self.timer: Any = None
         self.accept: Deferred | None = None
+        #: The trace id current when the command was sent (L{zcontrol.core.trace}), or None.
+        self.trace_id: str | None = None
 
 
 class _Slots:
@@ -460,6 +464,7 @@ class AgentClient:
         result: Deferred[Any] = Deferred(partial(self._cancelled, taskuuid))
         entry = _Pending(result, url, secret, definition.rsp_type, raise_on_failure, base_url)
         entry.expiry = expiry
+        entry.trace_id = current_trace_id()
         self._pending[taskuuid] = entry
         entry.timer = self._clock.callLater(expiry - now, self._timed_out, taskuuid,
                                             expiry - now)
@@ -644,6 +649,8 @@ class AgentClient:
             _SIGNATURE: [protocol.sign_command(entry.secret, path, taskuuid, self.callback_url,
                                                expiry, body).encode("ascii")],
         }
+        if entry.trace_id is not None:
+            headers[_TRACE] = [entry.trace_id.encode("ascii", "replace")]
 
         def sent() -> None:
             entry.sent = True
@@ -738,9 +745,12 @@ class AgentClient:
         def sent() -> None:
             call.sent = True
 
+        headers = {_CONTENT_TYPE: _JSON}
+        trace_id = current_trace_id()
+        if trace_id is not None:
+            headers[_TRACE] = [trace_id.encode("ascii", "replace")]
         d = self._post(base_url, url, self._clock.seconds() + timeout, sent,
-                       data=cmd.to_json(),
-                       headers={_CONTENT_TYPE: _JSON}, allow_redirects=False,
+                       data=cmd.to_json(), headers=headers, allow_redirects=False,
                        unbuffered=True)
         call.exchange = d
         self._sync_calls.add(call)

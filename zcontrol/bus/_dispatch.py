@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from zcontrol.bus._pending import deadline_scope
 from zcontrol.bus.message import Event, Message, NeedReplyMessage, Reply
 from zcontrol.core.errors import SYS, error_code, from_failure
+from zcontrol.core.trace import trace_scope
 
 __all__ = ["call_handler", "deliver_event", "topic_matches"]
 
@@ -55,7 +56,8 @@ def call_handler(
     on_reply: Callable[[Reply], None],
 ) -> Deferred | None:
     """
-    Run C{handler(msg)} with the message's deadline as the current deadline and hand its
+    Run C{handler(msg)} with the message's deadline as the current deadline and its
+    C{trace_id} as the current trace id (L{zcontrol.core.trace}), and hand its
     outcome to C{on_reply} as a Reply (for a L{NeedReplyMessage}; a plain message's outcome
     is only logged when it fails). Returns the Deferred of an asynchronous handler, so that
     the bus can wait for it when stopping, or None.
@@ -91,10 +93,7 @@ def call_handler(
         # None: the handler replies later through bus.reply.
 
     try:
-        result = deadline_scope(getattr(msg, "deadline", None), handler, msg)
-        if hasattr(result, "__await__") and hasattr(result, "send"):
-            result = deadline_scope(getattr(msg, "deadline", None), Deferred.fromCoroutine,
-                                    result)
+        result = trace_scope(msg.trace_id, _run_handler, handler, msg)
     except Exception:
         fail(Failure())
         return None
@@ -107,6 +106,14 @@ def call_handler(
     except Exception:
         log.failure("bus reply path failed")
     return None
+
+
+def _run_handler(handler: Callable[[Any], Any], msg: Message) -> Any:
+    result = deadline_scope(getattr(msg, "deadline", None), handler, msg)
+    if hasattr(result, "__await__") and hasattr(result, "send"):
+        result = deadline_scope(getattr(msg, "deadline", None), Deferred.fromCoroutine,
+                                result)
+    return result
 
 
 def deliver_event(handlers: list[tuple[str, Callable[[Event], Any]]], event: Event) -> None:

@@ -31,13 +31,23 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from zcontrol.bus.message import NeedReplyMessage, Reply, new_id
+from zcontrol.bus.message import Message, NeedReplyMessage, Reply, new_id
 from zcontrol.core.deadline import current_deadline, deadline_scope
 from zcontrol.core.errors import SYS, ErrorCode, error_code
+from zcontrol.core.trace import current_trace_id
 
-__all__ = ["PendingTable", "current_deadline", "deadline_scope", "exchange_of"]
+__all__ = ["PendingTable", "current_deadline", "deadline_scope", "exchange_of", "stamp_trace"]
 
 log = Logger()
+
+def stamp_trace(msg: Message) -> None:
+    """
+    Give C{msg} the current trace id (L{zcontrol.core.trace}) unless it carries one: a
+    message sent while a job's trace id is current belongs to that job.
+    """
+    if msg.trace_id is None:
+        msg.trace_id = current_trace_id()
+
 
 def exchange_of(msg: NeedReplyMessage) -> NeedReplyMessage:
     """

@@ -73,7 +73,7 @@ from agent.codec import loads
 from zcontrol._defer import DeferWaiter
 from zcontrol.bus._amqp_proto import BusFactory, BusProtocol
 from zcontrol.bus._dispatch import call_handler, deliver_event
-from zcontrol.bus._pending import PendingTable, exchange_of
+from zcontrol.bus._pending import PendingTable, exchange_of, stamp_trace
 from zcontrol.bus.interfaces import IBus, ISubscription
 from zcontrol.bus.local import BusSendMixin, _EventualQueue
 from zcontrol.bus.message import (
@@ -905,6 +905,7 @@ class AMQPBus(BusSendMixin):
         if bad is not None:
             return fail(OperationError(bad))
         message = exchange_of(message)
+        stamp_trace(message)
         left = self._pending.prepare(message, timeout)
         message.reply_to = self.node_id
         target = self._target(message)
@@ -934,6 +935,7 @@ class AMQPBus(BusSendMixin):
         bad = envelope_error(message)
         if bad is not None:
             return fail(OperationError(bad))
+        stamp_trace(message)
         if isinstance(message, NeedReplyMessage):
             message.reply_to = None
         message.created_at = self._clock.seconds()

@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from zcontrol._defer import DeferWaiter
 from zcontrol.bus._dispatch import call_handler, deliver_event
-from zcontrol.bus._pending import PendingTable, exchange_of
+from zcontrol.bus._pending import PendingTable, exchange_of, stamp_trace
 from zcontrol.bus.interfaces import IBus, ISubscription
 from zcontrol.bus.message import (
     DecodeError,
@@ -250,6 +250,7 @@ class LocalBus(BusSendMixin):
         if bad is not None:
             return fail(OperationError(bad))
         message = exchange_of(message)
+        stamp_trace(message)
         self._pending.prepare(message, timeout)
         message.reply_to = self.node_id
         target = self._target(message)
@@ -262,6 +263,7 @@ class LocalBus(BusSendMixin):
         bad = envelope_error(message)
         if bad is not None:
             return fail(OperationError(bad))
+        stamp_trace(message)
         if isinstance(message, NeedReplyMessage):
             message.reply_to = None
         message.created_at = self._clock.seconds()
