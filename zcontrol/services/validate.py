@@ -17,6 +17,7 @@ from zcontrol.core.errors import SYS, OperationError
 
 __all__ = [
     "cidr",
+    "common_changes",
     "has_control",
     "integer",
     "invalid",
@@ -233,3 +234,17 @@ def url(value: Any, field: str = "url", schemes: Iterable[str] = ("http", "https
     if any(c.isspace() for c in text):
         raise invalid(field, value, "must not contain white space")
     return text
+
+
+def common_changes(msg: Any) -> dict[str, Any]:
+    """
+    The C{name} and C{description} changes an C{Update*Msg} asks for (each field left None
+    does not change), checked as L{name} and L{optional_text}: the start of every update's
+    C{changes} (camelCase store fields).
+    """
+    changes: dict[str, Any] = {}
+    if msg.name is not None:
+        changes["name"] = name(msg.name)
+    if msg.description is not None:
+        changes["description"] = optional_text(msg.description, "description")
+    return changes

@@ -385,11 +385,7 @@ class BackupStorageService(Service):
         """
         Change the given fields.
         """
-        changes: dict[str, Any] = {}
-        if msg.name is not None:
-            changes["name"] = validate.name(msg.name)
-        if msg.description is not None:
-            changes["description"] = validate.optional_text(msg.description, "description")
+        changes: dict[str, Any] = validate.common_changes(msg)
         if msg.username is not None:
             changes["username"] = validate.name(msg.username, "username")
         if msg.ssh_port is not None:

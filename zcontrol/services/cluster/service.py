@@ -112,11 +112,7 @@ class ClusterService(Service):
         L{UpdateClusterMsg}: the fields given (not None) change.
         """
         uuid = validate.uuid(msg.uuid, "uuid")
-        changes: dict[str, Any] = {}
-        if msg.name is not None:
-            changes["name"] = validate.name(msg.name)
-        if msg.description is not None:
-            changes["description"] = validate.optional_text(msg.description, "description")
+        changes: dict[str, Any] = validate.common_changes(msg)
 
         async def update() -> ClusterReply:
             row = await self._cluster(uuid)

@@ -449,11 +449,7 @@ class ImageService(Service):
         """
         Change the given fields.
         """
-        changes: dict[str, Any] = {}
-        if msg.name is not None:
-            changes["name"] = validate.name(msg.name)
-        if msg.description is not None:
-            changes["description"] = validate.optional_text(msg.description, "description")
+        changes: dict[str, Any] = validate.common_changes(msg)
         if msg.guest_os_type is not None:
             changes["guestOsType"] = validate.optional_text(msg.guest_os_type, "guestOsType",
                                                             255)

@@ -137,11 +137,7 @@ class L2NetworkService(Service):
         Rename or re-describe an L2 network (C{L2.1000} when unknown).
         """
         uuid = v.uuid(msg.uuid, "uuid")
-        changes: dict[str, Any] = {}
-        if msg.name is not None:
-            changes["name"] = v.name(msg.name)
-        if msg.description is not None:
-            changes["description"] = v.optional_text(msg.description, "description")
+        changes: dict[str, Any] = v.common_changes(msg)
 
         async def run() -> L2NetworkReply:
             await self._l2(uuid, "uuid")

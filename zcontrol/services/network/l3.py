@@ -213,11 +213,7 @@ class L3NetworkService(Service):
         field; C{L3.1000} when unknown).
         """
         uuid = v.uuid(msg.uuid, "uuid")
-        changes: dict[str, Any] = {}
-        if msg.name is not None:
-            changes["name"] = v.name(msg.name)
-        if msg.description is not None:
-            changes["description"] = v.optional_text(msg.description, "description")
+        changes: dict[str, Any] = v.common_changes(msg)
         if msg.dns_domain is not None:
             changes["dnsDomain"] = _dns_domain(msg.dns_domain)
 

@@ -140,11 +140,7 @@ class OfferingService(Service):
 
     @staticmethod
     def _texts(msg: Any) -> dict[str, Any]:
-        changes: dict[str, Any] = {}
-        if msg.name is not None:
-            changes["name"] = validate.name(msg.name)
-        if msg.description is not None:
-            changes["description"] = validate.optional_text(msg.description, "description")
+        changes: dict[str, Any] = validate.common_changes(msg)
         return changes
 
     # --- instance offerings ---------------------------------------------------------------

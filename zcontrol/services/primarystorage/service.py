@@ -272,11 +272,7 @@ class PrimaryStorageService(Service):
     @handles(UpdatePrimaryStorageMsg)
     async def update_storage(self, msg: UpdatePrimaryStorageMsg) -> PrimaryStorageReply:
         await self._ps(msg.uuid, "uuid")
-        changes: dict[str, Any] = {}
-        if msg.name is not None:
-            changes["name"] = validate.name(msg.name)
-        if msg.description is not None:
-            changes["description"] = validate.optional_text(msg.description, "description")
+        changes: dict[str, Any] = validate.common_changes(msg)
         if changes:
             await self.store.update("primaryStorage", msg.uuid, changes)
         return PrimaryStorageReply(inventory=await self._inventory(msg.uuid))

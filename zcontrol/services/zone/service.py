@@ -143,11 +143,7 @@ class ZoneService(Service):
         L{UpdateZoneMsg}: the fields given (not None) change; none given is a no-op.
         """
         uuid = validate.uuid(msg.uuid, "uuid")
-        changes: dict[str, Any] = {}
-        if msg.name is not None:
-            changes["name"] = validate.name(msg.name)
-        if msg.description is not None:
-            changes["description"] = validate.optional_text(msg.description, "description")
+        changes: dict[str, Any] = validate.common_changes(msg)
 
         async def update() -> ZoneReply:
             row = await self._zone(uuid)
