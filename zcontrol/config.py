@@ -61,7 +61,7 @@ import attrs
 from twisted.logger import Logger
 
 __all__ = ["AgentsConfig", "BusConfig", "Config", "ConfigError", "HostConfig", "HttpConfig",
-           "ShutdownConfig", "StoreConfig", "load_config"]
+           "ShutdownConfig", "StoreConfig", "VmConfig", "load_config"]
 
 
 log = Logger()
@@ -303,6 +303,48 @@ class HostConfig:
 
 
 @attrs.frozen
+class VmConfig:
+    """
+    VM service settings, the C{[vm]} section (ZStack's C{vm.xml} and C{kvm.xml} global config
+    where it has one). Times are seconds.
+
+    @ivar deletion_policy: ZStack's C{vm.deletionPolicy}: C{Delay} (a destroyed VM is
+        C{Destroyed}, its volumes kept until expunged), C{Direct} (expunged at once) or
+        C{Never} (kept Destroyed until an explicit expunge).
+    @ivar expunge_period: ZStack's C{vm.expungePeriod}: how long a C{Delay}-destroyed VM
+        waits before it is expunged automatically.
+    @ivar expunge_interval: ZStack's C{vm.expungeInterval}: how often this node looks for
+        VMs to expunge.
+    @ivar stop_timeout: how long a graceful stop waits for the guest before forcing it off.
+    @ivar command_timeout: the bound of one agent command a VM flow sends.
+    @ivar probe_timeout: at recovery, the bound of one C{/vm/checkstate} probe.
+    @ivar rollback_timeout: at recovery, the bound of one flow's rollback.
+    @ivar recovery_parallelism: how many interrupted jobs are resolved at once at start.
+    @ivar create_timeout: the bound of a whole create (every flow, waits included).
+    """
+
+    deletion_policy: str = "Delay"
+    expunge_period: float = 604800.0
+    expunge_interval: float = 3600.0
+    stop_timeout: float = 60.0
+    command_timeout: float = 300.0
+    probe_timeout: float = 60.0
+    rollback_timeout: float = 300.0
+    recovery_parallelism: int = 8
+    create_timeout: float = 1800.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.deletion_policy not in ("Delay", "Direct", "Never"):
+            raise ConfigError("vm.deletion_policy must be Delay, Direct or Never, not "
+                              f"{self.deletion_policy!r}")
+        for name in ("expunge_period", "expunge_interval", "stop_timeout", "command_timeout",
+                     "probe_timeout", "rollback_timeout", "recovery_parallelism",
+                     "create_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"vm.{name} must be positive, not {getattr(self, name)!r}")
+
+
+@attrs.frozen
 class ShutdownConfig:
     """
     The C{[shutdown]} section.
@@ -329,6 +371,7 @@ class Config:
     host: HostConfig = attrs.field(factory=HostConfig)
     shutdown: ShutdownConfig = attrs.field(factory=ShutdownConfig)
     agents: AgentsConfig = attrs.field(factory=AgentsConfig)
+    vm: VmConfig = attrs.field(factory=VmConfig)
 
 
 _SECTIONS: dict[str, dict[str, type]] = {
@@ -344,6 +387,8 @@ _SECTIONS: dict[str, dict[str, type]] = {
     "host": {a.name: {"float": float, "int": int, "bool": bool}.get(a.type, str)  # type: ignore[call-overload]
              for a in attrs.fields(HostConfig)},
     "shutdown": {"drain_timeout": float},
+    "vm": {a.name: {"float": float, "int": int, "bool": bool}.get(a.type, str)  # type: ignore[call-overload]
+           for a in attrs.fields(VmConfig)},
 }
 
 
@@ -418,6 +463,7 @@ def load_config(path: str | None = None,
             host=HostConfig(**values["host"]),
             shutdown=ShutdownConfig(**values["shutdown"]),
             agents=AgentsConfig(**values["agents"]),
+            vm=VmConfig(**values["vm"]),
         )
     except TypeError as e:
         raise ConfigError(str(e)) from None

@@ -399,6 +399,9 @@ _SPECS: dict[str, tuple[str, str]] = {
     "managementNode": (
         "management_nodes", "uuid hostname port:i state heartbeat:f joinDate:f",
     ),
+    "tag": (
+        "tags", "uuid resourceUuid resourceType tag type inherent:b" + _DATES,
+    ),
     "job": (
         "jobs",
         "uuid apiName apiMessage:j managementNodeUuid resourceUuid accountUuid state result:j"

@@ -26,4 +26,6 @@ SERVICE_FACTORIES: list[str] = [
     "zcontrol.services.network.l3.make",
     # allocator
     "zcontrol.scheduler.service.make",
+    # VMs and their volumes (issue 10)
+    "zcontrol.services.vm.service.make",
 ]

@@ -1,0 +1,313 @@
+# -*- test-case-name: tests.test_vm_lifecycle -*-
+"""
+The frame of the VM service: what every VM operation shares. The operations themselves are
+mixins in sibling modules (L{zcontrol.services.vm.lifecycle}: create, start, stop, reboot,
+destroy, recover, expunge; L{zcontrol.services.vm.migrate}; L{zcontrol.services.vm.nics};
+L{zcontrol.services.vm.volumes}), combined in L{zcontrol.services.vm.service.VmService}.
+
+Conventions every operation follows
+===================================
+ - B{One chain per VM}: an operation runs in the chain C{vm-<uuid>} at level 1
+   (L{VmServiceBase.run_job} and L{VmServiceBase.in_vm_chain}), so a stop sent while a create
+   runs waits for it and then acts on its result (ZStack's C{VmInstanceBase} signature
+   C{Vm-<uuid>}). Different VMs run concurrently. The state check (L{check_operation}) is made
+   inside the chain, on the state the previous operation left.
+ - B{Every long operation is a journaled job} (L{zcontrol.core.journal}): a L{JobKind} whose
+   flows each return what they took and give back exactly that on rollback. The job uuid is
+   the B{trace id} of everything the job causes (bus messages, agent commands, log lines), and
+   is answered in the reply's C{job_uuid}.
+ - B{State changes are flows}: the first flow of a kind moves the VM into its intermediate
+   state (C{Starting}, C{Stopping}, ...) and records the state it left; its rollback moves the
+   VM back (or to the final state ZStack gives a failed operation); the last flow moves it to
+   the final state. So a rollback, live or at recovery, always leaves the VM in a final state,
+   and recovering a job is the journal's business alone.
+ - B{Holders}: host capacity is held by C{("VmInstanceVO", vm)}, primary storage capacity by
+   C{("VolumeVO", volume)}, an address by C{("VmNicVO", nic)}; releases are by holder, so
+   they are idempotent and a recovery can give back what a flow took even when its run never
+   reported (Note [in-flight rollback] of L{zcontrol.core.journal}).
+ - B{Agent commands} go to the host's owner through the host service
+   (L{VmServiceBase.host_call}: C{KVMHostAsyncHttpCallMsg}), within the host's chain level.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, ClassVar, Iterable
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from agent import protocol as p
+from zcontrol._defer import maybe_deferred
+from zcontrol.config import VmConfig
+from zcontrol.core.errors import SYS, OperationError, from_failure
+from zcontrol.core.journal import JobKind, JournaledFlowChain, recover_jobs
+from zcontrol.core.trace import new_trace_id, trace_scope
+from zcontrol.services.base import Service
+from zcontrol.services.host.messages import SERVICE_ID as HOST_SERVICE
+from zcontrol.services.host.messages import KVMHostAsyncHttpCallMsg
+from zcontrol.services.vm import states
+from zcontrol.services.vm.errors import VM
+from zcontrol.services.vm.messages import SERVICE_ID, VmInstanceStateChangedEvent
+
+__all__ = ["VmServiceBase", "job_kinds", "message_body", "vm_chain"]
+
+log = Logger()
+
+#: The holder types (see the module docstring).
+VM_HOLDER = "VmInstanceVO"
+VOLUME_HOLDER = "VolumeVO"
+NIC_HOLDER = "VmNicVO"
+
+
+def vm_chain(vm_uuid: str) -> str:
+    """
+    The chain-task signature of a VM's operations.
+    """
+    return f"vm-{vm_uuid}"
+
+
+def job_kinds(fn: Callable[[Any], Iterable[JobKind]]) -> Callable[[Any], Iterable[JobKind]]:
+    """
+    Mark a method of a VM service mixin as returning the L{JobKind}s it runs (built per
+    service instance: their flows hold the service). L{VmServiceBase} collects every marked
+    method's kinds, by name, for running and for recovery.
+    """
+    fn.__job_kinds__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+def message_body(msg: Any) -> dict[str, Any]:
+    """
+    The fields of a bus message that a job records as its C{apiMessage} (its own fields, in
+    camelCase, without the bus envelope: id, routing, deadline, headers).
+    """
+    skip = {"id", "service_id", "resource_uuid", "created_at", "trace_id", "headers",
+            "timeout", "deadline", "reply_to"}
+    out: dict[str, Any] = {"_type": type(msg).type_name}
+    for a in attrs.fields(type(msg)):
+        if a.name in skip:
+            continue
+        value = getattr(msg, a.name)
+        out[_camel(a.name)] = value
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w[:1].upper() + w[1:] for w in rest)
+
+
+class VmServiceBase(Service):
+    """
+    The VM service's frame (see the module docstring).
+
+    @ivar config: the L{VmConfig}.
+    @ivar node_id: this management node's uuid (the owner of the jobs it runs).
+    @ivar kinds: the job kinds of every mixin, by name.
+    @ivar recovered: a Deferred that fires (with the list of L{recover_jobs} outcomes) once
+        the jobs this node was running when it last stopped are resolved.
+    """
+
+    service_id: ClassVar[str] = SERVICE_ID
+
+    def __init__(self, clock: Any, bus: Any, store: Any, config: VmConfig | None = None,
+                 node_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(clock, bus, store, **kwargs)
+        self.config = config or VmConfig()
+        self.node_id = node_id or bus.node_id
+        self.kinds: dict[str, JobKind] = {}
+        for klass in reversed(type(self).__mro__):
+            for name, member in vars(klass).items():
+                if getattr(member, "__job_kinds__", False):
+                    for kind in getattr(self, name)():
+                        if kind.name in self.kinds:
+                            raise TypeError(f"job kind {kind.name!r} defined twice")
+                        self.kinds[kind.name] = kind
+        self.recovered: Deferred = Deferred()
+        self._periodic: list[LoopingCall] = []
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> Any:
+        """
+        Queue the resolution of this node's interrupted jobs (each in its VM's chain, so
+        that no new operation on that VM runs before it), then serve. L{recovered} fires
+        once they are resolved.
+        """
+        d = Deferred.fromCoroutine(self._queue_recovery())
+        d.addCallback(lambda _: super(VmServiceBase, self).start())
+        return d
+
+    async def _queue_recovery(self) -> None:
+        jobs = [j for j in await self.store.running_jobs(self.node_id)
+                if j.get("apiName") in self.kinds]
+        recoveries = [self.recover_job(j) for j in jobs]
+        if jobs:
+            log.info("vm: resolving {n} interrupted jobs", n=len(jobs))
+
+        async def gather() -> list[dict]:
+            out: list[dict] = []
+            for d in recoveries:
+                out.extend(await d)
+            return out
+
+        self.background(Deferred.fromCoroutine(gather()), "resolving interrupted VM jobs"
+                         ).chainDeferred(self.recovered)
+
+    def recover_job(self, job: dict[str, Any]) -> Deferred:
+        """
+        Resolve one interrupted job of this node in its VM's chain (L{recover_jobs} with the
+        configured timeouts), as the job's trace.
+
+        @return: a Deferred firing with L{recover_jobs}' list of outcomes.
+        """
+        vm_uuid = job.get("resourceUuid") or job["uuid"]
+
+        def run() -> Deferred:
+            return Deferred.fromCoroutine(recover_jobs(
+                self.store, self.node_id, self.kinds, [job], clock=self.clock,
+                probe_timeout=self.config.probe_timeout,
+                rollback_timeout=self.config.rollback_timeout, parallelism=1))
+
+        return trace_scope(job["uuid"], self.serialized, vm_chain(vm_uuid), run)
+
+    def stop(self) -> Deferred[None]:
+        for loop in self._periodic:
+            if loop.running:
+                loop.stop()
+        return super().stop()
+
+    # --- jobs ---------------------------------------------------------------------------
+
+    def run_job(self, kind_name: str, msg: Any, vm_uuid: str,
+                before: Callable[[], Any] | None = None,
+                job_uuid: str | None = None) -> Deferred[dict]:
+        """
+        Run a job of kind C{kind_name} about VM C{vm_uuid} in the VM's chain, with the job
+        uuid as the trace id: C{before()} first, in the chain (the state check: raising
+        there fails the operation before any job row exists), then the journaled flows.
+
+        @param msg: the bus message (recorded as the job's C{apiMessage}, see
+            L{message_body}).
+        @return: a Deferred firing with the finished job row, or failing as
+            L{JournaledFlowChain.run}.
+        """
+        kind = self.kinds[kind_name]
+        job_uuid = job_uuid or new_trace_id()
+        body = message_body(msg)
+
+        async def run() -> dict:
+            if before is not None:
+                await maybe_deferred(before)
+            return await JournaledFlowChain(self.store, self.node_id, kind,
+                                            job_uuid=job_uuid).run(body, vm_uuid)
+
+        return trace_scope(job_uuid, self.in_vm_chain, vm_uuid,
+                           lambda: Deferred.fromCoroutine(run()))
+
+    def in_vm_chain(self, vm_uuid: str, fn: Callable[[], Any]) -> Deferred:
+        """
+        Run C{fn()} in the VM's chain (level 1), counted as work in flight.
+        """
+        return self.background_result(self.serialized(vm_chain(vm_uuid), fn))
+
+    def background_result(self, d: Deferred) -> Deferred:
+        """
+        Count C{d} as work in flight (L{stop} waits for it) and return it unchanged.
+        """
+        return self._waiter.add(d)
+
+    # --- VMs ----------------------------------------------------------------------------
+
+    async def vm_row(self, vm_uuid: str, field: str = "uuid") -> dict[str, Any]:
+        """
+        The VM's row, or C{VM.1100} naming the uuid and C{field}.
+        """
+        return await self.must_get("vmInstance", vm_uuid, VM.NOT_FOUND, field=field)
+
+    async def check(self, vm_uuid: str, operation: str, field: str = "uuid") -> dict:
+        """
+        The VM's row when its state allows C{operation} (L{states.check_operation}); else
+        C{VM.1010} naming the state, or C{VM.1100}.
+        """
+        row = await self.vm_row(vm_uuid, field)
+        states.check_operation(row["state"], operation)
+        return row
+
+    async def change_state(self, vm_uuid: str, event: str, changes: dict | None = None,
+                           expected: Iterable[str] | None = None) -> dict:
+        """
+        Move the VM along C{event} (L{states.transition}: a compare-and-swap) and publish a
+        L{VmInstanceStateChangedEvent} after the commit, carrying the current trace id.
+
+        @return: the updated row; fails as L{states.transition}.
+        """
+        before = await self.store.get("vmInstance", vm_uuid)
+        row = await states.transition(self.store, vm_uuid, event, changes, expected)
+        from zcontrol.core.trace import current_trace_id
+
+        self.publish(VmInstanceStateChangedEvent(
+            vm_uuid=vm_uuid, old_state=before["state"] if before else None,
+            new_state=row["state"], host_uuid=row.get("hostUuid"),
+            trace_id=current_trace_id()))
+        return row
+
+    # --- agents -------------------------------------------------------------------------
+
+    async def host_call(self, host_uuid: str, cmd: p.Message,
+                        timeout: float | None = None) -> Any:
+        """
+        Send C{cmd} to the host's agent through the host service on the host's owner node
+        (C{KVMHostAsyncHttpCallMsg}), within the host's chain level.
+
+        @return: the agent's response (the command's response type); fails with the host
+            service's or the agent client's ErrorCode (C{HOST.1002} not Connected,
+            C{AGENT.*}: the agent's own error text is in the cause chain, never masked).
+        """
+        path = p.command_for(cmd).path
+        timeout = timeout or self.config.command_timeout
+        reply = await self.send(KVMHostAsyncHttpCallMsg(
+            service_id=HOST_SERVICE, resource_uuid=host_uuid, host_uuid=host_uuid, path=path,
+            command=cmd.to_dict(), command_timeout=timeout, timeout=timeout + 30))
+        rsp = p.COMMANDS[path].rsp_type.from_dict(reply.response)
+        if not rsp.success:
+            raise OperationError.of(SYS.OPERATION_ERROR, f"host {host_uuid} {path}: {rsp.error}",
+                                    hostUuid=host_uuid, path=path, response=reply.response)
+        return rsp
+
+    def every(self, interval: float, fn: Callable[[], Any], what: str) -> None:
+        """
+        Run C{fn()} every C{interval} seconds on the service's clock while it serves (a
+        failure is logged; rounds never overlap because each waits for the last).
+        """
+        running: list[Deferred] = []
+
+        def tick() -> None:
+            if running:
+                return
+            d = maybe_deferred(fn)
+            running.append(d)
+            d.addBoth(lambda r: (running.clear(), r)[1])
+            self.background(d, what)
+
+        loop = LoopingCall(tick)
+        loop.clock = self.clock
+        loop.start(interval, now=False).addErrback(
+            lambda f: log.error("vm: {what} loop died: {e}", what=what, e=str(from_failure(f))))
+        self._periodic.append(loop)
+
+
+def reraise_as(code: str, what: str) -> Callable[[Any], Any]:
+    """
+    An errback that wraps an L{OperationError} in C{code} (the operation's VM.10xx) with
+    C{what} as its description, keeping the original as the cause; other failures pass.
+    """
+    def wrap(f: Any) -> Any:
+        err = from_failure(f)
+        raise OperationError.of(code, what, err, **{k: v for k, v in err.opaque.items()
+                                                   if k in ("uuid", "field")})
+    return wrap
