@@ -81,7 +81,7 @@ class HypervisorTests(SimulatorTestCase):
     def test_wrong_state_and_unknown(self) -> None:
         """
         Starting a running VM, rebooting a stopped one, or touching an unknown one is refused;
-        destroying an unknown VM succeeds.
+        stopping or destroying an unknown VM succeeds.
         """
         self.successResultOf(self.hv.start_vm(spec()))
         self.failureResultOf(self.hv.start_vm(spec()), WrongState)
@@ -91,8 +91,11 @@ class HypervisorTests(SimulatorTestCase):
         self.failureResultOf(self.hv.reboot_vm("vm"), WrongState)
         self.failureResultOf(self.hv.vnc_port("vm"), WrongState)
         self.failureResultOf(self.hv.migrate_vm("vm", "1"), WrongState)
-        for call in (self.hv.stop_vm, self.hv.reboot_vm, self.hv.vnc_port):
+        for call in (self.hv.reboot_vm, self.hv.vnc_port):
             self.failureResultOf(call("ghost"), UnknownVm)
+        # Stopping an unknown VM succeeds (idempotent, as ZStack's kvmagent) and adds nothing.
+        self.successResultOf(self.hv.stop_vm("ghost"))
+        self.assertNotIn("ghost", self.successResultOf(self.hv.vm_states()))
         self.failureResultOf(self.hv.attach_nic("ghost", p.NicTO(mac="m")), UnknownVm)
         self.failureResultOf(self.hv.detach_nic("vm", p.NicTO(mac="m")), WrongState)
         self.successResultOf(self.hv.destroy_vm("ghost"))

@@ -280,8 +280,12 @@ class SimulatedHypervisor(_Simulated):
         return self._op("/vm/start", do)
 
     def stop_vm(self, uuid: str, force: bool = False) -> Deferred[None]:
+        # As ZStack's KVM agent (kvmagent vm_plugin stop_vm): stopping a VM the host does
+        # not have succeeds, so that a retried or recovered stop is idempotent.
         def do() -> None:
-            self._vm(uuid).state = VmState.STOPPED
+            vm = self.vms.get(uuid)
+            if vm is not None:
+                vm.state = VmState.STOPPED
 
         return self._op("/vm/stop", do)
 
@@ -298,8 +302,9 @@ class SimulatedHypervisor(_Simulated):
             target = self._cluster.hypervisor(key)
             if target is None or target is self:
                 raise HypervisorError(f"destination host {dest} is unreachable")
-            if uuid in target.vms:
-                raise WrongState(f"VM {uuid} already exists on {dest}")
+            there = target.vms.get(uuid)
+            if there is not None and there.state == VmState.RUNNING:
+                raise WrongState(f"VM {uuid} already runs on {dest}")
             target._reserve(vm.cpu_num, vm.memory_size)
             del self.vms[uuid]
             target.vms[uuid] = attrs.evolve(vm, vnc_port=target._vnc())

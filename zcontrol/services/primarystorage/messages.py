@@ -329,14 +329,19 @@ class DeleteVolumeBitsOnPrimaryStorageMsg(NeedReplyMessage):
     """
     Delete a volume's bits (ZStack C{DeleteVolumeBitsOnPrimaryStorageMsg}) and give back its
     capacity. LocalStorage: on the host holding it (or C{host_uuid}).
+
+    @ivar install_path: the volume's path; None: the path this service gives a volume of
+        C{volume_type} (C{Root} or C{Data}) it created, so that a caller that never learnt
+        the path (its create was interrupted) can still delete what may exist there.
     """
 
     reply_type: ClassVar[type[Reply]] = PrimaryStorageReply
 
     primary_storage_uuid: str
     volume_uuid: str
-    install_path: str
+    install_path: str | None = None
     host_uuid: str | None = None
+    volume_type: str = "Root"
 
 
 @registry.register

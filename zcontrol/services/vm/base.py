@@ -25,6 +25,20 @@ Conventions every operation follows
    C{("VolumeVO", volume)}, an address by C{("VmNicVO", nic)}; releases are by holder, so
    they are idempotent and a recovery can give back what a flow took even when its run never
    reported (Note [in-flight rollback] of L{zcontrol.core.journal}).
+ - B{Invariants at rest} (no job C{Running}; what the audit checks):
+    - a VM in C{Running}, C{Paused}, C{Unknown} or C{Crashed} has C{hostUuid} set and holds
+      exactly its C{cpuNum}/C{memorySize} on that host (holder C{("VmInstanceVO", vm)}), and
+      is Running on that host's agent (C{Unknown}: the host cannot tell);
+    - a VM in C{Created}, C{Stopped}, C{Destroyed} or C{Error} has C{hostUuid} NULL (a stopped
+      VM keeps C{lastHostUuid}) and holds no host capacity, and runs on no agent;
+    - every NIC of a VM that is not C{Destroyed} holds one address (C{usedIpUuid}, C{ip} set;
+      the C{used_ips} row's holder is C{("VmNicVO", nic)}); a C{Destroyed} VM's NICs hold none
+      (C{ip}, C{usedIpUuid} NULL: a recover allocates again at the next start);
+    - a volume C{Ready} has C{installPath} and C{primaryStorageUuid} set and holds its
+      C{size} there (holder C{("VolumeVO", volume)}; on LocalStorage the holder row names the
+      host, which is where the volume is), and its bits exist on the storage agent; a
+      C{NotInstantiated} volume holds nothing and has no bits;
+    - nothing else holds capacity or addresses (no holder without its VM, volume or NIC row).
  - B{Agent commands} go to the host's owner through the host service
    (L{VmServiceBase.host_call}: C{KVMHostAsyncHttpCallMsg}), within the host's chain level.
 """
