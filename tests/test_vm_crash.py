@@ -28,21 +28,25 @@ counted):
 from __future__ import annotations
 
 import secrets
+import uuid as uuidlib
 from typing import Any, Callable
 
 import attrs
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
+from twisted.logger import formatEventAsClassicLogText, globalLogPublisher
 from twisted.python.reflect import namedAny
 from twisted.trial.unittest import SynchronousTestCase
 
+from agent import protocol as p
 from agent.hypervisor.simulator import GiB
 from tests.agent_fakes import CALLBACK_URL, base, make_agent
 from tests.vm_audit import audit
 from zcontrol.agentclient import AgentClient, CallbackEndpoint
 from zcontrol.bus.local import LocalBus
 from zcontrol.config import load_config
+from zcontrol.core.tracelog import install_node_trace_observer
 from zcontrol.db.memory import MemoryStore
 from zcontrol.db.query import Query
 from zcontrol.services.backupstorage.messages import SERVICE_ID as BACKUP
@@ -73,6 +77,14 @@ from zcontrol.services.primarystorage.messages import (
     AttachPrimaryStorageToClusterMsg,
 )
 from zcontrol.services.registry import SERVICE_FACTORIES
+from zcontrol.services.vm.messages import SERVICE_ID as VM_SERVICE
+from zcontrol.services.vm.messages import (
+    CreateVmInstanceMsg,
+    DestroyVmInstanceMsg,
+    StartVmInstanceMsg,
+    StopVmInstanceMsg,
+)
+from zcontrol.services.vm.states import FINAL_STATES
 from zcontrol.services.zone.messages import SERVICE_ID as ZONE_SERVICE
 from zcontrol.services.zone.messages import CreateZoneMsg
 
@@ -85,8 +97,7 @@ IMAGE_SIZE, IMAGE_ACTUAL = 4 * GiB, GiB
 
 class NodeDied(Exception):
     """
-    Never raised: the marker of a call the dead node never got back (its Deferred is left
-    unfired, see Note [simulated crash]).
+    Raised by L{World.result} when the life died before the Deferred it waits for fired.
     """
 
 
@@ -135,6 +146,7 @@ class Life:
         self.services: list[Any] = []
         self.vm: Any = None
         self.hosts: Any = None
+        self.reconnected: Deferred | None = None
         self.reactor = self.clock  # for the services' make(node)
 
     @property
@@ -144,9 +156,18 @@ class Life:
     def start(self) -> None:
         """
         Start the store, the bus, the host service (reconnecting the hosts) and every
-        service of the registry (the VM service resolves the interrupted jobs).
+        service of the registry (the VM service resolves the interrupted jobs); stop there
+        if the life dies meanwhile.
         """
+        try:
+            self._start()
+        except NodeDied:
+            pass
+
+    def _start(self) -> None:
         w = self.world
+        if self.plan is not None:
+            self._inject()
         w.result(self, self.store.start())
         self.bus.start()
         self.hosts = HostService(self.clock, self.bus, self.store, self.agents,
@@ -154,15 +175,16 @@ class Life:
         for path, handler in self.hosts.report_handlers().items():
             self.endpoint.on_report(path, handler)
         self.hosts.start(track=False)
-        w.result(self, self.hosts.reconnect_all())
+        # As the node does (zcontrol.node.HostComponent): the reconnect runs in the
+        # background while the services start (the VM service's recovery among them).
+        self.reconnected = self.hosts.reconnect_all()
         for dotted in SERVICE_FACTORIES:
             service = namedAny(dotted)(self)
             w.result(self, maybeDeferred(service.start))
             self.services.append(service)
             if getattr(service, "service_id", None) == "vmInstance":
                 self.vm = service
-        if self.plan is not None:
-            self._inject()
+        w.result(self, self.reconnected)
 
     def _inject(self) -> None:
         """
@@ -237,7 +259,9 @@ class World:
                 break
             self.pump(life, 5)
         if not d.called:
-            raise AssertionError(f"{d!r} did not fire (node dead: {life.dead})")
+            if life.dead:
+                raise NodeDied()
+            raise AssertionError(f"{d!r} did not fire")
         result: list[Any] = []
         d.addBoth(result.append)
         if isinstance(result[0], BaseException) or hasattr(result[0], "raiseException"):
@@ -314,6 +338,238 @@ class World:
         return self.result(life, Deferred.fromCoroutine(audit(life.store, self.cluster)))
 
 
+#: An operation under test: C{prepare(world, life, inv, vm)} brings VM C{vm} to the state
+#: the operation starts from (not counted, never crashed), C{message(inv, vm)} is the
+#: operation's message (sent to the VM service, routed by the VM uuid).
+@attrs.frozen
+class Operation:
+    name: str
+    prepare: Callable[[World, Life, dict, str], None]
+    message: Callable[[dict, str], Any]
+
+
+def _create_msg(inv: dict, vm: str, strategy: str = "InstantStart") -> Any:
+    return CreateVmInstanceMsg(name=f"vm-{vm[:6]}", instance_offering_uuid=inv["offering"],
+                               image_uuid=inv["image"], l3_network_uuids=[inv["l3"]],
+                               uuid=vm, strategy=strategy)
+
+
+def _created(world: World, life: Life, inv: dict, vm: str, strategy: str = "InstantStart"
+             ) -> None:
+    world.ok(life, _create_msg(inv, vm, strategy), VM_SERVICE, vm)
+
+
+def _stopped(world: World, life: Life, inv: dict, vm: str) -> None:
+    _created(world, life, inv, vm)
+    world.ok(life, StopVmInstanceMsg(uuid=vm), VM_SERVICE, vm)
+
+
+OPERATIONS = {
+    "create": Operation("create", lambda *a: None, _create_msg),
+    "start": Operation("start", _stopped, lambda inv, vm: StartVmInstanceMsg(uuid=vm)),
+    "stop": Operation("stop", _created, lambda inv, vm: StopVmInstanceMsg(uuid=vm)),
+    "destroy": Operation("destroy", _created, lambda inv, vm: DestroyVmInstanceMsg(uuid=vm)),
+}
+
+
+class Scenario:
+    """
+    One world (one inventory) through which crash points are tried one after the other:
+    each on a new VM, each followed by a restart; the world must audit clean after each.
+    """
+
+    def __init__(self, test: SynchronousTestCase, storage: str = "LocalStorage"):
+        self.test = test
+        self.world = World()
+        self.life = self.world.life(CrashPlan())
+        self.inv = self.world.build_inventory(self.life, storage)
+        self.outcomes: list[tuple[Any, ...]] = []
+
+    def count(self, op: Operation) -> CrashPlan:
+        """
+        Run C{op} once without a crash, counting its points.
+        """
+        plan = self.life.plan
+        vm = uuidlib.uuid4().hex
+        op.prepare(self.world, self.life, self.inv, vm)
+        plan.counts = {k: 0 for k in plan.counts}
+        plan.armed = True
+        try:
+            self.world.ok(self.life, op.message(self.inv, vm), VM_SERVICE, vm)
+        finally:
+            plan.armed = False
+        self.check(f"{op.name} without a crash")
+        return attrs.evolve(plan, counts=dict(plan.counts), armed=False)
+
+    def crash(self, op: Operation, point: tuple[str, int],
+              again: tuple[str, int] | None = None) -> dict:
+        """
+        Run C{op} on a new VM and kill the node at C{point}; restart it (killing that life
+        too at C{again} of its recovery, and restarting once more), wait for the recovery,
+        check. The VM's row (or None) after the recovery.
+        """
+        world = self.world
+        vm = uuidlib.uuid4().hex
+        op.prepare(world, self.life, self.inv, vm)
+        plan = self.life.plan
+        plan.counts = {k: 0 for k in plan.counts}
+        plan.point, plan.armed = point, True
+        sent = world.send(self.life, op.message(self.inv, vm), VM_SERVICE, vm)
+        world.pump(self.life, 400)
+        what = f"{op.name} killed at {point}" + (f", recovery killed at {again}" if again
+                                                 else "")
+        self.test.assertTrue(plan.dead, f"{what}: the point was never reached"
+                             f" (reply: {sent.result if sent.called else None})")
+        self.test.assertFalse(sent.called, f"{what}: the dead node replied")
+        job = self.job_of(vm)
+        if again is not None:
+            second = world.life(CrashPlan(point=again, armed=True))
+            world.pump(second, 400)
+            self.test.assertTrue(second.plan.dead, f"{what}: the recovery never reached it")
+        self.life = world.life(CrashPlan())
+        outcomes = world.result(self.life, self.life.vm.recovered)
+        row = world.result(self.life, self.life.store.get("vmInstance", vm))
+        job_row = world.result(self.life, self.life.store.get("job", job)) if job else None
+        self.outcomes.append((op.name, point, again, [o["outcome"] for o in outcomes],
+                              row and row["state"], job_row and job_row["state"]))
+        self.check(what)
+        return row
+
+    def job_of(self, vm: str) -> str | None:
+        jobs = [j for j in self.world.rows(self.life, "job", f"resourceUuid={vm}")
+                if j["state"] == "Running"]
+        return jobs[0]["uuid"] if jobs else None
+
+    def check(self, what: str) -> None:
+        """
+        No job Running, every VM in a final state, the audit clean.
+        """
+        world, life = self.world, self.life
+        running = [(j["apiName"], j["resourceUuid"]) for j in world.rows(life, "job")
+                   if j["state"] == "Running"]
+        self.test.assertEqual(running, [], f"{what}: jobs left Running")
+        moving = [(v["uuid"], v["state"]) for v in world.rows(life, "vmInstance")
+                  if v["state"] not in FINAL_STATES]
+        self.test.assertEqual(moving, [], f"{what}: VMs not in a final state")
+        self.test.assertEqual(world.audit(life), [], f"{what}: the audit")
+
+
+class CrashAtEveryPointTests(SynchronousTestCase):
+    """
+    For each operation, every crash point in turn (Note [simulated crash]).
+    """
+
+    def sweep(self, name: str, storage: str = "LocalStorage") -> None:
+        scenario = Scenario(self, storage)
+        op = OPERATIONS[name]
+        points = scenario.count(op).points()
+        self.assertGreater(len(points), 2, f"{name}: {points}")
+        for point in points:
+            scenario.crash(op, point)
+        self.outcomes = scenario.outcomes
+
+    def test_create(self) -> None:
+        """
+        A create killed at each of its points ends Running (finished at recovery) or
+        rolled back (the VM removed or Error), nothing leaked.
+        """
+        self.sweep("create")
+
+    def test_start(self) -> None:
+        """
+        A start of a Stopped VM killed at each point.
+        """
+        self.sweep("start")
+
+    def test_stop(self) -> None:
+        """
+        A stop of a Running VM killed at each point.
+        """
+        self.sweep("stop")
+
+    def test_destroy(self) -> None:
+        """
+        A destroy of a Running VM killed at each point.
+        """
+        self.sweep("destroy")
+
+
+class TraceTests(SynchronousTestCase):
+    """
+    One trace id per job (issue 10, "Deliver" 5): the job uuid of a create rides every
+    bus message the job sends, every agent command it causes (the C{X-Trace-Id} header),
+    and every log line it causes on the node and on the agent.
+    """
+
+    def test_one_create(self) -> None:
+        """
+        Everything a create sends or logs carries its job uuid; nothing else does.
+        """
+        world = World()
+        life = world.life()
+        inv = world.build_inventory(life)
+
+        sent: list[Any] = []
+        for name in ("send", "post", "publish"):
+            original = getattr(life.bus, name)
+
+            def recording(msg: Any, *a: Any, original: Any = original, **kw: Any) -> Any:
+                sent.append(msg)
+                return original(msg, *a, **kw)
+
+            setattr(life.bus, name, recording)
+        headers: list[tuple[str, str | None]] = []
+        post = world.to_agent.post
+
+        def posting(url: str, *a: Any, **kw: Any) -> Any:
+            h = kw.get("headers") or {}
+            value = h.get(p.TRACE_ID_HEADER) or h.get(p.TRACE_ID_HEADER.encode())
+            if isinstance(value, list):
+                value = value[0]
+            if isinstance(value, bytes):
+                value = value.decode()
+            headers.append((url, value))
+            return post(url, *a, **kw)
+
+        world.to_agent.post = posting  # type: ignore[method-assign]
+        observer = install_node_trace_observer()
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        vm = uuidlib.uuid4().hex
+        reply = world.ok(life, _create_msg(inv, vm), VM_SERVICE, vm)
+        globalLogPublisher.removeObserver(events.append)
+        job = reply.job_uuid
+        self.assertRegex(job or "", r"^[0-9a-f]{32}$")
+        self.assertEqual(world.result(life, life.store.get("job", job))["resourceUuid"], vm)
+
+        # bus: every message after the create itself, sent by the job
+        create, *caused = sent
+        self.assertIsInstance(create, CreateVmInstanceMsg)
+        self.assertEqual([(type(m).__name__, m.trace_id) for m in caused
+                          if m.trace_id != job], [])
+        kinds = {type(m).__name__ for m in caused}
+        self.assertIn("KVMHostAsyncHttpCallMsg", kinds)
+        self.assertIn("VmInstanceStateChangedEvent", kinds)
+        # agent: every command the create caused carries the header
+        self.assertGreaterEqual(len(headers), 2)
+        self.assertEqual([(u, t) for u, t in headers if t != job], [])
+        # logs: node lines and agent lines of the job end in [trace=<job>]
+        traced = [e for e in events if e.get("trace_id") == job]
+        node_lines = [e for e in traced
+                      if not str(e.get("log_namespace", "")).startswith("agent")]
+        agent_lines = [e for e in traced
+                       if str(e.get("log_namespace", "")).startswith("agent")]
+        self.assertTrue(node_lines, [e.get("log_format") for e in events])
+        self.assertTrue(agent_lines, [e.get("log_format") for e in events])
+        for e in traced:
+            self.assertTrue(formatEventAsClassicLogText(e).rstrip().endswith(
+                f"[trace={job}]"), e)
+        self.assertEqual(world.audit(life), [])
+
+
 class _LateStub:
     """
     The agent's HTTP client for callbacks: the current life's endpoint.
@@ -345,5 +601,3 @@ class WorldTests(SynchronousTestCase):
         self.assertEqual(world.audit(second), [])
         self.assertTrue(inv["l3"])
 
-
-_ = (Callable, NodeDied)
