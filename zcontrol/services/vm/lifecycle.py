@@ -163,14 +163,11 @@ class InsertVm(_Flow):
         vm = ctx["resource"]
         if await self.svc.store.get("vmInstance", vm) is None:
             await self.svc.store.insert("vmInstance", dict(plan["row"]))
-            for tag in plan.get("systemTags") or []:
-                await self.svc.store.insert("tag", {"resourceUuid": vm,
-                                                    "resourceType": "VmInstanceVO",
-                                                    "tag": tag, "type": "System"})
-            for tag in plan.get("userTags") or []:
-                await self.svc.store.insert("tag", {"resourceUuid": vm,
-                                                    "resourceType": "VmInstanceVO",
-                                                    "tag": tag, "type": "User"})
+        for tag in plan.get("tags") or []:
+            if await self.svc.store.get("tag", tag["uuid"]) is None:
+                await self.svc.store.insert("tag", {
+                    "uuid": tag["uuid"], "resourceUuid": vm, "resourceType": "VmInstanceVO",
+                    "tag": tag["tag"], "type": tag["type"]})
         if plan.get("final") != S.Created:
             row = await self.svc.store.get("vmInstance", vm)
             if row["state"] == S.Created:
@@ -747,14 +744,17 @@ class LifecycleMixin:
 
         return d.addCallback(loops)
 
-    async def expunge_expired(self) -> list[str]:
+    async def expunge_expired(self, now: float | None = None) -> list[str]:
         """
         Expunge (one at a time, each in its chain) the VMs this node owns that were
-        destroyed more than C{vm.expunge_period} seconds ago; at most 1,000 a round.
+        destroyed more than C{vm.expunge_period} seconds before C{now} (default: the
+        clock's time, in seconds since the epoch as the store's dates); at most 1,000 a
+        round.
 
         @return: the uuids expunged.
         """
-        cutoff = self.clock.seconds() - self.config.expunge_period
+        now = self.clock.seconds() if now is None else now
+        cutoff = now - self.config.expunge_period
         page = await self.store.query("vmInstance", Query(
             conditions=[Condition("state", "=", S.Destroyed),
                         Condition("lastOpDate", "<", cutoff)],
@@ -1017,7 +1017,10 @@ class LifecycleMixin:
             "accountUuid": msg.account_uuid}
         body = message_body(msg)
         body["plan"] = {
-            "row": row, "systemTags": tags, "userTags": list(msg.user_tags or []),
+            "row": row,
+            "tags": [{"uuid": validate_new_uuid(), "tag": t, "type": kind}
+                     for kind, group in (("System", tags), ("User", msg.user_tags or []))
+                     for t in group],
             "final": S.Created if msg.strategy == "JustCreate" else None,
             "cpuNum": offering["cpuNum"], "memorySize": offering["memorySize"],
             "cpuSpeed": offering.get("cpuSpeed") or 0,
