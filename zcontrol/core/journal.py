@@ -61,6 +61,14 @@ named in the message, or by what its probe found. A flow that I{chooses} a resou
 allocator's host) must make its probe find the choice (e.g. by the holder's rows) or its
 rollback release by holder everywhere.
 
+Note [flow context]
+===================
+A L{FlowChain} starts each flow from the callback of the previous one, that is in the
+context of whoever fired it (a store reply, an agent callback: no trace id, no deadline).
+So each journaled flow's run and rollback run in a copy of the context the job started in
+(L{JournaledFlowChain.in_job_context}): the job's trace id (L{zcontrol.core.trace}) and
+deadline ride every message and agent command of every flow, not only the first one's.
+
 ZStack, Nova and CloudStack have no such thing (ZSTACK_FACTS §8): ZStack's FlowChain state
 lives only in the memory of the node that runs it (PR #1160: a restart during a batch create
 left half-made VMs that could not be deleted); Nova leaves the instance's task_state stuck
@@ -75,6 +83,7 @@ move onto a L{JobKind} whose flows are the downloads.
 
 from __future__ import annotations
 
+import contextvars
 import uuid as uuidlib
 from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
 
@@ -259,10 +268,10 @@ class _Journaling:
 
             return d.addCallbacks(recorded, refused)
 
-        return maybe_deferred(self.flow.run, ctx).addCallback(record)
+        return self.chain.in_job_context(self.flow.run, ctx).addCallback(record)
 
     def rollback(self, ctx: MutableMapping[str, Any]) -> Deferred:
-        return maybe_deferred(self.flow.rollback, ctx, ctx["took"].get(self.name))
+        return self.chain.in_job_context(self.flow.rollback, ctx, ctx["took"].get(self.name))
 
 
 class JournaledFlowChain:
@@ -290,6 +299,9 @@ class JournaledFlowChain:
         self.job_uuid = job_uuid or uuidlib.uuid4().hex
         self.recorded: list[str] = []
         self.chain: FlowChain | None = None
+        #: The context variables of the job (its trace id, its deadline), captured when it
+        #: starts: each flow runs in a copy (Note [flow context]).
+        self.context: contextvars.Context | None = None
         #: True once a journal write was refused because another node owns the job.
         self.abandoned = False
 
@@ -337,6 +349,7 @@ class JournaledFlowChain:
                              cause=from_failure(e), job=self.job_uuid)
             await self._finish_failed(err)
             raise OperationError(err) from None
+        self.context = contextvars.copy_context()
         steps: list[IFlow] = []
         for i, f in enumerate(self.kind.flows):
             if i < len(recorded):
@@ -353,9 +366,20 @@ class JournaledFlowChain:
                 raise OperationError(self._taken_over_error(e.error)) from None
             await self._roll_back(ctx, e.error)
             raise
-        return await self.store.finish_job(
+        row = await self.store.finish_job(
             self.job_uuid, result={"flows": [f.name for f in self.kind.flows]},
             management_node_uuid=self.node_id)
+        log.info("job {job} ({kind}) of {resource} succeeded", job=self.job_uuid,
+                 kind=self.kind.name, resource=job.get("resourceUuid"))
+        return row
+
+    def in_job_context(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+        """
+        C{maybe_deferred(fn, *args)} in a copy of the job's context (Note [flow context]).
+        """
+        if self.context is None:
+            return maybe_deferred(fn, *args)
+        return self.context.copy().run(maybe_deferred, fn, *args)
 
     def _taken_over_error(self, cause: ErrorCode) -> ErrorCode:
         return error_code(
@@ -404,6 +428,9 @@ class JournaledFlowChain:
             raise OperationError(attrs.evolve(
                 err, opaque={**err.opaque, "rollback_errors": errors})) from None
         await self._finish_failed(err)
+        log.info("job {job} ({kind}) failed at flow {flow!r} and was rolled back: {error}",
+                 job=self.job_uuid, kind=self.kind.name, flow=err.location,
+                 error=str(err.cause or err))
 
 
 class _TakenOver(Exception):
