@@ -265,12 +265,24 @@ class AuditTests(SynchronousTestCase):
 
     def test_nic_without_address(self) -> None:
         """
-        A Stopped VM's NIC whose address was given back.
+        A Running VM's NIC whose address was given back; a Stopped VM's NIC may have none
+        (a recovered VM takes one at its next start), but not name one it does not hold,
+        nor hold one it does not name.
         """
-        nic = f"{VM_STOP}-nic"
-        self.do(lambda: self.store.update("vmNic", nic, {"usedIpUuid": None, "ip": None}))
-        self.do(lambda: self.store.release_ip(L3, ("VmNicVO", nic)))
-        self.only(f"NIC {nic} of Stopped VM {VM_STOP} holds no address")
+        for vm in (VM_RUN, VM_STOP):
+            nic = f"{vm}-nic"
+            self.do(lambda nic=nic: self.store.update("vmNic", nic, {"usedIpUuid": None,
+                                                                    "ip": None}))
+            self.do(lambda nic=nic: self.store.release_ip(L3, ("VmNicVO", nic)))
+        self.only(f"NIC {VM_RUN}-nic of Running VM {VM_RUN} holds no address")
+        self.do(lambda: self.store.allocate_ip(L3, ("VmNicVO", f"{VM_STOP}-nic")))
+        self.only(f"NIC {VM_RUN}-nic of Running VM {VM_RUN} holds no address",
+                  f"NIC {VM_STOP}-nic of Stopped VM {VM_STOP} names no address but holds")
+        self.do(lambda: self.store.update("vmNic", f"{VM_STOP}-nic", {"ip": "10.0.0.77"}))
+        self.only(f"NIC {VM_RUN}-nic of Running VM {VM_RUN} holds no address",
+                  f"NIC {VM_STOP}-nic of Stopped VM {VM_STOP} names ip 10.0.0.77, usedIp"
+                  " None, which it does not hold",
+                  f"NIC {VM_STOP}-nic holds other addresses")
 
     def test_nic_names_another_address(self) -> None:
         """
@@ -285,8 +297,11 @@ class AuditTests(SynchronousTestCase):
         A Destroyed VM's NIC that still holds an address.
         """
         nic = f"{VM_GONE}-nic"
-        self.do(lambda: self.store.allocate_ip(L3, ("VmNicVO", nic)))
-        self.only(f"NIC {nic} of Destroyed VM {VM_GONE} holds")
+        used = self.do(lambda: self.store.allocate_ip(L3, ("VmNicVO", nic)))
+        self.only(f"NIC {nic} of Destroyed VM {VM_GONE} names no address but holds")
+        self.do(lambda: self.store.update("vmNic", nic, {"usedIpUuid": used["uuid"],
+                                                        "ip": used["ip"]}))
+        self.only(f"NIC {nic} of Destroyed VM {VM_GONE} still names address {used['ip']}")
 
     def test_orphan_volume_holders(self) -> None:
         """
@@ -386,6 +401,18 @@ class AuditTests(SynchronousTestCase):
         self.cluster.storage("2").local.create(path, ROOT_SIZE)
         self.only(f"local disk of host {H1}: {path} is missing",
                   f"local disk of host {H2}: {path} belongs to no Ready volume")
+
+    def test_local_disk_use_reported_by_the_agent(self) -> None:
+        """
+        The bytes an agent reports used on a host's local disk must be what the store's
+        holders on that host hold: a leaked file shows as more.
+        """
+        used = ROOT_SIZE + CACHE_SIZE
+        self.assertEqual(self.audit(None, agent_local_used={H1: used, H2: 0}), [])
+        self.only(f"local disk of host {H1}: its agent reports {used + GiB} bytes used, the"
+                  f" store's volumes and caches there hold {used}",
+                  f"local disk of host {H2}: its agent reports {GiB} bytes used",
+                  cluster=None, agent_local_used={H1: used + GiB, H2: GiB})
 
     def test_not_instantiated_volume_has_no_bits(self) -> None:
         """

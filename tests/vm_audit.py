@@ -19,23 +19,25 @@ and what differs, so that a failing test says what leaked. Its checks:
  - B{host capacity}: a VM on a host holds exactly its C{cpuNum}/C{memorySize} on its
    C{hostUuid} (holder C{("VmInstanceVO", vm)}) and nowhere else; a VM off any host has
    C{hostUuid} NULL and holds nothing; every host holder is such a VM;
- - B{addresses}: every NIC of a VM that is not C{Destroyed} holds one address (C{usedIpUuid}
-   and C{ip} set, the C{usedIp} row on the NIC's L3 with that address, held by
-   C{("VmNicVO", nic)}); a C{Destroyed} VM's NICs hold none; every C{usedIp} row is held by
-   a NIC that holds it;
+ - B{addresses}: a NIC's C{usedIpUuid} and C{ip} name the C{usedIp} row on its L3 with
+   that address, held by C{("VmNicVO", nic)}, or are both NULL and it holds none; every NIC
+   of a VM on a host holds one; a C{Destroyed} VM's NICs hold none; every C{usedIp} row is
+   held by a NIC;
  - B{volumes}: a C{Ready} volume has C{installPath} and C{primaryStorageUuid} and holds its
    C{size} there (holder C{("VolumeVO", volume)}; on LocalStorage naming a host); a
    C{NotInstantiated} volume holds nothing; no volume in another status (C{Creating},
    C{Deleted}, C{Migrating}); a root volume's VM exists and a VM's C{rootVolumeUuid}
    exists; every primary storage holder is a C{Ready} volume or an image cache of that
    storage (and host);
- - B{simulated agents} (with C{simulated_cluster}, a
+ - B{agents} (with C{simulated_cluster}, a
    L{agent.hypervisor.simulator.SimulatedCluster}, or C{agent_vms} gathered elsewhere, e.g.
    through C{/vm/vmsync} of another process): the VMs Running on each host's agent are
    exactly the store's VMs on that host in C{Running}/C{Paused}/C{Crashed} (an C{Unknown}
    one may or may not run there); with C{simulated_cluster}, the files on each host's local
    disk and on each NFS export are exactly the C{Ready} volumes' install paths and the
-   image caches' install URLs that belong there.
+   image caches' install URLs that belong there; with C{agent_local_used} (gathered through
+   C{/localstorage/getphysicalcapacity} of another process), the bytes used on each host's
+   local disk are what the store's LocalStorage holders on that host hold.
 
 Hosts map to simulated hosts by their C{managementIp}: C{.../hosts/<i>} is host key C{i}, a
 URL without that prefix host C{0} (as L{agent.app.AgentApp} addresses them).
@@ -106,7 +108,8 @@ def _holder(row: Mapping[str, Any]) -> tuple[str, str]:
 
 
 async def audit(store: Any, simulated_cluster: Any = None, *,
-                agent_vms: Mapping[str, Mapping[str, str]] | None = None) -> list[str]:
+                agent_vms: Mapping[str, Mapping[str, str]] | None = None,
+                agent_local_used: Mapping[str, int] | None = None) -> list[str]:
     """
     Every difference between the store and the invariants at rest (see the module
     docstring), and between the store and the agents when given.
@@ -117,6 +120,11 @@ async def audit(store: Any, simulated_cluster: Any = None, *,
     @param agent_vms: host uuid -> {VM uuid: state} as each host's agent reports them
         (C{/vm/vmsync}), for the hosts observed; used instead of C{simulated_cluster}'s
         hypervisors when given.
+    @param agent_local_used: host uuid -> bytes used on the host's local disk as its agent
+        reports them (C{/localstorage/getphysicalcapacity}: total - available), for the
+        hosts observed: they must be what the store's LocalStorage holders on that host
+        hold (the Ready volumes' sizes and the caches' actual sizes; the files' sizes on
+        the simulated disk), so leaked or missing bits show without a file listing.
     @return: the differences, one sentence each, sorted; empty when clean.
     """
     out: list[str] = []
@@ -184,21 +192,25 @@ async def audit(store: Any, simulated_cluster: Any = None, *,
             continue
         if vm["state"] not in HOST_STATES | OFF_HOST_STATES:
             continue  # reported above; its addresses follow from the operation under way
-        if vm["state"] == "Destroyed":
-            if nic.get("usedIpUuid") is not None or nic.get("ip") is not None:
-                out.append(f"NIC {nic['uuid']} of Destroyed VM {vm['uuid']} still names address"
-                           f" {nic.get('ip')} (usedIp {nic.get('usedIpUuid')})")
+        used_uuid, ip = nic.get("usedIpUuid"), nic.get("ip")
+        if used_uuid is None and ip is None:
+            if vm["state"] in HOST_STATES:
+                out.append(f"NIC {nic['uuid']} of {vm['state']} VM {vm['uuid']} holds no"
+                           f" address")
             if held:
-                out.append(f"NIC {nic['uuid']} of Destroyed VM {vm['uuid']} holds"
-                           f" {[u['ip'] for u in held]}")
+                out.append(f"NIC {nic['uuid']} of {vm['state']} VM {vm['uuid']} names no"
+                           f" address but holds {[u['ip'] for u in held]}")
             continue
-        used = used_ips.get(nic.get("usedIpUuid")) if nic.get("usedIpUuid") else None
-        if used is None or nic.get("ip") is None:
-            out.append(f"NIC {nic['uuid']} of {vm['state']} VM {vm['uuid']} holds no address"
-                       f" (ip {nic.get('ip')}, usedIp {nic.get('usedIpUuid')})")
-        elif (used["ip"] != nic["ip"] or used["l3NetworkUuid"] != nic["l3NetworkUuid"]
+        if vm["state"] == "Destroyed":
+            out.append(f"NIC {nic['uuid']} of Destroyed VM {vm['uuid']} still names address"
+                       f" {ip} (usedIp {used_uuid})")
+        used = used_ips.get(used_uuid) if used_uuid else None
+        if used is None or ip is None:
+            out.append(f"NIC {nic['uuid']} of {vm['state']} VM {vm['uuid']} names ip {ip},"
+                       f" usedIp {used_uuid}, which it does not hold")
+        elif (used["ip"] != ip or used["l3NetworkUuid"] != nic["l3NetworkUuid"]
               or _holder(used) != (NIC_HOLDER, nic["uuid"])):
-            out.append(f"NIC {nic['uuid']} names {nic['ip']} on L3 {nic['l3NetworkUuid']} but"
+            out.append(f"NIC {nic['uuid']} names {ip} on L3 {nic['l3NetworkUuid']} but"
                        f" usedIp {used['uuid']} is {used['ip']} on L3 {used['l3NetworkUuid']}"
                        f" held by {_holder(used)}")
         extra = [u["ip"] for u in held if u["uuid"] != nic.get("usedIpUuid")]
@@ -262,6 +274,14 @@ async def audit(store: Any, simulated_cluster: Any = None, *,
     # the agents
     if agent_vms is not None or simulated_cluster is not None:
         out.extend(_audit_agent_vms(hosts, vms, agent_vms, simulated_cluster))
+    if agent_local_used is not None:
+        for host_uuid, used in sorted(agent_local_used.items()):
+            held = sum(r["size"] for rows in ps_held.values() for ps_uuid, r in rows
+                       if r.get("hostUuid") == host_uuid
+                       and storages[ps_uuid]["type"] == "LocalStorage")
+            if used != held:
+                out.append(f"local disk of host {host_uuid}: its agent reports {used} bytes"
+                           f" used, the store's volumes and caches there hold {held}")
     if simulated_cluster is not None:
         out.extend(_audit_bits(hosts, storages, volumes, caches, ps_held, simulated_cluster))
     return sorted(out)
