@@ -5,6 +5,16 @@ mixins in sibling modules (L{zcontrol.services.vm.lifecycle}: create, start, sto
 destroy, recover, expunge; L{zcontrol.services.vm.migrate}; L{zcontrol.services.vm.nics};
 L{zcontrol.services.vm.volumes}), combined in L{zcontrol.services.vm.service.VmService}.
 
+Note [recovery after reconnect]
+==============================
+A starting node reconnects its hosts in the background (each C{Connected -> Connecting ->
+Connected}) while its services start. A recovery that probed or rolled back during that
+window got C{HOST.1002} (the host is Connecting) and concluded wrongly: a stop's VM left
+C{Unknown}, a destroy gone forward without destroying the VM on its host (skipped as for a
+Disconnected host: the VM kept running, its capacity given back), a create's rollback left
+C{Running} (an orphan volume row after the retry). So a recovery first waits for the
+reconnect (L{VmServiceBase.hosts_ready}, at most C{vm.probe_timeout}).
+
 Conventions every operation follows
 ===================================
  - B{One chain per VM}: an operation runs in the chain C{vm-<uuid>} at level 1
@@ -151,6 +161,11 @@ class VmServiceBase(Service):
         self.live_jobs: set[str] = set()
         self._recovering: set[str] = set()
         self._recovery_slots = DeferredSemaphore(self.config.recovery_parallelism)
+        #: C{hosts_ready()} -> a new Deferred firing once this node's start has reconnected
+        #: its hosts (None: nothing to wait for). A recovery waits for it (at most
+        #: C{probe_timeout}): its probes and rollbacks need the hosts Connected, and a host
+        #: being reconnected answers C{HOST.1002} (Note [recovery after reconnect]).
+        self.hosts_ready: Callable[[], Deferred] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -210,13 +225,17 @@ class VmServiceBase(Service):
         vm_uuid = job.get("resourceUuid") or job["uuid"]
         self._recovering.add(job["uuid"])
 
+        async def resolve() -> list[dict]:
+            await self._hosts_reconnected()
+            return await recover_jobs(
+                self.store, self.node_id, self.kinds, [job], clock=self.clock,
+                probe_timeout=self.config.probe_timeout,
+                rollback_timeout=self.config.rollback_timeout, parallelism=1)
+
         def run() -> Deferred:
             # At most recovery_parallelism jobs are resolved at once (their probes and
             # rollbacks reach agents); the others wait in their VM's chain.
-            return self._recovery_slots.run(lambda: Deferred.fromCoroutine(recover_jobs(
-                self.store, self.node_id, self.kinds, [job], clock=self.clock,
-                probe_timeout=self.config.probe_timeout,
-                rollback_timeout=self.config.rollback_timeout, parallelism=1)))
+            return self._recovery_slots.run(lambda: Deferred.fromCoroutine(resolve()))
 
         def done(result: Any) -> Any:
             self._recovering.discard(job["uuid"])
@@ -224,6 +243,21 @@ class VmServiceBase(Service):
 
         return trace_scope(job["uuid"], self.serialized, vm_chain(vm_uuid), run
                            ).addBoth(done)
+
+    async def _hosts_reconnected(self) -> None:
+        """
+        Wait (at most C{probe_timeout}) until this node's hosts are reconnected
+        (L{hosts_ready}; Note [recovery after reconnect]).
+        """
+        if self.hosts_ready is None:
+            return
+        d = self.hosts_ready()
+        d.addTimeout(self.config.probe_timeout, self.clock)
+        try:
+            await d
+        except Exception as e:
+            log.warn("vm: resolving interrupted jobs before this node's hosts are reconnected:"
+                     " {error}", error=str(from_failure(e)))
 
     def stop(self) -> Deferred[None]:
         for loop in self._periodic:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
+
 from zcontrol.services.vm.base import VmServiceBase
 from zcontrol.services.vm.lifecycle import LifecycleMixin
 
@@ -23,6 +25,29 @@ class VmService(LifecycleMixin, VmServiceBase):
 
 def make(node: Any) -> VmService:
     """
-    The VM service of C{node}.
+    The VM service of C{node}; its recovery waits for the node's host reconnect (the
+    C{reconnected} Deferred of the node's C{host} part, L{zcontrol.node.HostComponent}).
     """
-    return VmService(node.reactor, node.bus, node.store, node.config.vm)
+    service = VmService(node.reactor, node.bus, node.store, node.config.vm)
+    host = node.getServiceNamed("host")
+    service.hosts_ready = lambda: _when_fired(host.reconnected)
+    return service
+
+
+def _when_fired(d: Deferred | None) -> Deferred:
+    """
+    A new Deferred firing (with None) once C{d} fired, whatever its result (which C{d}
+    keeps); at once for None.
+    """
+    out: Deferred = Deferred()
+    if d is None:
+        out.callback(None)
+        return out
+
+    def fire(result: Any) -> Any:
+        if not out.called:
+            out.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return out
