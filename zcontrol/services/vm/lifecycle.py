@@ -334,7 +334,8 @@ class AllocateVolumes(_Flow):
     Record the planned volumes (C{NotInstantiated}) and reserve their size on a primary
     storage the chosen host reaches (C{AllocatePrimaryStorageMsg}, holder
     C{("VolumeVO", volume)}). Rollback: give the reservations back (by holder on every
-    candidate storage) and remove the volume rows not yet instantiated.
+    candidate storage) and remove the volume rows (a row still C{Ready} too: its instantiate
+    rollback failed and is retried later without it).
     """
 
     name = "allocate-volumes"
@@ -384,8 +385,10 @@ class AllocateVolumes(_Flow):
                 await self.svc.send(ReturnPrimaryStorageCapacityMsg(
                     service_id=PRIMARY, resource_uuid=ps, primary_storage_uuid=ps,
                     holder_uuid=vol["uuid"], holder_type=VOLUME_HOLDER))
-            row = await self.svc.store.get("volume", vol["uuid"])
-            if row is not None and row["status"] != "Ready":
+            # Whatever its status: a volume still Ready here is one whose instantiate
+            # rollback failed (the journal goes on with the earlier flows and retries that
+            # one later, from the recorded allocation, without the row).
+            if await self.svc.store.get("volume", vol["uuid"]) is not None:
                 await self.svc.store.delete("volume", vol["uuid"])
 
 
