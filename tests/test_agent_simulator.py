@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 
 import attrs
-
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
