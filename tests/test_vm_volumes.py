@@ -30,6 +30,7 @@ from tests.db_support import pg_create_database_sync, pg_drop_database_sync, pg_
 from tests.test_agent_loopback import LoopbackTestCase
 from zcontrol.config import load_config
 from zcontrol.core.errors import SYS
+from zcontrol.core.journal import JOB_NODE_RESTARTED, JOB_TAKEN_OVER, recover_jobs
 from zcontrol.db.query import Query
 from zcontrol.node import make_node
 from zcontrol.services.cluster.messages import SERVICE_ID as CLUSTER_SERVICE
@@ -59,7 +60,12 @@ from zcontrol.services.vm.messages import (
     DetachDataVolumeFromVmMsg,
     ExpungeDataVolumeMsg,
 )
-from zcontrol.services.vm.volumes import ATTACH_KIND, DETACH_KIND, LOCAL_STORAGE_HOST_TAG
+from zcontrol.services.vm.volumes import (
+    ATTACH_KIND,
+    DETACH_KIND,
+    LOCAL_STORAGE_HOST_TAG,
+    data_volume_tos,
+)
 from zcontrol.services.zone.messages import SERVICE_ID as ZONE_SERVICE
 from zcontrol.services.zone.messages import CreateZoneMsg
 
@@ -332,6 +338,11 @@ class VolumeScenario:
             self.assertEqual(reply.inventory["deviceId"], device)
         self.assertEqual(await self.plugged(vm1, h1),
                          {v1["uuid"]: 1, v3["uuid"]: 2, v2["uuid"]: 3})
+        # what a start of the VM must define it with: the same, as the agent wants them
+        tos = await data_volume_tos(self.store, vm1)
+        self.assertEqual([(t.volume_uuid, t.device_id) for t in tos],
+                         [(v1["uuid"], 1), (v3["uuid"], 2), (v2["uuid"], 3)])
+        self.assertEqual(tos[2].install_path, (await self.row(v2["uuid"]))["installPath"])
         await self.audit()
 
         # refusals: attached already, delete while attached, the VM's state, unknowns,
@@ -542,6 +553,72 @@ class VolumeScenario:
                              {})
             await self.audit()
 
+    async def test_recovery_resolves_interrupted_jobs(self) -> None:
+        """
+        Crash at every flow: a node that stops during any flow of an attach, a detach or a
+        create on a primary storage (the flow's work done, its record never written) resolves
+        the job at recovery (L{recover_jobs} with the services' own kinds, the context
+        rebuilt from the job row): the job C{Failed} with C{JOB.1000} naming the flow, and
+        everything it took given back. The interrupted run, when it finally fails, finds the
+        job taken over and touches nothing.
+        """
+        await self.build()
+        h1, _ = self.hosts
+        self.assertEqual(await self.services[VOLUME_SERVICE_ID].recovered, [])
+        vm = await self.vm(h1, self.local)
+        vm_service = self.services[VM_SERVICE]
+        volume_service = self.services[VOLUME_SERVICE_ID]
+        volume = (await self.volume())["uuid"]
+
+        async def crash(kind: Any, service: Any, flow: Any, request: Any) -> Any:
+            with _hangs_after(flow) as hung:
+                reply = defer.ensureDeferred(request())
+                await hung.reached
+                [job] = await self.query("job", f"apiName={kind.name}", "state=Running")
+                [outcome] = await recover_jobs(self.store, service.node_id, service.kinds,
+                                               [job], clock=reactor)
+                self.assertEqual(outcome["outcome"], "rolled-back", outcome)
+                self.assertEqual((outcome["error"].code, outcome["error"].location),
+                                 (JOB_NODE_RESTARTED, flow.name))
+                job = await self.store.get("job", job["uuid"])
+                self.assertEqual(job["state"], "Failed")
+                hung.release()
+                reply = await reply
+            self.assertFalse(reply.success)
+            self.assertIn(JOB_TAKEN_OVER, _said(reply.error))
+            return job
+
+        before = await self.row(volume)
+        kind = vm_service.kinds[ATTACH_KIND]
+        for flow in kind.flows:
+            await crash(kind, vm_service, flow, lambda: self.attach(volume, vm))
+            row = await self.row(volume)
+            self.assertEqual(row, {**before, "lastOpDate": row["lastOpDate"]})
+            self.assertEqual(await self.plugged(vm, h1), {})
+            await self.audit()
+
+        self.assertTrue((await self.attach(volume, vm)).success)
+        attached = await self.row(volume)
+        kind = vm_service.kinds[DETACH_KIND]
+        for flow in kind.flows:
+            await crash(kind, vm_service, flow, lambda: self.detach(volume, vm))
+            row = await self.row(volume)
+            self.assertEqual(row, {**attached, "lastOpDate": row["lastOpDate"]})
+            self.assertEqual(await self.plugged(vm, h1), {volume: 1})
+            await self.audit()
+
+        kind = volume_service.kinds["CreateDataVolume"]
+        for flow in kind.flows:
+            uuid = secrets.token_hex(16)
+            await crash(kind, volume_service, flow, lambda uuid=uuid: self.send(
+                CreateDataVolumeMsg(name="d", disk_size=GiB, primary_storage_uuid=self.local,
+                                    system_tags=[f"{LOCAL_STORAGE_HOST_TAG}{h1}"], uuid=uuid),
+                VOLUME_SERVICE_ID, uuid))
+            self.assertIsNone(await self.row(uuid))
+            self.assertEqual([f for f in self.bits(self.storages[self.local], h1) if uuid in f],
+                             [])
+            await self.audit()
+
 
 def _said(err: Any) -> str:
     """
@@ -585,6 +662,39 @@ class _fails_after:
 
     def __exit__(self, *exc: Any) -> None:
         self.flow._run = self.run
+
+
+class _hangs_after:
+    """
+    Within the C{with} block, C{flow}'s run does its work and then never reports, as when
+    its node stops: C{reached} fires then; C{release()} fails the run at last.
+    """
+
+    def __init__(self, flow: Any) -> None:
+        self.flow = flow
+        self.reached: defer.Deferred = defer.Deferred()
+        self._hang: defer.Deferred = defer.Deferred()
+
+    def __enter__(self) -> _hangs_after:
+        self.run = run = self.flow._run
+
+        async def hanging(ctx: Any) -> dict:
+            await run(ctx)
+            self.reached.callback(None)
+            return await self._hang
+
+        self.flow._run = hanging
+        self.reached.addTimeout(TIMEOUT, reactor)
+        return self
+
+    def release(self) -> None:
+        self._hang.errback(HypervisorError("the node stopped"))
+
+    def __exit__(self, *exc: Any) -> None:
+        self.flow._run = self.run
+        if not self._hang.called:
+            self.release()
+            self._hang.addErrback(lambda _: None)
 
 
 class EmbeddedVolumeTests(VolumeScenario, LoopbackTestCase):

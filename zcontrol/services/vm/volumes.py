@@ -224,8 +224,20 @@ class VolumeService(Service):
 
     def start(self) -> Any:
         """
-        Resolve this node's interrupted C{CreateDataVolume} jobs (in the background, each in
-        its volume's chain), then serve.
+        Resolve this node's interrupted C{CreateDataVolume} jobs in the background
+        (L{resolve_interrupted}; L{recovered} fires with the outcomes), and serve.
+        """
+        self.background(self.resolve_interrupted(), "resolving interrupted volume jobs"
+                        ).chainDeferred(self.recovered)
+        return super().start()
+
+    def resolve_interrupted(self) -> Deferred:
+        """
+        Resolve this node's C{Running} jobs of the volume service's kinds, each in its
+        volume's chain, as its trace (L{recover_jobs}: the create rolled back, its row and
+        any bits removed).
+
+        @return: a Deferred firing with L{recover_jobs}' outcomes.
         """
         async def recover() -> list[dict]:
             jobs = [j for j in await self.store.running_jobs(self.node_id)
@@ -240,9 +252,7 @@ class VolumeService(Service):
                                                               clock=self.clock))))
             return out
 
-        self.background(Deferred.fromCoroutine(recover()),
-                        "resolving interrupted volume jobs").chainDeferred(self.recovered)
-        return super().start()
+        return Deferred.fromCoroutine(recover())
 
     # --- create -----------------------------------------------------------------------
 
