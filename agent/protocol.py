@@ -569,13 +569,13 @@ class DetachNicRsp(Response):
 @message
 class AttachDataVolumeCmd(Message):
     """
-    C{/vm/attachdatavolume} (ZStack's C{AttachDataVolumeCmd}): hot-plug a data volume into a
-    running VM at C{volume.device_id}.
+    C{/vm/attachdatavolume} (ZStack's C{AttachDataVolumeCmd}, without its C{addons}, which
+    this agent has no use for; a sender's C{addons} is ignored as any unknown field): hot-plug
+    a data volume into a running VM at C{volume.device_id}.
     """
 
     vm_instance_uuid: str
     volume: VolumeTO
-    addons: dict[str, Any] = attrs.Factory(dict)
 
 
 @message

@@ -533,7 +533,7 @@ class VolumeAttachMixin:
             reply = await self.send(DetachDataVolumeFromVmMsg(  # type: ignore[attr-defined]
                 service_id=SERVICE_ID, resource_uuid=volume["vmInstanceUuid"],
                 uuid=volume_uuid, vm_uuid=volume["vmInstanceUuid"]))
-            return reply
+            return VolumeReply(inventory=reply.inventory, job_uuid=reply.job_uuid)
         vm_uuid = validate.uuid(msg.vm_uuid, "vmUuid")
         skip: list[dict] = []
 
