@@ -90,7 +90,7 @@ from zcontrol.services.primarystorage.messages import (
 )
 from zcontrol.services.primarystorage.messages import SERVICE_ID as PRIMARY
 from zcontrol.services.vm import states
-from zcontrol.services.vm.base import VOLUME_HOLDER, job_kinds, message_body
+from zcontrol.services.vm.base import NO_JOB, VOLUME_HOLDER, job_kinds, message_body
 from zcontrol.services.vm.errors import VM
 from zcontrol.services.vm.messages import (
     SERVICE_ID,
@@ -517,7 +517,7 @@ class VolumeAttachMixin:
                 await self._check_reachable(vm, volume)
 
         return await self._run_volume_job(ATTACH_KIND, msg, vm_uuid, volume_uuid, before,
-                                          VM.ATTACH_VOLUME_ERROR, "attach")
+                                          VM.ATTACH_VOLUME_ERROR)
 
     @handles(DetachDataVolumeFromVmMsg)
     async def detach_data_volume(self, msg: DetachDataVolumeFromVmMsg) -> VolumeReply:
@@ -535,9 +535,8 @@ class VolumeAttachMixin:
                 uuid=volume_uuid, vm_uuid=volume["vmInstanceUuid"]))
             return VolumeReply(inventory=reply.inventory, job_uuid=reply.job_uuid)
         vm_uuid = validate.uuid(msg.vm_uuid, "vmUuid")
-        skip: list[dict] = []
 
-        async def before() -> None:
+        async def before() -> Any:
             await self.check(vm_uuid, states.Operation.detachVolume,  # type: ignore
                              field="vmUuid")
             volume = await self._volume(volume_uuid, "uuid")
@@ -547,43 +546,38 @@ class VolumeAttachMixin:
                     f" {volume['vmInstanceUuid']}: a root volume cannot be detached",
                     uuid=volume_uuid, field="uuid")
             if volume["vmInstanceUuid"] is None:
-                skip.append(volume)
-                raise _NothingToDo()
+                return NO_JOB
             if volume["vmInstanceUuid"] != vm_uuid:
                 raise OperationError.of(
                     VM.DETACH_VOLUME_ERROR, f"volume {volume_uuid} is attached to VM"
                     f" {volume['vmInstanceUuid']}, not to VM {vm_uuid}", uuid=volume_uuid,
                     vmInstanceUuid=volume["vmInstanceUuid"], field="vmUuid")
+            return None
 
-        try:
-            return await self._run_volume_job(DETACH_KIND, msg, vm_uuid, volume_uuid, before,
-                                              VM.DETACH_VOLUME_ERROR, "detach")
-        except _NothingToDo:
-            return VolumeReply(inventory=skip[0])
+        return await self._run_volume_job(DETACH_KIND, msg, vm_uuid, volume_uuid, before,
+                                          VM.DETACH_VOLUME_ERROR)
 
     async def _run_volume_job(self, kind: str, msg: Any, vm_uuid: str, volume_uuid: str,
-                              before: Callable[[], Awaitable[None]], code: str, verb: str
+                              before: Callable[[], Awaitable[Any]], code: str
                               ) -> VolumeReply:
+        """
+        Run a job of C{kind} in the VM's chain (L{VmServiceBase.run_job}): C{before()}
+        refuses with its own error, or says there is nothing to do (L{NO_JOB}); a failed job
+        fails with C{code} (C{VM.1005}/C{VM.1006}) whose cause is the failing flow's error.
+        The reply carries the volume's inventory afterwards and the job uuid.
+        """
         job_uuid = new_trace_id()
-        checked: list[bool] = []
 
-        async def check() -> None:
-            await before()
-            checked.append(True)
+        async def prepare() -> Any:
+            if await before() is NO_JOB:
+                return NO_JOB
+            return message_body(msg)
 
-        try:
-            await self.run_job(kind, msg, vm_uuid,  # type: ignore[attr-defined]
-                               before=lambda: Deferred.fromCoroutine(check()),
-                               job_uuid=job_uuid)
-        except OperationError as e:
-            if not checked:  # refused before the job: the refusal itself
-                raise
-            raise OperationError(error_code(
-                code, f"cannot {verb} volume {volume_uuid} {'to' if verb == 'attach' else 'from'}"
-                f" VM {vm_uuid}", e.error, uuid=volume_uuid, vmInstanceUuid=vm_uuid,
-                job=job_uuid)) from None
+        done = await self.run_job(kind, vm_uuid,  # type: ignore[attr-defined]
+                                  lambda: Deferred.fromCoroutine(prepare()),
+                                  fail_code=code, job_uuid=job_uuid)
         return VolumeReply(inventory=await self.store.get("volume", volume_uuid),
-                           job_uuid=job_uuid)
+                           job_uuid=None if done is NO_JOB else job_uuid)
 
     async def _volume(self, uuid: str, field: str) -> dict[str, Any]:
         return await self.must_get("volume", uuid, VOLUME.NOT_FOUND,  # type: ignore
@@ -832,9 +826,3 @@ class VolumeAttachMixin:
             # to give back either way
             if not (_conflict(e) or _gone(e)):
                 raise
-
-
-class _NothingToDo(Exception):
-    """
-    A detach of a volume that is attached to no VM: answered with its inventory, no job.
-    """
