@@ -28,6 +28,7 @@ from agent.kvm import KvmPlugin
 from agent.storage import StoragePlugin
 from tests.db_support import pg_create_database_sync, pg_drop_database_sync, pg_dsn
 from tests.test_agent_loopback import LoopbackTestCase
+from tests.vm_scenario import CloudScenario, EmbeddedBackends, RabbitPostgresBackends
 from zcontrol.config import load_config
 from zcontrol.core.errors import SYS
 from zcontrol.core.journal import JOB_NODE_RESTARTED, JOB_TAKEN_OVER, recover_jobs
@@ -57,8 +58,12 @@ from zcontrol.services.vm.messages import (
     AttachDataVolumeToVmMsg,
     CreateDataVolumeMsg,
     DeleteDataVolumeMsg,
+    DestroyVmInstanceMsg,
     DetachDataVolumeFromVmMsg,
     ExpungeDataVolumeMsg,
+    ExpungeVmInstanceMsg,
+    StartVmInstanceMsg,
+    StopVmInstanceMsg,
 )
 from zcontrol.services.vm.volumes import (
     ATTACH_KIND,
@@ -76,7 +81,83 @@ TIMEOUT = 60
 DISK = 20 * GiB
 
 
-class VolumeScenario:
+class VolumeChecks:
+    """
+    The checks and helpers both scenarios share: the store's rows, the simulated agent's
+    view (the volumes plugged into a VM, the files on a disk) and L{audit}. Needs
+    C{self.store}, C{self.slots} (host uuid -> agent slot), C{self.storages} (primary
+    storage uuid -> its row) and C{self.simulated}.
+    """
+
+    async def stored(self, resource: str, *conditions: str) -> list[dict[str, Any]]:
+        return (await self.store.query(resource, Query(conditions=list(conditions),
+                                                       limit=1000))).inventories
+
+    async def attach(self, volume: str, vm: str) -> Any:
+        return await self.send(AttachDataVolumeToVmMsg(vm_instance_uuid=vm, volume_uuid=volume),
+                               VM_SERVICE, vm)
+
+    async def detach(self, volume: str, vm: str | None) -> Any:
+        return await self.send(DetachDataVolumeFromVmMsg(uuid=volume, vm_uuid=vm),
+                               VM_SERVICE, vm)
+
+    def hv(self, host_uuid: str) -> Any:
+        return self.simulated.hypervisor(self.slots[host_uuid])
+
+    async def plugged(self, vm: str, host_uuid: str) -> dict[str, int]:
+        """
+        The data volumes the simulated host has plugged into VM C{vm}: uuid -> device id.
+        """
+        found = await self.hv(host_uuid).attached_volumes(vm)
+        return {u: v.device_id for u, v in found.items()}
+
+    def bits(self, ps: dict[str, Any], host_uuid: str | None) -> dict[str, int]:
+        """
+        The files on a primary storage as the simulated agent has them: LocalStorage, on
+        the host's disk; NFS, on the export.
+        """
+        if ps["type"] == "LocalStorage":
+            return self.simulated.storage(self.slots[host_uuid]).local.files
+        return self.simulated.nfs_exports[ps["url"]].files
+
+    async def audit(self) -> None:
+        """
+        The store against the agents: no capacity drift; every C{Ready} volume holds its
+        size on its primary storage (on its host for LocalStorage) and has its bits there,
+        every C{NotInstantiated} volume holds nothing; no C{VolumeVO} holder without its
+        volume; every Running VM has exactly its attached Ready data volumes plugged in at
+        their device ids; no job left Running.
+        """
+        self.assertEqual(await self.store.audit_capacity(), [])
+        volumes = {v["uuid"]: v for v in await self.stored("volume")}
+        held: dict[str, tuple[str, int, str | None]] = {}
+        for ps in await self.stored("primaryStorage"):
+            for h in await self.store.primary_storage_holders(ps["uuid"]):
+                if h["holderType"] == "VolumeVO":
+                    self.assertIn(h["holderUuid"], volumes, f"leaked holder {h}")
+                    held[h["holderUuid"]] = (ps["uuid"], h["size"], h["hostUuid"])
+        for v in volumes.values():
+            if v["status"] == "Ready":
+                ps_uuid, size, host = held[v["uuid"]]
+                self.assertEqual((ps_uuid, size), (v["primaryStorageUuid"], v["size"]))
+                ps = self.storages[ps_uuid]
+                self.assertEqual(self.bits(ps, host).get(v["installPath"]), v["size"],
+                                 f"bits of {v['uuid']}")
+            elif v["status"] == "NotInstantiated":
+                self.assertNotIn(v["uuid"], held)
+                self.assertIsNone(v["primaryStorageUuid"])
+                self.assertIsNone(v["installPath"])
+        for vm in await self.stored("vmInstance", "state=Running"):
+            want = {v["uuid"]: v["deviceId"] for v in volumes.values()
+                    if v["vmInstanceUuid"] == vm["uuid"] and v["type"] == "Data"}
+            self.assertEqual(await self.plugged(vm["uuid"], vm["hostUuid"]), want)
+        self.assertEqual(await self.stored("job", "state=Running"), [])
+
+    async def row(self, uuid: str) -> dict[str, Any] | None:
+        return await self.store.get("volume", uuid)
+
+
+class VolumeScenario(VolumeChecks):
     """
     The scenario, for a L{LoopbackTestCase} whose L{node_overrides} chooses the backends.
     """
@@ -126,70 +207,6 @@ class VolumeScenario:
         for name in named:
             self.assertIn(name, said)
         return reply.error
-
-    async def query(self, resource: str, *conditions: str) -> list[dict[str, Any]]:
-        return (await self.store.query(resource, Query(conditions=list(conditions),
-                                                       limit=1000))).inventories
-
-    async def attach(self, volume: str, vm: str) -> Any:
-        return await self.send(AttachDataVolumeToVmMsg(vm_instance_uuid=vm, volume_uuid=volume),
-                               VM_SERVICE, vm)
-
-    async def detach(self, volume: str, vm: str | None) -> Any:
-        return await self.send(DetachDataVolumeFromVmMsg(uuid=volume, vm_uuid=vm),
-                               VM_SERVICE, vm)
-
-    def hv(self, host_uuid: str) -> Any:
-        return self.simulated.hypervisor(self.slots[host_uuid])
-
-    async def plugged(self, vm: str, host_uuid: str) -> dict[str, int]:
-        """
-        The data volumes the simulated host has plugged into VM C{vm}: uuid -> device id.
-        """
-        found = await self.hv(host_uuid).attached_volumes(vm)
-        return {u: v.device_id for u, v in found.items()}
-
-    def bits(self, ps: dict[str, Any], host_uuid: str | None) -> dict[str, int]:
-        """
-        The files on a primary storage as the simulated agent has them: LocalStorage, on
-        the host's disk; NFS, on the export.
-        """
-        if ps["type"] == "LocalStorage":
-            return self.simulated.storage(self.slots[host_uuid]).local.files
-        return self.simulated.nfs_exports[ps["url"]].files
-
-    async def audit(self) -> None:
-        """
-        The store against the agents: no capacity drift; every C{Ready} volume holds its
-        size on its primary storage (on its host for LocalStorage) and has its bits there,
-        every C{NotInstantiated} volume holds nothing; no C{VolumeVO} holder without its
-        volume; every Running VM has exactly its attached Ready data volumes plugged in at
-        their device ids; no job left Running.
-        """
-        self.assertEqual(await self.store.audit_capacity(), [])
-        volumes = {v["uuid"]: v for v in await self.query("volume")}
-        held: dict[str, tuple[str, int, str | None]] = {}
-        for ps in await self.query("primaryStorage"):
-            for h in await self.store.primary_storage_holders(ps["uuid"]):
-                if h["holderType"] == "VolumeVO":
-                    self.assertIn(h["holderUuid"], volumes, f"leaked holder {h}")
-                    held[h["holderUuid"]] = (ps["uuid"], h["size"], h["hostUuid"])
-        for v in volumes.values():
-            if v["status"] == "Ready":
-                ps_uuid, size, host = held[v["uuid"]]
-                self.assertEqual((ps_uuid, size), (v["primaryStorageUuid"], v["size"]))
-                ps = self.storages[ps_uuid]
-                self.assertEqual(self.bits(ps, host).get(v["installPath"]), v["size"],
-                                 f"bits of {v['uuid']}")
-            elif v["status"] == "NotInstantiated":
-                self.assertNotIn(v["uuid"], held)
-                self.assertIsNone(v["primaryStorageUuid"])
-                self.assertIsNone(v["installPath"])
-        for vm in await self.query("vmInstance", "state=Running"):
-            want = {v["uuid"]: v["deviceId"] for v in volumes.values()
-                    if v["vmInstanceUuid"] == vm["uuid"] and v["type"] == "Data"}
-            self.assertEqual(await self.plugged(vm["uuid"], vm["hostUuid"]), want)
-        self.assertEqual(await self.query("job", "state=Running"), [])
 
     # --- the cloud --------------------------------------------------------------------
 
@@ -258,9 +275,6 @@ class VolumeScenario:
             kw.setdefault("disk_offering_uuid", self.offering)
         return (await self.ok(CreateDataVolumeMsg(**kw), VOLUME_SERVICE_ID)).inventory
 
-    async def row(self, uuid: str) -> dict[str, Any] | None:
-        return await self.store.get("volume", uuid)
-
     # --- the scenarios ----------------------------------------------------------------
 
     async def test_create_attach_detach_delete(self) -> None:
@@ -295,7 +309,7 @@ class VolumeScenario:
                                                primary_storage_uuid=self.local),
                            VOLUME_SERVICE_ID, None, SYS.INVALID_ARGUMENT_ERROR, "systemTags",
                            LOCAL_STORAGE_HOST_TAG)
-        self.assertEqual(await self.query("volume"), [])
+        self.assertEqual(await self.stored("volume"), [])
 
         # created: NotInstantiated (nothing held), on NFS, on h1's LocalStorage
         v1 = await self.volume()
@@ -540,7 +554,7 @@ class VolumeScenario:
             self.assertEqual(_location(err), "instantiate-volume")
         finally:
             storage.local_create_empty = create
-        self.assertEqual(await self.query("volume"), [])
+        self.assertEqual(await self.stored("volume"), [])
         await self.audit()
         for flow in self.services[VOLUME_SERVICE_ID].kinds["CreateDataVolume"].flows:
             with _fails_after(flow):
@@ -548,7 +562,7 @@ class VolumeScenario:
                     CreateDataVolumeMsg(name="d", disk_size=GiB, primary_storage_uuid=self.nfs),
                     VOLUME_SERVICE_ID, None, VOLUME.CREATE_ERROR, "injected")
                 self.assertEqual(_location(err), flow.name)
-            self.assertEqual(await self.query("volume"), [])
+            self.assertEqual(await self.stored("volume"), [])
             self.assertEqual(self.simulated.nfs_exports[self.storages[self.nfs]["url"]].files,
                              {})
             await self.audit()
@@ -574,7 +588,7 @@ class VolumeScenario:
             with _hangs_after(flow) as hung:
                 reply = defer.ensureDeferred(request())
                 await hung.reached
-                [job] = await self.query("job", f"apiName={kind.name}", "state=Running")
+                [job] = await self.stored("job", f"apiName={kind.name}", "state=Running")
                 [outcome] = await recover_jobs(self.store, service.node_id, service.kinds,
                                                [job], clock=reactor)
                 self.assertEqual(outcome["outcome"], "rolled-back", outcome)
@@ -695,6 +709,115 @@ class _hangs_after:
         if not self._hang.called:
             self.release()
             self._hang.addErrback(lambda _: None)
+
+
+class RealVmScenario(VolumeChecks, CloudScenario):
+    """
+    Data volumes on VMs made by the VM service (L{tests.vm_scenario}): created, stopped,
+    started, destroyed and expunged through its messages.
+    """
+
+    storage = "both"
+
+    async def build(self) -> None:
+        await self.build_cloud()
+        self.store = self.node.store
+        self.slots = {h: str(s) for h, s in self.cloud.slots.items()}
+        self.storages = {ps["uuid"]: ps for ps in await self.stored("primaryStorage")}
+
+    async def check(self) -> None:
+        await self.audit()
+        await self.consistent()
+
+    async def new_volume(self, **kw: Any) -> str:
+        kw.setdefault("name", "data")
+        if "disk_size" not in kw:
+            kw.setdefault("disk_offering_uuid", self.cloud.disk_offering)
+        return (await self.ok(CreateDataVolumeMsg(**kw), VOLUME_SERVICE_ID)).inventory["uuid"]
+
+    async def test_volumes_of_a_real_vm(self) -> None:
+        """
+        A VM created on LocalStorage gets a NotInstantiated volume (instantiated on its
+        host's disk, plugged in at device 1) and an NFS one (device 2); stopped, it gets a
+        third (on its last host's disk, no agent call); started again, the agent defines it
+        with all three at their device ids; a detach while it runs unplugs one; destroyed
+        and expunged, its data volumes are kept, unattached, and then deleted. A VM created
+        with a data disk offering starts with that disk plugged in. The store, the agents
+        and the accounting agree after every step.
+        """
+        await self.build()
+        vm = await self.create(primary_storage_uuid_for_root_volume=self.cloud.local)
+        self.assertEqual(vm["state"], "Running")
+        v, host = vm["uuid"], vm["hostUuid"]
+        await self.check()
+
+        local = await self.new_volume()
+        reply = await self.attach(local, v)
+        self.assertTrue(reply.success, reply.error)
+        self.assertEqual((reply.inventory["primaryStorageUuid"], reply.inventory["deviceId"]),
+                         (self.cloud.local, 1))
+        [held] = [h for h in await self.store.primary_storage_holders(self.cloud.local)
+                  if h["holderUuid"] == local]
+        self.assertEqual(held["hostUuid"], host)
+        nfs = await self.new_volume(disk_size=GiB, primary_storage_uuid=self.cloud.nfs)
+        self.assertTrue((await self.attach(nfs, v)).success)
+        self.assertEqual(await self.plugged(v, host), {local: 1, nfs: 2})
+        await self.check()
+
+        await self.vm(StopVmInstanceMsg(uuid=v), v)
+        await self.check()
+        third = await self.new_volume()
+        reply = await self.attach(third, v)
+        self.assertTrue(reply.success, reply.error)
+        self.assertEqual(reply.inventory["deviceId"], 3)
+        [held] = [h for h in await self.store.primary_storage_holders(self.cloud.local)
+                  if h["holderUuid"] == third]
+        self.assertEqual(held["hostUuid"], host)
+        await self.check()
+
+        started = (await self.vm(StartVmInstanceMsg(uuid=v), v)).inventory
+        self.assertEqual(started["hostUuid"], host)  # its root volume is on that disk
+        self.assertEqual(await self.plugged(v, host), {local: 1, nfs: 2, third: 3})
+        await self.check()
+
+        reply = await self.detach(nfs, v)
+        self.assertTrue(reply.success, reply.error)
+        self.assertEqual(await self.plugged(v, host), {local: 1, third: 3})
+        await self.check()
+
+        await self.vm(DestroyVmInstanceMsg(uuid=v), v)
+        await self.check()
+        await self.refused(DeleteDataVolumeMsg(uuid=local), VOLUME_SERVICE_ID, local,
+                           VOLUME.ATTACHED, v)
+        await self.vm(ExpungeVmInstanceMsg(uuid=v), v)
+        for vol in (local, third, nfs):
+            row = await self.row(vol)
+            self.assertEqual((row["vmInstanceUuid"], row["deviceId"], row["status"]),
+                             (None, None, "Ready"))
+        await self.check()
+        for vol in (local, third, nfs):
+            await self.ok(DeleteDataVolumeMsg(uuid=vol), VOLUME_SERVICE_ID, vol)
+        self.assertEqual(await self.stored("volume"), [])
+        await self.check()
+
+        with_disk = await self.create(data_disk_offering_uuids=[self.cloud.disk_offering])
+        [data] = [x for x in await self.stored("volume", f"vmInstanceUuid={with_disk['uuid']}")
+                  if x["type"] == "Data"]
+        self.assertEqual(await self.plugged(with_disk["uuid"], with_disk["hostUuid"]),
+                         {data["uuid"]: 1})
+        await self.check()
+
+
+class EmbeddedRealVmTests(RealVmScenario, EmbeddedBackends, LoopbackTestCase):
+    """
+    On the embedded defaults.
+    """
+
+
+class RabbitPostgresRealVmTests(RealVmScenario, RabbitPostgresBackends, LoopbackTestCase):
+    """
+    On PostgreSQL and RabbitMQ.
+    """
 
 
 class EmbeddedVolumeTests(VolumeScenario, LoopbackTestCase):
