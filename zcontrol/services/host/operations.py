@@ -276,7 +276,7 @@ class HostOperations:
         page = await self._store.query("vmInstance", Query(
             conditions=[Condition("hostUuid", "=", uuid),
                         Condition("state", "!?=", list(INACTIVE_VM_STATES))],
-            fields=["uuid"], sort="uuid", limit=1_000_000))
+            fields=["uuid"], sort="uuid", limit=100_000))
         vms = [r["uuid"] for r in page.inventories]
         if not vms:
             return {}
@@ -317,7 +317,7 @@ class HostOperations:
         """
         volumes = (await self._store.query("volume", Query(
             conditions=[Condition("vmInstanceUuid", "?=", vm_uuids)],
-            fields=["vmInstanceUuid", "primaryStorageUuid"], limit=1_000_000))).inventories
+            fields=["vmInstanceUuid", "primaryStorageUuid"], limit=100_000))).inventories
         storages = sorted({v["primaryStorageUuid"] for v in volumes
                            if v["primaryStorageUuid"] is not None})
         if not storages:

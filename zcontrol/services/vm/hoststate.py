@@ -363,7 +363,7 @@ class HostStateMixin:
         page = await self.store.query("vmInstance", Query(
             conditions=[Condition("hostUuid", "=", host_uuid),
                         Condition("state", "?=", list(UNKNOWN_ON_DISCONNECT))],
-            fields=["uuid"], sort="uuid", limit=1_000_000))
+            fields=["uuid"], sort="uuid", limit=100_000))
         mine = [r["uuid"] for r in page.inventories
                 if self.bus.owner_of(r["uuid"]) == self.bus.node_id]
         changed = 0
