@@ -590,12 +590,12 @@ class HostStateScenario:
         self.assertEqual(sorted(c for c in changes if c[0] == "vm-2"),
                          [("vm-2", "Running", "Unknown"), ("vm-2", "Unknown", "Stopped")])
 
-    async def test_maintenance_without_a_vm_service_answer(self) -> None:
+    async def test_maintenance_fails_back_naming_the_vm(self) -> None:
         """
-        Maintenance end to end while the VM service has no stop or migrate (they answer
-        SYS.1008 until the lifecycle lands): the VMs are named, the host returns to Enabled,
-        the VMs and their capacity stay as they were. (Replaced by the stop and migrate
-        paths once the VM service runs them.)
+        Maintenance end to end with a VM that can be neither migrated nor stopped (stuck in
+        Rebooting, a state that allows neither operation): maintain fails with HOST.1005
+        naming it and the refusals, the host returns to Enabled, the VM and its capacity
+        stay as they were, on the store and on the agent.
         """
         await self.start_node()
         self.zone = (await self.ok(CreateZoneMsg(name="z"), ZONE_SERVICE)).inventory["uuid"]
@@ -607,15 +607,18 @@ class HostStateScenario:
                             HOST_SERVICE)).inventory["uuid"]
         await self.settle()
         await self.place("vm-1", h1, 1, "Running")
+        await self.store.change_vm_state("vm-1", "Running", "Rebooting")
         reply = await self.node.bus.send(ChangeHostStateMsg(
             service_id=HOST_SERVICE, resource_uuid=h1, uuid=h1, state_event="maintain"),
             TIMEOUT)
         self.assertFalse(reply.success)
         self.assertEqual(reply.error.code, HOST.HAS_VMS)
         self.assertEqual(reply.error.opaque["vmUuids"], ["vm-1"])
+        self.assertEqual(list(reply.error.opaque["failures"]), ["vm-1"])
         self.assertIn("could neither migrate nor stop VM vm-1", reply.error.details)
         self.assertEqual((await self.store.get("host", h1))["state"], "Enabled")
-        self.assertEqual(await self.where("vm-1"), ("Running", h1, h1))
+        self.assertEqual(await self.where("vm-1"), ("Rebooting", h1, h1))
+        self.assertEqual(await self.held(h1), {"vm-1": (2, 2 * GiB)})
         self.assertEqual(self.on_agent(1), {"vm-1": "Running"})
         await self.no_drift()
 
