@@ -11,11 +11,12 @@ from typing import Any
 
 from zcontrol.services.vm.base import VmServiceBase
 from zcontrol.services.vm.hoststate import HostStateMixin
+from zcontrol.services.vm.lifecycle import LifecycleMixin
 
 __all__ = ["VmService", "make"]
 
 
-class VmService(HostStateMixin, VmServiceBase):
+class VmService(HostStateMixin, LifecycleMixin, VmServiceBase):
     """
     The VM service: every VM operation (see the mixins' modules).
     """
