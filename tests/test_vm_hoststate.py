@@ -31,6 +31,7 @@ from agent.hypervisor.simulator import GiB
 from tests.db_support import pg_create_database_sync, pg_drop_database_sync, pg_dsn
 from tests.test_agent_loopback import LoopbackTestCase
 from tests.test_host_service import HostServiceTestCase
+from tests.vm_scenario import CloudScenario, EmbeddedBackends, RabbitPostgresBackends
 from zcontrol.config import load_config
 from zcontrol.core.errors import SYS, OperationError
 from zcontrol.node import make_node
@@ -51,6 +52,7 @@ from zcontrol.services.vm.hoststate import StrangerVmFoundEvent
 from zcontrol.services.vm.messages import SERVICE_ID as VM_SERVICE
 from zcontrol.services.vm.messages import (
     MigrateVmMsg,
+    StartVmInstanceMsg,
     StopVmInstanceMsg,
     VmInstanceReply,
     VmInstanceStateChangedEvent,
@@ -621,6 +623,150 @@ class HostStateScenario:
         self.assertEqual(await self.held(h1), {"vm-1": (2, 2 * GiB)})
         self.assertEqual(self.on_agent(1), {"vm-1": "Running"})
         await self.no_drift()
+
+
+class RealVmScenario(CloudScenario):
+    """
+    The same decisions on VMs the VM service made (L{CloudScenario}: two hosts, NFS and
+    LocalStorage, an image, an L3), checked with the cloud's invariants at rest
+    (L{CloudScenario.consistent}: capacity held per VM, addresses per NIC, the agents
+    agreeing with the store) after each step.
+    """
+
+    cloud_hosts = 2
+    storage = "both"
+    offering_cpu = 2
+    offering_memory = 2 * GiB
+    node_config = {"host": {"ping_interval": 3600, "auto_reconnect": False,
+                            "ping_timeout": 5}}
+
+    @property
+    def hosts(self) -> Any:
+        return [s for s in self.node if s.name == "host"][0].service
+
+    async def settle(self) -> None:
+        await self.hosts._waiter.wait()
+        await self.vm_service._waiter.wait()
+
+    async def where(self, uuid: str) -> tuple[str, str | None]:
+        row = await self.node.store.get("vmInstance", uuid)
+        return row["state"], row["hostUuid"]
+
+    async def held_by(self, uuid: str) -> list[Any]:
+        return await self.node.store.holder_reservations((VM_HOLDER, uuid))
+
+    def hv_of(self, host: str) -> Any:
+        return self.simulated.hypervisor(str(self.cloud.slots[host]))
+
+    async def test_reports_and_maintenance(self) -> None:
+        """
+        A guest that shuts down on its own (the agent's report) and one stopped by hand
+        (a sync) become Stopped with their capacity given back, and start again through the
+        VM service; a maintenance stops the host's VMs on LocalStorage (they cannot migrate
+        live) with StopVmInstanceMsg and reaches Maintenance; enabled again, the host takes
+        them back.
+        """
+        cloud = await self.build_cloud()
+        h1, h2 = cloud.hosts
+        await self.settle()
+        a = (await self.create("vm-a", host_uuid=h1,
+                               primary_storage_uuid_for_root_volume=cloud.local))["uuid"]
+        b = (await self.create("vm-b", host_uuid=h1,
+                               primary_storage_uuid_for_root_volume=cloud.local))["uuid"]
+        c = (await self.create("vm-c", host_uuid=h2,
+                               primary_storage_uuid_for_root_volume=cloud.nfs))["uuid"]
+        await self.settle()
+        await self.consistent()
+        self.assertEqual(await self.hosts.sync_vms(h1), 0)
+
+        # vm-a's guest shuts down: the agent reports it
+        await self.hv_of(h1).stop_vm(a)
+        self.assertTrue(await self.agent.report_vm_state(str(cloud.slots[h1]), a, "Stopped"))
+        self.assertEqual(await self.where(a), ("Stopped", None))
+        self.assertEqual(await self.held_by(a), [])
+        await self.consistent()
+
+        # vm-c is stopped by hand on h2: the sync finds it
+        await self.hv_of(h2).stop_vm(c)
+        self.assertEqual(await self.hosts.sync_vms(h2), 1)
+        self.assertEqual(await self.where(c), ("Stopped", None))
+        await self.consistent()
+
+        # both start again through the VM service
+        for uuid in (a, c):
+            await self.vm(StartVmInstanceMsg(uuid=uuid), uuid)
+        self.assertEqual(await self.where(a), ("Running", h1))
+        await self.consistent()
+
+        # maintenance of h1: its VMs are on LocalStorage, so they are stopped
+        reply = await self.ok(ChangeHostStateMsg(uuid=h1, state_event="maintain"),
+                              HOST_SERVICE, h1)
+        self.assertEqual(reply.inventory["state"], "Maintenance")
+        self.assertEqual({u: await self.where(u) for u in (a, b)},
+                         {a: ("Stopped", None), b: ("Stopped", None)})
+        self.assertEqual(await self.node.store.host_capacity_holders(h1),
+                         {"total": 0, "holders": []})
+        self.assertEqual({u: vm.state for u, vm in self.hv_of(h1).vms.items()
+                          if vm.state == "Running"}, {})
+        self.assertEqual(await self.where(c), ("Running", h2))
+        jobs = await self.rows("job", resourceUuid=a)
+        self.assertNotIn("MigrateVm", [j["apiName"] for j in jobs])
+        await self.consistent()
+
+        # a maintained host takes no VM; enabled, it does
+        refused = await self.send(StartVmInstanceMsg(uuid=a, host_uuid=h1), VM_SERVICE, a)
+        self.assertFalse(refused.success)
+        self.assertEqual(await self.where(a), ("Stopped", None))
+        await self.consistent()
+        await self.ok(ChangeHostStateMsg(uuid=h1, state_event="enable"), HOST_SERVICE, h1)
+        await self.vm(StartVmInstanceMsg(uuid=a, host_uuid=h1), a)
+        self.assertEqual(await self.where(a), ("Running", h1))
+        await self.consistent()
+
+    async def test_disconnect_and_back(self) -> None:
+        """
+        A host that stops answering (three failed pings) is Disconnected and its VM becomes
+        Unknown, keeping its capacity and addresses; reconnected, the sync that follows
+        brings it back to Running, and a VM whose guest stopped meanwhile to Stopped.
+        """
+        cloud = await self.build_cloud()
+        h1 = cloud.hosts[0]
+        await self.settle()
+        a = (await self.create("vm-a", host_uuid=h1))["uuid"]
+        b = (await self.create("vm-b", host_uuid=h1))["uuid"]
+        await self.settle()
+        await self.consistent()
+        good_ip = (await self.node.store.get("host", h1))["managementIp"]
+        await self.node.store.update("host", h1,
+                                     {"managementIp": "http://127.0.0.1:1/hosts/1"})
+        for _ in range(3):
+            await self.ok(PingHostMsg(host_uuid=h1), HOST_SERVICE, h1)
+        await self.settle()
+        self.assertEqual((await self.node.store.get("host", h1))["status"], "Disconnected")
+        for uuid in (a, b):
+            self.assertEqual(await self.where(uuid), ("Unknown", h1))
+            vm = await self.node.store.get("vmInstance", uuid)
+            self.assertEqual(await self.held_by(uuid), [(h1, vm["cpuNum"], vm["memorySize"])])
+        await self.no_drift()
+        await self.hv_of(h1).stop_vm(b)
+        await self.node.store.update("host", h1, {"managementIp": good_ip})
+        await self.ok(ReconnectHostMsg(uuid=h1), HOST_SERVICE, h1)
+        await self.settle()
+        self.assertEqual(await self.where(a), ("Running", h1))
+        self.assertEqual(await self.where(b), ("Stopped", None))
+        await self.consistent()
+
+
+class EmbeddedRealVmTests(RealVmScenario, EmbeddedBackends, LoopbackTestCase):
+    """
+    On the embedded defaults.
+    """
+
+
+class RabbitPostgresRealVmTests(RealVmScenario, RabbitPostgresBackends, LoopbackTestCase):
+    """
+    On PostgreSQL and RabbitMQ (fails when either is missing).
+    """
 
 
 class EmbeddedHostStateTests(HostStateScenario, LoopbackTestCase):
