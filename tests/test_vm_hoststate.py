@@ -692,10 +692,10 @@ class RealVmScenario(CloudScenario):
         self.assertEqual(await self.where(c), ("Stopped", None))
         await self.consistent()
 
-        # both start again through the VM service
-        for uuid in (a, c):
-            await self.vm(StartVmInstanceMsg(uuid=uuid), uuid)
-        self.assertEqual(await self.where(a), ("Running", h1))
+        # both start again through the VM service, on the hosts they ran on
+        for uuid, host in ((a, h1), (c, h2)):
+            await self.vm(StartVmInstanceMsg(uuid=uuid, host_uuid=host), uuid)
+            self.assertEqual(await self.where(uuid), ("Running", host))
         await self.consistent()
 
         # maintenance of h1: its VMs are on LocalStorage, so they are stopped

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_host_ops -*-
 """
 The host service's administrative operations (issue 9): change state (with the
-maintenance of issue 10), update, reconnect and delete, mixed into L{zcontrol.services.host.service.HostService}.
+maintenance of issue 10), update, reconnect and delete, mixed into
+L{zcontrol.services.host.service.HostService}.
 
 They run in the host's connect chain (C{host-connect-<uuid>}), one at a time with connects
 and pings of the same host, so a delete never interleaves with a reconnect. State changes
@@ -31,6 +32,7 @@ the VMs' moves outside it, so pings and commands go on meanwhile):
     had (C{Enabled} when it was C{PreMaintenance}) and the reply is C{HOST.1005} naming the
     VMs (C{vmUuids}) and holders, with why each VM could not be moved (C{failures}: VM uuid
     -> the migrate and stop errors; the first stop error is the cause).
+
 Note [host delete]: the steps, in order, so that a refusal at any of them leaves the host
 as it was:
  1. an C{Enabled} host is compare-and-swapped to C{Disabled} (taken out of allocation:
