@@ -494,7 +494,7 @@ class HostStateScenario:
                                             cluster_uuid=self.cluster,
                                             management_ip=self.base(slot)),
                                  HOST_SERVICE)).inventory["uuid"] for slot in (1, 2)]
-        await self.settle()  # the syncs that follow the connects
+        await self.settle()  # whatever the connects started
 
         await self.place("vm-1", h1, 1, "Running")
         await self.place("vm-2", h1, 1, "Running")

@@ -19,9 +19,10 @@ Lifecycle (ZStack's C{KVMHost} and C{HostTrackImpl})
    agent restarted or was taken over) forces a reconnect; so does a successful ping of a
    Disconnected host. With C{vm_sync_on_ping}, a successful ping is followed by a VM sync.
  - B{VM states}: the VM sync (C{/vm/vmsync}) and the agent's C{/kvm/reportvmstate} are
-   reconciled B{with the VM service} (Note [VM states]). With C{vm_sync_on_ping}, a
-   successful connect (a reconnect included) is followed by a VM sync too, so that the
-   VMs of a host that was Disconnected (Unknown meanwhile) come back to what it runs.
+   reconciled B{with the VM service} (Note [VM states]). With C{vm_sync_on_ping}, the
+   connect of a host that was Disconnected, or has VMs recorded Unknown, is followed by a
+   VM sync too, so that those VMs come back to what it runs at once rather than at the
+   next ping.
 
 Note [VM states]: the host service observes and the VM service decides. It never writes a
 VM's state: every difference between the host and the store becomes a
@@ -624,6 +625,7 @@ class HostService(HostOperations):
 
     async def _connect(self, host_uuid: str) -> dict[str, Any]:
         row = await self._host(host_uuid)
+        was = row["status"]
         base = self._base(row)
         row = await self._set_status(row, CONNECTING, "connecting")
         try:
@@ -649,11 +651,19 @@ class HostService(HostOperations):
         self._facts[host_uuid] = fact
         self._failures[host_uuid] = 0
         row = await self._set_status(row, CONNECTED, "connected")
-        if self.config.vm_sync_on_ping:
+        if self.config.vm_sync_on_ping and (was == DISCONNECTED
+                                            or await self._has_unknown_vms(host_uuid)):
             # New work, not bounded by the connect's deadline (Note [deadlines]).
             self._background(deadline_scope(None, self.sync_vms, host_uuid),
-                             f"VM sync of host {host_uuid} after its connect")
+                             f"VM sync of host {host_uuid} after its reconnect")
         return row
+
+    async def _has_unknown_vms(self, host_uuid: str) -> bool:
+        page = await self._store.query("vmInstance", Query(
+            conditions=[Condition("hostUuid", "=", host_uuid), Condition("state", "=",
+                                                                         "Unknown")],
+            fields=["uuid"], limit=1))
+        return bool(page.inventories)
 
     async def _echo_until_up(self, host_uuid: str, base: str) -> None:
         """

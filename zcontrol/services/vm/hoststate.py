@@ -35,7 +35,10 @@ Decisions (Note [host reports]), each in the chain C{vm-<uuid>}, on the row as i
  - B{other changes on its host}: C{Running} -> C{Paused}/C{Crashed}/C{Unknown} and back, as
    the state table allows;
  - B{another host}: a report from a host that is not the VM's host is logged and ignored,
-   except for a C{Stopped} or C{Unknown} VM reported C{Running} there (adopted, above);
+   except for a C{Stopped} or C{Unknown} VM reported C{Running} there (adopted, above). A
+   C{Running} VM another host also runs is a stranger there (below), where ZStack adopts
+   the new host (C{VmMigrateToAnotherHost}): two copies may be running, and moving the
+   record would hide the one it names;
  - B{strangers}: a VM a host runs that the store does not have, has C{Destroyed} (or
    C{Created}, C{Error}, C{Expunging}), or has C{Running} on another host, is B{reported,
    never adopted}: a warning is logged and a L{StrangerVmFoundEvent} published (ZStack's
