@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from zcontrol.services.vm.base import VmServiceBase
+from zcontrol.services.vm.hoststate import HostStateMixin
 from zcontrol.services.vm.lifecycle import LifecycleMixin
 from zcontrol.services.vm.volumes import VolumeAttachMixin
 
 __all__ = ["VmService", "make"]
 
 
-class VmService(LifecycleMixin, VolumeAttachMixin, VmServiceBase):
+class VmService(HostStateMixin, LifecycleMixin, VolumeAttachMixin, VmServiceBase):
     """
     The VM service: every VM operation (see the mixins' modules).
     """
