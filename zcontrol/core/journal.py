@@ -193,17 +193,60 @@ class JobKind:
     @ivar context: C{context(job_row)} -> the extra context of a run or a recovery (e.g.
         the VM uuid from the message); None: nothing more than L{JournaledFlowChain}'s
         keys.
+    @ivar job_result: C{job_result(ctx)} -> the C{result} (JSON) a C{Succeeded} job is
+        finished with; None: C{{"flows": [names]}} (plus C{"recovered": True} when a
+        recovery found every flow recorded).
+    @ivar job_error: C{job_error(ctx, error)} -> the L{ErrorCode} a C{Failed} job is
+        finished with, given the journal's C{error} (the chain's C{SYS.1006}, the
+        recovery's C{JOB.1000}, or the C{rollbackError} of a job that was rolling back),
+        e.g. the failing flow's own error, which is the operation's (C{IMAGE.1000}); None:
+        C{error} itself. Called after the rollbacks (they may leave what it needs in
+        C{ctx}). Only the job row's error changes: L{JournaledFlowChain.run} still fails
+        with the chain's. A hook that raises is logged and the default is used.
     """
 
     name: str
     flows: tuple[IJournaledFlow, ...] = attrs.field(converter=tuple)
     forward: Callable[[MutableMapping[str, Any], list, bool | None], bool] | None = None
     context: Callable[[dict], Mapping[str, Any]] | None = None
+    job_result: Callable[[MutableMapping[str, Any]], Any] | None = None
+    job_error: Callable[[MutableMapping[str, Any], ErrorCode], ErrorCode] | None = None
 
     def __attrs_post_init__(self) -> None:
         names = [f.name for f in self.flows]
         if len(set(names)) != len(names):
             raise ValueError(f"job kind {self.name!r}: flow names are not unique: {names}")
+
+
+def _job_result(kind: JobKind, ctx: MutableMapping[str, Any], default: Any) -> Any:
+    """
+    The result a succeeded job of C{kind} is finished with (L{JobKind.job_result}).
+    """
+    if kind.job_result is None:
+        return default
+    try:
+        return kind.job_result(ctx)
+    except Exception as e:
+        log.error("job {job} ({kind}): its job_result hook failed: {error}", job=ctx.get("job"),
+                  kind=kind.name, error=str(from_failure(e)))
+        return default
+
+
+def _job_error(kind: JobKind, ctx: MutableMapping[str, Any] | None, err: ErrorCode
+               ) -> ErrorCode:
+    """
+    The error a failed job of C{kind} is finished with (L{JobKind.job_error}); C{err} when
+    there is no hook or no context (the context itself failed).
+    """
+    if kind.job_error is None or ctx is None:
+        return err
+    try:
+        out = kind.job_error(ctx, err)
+    except Exception as e:
+        log.error("job {job} ({kind}): its job_error hook failed: {error}", job=ctx.get("job"),
+                  kind=kind.name, error=str(from_failure(e)))
+        return err
+    return out if isinstance(out, ErrorCode) else err
 
 
 def _context(kind: JobKind, job: dict) -> dict[str, Any]:
@@ -354,7 +397,8 @@ class JournaledFlowChain:
             await self._roll_back(ctx, e.error)
             raise
         return await self.store.finish_job(
-            self.job_uuid, result={"flows": [f.name for f in self.kind.flows]},
+            self.job_uuid,
+            result=_job_result(self.kind, ctx, {"flows": [f.name for f in self.kind.flows]}),
             management_node_uuid=self.node_id)
 
     def _taken_over_error(self, cause: ErrorCode) -> ErrorCode:
@@ -363,9 +407,10 @@ class JournaledFlowChain:
             f"{self.kind.name} job {self.job_uuid} was taken over by another management node;"
             " this node abandoned it (nothing rolled back)", cause=cause, job=self.job_uuid)
 
-    async def _finish_failed(self, err: ErrorCode) -> None:
+    async def _finish_failed(self, err: ErrorCode,
+                             ctx: MutableMapping[str, Any] | None = None) -> None:
         try:
-            await self.store.finish_job(self.job_uuid, error=err,
+            await self.store.finish_job(self.job_uuid, error=_job_error(self.kind, ctx, err),
                                         management_node_uuid=self.node_id)
         except Exception as fe:
             log.error("job {job} ({kind}): cannot record its failure: {error}",
@@ -403,7 +448,7 @@ class JournaledFlowChain:
         if errors:
             raise OperationError(attrs.evolve(
                 err, opaque={**err.opaque, "rollback_errors": errors})) from None
-        await self._finish_failed(err)
+        await self._finish_failed(err, ctx)
 
 
 class _TakenOver(Exception):
@@ -490,6 +535,7 @@ async def _finish_rollback(store: Any, node_id: str, kind: JobKind, job: dict,
     if errors:
         return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "rollback failed",
                 "errors": errors}
+    err = _job_error(kind, ctx, err)
     await store.finish_job(job["uuid"], error=err, management_node_uuid=node_id)
     return {"job": job["uuid"], "outcome": ROLLED_BACK, "error": err}
 
@@ -505,14 +551,15 @@ async def _recover_one(store: Any, node_id: str, kind: JobKind, job: dict, clock
         return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "flows differ"}
     if job.get("rollbackError") is not None:
         return await _finish_rollback(store, node_id, kind, job, clock, rollback_timeout)
-    if len(recorded) == len(names):
-        await store.finish_job(job["uuid"], result={"flows": names, "recovered": True},
-                               management_node_uuid=node_id)
-        return {"job": job["uuid"], "outcome": SUCCEEDED}
     ctx = _context(kind, job)
     ctx["recovering"] = True
     for r in recorded:
         ctx["took"][r["name"]] = r["took"]
+    if len(recorded) == len(names):
+        await store.finish_job(
+            job["uuid"], result=_job_result(kind, ctx, {"flows": names, "recovered": True}),
+            management_node_uuid=node_id)
+        return {"job": job["uuid"], "outcome": SUCCEEDED}
     in_flight = kind.flows[len(recorded)]
     try:
         happened = await _timed(in_flight.probe, (ctx,), clock, probe_timeout)
@@ -559,6 +606,7 @@ async def _recover_one(store: Any, node_id: str, kind: JobKind, job: dict, clock
     if errors:
         return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "rollback failed",
                 "errors": errors}
+    err = _job_error(kind, ctx, err)
     await store.finish_job(job["uuid"], error=err, management_node_uuid=node_id)
     return {"job": job["uuid"], "outcome": ROLLED_BACK, "error": err}
 
