@@ -13,11 +13,12 @@ C{apiName}) and an ordered list of journaled flows (L{IJournaledFlow}). Running 
        C{{"ip": "10.0.0.3", "l3": uuid}}, C{{"holder": [type, uuid]}}), which is appended to
        the job row's C{flows} (C{store.record_job_flow}, a compare-and-swap on the job being
        C{Running} and owned by this node) I{before} the next flow runs;
-    3. C{store.finish_job}: C{Succeeded} (result C{{"flows": [names]}}), or, after the
-       chain rolled back in reverse order every flow that ran (each C{rollback(ctx, took)}
-       with its recorded C{took}; the failing flow itself with C{took=None}), C{Failed} with
-       the chain's error (C{SYS.1006}, C{location} the failing flow's name, C{cause} its
-       error). The rollbacks are journaled: before them the job is marked I{rolling back}
+    3. C{store.finish_job}: C{Succeeded} (result C{{"flows": [names]}}, or the kind's
+       C{job_result(ctx)}), or, after the chain rolled back in reverse order every flow that
+       ran (each C{rollback(ctx, took)} with its recorded C{took}; the failing flow itself
+       with C{took=None}), C{Failed} with the chain's error (C{SYS.1006}, C{location} the
+       failing flow's name, C{cause} its error), or the kind's C{job_error(ctx, error)} (an
+       operation's own code, e.g. C{IMAGE.1000}; the run still fails with the chain's). The rollbacks are journaled: before them the job is marked I{rolling back}
        (C{store.begin_job_rollback}: its C{rollbackError}, a compare-and-swap), and each
        completed rollback is recorded (C{store.record_job_rollback}, C{rolledBack}); when a
        rollback fails the job stays C{Running}, rolling back, for the next recovery, and the
@@ -68,13 +69,20 @@ after a compute restart (the recover-stuck-state blueprint; bug 1276214, MIGRATI
 CloudStack's MN restart left VMs, volumes and networks in transitional states that needed
 database edits (PR #8394, PR #2163: volumes stuck in Creating).
 
-The add-image job of L{zcontrol.services.image.service.ImageService}
-(C{resolve_add_image_jobs}) is an ad-hoc form of this mechanism written before it; it should
-move onto a L{JobKind} whose flows are the downloads.
+Two services run their operations as kinds of this one mechanism: the VM service
+(L{zcontrol.services.vm.base.VmServiceBase}: create, start, stop, ... of ZSTACK_FACTS §4)
+and the image service's add (L{zcontrol.services.image.service}, Note [add jobs]: insert the
+image, download to every backup storage in parallel, the final status; finished forward at
+recovery from what the image's refs recorded, as the Sftp agent cannot tell whether a
+download ended; the job row keeps C{IMAGE.1000} / C{IMAGE.1001} through C{job_error}). Each
+resolves its jobs at start with L{recover_jobs}, in the resource's chain, the job uuid as the
+trace id; the multi-node issue applies the same call to the rows C{store.claim_jobs(dead,
+self)} returns.
 """
 
 from __future__ import annotations
 
+import contextvars
 import uuid as uuidlib
 from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
 
@@ -278,6 +286,16 @@ class _Journaling:
         self.replay = replay
 
     def run(self, ctx: MutableMapping[str, Any]) -> Deferred:
+        # The FlowChain starts a flow from the callback of the previous one, i.e. in the
+        # context of whatever fired it (a store's thread result, an HTTP response): each flow
+        # runs in (a copy of) the job's own context instead, so that its trace id (and any
+        # other context variable) rides what every flow does, not only the first one.
+        context = self.chain.context
+        if context is None:
+            return self._run(ctx)
+        return context.copy().run(self._run, ctx)
+
+    def _run(self, ctx: MutableMapping[str, Any]) -> Deferred:
         if self.replay:
             ctx["took"][self.name] = self.recorded
             return maybe_deferred(lambda: None)
@@ -333,6 +351,8 @@ class JournaledFlowChain:
         self.job_uuid = job_uuid or uuidlib.uuid4().hex
         self.recorded: list[str] = []
         self.chain: FlowChain | None = None
+        #: The context the flows run in: the caller's, as the run started.
+        self.context: contextvars.Context | None = None
         #: True once a journal write was refused because another node owns the job.
         self.abandoned = False
 
@@ -389,6 +409,7 @@ class JournaledFlowChain:
         # The rollbacks are ours (journaled, see _roll_back), not the FlowChain's.
         self.chain = FlowChain(f"{self.kind.name}:{self.job_uuid}", steps, allow_empty=True,
                                no_rollback=True)
+        self.context = contextvars.copy_context()
         try:
             await self.chain.run(ctx)
         except OperationError as e:

@@ -4,12 +4,12 @@ The image service (C{image}): images registered from a URL and downloaded to bac
 on the bus.
 
  - B{add}: checks every field and every backup storage (known, C{Connected}, C{Enabled},
-   attached to a zone), creates its job (Note [add jobs]), inserts the image
-   C{Downloading} with one ref per backup storage,
-   sends C{DownloadImageMsg} to each backup storage in parallel, then records the outcome
-   atomically (L{zcontrol.db.components.images.finish_image_download_thd}): C{Ready} when
-   one download succeeded at least (failed refs removed), else C{Error} with each ref's
-   C{lastError} the agent's reason, and the reply fails with C{IMAGE.1000}.
+   attached to a zone), then runs as a journaled job (Note [add jobs]): inserts the image
+   C{Downloading} with one ref per backup storage, sends C{DownloadImageMsg} to each backup
+   storage in parallel, then records the outcome atomically
+   (L{zcontrol.db.components.images.finish_image_download_thd}): C{Ready} when one download
+   succeeded at least (failed refs removed), else C{Error} with each ref's C{lastError} the
+   agent's reason, and the reply fails with C{IMAGE.1000}.
  - B{delete}: refused while a VM not Destroyed (nor Expunging) has it as its template; the
    bits are deleted on each backup storage (one that cannot be reached is logged and
    skipped: ZStack's delete leaves such bits to a garbage collector), then the refs and the
@@ -30,14 +30,37 @@ node that received it) would run in two chains on two nodes at once. Should the 
 the same while it downloads, the add deletes the bits it downloaded (best effort) and fails
 with C{IMAGE.1001} naming the image.
 
-Note [add jobs]: an add is a job of the store's jobs table (C{apiName} L{ADD_IMAGE_JOB},
-C{apiMessage} the message's fields, owned by this node, C{resourceUuid} the image), created
-before the image row (so a row C{Downloading} always has a job) and finished when the add
-ends. Each download's outcome is recorded as it comes. A management node that stops during
-an add leaves the job C{Running}; when it starts again, nothing downloads any more, so
-L{ImageService.resolve_add_image_jobs} resolves it (no image stays C{Downloading}, ZStack's
-"no stuck task"). A node that dies does not come back: the node that takes over its
-resources claims its jobs (C{claim_jobs}) and resolves them with the same function.
+Note [add jobs]: an add is a job of L{zcontrol.core.journal} (kind L{ADD_IMAGE_JOB}, the
+C{apiName} of the jobs this service wrote before the journal, so that their rows resolve
+too; C{apiMessage} the checked fields, C{resourceUuid} the image, owned by this node; its
+uuid is the trace id of everything the add causes). Its flows (L{ADD_IMAGE_FLOWS}):
+
+    1. C{insert}: the image C{Downloading} and its refs (so a row C{Downloading} always has
+       a job); its rollback never deletes the image but I{settles} it
+       (L{ImageService.settle}: the refs still C{Downloading} C{Error}, the image C{Ready}
+       when a copy arrived, else C{Error}; the partial bits deleted);
+    2. C{download}: all the downloads in parallel, each ref recorded as its download ends;
+    3. C{finish}: the final status; C{Error} fails the job with C{IMAGE.1000}.
+
+The job row keeps the add's own outcome (L{JobKind.job_result}, L{JobKind.job_error}):
+C{Succeeded} with C{{"imageUuid": uuid}}, or C{Failed} with the failing flow's error
+(C{IMAGE.1000}, C{IMAGE.1001}, the store's refusal of the insert), not the journal's
+C{SYS.1006} around it.
+
+A management node that stops during an add leaves the job C{Running}; when it starts, it
+resolves it with L{zcontrol.core.journal.recover_jobs} (L{ImageService.recover_job}, in the
+image's chain, before it serves), so that no image stays C{Downloading} (ZStack's "no stuck
+task"). Nothing downloads any more (the agent's callback went to the node that stopped), and
+the Sftp agent cannot tell whether a download ended (its probe says None), but the refs say
+which downloads ended before the stop. So the job is finished I{forward} unless its image
+row was never inserted, each flow re-run with C{ctx["recovering"]}: C{insert} adopts the
+row; C{download} settles it (the interrupted refs C{Error} with L{RESTARTED}, their partial
+bits deleted in the background, best effort); C{finish} then ends the job C{Succeeded} when
+the image is C{Ready} (a copy had arrived), else C{Failed} with C{IMAGE.1000} saying why. A
+job whose image row was never inserted is finished C{Failed} with C{IMAGE.1001} (caused by
+C{JOB.1000}); a job that was rolling back finishes its rollbacks and fails with its error. A
+node that dies does not come back: the node that takes over its resources claims its jobs
+(C{claim_jobs}) and resolves them with L{ImageService.resolve_add_image_jobs}.
 """
 
 from __future__ import annotations
