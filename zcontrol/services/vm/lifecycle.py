@@ -795,8 +795,8 @@ class LifecycleMixin:
                 raise validate.invalid("uuid", vm, "is the uuid of an existing VM instance")
             return await self.create_plan(msg, vm)
 
-        job = await self.run_job(kind, vm, prepare, VM.CREATE_ERROR)
-        return await self.vm_reply(vm, job)
+        return await self.run_job(kind, vm, prepare, VM.CREATE_ERROR,
+                                  reply=lambda job: self.vm_reply(vm, job))
 
     @handles(StartVmInstanceMsg)
     async def start_vm(self, msg: StartVmInstanceMsg) -> VmInstanceReply:
@@ -809,8 +809,8 @@ class LifecycleMixin:
             kind = "StartNewCreatedVm" if row["state"] == S.Created else "StartVm"
             return kind, await self.start_plan(msg, row)
 
-        job = await self.run_job("StartVm", vm, prepare, VM.START_ERROR)
-        return await self.vm_reply(vm, job)
+        return await self.run_job("StartVm", vm, prepare, VM.START_ERROR,
+                                  reply=lambda job: self.vm_reply(vm, job))
 
     @handles(StopVmInstanceMsg)
     async def stop_vm(self, msg: StopVmInstanceMsg) -> VmInstanceReply:
@@ -830,8 +830,8 @@ class LifecycleMixin:
             body["plan"] = {"currentHostUuid": row["hostUuid"], "fromState": row["state"]}
             return body
 
-        job = await self.run_job("StopVm", vm, prepare, VM.STOP_ERROR)
-        return await self.vm_reply(vm, job)
+        return await self.run_job("StopVm", vm, prepare, VM.STOP_ERROR,
+                                  reply=lambda job: self.vm_reply(vm, job))
 
     @handles(RebootVmInstanceMsg)
     async def reboot_vm(self, msg: RebootVmInstanceMsg) -> VmInstanceReply:
@@ -843,8 +843,8 @@ class LifecycleMixin:
             body["plan"] = {"currentHostUuid": row["hostUuid"], "fromState": row["state"]}
             return body
 
-        job = await self.run_job("RebootVm", vm, prepare, VM.REBOOT_ERROR)
-        return await self.vm_reply(vm, job)
+        return await self.run_job("RebootVm", vm, prepare, VM.REBOOT_ERROR,
+                                  reply=lambda job: self.vm_reply(vm, job))
 
     @handles(DestroyVmInstanceMsg)
     async def destroy_vm(self, msg: DestroyVmInstanceMsg) -> VmInstanceReply:
@@ -863,8 +863,8 @@ class LifecycleMixin:
             return body
 
         kind = "DestroyAndExpungeVm" if direct else "DestroyVm"
-        job = await self.run_job(kind, vm, prepare, VM.DESTROY_ERROR)
-        return await self.vm_reply(vm, job)
+        return await self.run_job(kind, vm, prepare, VM.DESTROY_ERROR,
+                                  reply=lambda job: self.vm_reply(vm, job))
 
     @handles(RecoverVmInstanceMsg)
     async def recover_vm(self, msg: RecoverVmInstanceMsg) -> VmInstanceReply:
@@ -876,8 +876,8 @@ class LifecycleMixin:
             body["plan"] = {"fromState": row["state"]}
             return body
 
-        job = await self.run_job("RecoverVm", vm, prepare, VM.DESTROY_ERROR)
-        return await self.vm_reply(vm, job)
+        return await self.run_job("RecoverVm", vm, prepare, VM.DESTROY_ERROR,
+                                  reply=lambda job: self.vm_reply(vm, job))
 
     @handles(ExpungeVmInstanceMsg)
     async def expunge_vm(self, msg: ExpungeVmInstanceMsg) -> VmInstanceReply:
@@ -890,8 +890,8 @@ class LifecycleMixin:
             states.check_operation(row["state"], Op.expunge)
             return self.expunge_body(msg, row)
 
-        job = await self.run_job("ExpungeVm", vm, prepare, VM.DESTROY_ERROR)
-        return await self.vm_reply(vm, job)
+        return await self.run_job("ExpungeVm", vm, prepare, VM.DESTROY_ERROR,
+                                  reply=lambda job: self.vm_reply(vm, job))
 
     # --- plans ----------------------------------------------------------------------------
 

@@ -573,11 +573,14 @@ class VolumeAttachMixin:
                 return NO_JOB
             return message_body(msg)
 
-        done = await self.run_job(kind, vm_uuid,  # type: ignore[attr-defined]
+        async def reply(done: Any) -> VolumeReply:
+            # Still in the VM's chain: the volume as this job left it.
+            return VolumeReply(inventory=await self.store.get("volume", volume_uuid),
+                               job_uuid=None if done is NO_JOB else job_uuid)
+
+        return await self.run_job(kind, vm_uuid,  # type: ignore[attr-defined]
                                   lambda: Deferred.fromCoroutine(prepare()),
-                                  fail_code=code, job_uuid=job_uuid)
-        return VolumeReply(inventory=await self.store.get("volume", volume_uuid),
-                           job_uuid=None if done is NO_JOB else job_uuid)
+                                  fail_code=code, job_uuid=job_uuid, reply=reply)
 
     async def _volume(self, uuid: str, field: str) -> dict[str, Any]:
         return await self.must_get("volume", uuid, VOLUME.NOT_FOUND,  # type: ignore
