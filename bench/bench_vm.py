@@ -22,15 +22,21 @@ RabbitMQ 127.0.0.1:5672 under a random prefix) — the bench:
  3. creates C{--vms} VMs (C{CreateVmInstanceMsg}, strategy InstantStart, sent with the
     node's bus; C{--concurrency} in flight): C{vm_creates_per_s} (VMs over the wall time of
     the phase), C{cpu_ms_per_vm} (this process's user + system CPU over the phase, every
-    thread — reactor and store pool —, divided by the VMs asked for), and the agent
-    process's CPU per VM apart (C{agent_cpu_ms_per_vm});
- 4. creates C{--profile-vms} more under yappi (CPU clock, every thread, no builtins: a C
-    function's time is its Python caller's) and splits the profiled CPU between C{bus},
-    C{store}, C{agent_http} and C{rest} (below). The profile runs in its own phase because a
-    profiler slows the node down several times: C{cpu_ms_per_vm} is measured without it, and
-    C{cpu_split} gives each class's fraction of the profile times that unprofiled figure, in
-    milliseconds per VM (C{cpu_split_fraction}: the fractions themselves). The top 15
-    functions by own and by cumulative time go to C{bench/results/vm_profile_<config>.txt}.
+    thread, divided by the VMs asked for) and the same per thread
+    (C{cpu_ms_per_vm_by_thread}: C{reactor}, the store's C{store_pool} threads, C{other}),
+    and, apart, the agent process's CPU per VM (C{agent_cpu_ms_per_vm}) and on PostgreSQL
+    that of the server's backends serving the scratch database (C{postgres_cpu_ms_per_vm};
+    RabbitMQ's one process serves every user of the broker: not measured);
+ 4. creates C{--profile-vms} more with the reactor thread under cProfile (timed by the
+    thread's CPU clock, C{time.thread_time}) and splits that thread's CPU between C{bus},
+    C{store}, C{agent_http} and C{rest} (below). The profile runs in a phase of its own
+    because a profiler slows the node down: the figures of phase 3 are measured without it.
+    C{cpu_split} (milliseconds of the node's CPU per VM) is the reactor thread's CPU per VM
+    of phase 3 split by the profile's fractions, plus the store pool threads' CPU per VM of
+    phase 3 (all C{store}: they run only the store's transactions) and any other thread's
+    (C{rest}); C{cpu_split_fraction} gives the same as fractions of the node's CPU, and
+    C{reactor_split_fraction} the profile's own fractions. The top 15 functions of the
+    profile by own and by cumulative time go to C{bench/results/vm_profile_<config>.txt}.
 
 Why NFS and not LocalStorage: with one NFS export mounted on every host, the image is
 downloaded to the storage's cache once and every create after it is the steady-state
@@ -44,12 +50,13 @@ Hosts are pinged every hour instead of every minute (C{host.ping_interval}), so 
 create phases measure creates and not the pings of 1,000 hosts (about 17 agent calls per
 second); everything else is the node's default configuration.
 
-The CPU split classifies each profiled function by the file it is defined in:
+The profile classifies each function by the file it is defined in:
  - C{bus}: C{zcontrol/bus/}, C{txamqp/};
  - C{store}: C{zcontrol/db/}, C{sqlite3/}, C{psycopg2/}, C{twisted/enterprise/} (adbapi);
  - C{agent_http}: C{zcontrol/agentclient/}, C{treq/}, C{twisted/web/} (client, and the server
    of the agents' callbacks: the node serves no other HTTP yet), C{klein/}, C{agent/} (the
-   command classes the node shares with the agent);
+   command classes the node shares with the agent) but for C{agent/codec.py}, the wire codec
+   of the bus and the agents alike, which takes its callers' classes (below);
  - C{rest}: every other C{zcontrol/} module (services, scheduler, core, journal), and this
    bench's driver loop;
  - any other function (the standard library, C{twisted/internet}, C{twisted/python},
@@ -58,7 +65,8 @@ The CPU split classifies each profiled function by the file it is defined in:
    profiled called (the reactor loop, a thread's entry) is C{rest}. So C{json} encoding the
    bus does counts as bus, a Deferred fired by the store as store, while the reactor's own
    socket reads and writes, which serve every connection at once, are C{rest}.
- C{cpu_split_flat}: the same without the inheritance (unclassified is C{rest}).
+ C{cpu_split_flat}: the same without the inheritance (unclassified is C{rest}): what the
+ inheritance moved is the difference.
 
 Failures are counted (C{failed}) and the first one's error is reported (C{first_error});
 after each phase the VMs C{Running} in the store are counted (C{running}) and the capacity
@@ -81,6 +89,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable
 
@@ -105,7 +114,7 @@ NFS_GIB = 1024 * 1024
 SETUP_TIMEOUT = 600.0
 CLASSES = ("bus", "store", "agent_http", "rest")
 #: (path fragment, class), first match wins; see the module docstring
-RULES: tuple[tuple[str, str], ...] = (
+RULES: tuple[tuple[str, str | None], ...] = (
     ("/zcontrol/bus/", "bus"),
     ("/txamqp/", "bus"),
     ("/zcontrol/db/", "store"),
@@ -116,6 +125,7 @@ RULES: tuple[tuple[str, str], ...] = (
     ("/treq/", "agent_http"),
     ("/twisted/web/", "agent_http"),
     ("/klein/", "agent_http"),
+    ("/agent/codec.py", None),  # the wire codec of the bus and the agents alike
     ("/agent/", "agent_http"),
     ("/zcontrol/", "rest"),
     ("/bench/", "rest"),
@@ -138,18 +148,15 @@ def split_profile(stats: list[dict[str, Any]]) -> tuple[dict[str, float], dict[s
     Split the own time of profiled functions between L{CLASSES}.
 
     @param stats: one dict per function: C{key} (unique), C{module} (its file), C{tsub} (own
-        seconds) and C{children}: C{[(child key, seconds spent in the child under this
-        caller)]}.
+        seconds) and C{parents}: C{[(caller key, seconds spent in the function, callees
+        included, under that caller)]}.
     @return: C{(inherited, flat)}: seconds per class, unclassified functions taking their
         callers' classes weighted by the time under each caller (a fixpoint), or counted as
         C{rest}.
     """
     fixed = {s["key"]: classify(s["module"]) for s in stats}
-    parents: dict[Any, list[tuple[Any, float]]] = {s["key"]: [] for s in stats}
-    for s in stats:
-        for child, seconds in s["children"]:
-            if child in parents and seconds > 0:
-                parents[child].append((s["key"], seconds))
+    parents = {s["key"]: [(k, w) for k, w in s["parents"] if k in fixed and w > 0]
+               for s in stats}
     rest = {c: float(c == "rest") for c in CLASSES}
     dist = {k: ({c: float(c == cls) for c in CLASSES} if cls else dict(rest))
             for k, cls in fixed.items()}
@@ -172,6 +179,36 @@ def split_profile(stats: list[dict[str, Any]]) -> tuple[dict[str, float], dict[s
     return inherited, flat
 
 
+def pstats_functions(profile: Any) -> list[dict[str, Any]]:
+    """
+    The functions of a C{cProfile.Profile} in L{split_profile}'s form, plus C{name},
+    C{line}, C{ttot} (cumulative seconds) and C{ncall}.
+    """
+    import pstats
+
+    raw = pstats.Stats(profile).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    return [{"key": func, "module": func[0], "line": func[1], "name": func[2], "tsub": tt,
+             "ttot": ct, "ncall": nc,
+             "parents": [(caller, edge[3]) for caller, edge in callers.items()]}
+            for func, (cc, nc, tt, ct, callers) in raw.items()]
+
+
+def thread_cpu() -> dict[int, float]:
+    """
+    User + system CPU seconds of each thread of this process, by native thread id.
+    """
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def _cpu_seconds(pid: int | None = None) -> float:
     """
     User + system CPU seconds of process C{pid} (this process, every thread, if None).
@@ -182,6 +219,28 @@ def _cpu_seconds(pid: int | None = None) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu(dbname: str | None) -> float:
+    """
+    User + system CPU seconds of the PostgreSQL backends serving database C{dbname} (their
+    process titles name it), 0 when None.
+    """
+    if dbname is None:
+        return 0.0
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().decode(errors="replace")
+            if not title.startswith("postgres: ") or f" {dbname} " not in title:
+                continue
+            total += _cpu_seconds(int(pid))
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+    return total
 
 
 def _free_port() -> int:
@@ -240,7 +299,7 @@ async def wait_listening(reactor: Any, port: int, proc: subprocess.Popen, bound:
             return
         except Exception:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the agent did not listen on {port} within {bound}s")
+                raise RuntimeError(f"the agent did not listen on {port} within {bound}s") from None
             await task.deferLater(reactor, 0.1, lambda: None)
 
 
@@ -480,6 +539,13 @@ class Cloud:
 
     # --- creates ----------------------------------------------------------------------
 
+    def store_threads(self) -> set[int]:
+        """
+        The native ids of the store's pool threads (adbapi).
+        """
+        pool = getattr(getattr(self.node.store, "_pool", None), "threadpool", None)
+        return {t.native_id for t in getattr(pool, "threads", [])}
+
     async def creates(self, n: int, concurrency: int) -> dict[str, Any]:
         """
         Create C{n} VMs, C{concurrency} in flight; the phase's figures.
@@ -502,75 +568,102 @@ class Cloud:
             if not reply.success:
                 failures.add(f"{reply.error}")
 
+        pg0 = postgres_cpu(self.pg_db)  # outside the node's CPU window: it reads /proc
+        threads0 = thread_cpu()
         cpu0, agent0 = _cpu_seconds(), _cpu_seconds(self.proc.pid)
         wall = await bounded(self.reactor, n, concurrency, create)
         cpu, agent_cpu = _cpu_seconds() - cpu0, _cpu_seconds(self.proc.pid) - agent0
+        threads1 = thread_cpu()
+        pg_cpu = postgres_cpu(self.pg_db) - pg0
+        used = {t: c - threads0.get(t, 0.0) for t, c in threads1.items()}
+        main = threading.main_thread().native_id
+        store = self.store_threads()
+
+        def ms(seconds: float) -> float:
+            return round(1000 * seconds / n, 2)
+
         return {
             "n": n,
             "concurrency": concurrency,
             "wall_s": round(wall, 2),
             "vm_creates_per_s": round(n / wall, 1),
             "succeeded_per_s": round((n - failures.count) / wall, 1),
-            "cpu_ms_per_vm": round(1000 * cpu / n, 2),
-            "agent_cpu_ms_per_vm": round(1000 * agent_cpu / n, 2),
+            "cpu_ms_per_vm": ms(cpu),
+            "cpu_ms_per_vm_by_thread": {
+                "reactor": ms(used.get(main, 0.0)),
+                "store_pool": ms(sum(c for t, c in used.items() if t in store)),
+                "other": ms(sum(c for t, c in used.items() if t != main and t not in store)),
+            },
+            "agent_cpu_ms_per_vm": ms(agent_cpu),
+            **({"postgres_cpu_ms_per_vm": ms(pg_cpu)} if self.pg_db else {}),
             "failed": failures.count,
             "first_error": failures.first,
         }
 
-    async def profiled_creates(self, n: int, concurrency: int, cpu_ms_per_vm: float
+    async def profiled_creates(self, n: int, concurrency: int, measured: dict[str, Any]
                                ) -> dict[str, Any]:
         """
-        C{n} more creates under yappi; the split of the node's CPU (see the module docstring).
+        C{n} more creates with the reactor thread under cProfile (its CPU clock); the split of
+        the node's CPU per VM of the C{measured} phase (see the module docstring).
         """
-        import yappi
+        import cProfile
 
-        yappi.clear_stats()
-        yappi.set_clock_type("cpu")
-        yappi.start(builtins=False, profile_threads=True)
+        profile = cProfile.Profile(time.thread_time)
+        profile.enable()
         try:
             phase = await self.creates(n, concurrency)
         finally:
-            yappi.stop()
-        funcs = yappi.get_func_stats()
-        stats = [{"key": f.index, "module": f.module, "tsub": f.tsub,
-                  "children": [(c.index, c.ttot) for c in f.children]} for f in funcs]
-        inherited, flat = split_profile(stats)
+            profile.disable()
+        funcs = pstats_functions(profile)
+        inherited, flat = split_profile(funcs)
         total = sum(inherited.values()) or 1.0
-        fraction = {c: round(inherited[c] / total, 3) for c in CLASSES}
+        fraction = {c: inherited[c] / total for c in CLASSES}
+        flat_fraction = {c: flat[c] / total for c in CLASSES}
+        threads = measured["cpu_ms_per_vm_by_thread"]
+
+        def split(frac: dict[str, float]) -> dict[str, float]:
+            out = {c: frac[c] * threads["reactor"] for c in CLASSES}
+            out["store"] += threads["store_pool"]
+            out["rest"] += threads["other"]
+            return {c: round(v, 2) for c in CLASSES for v in [out[c]]}
+
+        ms_split = split(fraction)
+        node_total = sum(ms_split.values()) or 1.0
         self.write_profile(funcs, phase, fraction)
-        yappi.clear_stats()
         return {
             "profiled": phase,
-            "cpu_split_fraction": fraction,
-            "cpu_split": {c: round(inherited[c] / total * cpu_ms_per_vm, 2) for c in CLASSES},
-            "cpu_split_flat_fraction": {c: round(flat[c] / total, 3) for c in CLASSES},
-            "profiled_cpu_ms_per_vm": round(1000 * total / n, 2),
+            "cpu_split": ms_split,
+            "cpu_split_fraction": {c: round(ms_split[c] / node_total, 3) for c in CLASSES},
+            "cpu_split_flat": split(flat_fraction),
+            "reactor_split_fraction": {c: round(fraction[c], 3) for c in CLASSES},
         }
 
-    def write_profile(self, funcs: Any, phase: dict[str, Any],
+    def write_profile(self, funcs: list[dict[str, Any]], phase: dict[str, Any],
                       fraction: dict[str, float]) -> None:
         path = os.path.join(RESULTS_DIR, f"vm_profile_{self.name}.txt")
-        total = sum(f.tsub for f in funcs) or 1.0
+        total = sum(f["tsub"] for f in funcs) or 1.0
 
-        def line(f: Any) -> str:
-            where = f"{f.module}:{f.lineno}"
-            if len(where) > 70:
-                where = "..." + where[-67:]
-            return (f"{f.tsub:9.3f} {100 * f.tsub / total:5.1f}% {f.ttot:9.3f} {f.ncall:9d}  "
-                    f"{classify(f.module) or '(caller)':10s} {f.name}  {where}")
+        def line(f: dict[str, Any]) -> str:
+            where = f"{f['module']}:{f['line']}"
+            if len(where) > 60:
+                where = "..." + where[-57:]
+            return (f"{f['tsub']:8.3f} {100 * f['tsub'] / total:5.1f}% {f['ttot']:8.3f} "
+                    f"{f['ncall']:8d}  {classify(f['module']) or '(callers)':10s} "
+                    f"{f['name']}  {where}")
 
-        head = (f"  own_s  own%    cum_s     calls  class      function  file:line\n")
+        head = "   own_s  own%    cum_s    calls  class      function  file:line\n"
         with open(path, "w") as out:
             out.write(f"bench-vm profile, configuration {self.name}: {phase['n']} creates, "
-                      f"{phase['concurrency']} in flight, yappi CPU clock, every thread, "
-                      f"no builtins (a C function's time is its caller's)\n")
-            out.write(f"profiled CPU {total:.2f} s; split (fractions, callers inherited): "
-                      f"{json.dumps(fraction)}\n\n")
+                      f"{phase['concurrency']} in flight; cProfile of the reactor thread, "
+                      "its CPU clock (the store's pool threads are measured apart)\n")
+            out.write(f"profiled CPU {total:.2f} s; reactor thread split (fractions, "
+                      f"callers inherited): "
+                      f"{json.dumps({c: round(v, 3) for c, v in fraction.items()})}\n\n")
             out.write("top 15 by own time\n" + head)
-            for f in sorted(funcs, key=lambda f: -f.tsub)[:15]:
+            for f in sorted(funcs, key=lambda f: -f["tsub"])[:15]:
                 out.write(line(f) + "\n")
             out.write("\ntop 15 by cumulative time\n" + head)
-            for f in sorted(funcs, key=lambda f: -f.ttot)[:15]:
+            for f in sorted(funcs, key=lambda f: -f["ttot"])[:15]:
                 out.write(line(f) + "\n")
 
     async def checks(self) -> dict[str, Any]:
@@ -595,8 +688,7 @@ async def run_config(reactor: Any, args: argparse.Namespace, name: str) -> dict[
             print(f"{name}: creates {json.dumps(phase)}", file=sys.stderr, flush=True)
             result.update(phase)
             if args.profile_vms:
-                prof = await cloud.profiled_creates(args.profile_vms, args.concurrency,
-                                                    phase["cpu_ms_per_vm"])
+                prof = await cloud.profiled_creates(args.profile_vms, args.concurrency, phase)
                 print(f"{name}: profile {json.dumps(prof)}", file=sys.stderr, flush=True)
                 result.update(prof)
                 # every failed create counts, in either phase
@@ -616,10 +708,13 @@ async def run(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
         "primary_storage": "NFS",
         "allocator_strategy": args.strategy or "default (first fit)",
         "agent_process": "twistd -n zagent (separate process, zero latency)",
-        "cpu_split_unit": "ms of the node's CPU per VM (fractions of the profile times "
-                          "cpu_ms_per_vm); cpu_split_fraction: the fractions",
+        "cpu_split_unit": "cpu_split: ms of the node's CPU per VM in the measured phase (the "
+                          "reactor thread's by the profile's fractions, the store pool "
+                          "threads' as store); cpu_split_fraction: the same as fractions",
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
+        # other work on the machine slows the rates down (not the CPU per VM)
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     for name in args.configs:
         result[name] = await run_config(reactor, args, name)
