@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from zcontrol.services.vm.base import VmServiceBase
+from zcontrol.services.vm.lifecycle import LifecycleMixin
 
 __all__ = ["VmService", "make"]
 
 
-class VmService(VmServiceBase):
+class VmService(LifecycleMixin, VmServiceBase):
     """
     The VM service: every VM operation (see the mixins' modules).
     """
