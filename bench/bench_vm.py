@@ -243,6 +243,18 @@ def postgres_cpu(dbname: str | None) -> float:
     return total
 
 
+def _die_with_parent() -> None:
+    """
+    In the agent's process, before it runs: SIGTERM when the bench dies (Linux), so that a
+    bench killed mid-run leaves no agent behind.
+    """
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -395,7 +407,7 @@ class Cloud:
             [twistd, "-n", "--pidfile=", f"--logfile={os.path.join(self.tmp, 'zagent.log')}",
              "zagent", "--port", str(port), "--hosts", str(args.hosts + 1),
              "--nfs-capacity", str(NFS_GIB), "--seed", "1",
-             "--bootstrap-token-file", token_file])
+             "--bootstrap-token-file", token_file], preexec_fn=_die_with_parent)
         self.agent_url = f"http://127.0.0.1:{port}"
         await wait_listening(self.reactor, port, self.proc, 30)
 
