@@ -14,7 +14,8 @@ RabbitMQ 127.0.0.1:5672 under a random prefix) — the bench:
     for the agents' callbacks);
  2. builds the inventory through the node's bus with the services' messages, as the REST
     API will send them: a zone, C{--clusters} KVM clusters, C{--hosts} hosts
-    (C{AddHostMsg}, C{--add-parallelism} in flight, timed: C{setup.hosts_s}), an NFS primary
+    (C{AddHostMsg}, C{--add-parallelism} in flight, timed: C{setup.hosts_s}; a failed add is
+    counted and sent again, at most three times in all), an NFS primary
     storage attached to every cluster (mounted on every host, timed: C{setup.attach_s}), an
     Sftp backup storage attached to the zone and an image on it, an L2 NoVlan network
     attached to every cluster and an L3 network with a /16 range (65,533 addresses), an
@@ -110,6 +111,8 @@ MiB = 1024**2
 IMAGE_SIZE, IMAGE_ACTUAL = 10 * GiB, 2 * GiB
 #: the simulated NFS export (GiB): room for the root volumes of tens of thousands of VMs
 NFS_GIB = 1024 * 1024
+#: how many times a host whose AddHostMsg failed is added again
+HOST_ATTEMPTS = 3
 #: the bound of one setup message (seconds)
 SETUP_TIMEOUT = 600.0
 CLASSES = ("bus", "store", "agent_http", "rest")
@@ -480,30 +483,39 @@ class Cloud:
             zone_uuid=zone, name=f"bench-cluster-{i}", hypervisor_type="KVM"),
             "cluster")).inventory["uuid"] for i in range(args.clusters)]
 
-        # the hosts, a bounded number in flight
+        # the hosts, a bounded number in flight; an add that failed (the host removed
+        # again, as ZStack does) is counted and sent again, up to HOST_ATTEMPTS times
         failures = Failures()
         per_cluster = -(-args.hosts // args.clusters)
+        pending = list(range(args.hosts))
 
-        async def add_host(i: int) -> None:
+        async def add_host(k: int) -> None:
+            i = pending[k]
             reply = await self.send(AddHostMsg(
                 name=f"bench-host-{i}", zone_uuid=zone, cluster_uuid=clusters[i // per_cluster],
                 management_ip=self.base(i)), "host")
             if not reply.success:
                 failures.add(f"AddHostMsg {i}: {reply.error}")
+                failed.append(i)
 
-        cpu0 = _cpu_seconds()
-        out["hosts_s"] = round(await bounded(self.reactor, args.hosts, args.add_parallelism,
-                                             add_host), 2)
+        cpu0, wall = _cpu_seconds(), 0.0
+        for _ in range(HOST_ATTEMPTS):
+            failed: list[int] = []
+            wall += await bounded(self.reactor, len(pending), args.add_parallelism, add_host)
+            pending = failed
+            if not pending:
+                break
+        out["hosts_s"] = round(wall, 2)
         out["hosts_cpu_s"] = round(_cpu_seconds() - cpu0, 2)
-        out["hosts_per_s"] = round(args.hosts / out["hosts_s"], 1)
-        out["hosts_failed"] = failures.count
+        out["hosts_per_s"] = round(args.hosts / wall, 1)
+        out["hosts_failed_adds"] = failures.count
         out["hosts_first_error"] = failures.first
         out["hosts_connected"] = await self.count("host", "status=Connected")
-        print(f"  {out['hosts_connected']} hosts Connected in {out['hosts_s']} s",
-              file=sys.stderr, flush=True)
+        print(f"  {out['hosts_connected']} hosts Connected in {out['hosts_s']} s "
+              f"({failures.count} failed adds, sent again)", file=sys.stderr, flush=True)
         if out["hosts_connected"] != args.hosts:
-            raise RuntimeError(f"{out['hosts_connected']} of {args.hosts} hosts connected; "
-                               f"first error: {failures.first}")
+            raise RuntimeError(f"{out['hosts_connected']} of {args.hosts} hosts connected "
+                               f"after {HOST_ATTEMPTS} attempts; first error: {failures.first}")
 
         # NFS primary storage, mounted on every host by the attaches
         t1 = time.perf_counter()
@@ -733,7 +745,11 @@ async def run(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     for name in args.configs:
-        result[name] = await run_config(reactor, args, name)
+        try:
+            result[name] = await run_config(reactor, args, name)
+        except Exception as e:  # reported, and the other configurations still run
+            print(f"{name}: FAILED {e!r}", file=sys.stderr, flush=True)
+            result[name] = {"error": repr(e)}
     return result
 
 
@@ -745,8 +761,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=100, help="creates in flight")
     parser.add_argument("--hosts", type=int, default=1000, help="simulated KVM hosts")
     parser.add_argument("--clusters", type=int, default=10, help="clusters the hosts are in")
-    parser.add_argument("--add-parallelism", type=int, default=100,
-                        help="AddHostMsg in flight during the setup")
+    parser.add_argument("--add-parallelism", type=int, default=20,
+                        help="AddHostMsg in flight during the setup (more only queues in the "
+                        "node, whose host connect bounds its agent echo at 5 s)")
     parser.add_argument("--strategy", default=None,
                         help="the offering's allocatorStrategy (default: the default)")
     parser.add_argument("--timeout", type=float, default=600.0,
@@ -773,13 +790,16 @@ def main() -> None:
         async def body() -> None:
             out = await run(reactor, args)
             failed = sum(out[c].get("failed", 0) for c in args.configs)
-            if failed or args.keep:
+            errors = [c for c in args.configs if "error" in out[c]]
+            if failed or errors or args.keep:
                 out["node_log"] = log_path
             else:
                 os.unlink(log_path)
             with open(RESULTS, "w") as f:
                 json.dump(out, f, indent=2, sort_keys=True)
             print(json.dumps(out, sort_keys=True), flush=True)
+            if errors:
+                raise SystemExit(f"bench-vm: configuration(s) {errors} failed (see above)")
 
         return defer.Deferred.fromCoroutine(body())
 
