@@ -270,6 +270,41 @@ class VmScenario:
         self.assertEqual(await self.held(vm), {host: (VM_CPU, VM_MEMORY)})
         await self.no_drift()
 
+    # --- fault injection ------------------------------------------------------------------
+
+    def fail_once(self, method: str, when: Any, text: str) -> None:
+        """
+        Make the VM service's C{method} fail (C{SYS.1006}, C{text}) the first time
+        C{when(*args)} holds.
+        """
+        real = getattr(self.vms, method)
+        fired = []
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not fired and when(*args, **kwargs):
+                fired.append(True)
+                raise OperationError.of(SYS.OPERATION_ERROR, text)
+            return real(*args, **kwargs)
+
+        setattr(self.vms, method, wrapper)
+        self.addCleanup(delattr, self.vms, method)
+
+    def fail_send_once(self, when: Any, text: str) -> None:
+        """
+        Make the first message the VM service sends for which C{when(msg)} holds fail.
+        """
+        real = self.vms.send
+        fired = []
+
+        def send(msg: Any, timeout: float | None = None) -> Any:
+            if not fired and when(msg):
+                fired.append(True)
+                return fail(OperationError.of(SYS.OPERATION_ERROR, text))
+            return real(msg, timeout)
+
+        self.vms.send = send
+        self.addCleanup(delattr, self.vms, "send")
+
     def migrate(self, vm: str, host: str | None = None) -> MigrateVmMsg:
         return MigrateVmMsg(vm_instance_uuid=vm, host_uuid=host)
 
@@ -527,41 +562,6 @@ class MigrateScenario(VmScenario):
         outcomes = await self.vms.recover_job(job)
         self.assertEqual([o["outcome"] for o in outcomes], ["forward"])
         await self.assert_running_on(vm, dest, last=h1)
-
-    # --- fault injection ------------------------------------------------------------------
-
-    def fail_once(self, method: str, when: Any, text: str) -> None:
-        """
-        Make the VM service's C{method} fail (C{SYS.1006}, C{text}) the first time
-        C{when(*args)} holds.
-        """
-        real = getattr(self.vms, method)
-        fired = []
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if not fired and when(*args, **kwargs):
-                fired.append(True)
-                raise OperationError.of(SYS.OPERATION_ERROR, text)
-            return real(*args, **kwargs)
-
-        setattr(self.vms, method, wrapper)
-        self.addCleanup(delattr, self.vms, method)
-
-    def fail_send_once(self, when: Any, text: str) -> None:
-        """
-        Make the first message the VM service sends for which C{when(msg)} holds fail.
-        """
-        real = self.vms.send
-        fired = []
-
-        def send(msg: Any, timeout: float | None = None) -> Any:
-            if not fired and when(msg):
-                fired.append(True)
-                return fail(OperationError.of(SYS.OPERATION_ERROR, text))
-            return real(msg, timeout)
-
-        self.vms.send = send
-        self.addCleanup(delattr, self.vms, "send")
 
 
 class EmbeddedMigrateTests(MigrateScenario, LoopbackTestCase):
