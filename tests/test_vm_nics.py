@@ -29,9 +29,8 @@ from zcontrol.services.network.messages import (
     CreateL3NetworkMsg,
     ReturnIpMsg,
 )
-from zcontrol.services.offering.messages import OFFERING
+from zcontrol.services.offering.messages import OFFERING, CreateInstanceOfferingMsg
 from zcontrol.services.offering.messages import SERVICE_ID as OFFERING_SERVICE
-from zcontrol.services.offering.messages import CreateInstanceOfferingMsg
 from zcontrol.services.vm.errors import VM
 from zcontrol.services.vm.messages import SERVICE_ID as VM_SERVICE
 from zcontrol.services.vm.messages import (
