@@ -428,8 +428,7 @@ class VmNicsMixin(VmServiceBase):
             await self.check(vm_uuid, states.Operation.detachNic)
 
         # The message routes by the NIC's VM only when the sender knew it; the job runs in
-        # the VM's chain here either way.
-        msg.vm_instance_uuid = vm_uuid
+        # the VM's chain here either way (the job's resourceUuid is the VM).
         return await self._nic_job(DETACH_L3, msg, vm_uuid, before,
                                    f"failed to detach NIC {nic_uuid} from VM {vm_uuid}")
 
