@@ -210,7 +210,7 @@ VALID: dict[type, dict[str, Any]] = {
     ps_m.DeleteVolumeBitsOnPrimaryStorageMsg: {
         "primary_storage_uuid": "nfs", "volume_uuid": "vol-1",
         "install_path": "/opt/zstack/nfsprimarystorage/prim-nfs/rootVolumes/vol-1.qcow2",
-        "host_uuid": "h0"},
+        "host_uuid": "h0", "volume_type": "Root"},
     ps_m.DownloadImageToPrimaryStorageCacheMsg: {"primary_storage_uuid": "nfs",
                                                  "image": IMAGE_SPEC, "host_uuid": "h0"},
     ps_m.RemoveHostFromPrimaryStorageMsg: {"primary_storage_uuid": "ls", "host_uuid": "h1"},

@@ -158,7 +158,7 @@ EXPECTED_OPERATIONS = {
     "stop": {"Running", "Stopped", "Unknown", "Paused", "Crashed"},
     "reboot": {"Running", "Crashed"},
     # + Error: a half-made VM stays destroyable and expungeable (ZStack PR #1160)
-    "destroy": {"Running", "Stopped", "Unknown", "Starting", "Migrating", "Stopping",
+    "destroy": {"Created", "Running", "Stopped", "Unknown", "Starting", "Migrating", "Stopping",
                 "Rebooting", "Paused", "Pausing", "Resuming", "VolumeMigrating", "Crashed",
                 "Error"},
     "expunge": {"Destroyed", "Error"},

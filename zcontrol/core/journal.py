@@ -317,14 +317,20 @@ class JournaledFlowChain:
         """
         Finish forward a C{Running} job of this kind (its row, owned by this node): the
         recorded flows are not run again (their C{took} is in the context and they are
-        rolled back if a later flow fails); the next flow runs again. Same result as L{run}.
+        rolled back if a later flow fails); the next flow runs again, with
+        C{ctx["recovering"]} set. Same result as L{run}.
         """
         self.job_uuid = job["uuid"]
-        return Deferred.fromCoroutine(self._chain(job, list(job.get("flows") or [])))
+        return Deferred.fromCoroutine(self._chain(job, list(job.get("flows") or []),
+                                                  recovering=True))
 
-    async def _chain(self, job: dict, recorded: list[dict]) -> dict:
+    async def _chain(self, job: dict, recorded: list[dict], recovering: bool = False) -> dict:
         try:
             ctx = _context(self.kind, job)
+            if recovering:
+                # The re-run flow in flight sees it (Note [in-flight rollback]): it may have
+                # done its work already, so it must look before doing it again.
+                ctx["recovering"] = True
         except Exception as e:
             err = error_code(SYS.OPERATION_ERROR,
                              f"job {self.job_uuid} ({self.kind.name}): its context failed",

@@ -995,12 +995,11 @@ class PrimaryStorageService(Service):
         install = validate.optional_text(msg.install_path, "installPath")
         if install is not None and not install.strip():
             raise validate.invalid("installPath", msg.install_path, "must not be empty")
+        volume_type = validate.one_of(msg.volume_type, "volumeType", ("Root", "Data"))
         ps = await self._ps(msg.primary_storage_uuid)
         if install is None:
-            kinds = {"Root": "rootVolumes", "Data": "dataVolumes"}
-            if msg.volume_type not in kinds:
-                raise validate.invalid("volumeType", msg.volume_type, "must be Root or Data")
-            install = self._volume_path(ps, kinds[msg.volume_type], volume_uuid)
+            kind = "rootVolumes" if volume_type == "Root" else "dataVolumes"
+            install = self._volume_path(ps, kind, volume_uuid)
         host_uuid = (None if msg.host_uuid is None
                      else validate.uuid(msg.host_uuid, "hostUuid"))
         if ps["type"] == LOCAL_STORAGE_TYPE and host_uuid is None:

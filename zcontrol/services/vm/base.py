@@ -31,9 +31,10 @@ Conventions every operation follows
       is Running on that host's agent (C{Unknown}: the host cannot tell);
     - a VM in C{Created}, C{Stopped}, C{Destroyed} or C{Error} has C{hostUuid} NULL (a stopped
       VM keeps C{lastHostUuid}) and holds no host capacity, and runs on no agent;
-    - every NIC of a VM that is not C{Destroyed} holds one address (C{usedIpUuid}, C{ip} set;
-      the C{used_ips} row's holder is C{("VmNicVO", nic)}); a C{Destroyed} VM's NICs hold none
-      (C{ip}, C{usedIpUuid} NULL: a recover allocates again at the next start);
+    - a NIC's C{usedIpUuid} and C{ip} name the address whose holder is C{("VmNicVO", nic)},
+      or are NULL and it holds none; every NIC of a VM on a host holds one; a C{Destroyed}
+      VM's NICs hold none (ZStack's destroy gives the addresses back; a recovered VM's NICs
+      take one again at its next start);
     - a volume C{Ready} has C{installPath} and C{primaryStorageUuid} set and holds its
       C{size} there (holder C{("VolumeVO", volume)}; on LocalStorage the holder row names the
       host, which is where the volume is), and its bits exist on the storage agent; a
@@ -56,7 +57,7 @@ from twisted.logger import Logger
 from agent import protocol as p
 from zcontrol._defer import maybe_deferred
 from zcontrol.config import VmConfig
-from zcontrol.core.errors import SYS, OperationError, from_failure
+from zcontrol.core.errors import SYS, OperationError, error_code, from_failure
 from zcontrol.core.journal import JobKind, JournaledFlowChain, recover_jobs
 from zcontrol.core.trace import new_trace_id, trace_scope
 from zcontrol.services.base import Service
@@ -66,9 +67,12 @@ from zcontrol.services.vm import states
 from zcontrol.services.vm.errors import VM
 from zcontrol.services.vm.messages import SERVICE_ID, VmInstanceStateChangedEvent
 
-__all__ = ["VmServiceBase", "job_kinds", "message_body", "vm_chain"]
+__all__ = ["NO_JOB", "VmServiceBase", "job_kinds", "message_body", "vm_chain"]
 
 log = Logger()
+
+#: What a job's C{prepare} returns when the operation has nothing to do (L{VmServiceBase.run_job}).
+NO_JOB = object()
 
 #: The holder types (see the module docstring).
 VM_HOLDER = "VmInstanceVO"
@@ -197,28 +201,42 @@ class VmServiceBase(Service):
 
     # --- jobs ---------------------------------------------------------------------------
 
-    def run_job(self, kind_name: str, msg: Any, vm_uuid: str,
-                before: Callable[[], Any] | None = None,
-                job_uuid: str | None = None) -> Deferred[dict]:
+    def run_job(self, kind_name: str, vm_uuid: str, prepare: Callable[[], Any],
+                fail_code: str | None = None, job_uuid: str | None = None) -> Deferred[Any]:
         """
         Run a job of kind C{kind_name} about VM C{vm_uuid} in the VM's chain, with the job
-        uuid as the trace id: C{before()} first, in the chain (the state check: raising
-        there fails the operation before any job row exists), then the journaled flows.
+        uuid as the trace id. C{prepare()} runs first, in the chain (so it sees the state the
+        previous operation left): it checks the operation (raising refuses it before any job
+        row exists, with its own error) and returns the job's C{apiMessage} (a JSON object,
+        the flows' plan: see L{message_body}), or C{(kind name, apiMessage)} to run another
+        kind than C{kind_name} (chosen on the state it saw), or L{NO_JOB} when there is
+        nothing to do (stopping a Stopped VM).
 
-        @param msg: the bus message (recorded as the job's C{apiMessage}, see
-            L{message_body}).
-        @return: a Deferred firing with the finished job row, or failing as
-            L{JournaledFlowChain.run}.
+        @param fail_code: the operation's error code (e.g. C{VM.1000}); a job that failed
+            fails with it, naming the VM and the job, its cause the job's error (the failing
+            flow's, down to the agent's own words).
+        @return: a Deferred firing with the finished job row (L{NO_JOB} when prepare said
+            so), or failing as said.
         """
-        kind = self.kinds[kind_name]
         job_uuid = job_uuid or new_trace_id()
-        body = message_body(msg)
 
-        async def run() -> dict:
-            if before is not None:
-                await maybe_deferred(before)
-            return await JournaledFlowChain(self.store, self.node_id, kind,
-                                            job_uuid=job_uuid).run(body, vm_uuid)
+        async def run() -> Any:
+            body = await maybe_deferred(prepare)
+            if body is NO_JOB:
+                return NO_JOB
+            name = kind_name
+            if isinstance(body, tuple):
+                name, body = body
+            kind = self.kinds[name]
+            try:
+                return await JournaledFlowChain(self.store, self.node_id, kind,
+                                                job_uuid=job_uuid).run(body, vm_uuid)
+            except OperationError as e:
+                if fail_code is None:
+                    raise
+                raise OperationError(error_code(
+                    fail_code, f"{kind.name} job {job_uuid} of VM {vm_uuid} failed",
+                    e.error, uuid=vm_uuid, job=job_uuid)) from None
 
         return trace_scope(job_uuid, self.in_vm_chain, vm_uuid,
                            lambda: Deferred.fromCoroutine(run()))

@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from zcontrol.services.vm.base import VmServiceBase
+from zcontrol.services.vm.lifecycle import LifecycleMixin
 from zcontrol.services.vm.migrate import MigrateVmMixin
 from zcontrol.services.vm.nics import VmNicsMixin
 
 __all__ = ["VmService", "make"]
 
 
-class VmService(MigrateVmMixin, VmNicsMixin, VmServiceBase):
+class VmService(LifecycleMixin, MigrateVmMixin, VmNicsMixin, VmServiceBase):
     """
     The VM service: every VM operation (see the mixins' modules).
     """

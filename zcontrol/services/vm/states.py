@@ -215,7 +215,8 @@ OPERATIONS: Mapping[str, frozenset[str]] = {
     Op.stop: frozenset({S.Running, S.Stopped, S.Unknown, S.Paused, S.Crashed}),
     Op.reboot: frozenset({S.Running, S.Crashed}),
     # Error too: a half-made VM must be destroyable (ZStack PR #1160's undeletable VMs).
-    Op.destroy: frozenset({S.Running, S.Stopped, S.Unknown, S.Starting, S.Migrating,
+    # Created too: a VM made with strategy JustCreate (ZStack's Created allows destroy).
+    Op.destroy: frozenset({S.Created, S.Running, S.Stopped, S.Unknown, S.Starting, S.Migrating,
                           S.Stopping, S.Rebooting, S.Paused, S.Pausing, S.Resuming,
                           S.VolumeMigrating, S.Crashed, S.Error}),
     Op.expunge: frozenset({S.Destroyed, S.Error}),
