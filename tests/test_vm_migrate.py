@@ -1,132 +1,104 @@
 """
-Live migration end to end (issue 10): a whole management node (L{zcontrol.node.make_node})
-and a real simulated agent over loopback HTTP serving KVM hosts that mount one NFS primary
-storage, driven through the node's bus with L{MigrateVmMsg}.
+Live migration end to end (issue 10): a whole management node and a real simulated agent
+over loopback HTTP (the cloud of L{tests.vm_scenario}: hosts sharing one NFS primary
+storage, plus LocalStorage), driven through the node's bus with L{MigrateVmMsg} on VMs made
+by L{CreateVmInstanceMsg}.
 
 After each migration the store (state, C{hostUuid}, C{lastHostUuid}, the job row), the
 simulated hypervisors (where the guest runs) and the capacity accounting (who holds what on
-each host; C{store.audit_capacity()} finds no drift) are checked. A failure is injected at
-each flow in turn (the VM service's state swap, the allocator finding no room, the agent
-failing C{/vm/migrate}, the source's return, the final swap) and the migration is rolled
-back: the VM Running on its source, nothing held on the destination. The scenario runs on
-the embedded backends and on PostgreSQL + RabbitMQ (failing, never skipping, when either is
-missing). No sleeps: every wait is a reply.
+each host; the invariants at rest and C{store.audit_capacity()}, L{CloudScenario.consistent})
+are checked. A failure is injected at each flow in turn (the VM service's state swap, the
+allocator finding no room or no Connected host, the agent failing C{/vm/migrate}, the
+source's return, the final swap) and the migration is rolled back: the VM Running on its
+source, nothing held on the destination. On the embedded backends and on PostgreSQL +
+RabbitMQ (failing, never skipping, when either is missing). No sleeps: every wait is a reply.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 import uuid as uuidlib
 from typing import Any
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer
 from twisted.internet.defer import fail
 
 from agent import protocol as p
-from agent.console import ConsolePlugin
 from agent.hypervisor.interfaces import HypervisorError
 from agent.hypervisor.simulator import GiB
-from agent.kvm import KvmPlugin
-from agent.sftpbackupstorage import SftpBackupStoragePlugin
-from agent.storage import StoragePlugin
-from agent.vrouter import VRouterPlugin
-from tests.db_support import pg_create_database_sync, pg_drop_database_sync, pg_dsn
 from tests.test_agent_loopback import LoopbackTestCase
-from zcontrol.config import load_config
+from tests.vm_scenario import CloudScenario, EmbeddedBackends, RabbitPostgresBackends
 from zcontrol.core.errors import SYS, OperationError
-from zcontrol.node import make_node
+from zcontrol.db.query import Query
 from zcontrol.scheduler.messages import ALLOCATOR, ReturnHostCapacityMsg
 from zcontrol.services.cluster.messages import SERVICE_ID as CLUSTER_SERVICE
 from zcontrol.services.cluster.messages import CreateClusterMsg
 from zcontrol.services.host.messages import HOST, AddHostMsg
 from zcontrol.services.host.messages import SERVICE_ID as HOST_SERVICE
-from zcontrol.services.network.messages import (
-    L2_SERVICE_ID,
-    L3_SERVICE_ID,
-    AddIpRangeMsg,
-    AttachL2NetworkToClusterMsg,
-    CreateL2NoVlanNetworkMsg,
-    CreateL3NetworkMsg,
-)
-from zcontrol.services.offering.messages import SERVICE_ID as OFFERING_SERVICE
-from zcontrol.services.offering.messages import CreateInstanceOfferingMsg
-from zcontrol.services.primarystorage.messages import SERVICE_ID as PRIMARY
-from zcontrol.services.primarystorage.messages import (
-    AddLocalPrimaryStorageMsg,
-    AddNfsPrimaryStorageMsg,
-    AttachPrimaryStorageToClusterMsg,
-)
+from zcontrol.services.network.messages import L3_SERVICE_ID, AddIpRangeMsg, CreateL3NetworkMsg
 from zcontrol.services.vm.errors import VM
 from zcontrol.services.vm.messages import SERVICE_ID as VM_SERVICE
 from zcontrol.services.vm.messages import MigrateVmMsg
-from zcontrol.services.zone.messages import SERVICE_ID as ZONE_SERVICE
-from zcontrol.services.zone.messages import CreateZoneMsg
 
-#: one send's bound (seconds): a lost reply fails the test instead of hanging it
-TIMEOUT = 60
-#: agent slots: hosts 1..3 in cluster A (NFS + LocalStorage + the L2), 4 in cluster B
-SLOTS_A, SLOT_B = (1, 2, 3), 4
-VM_CPU, VM_MEMORY, ROOT_SIZE = 2, 2 * GiB, 10 * GiB
+#: the VMs' offering
+VM_CPU, VM_MEMORY = 2, 2 * GiB
+#: the agent slot of the host in the second cluster (nothing attached to it)
+SLOT_B = 4
 
 
-class VmScenario:
+class VmScenario(CloudScenario):
     """
-    A node, an agent and a small cloud for VM operations; a L{LoopbackTestCase} mixin
-    whose L{node_overrides} chooses the backends.
+    The cloud of L{CloudScenario} (3 hosts, NFS and LocalStorage, a 2-CPU 2 GiB offering)
+    plus a second L3 network on the same L2 and a second cluster with one host and nothing
+    attached; helpers to look at the agents and the holders, and to inject faults.
 
-    @ivar hosts: slot -> host uuid.
+    @ivar hosts: agent slot -> host uuid.
     """
 
-    host_count = 8
+    cloud_hosts = 3
+    storage = "both"
+    offering_cpu = VM_CPU
+    offering_memory = VM_MEMORY
 
-    def agent_plugins(self) -> list[Any]:
-        return [KvmPlugin(), ConsolePlugin(), VRouterPlugin(), StoragePlugin(),
-                SftpBackupStoragePlugin()]
+    @property
+    def store(self) -> Any:
+        return self.node.store
 
-    async def node_overrides(self) -> dict[str, Any]:
-        raise NotImplementedError
+    async def build(self) -> None:
+        cloud = await self.build_cloud()
+        self.hosts = {slot: host for host, slot in cloud.slots.items()}
+        cluster_b = (await self.ok(CreateClusterMsg(zone_uuid=cloud.zone, name="b",
+                                                    hypervisor_type="KVM"),
+                                   CLUSTER_SERVICE)).inventory["uuid"]
+        host_b = (await self.ok(AddHostMsg(name="host-b", zone_uuid=cloud.zone,
+                                           cluster_uuid=cluster_b,
+                                           management_ip=self.base(SLOT_B)),
+                                HOST_SERVICE)).inventory["uuid"]
+        self.hosts[SLOT_B] = host_b
+        cloud.slots[host_b] = SLOT_B
+        l3b = (await self.ok(CreateL3NetworkMsg(name="l3-b", l2_network_uuid=cloud.l2),
+                             L3_SERVICE_ID)).inventory["uuid"]
+        await self.ok(AddIpRangeMsg(l3_network_uuid=l3b, name="r", start_ip="10.1.0.10",
+                                    end_ip="10.1.0.200", netmask="255.255.255.0",
+                                    gateway="10.1.0.1"), L3_SERVICE_ID, l3b)
+        self.l3s = [cloud.l3, l3b]
+        await self.consistent()
 
-    # --- plumbing ---------------------------------------------------------------------
-
-    async def start_node(self) -> None:
-        data = os.path.abspath(self.mktemp())
-        overrides = {"node": {"id": f"mn-vm-{secrets.token_hex(3)}", "data_dir": data},
-                     "http": {"port": 0, "interface": "127.0.0.1"}}
-        overrides.update(await self.node_overrides())
-        self.node = make_node(load_config(None, overrides), reactor)
-        self.addCleanup(lambda: self.node.running and self.node.stopService())
-        await self.node.startService()
-        inventory = [s for s in self.node if s.name == "inventory"][0]
-        self.services = {s.service_id: s for s in inventory.services}
-        self.vms = self.services[VM_SERVICE]
-        self.store = self.node.store
-
-    async def send(self, msg: Any, service_id: str, resource_uuid: str | None = None) -> Any:
-        msg.service_id = service_id
-        msg.resource_uuid = resource_uuid
-        return await self.node.bus.send(msg, TIMEOUT)
-
-    async def ok(self, msg: Any, service_id: str, resource_uuid: str | None = None) -> Any:
-        reply = await self.send(msg, service_id, resource_uuid)
-        self.assertTrue(reply.success, f"{type(msg).__name__}: {reply.error}")
-        return reply
-
-    async def refused(self, msg: Any, service_id: str, resource_uuid: str | None,
-                      code: str, *named: str) -> Any:
+    async def running_vm(self, slot: int = 1, ps: str | None = None,
+                         l3s: list[str] | None = None, **fields: Any) -> str:
         """
-        C{msg} fails with C{code}, and its error (text, details, causes) names C{named}.
+        Create a VM on the host of C{slot} with its root volume on C{ps} (default NFS) and
+        a NIC on each of C{l3s} (default the first L3); its uuid.
         """
-        reply = await self.send(msg, service_id, resource_uuid)
-        self.assertFalse(reply.success, f"{type(msg).__name__} was not refused")
-        self.assertEqual(reply.error.code, code, reply.error)
-        said = f"{reply.error} {reply.error.opaque} {reply.error.to_dict()}"
-        for name in named:
-            self.assertIn(name, said)
-        return reply.error
+        inventory = await self.create(
+            host_uuid=self.hosts[slot], primary_storage_uuid_for_root_volume=ps or self.cloud.nfs,
+            l3_network_uuids=l3s or [self.l3s[0]], **fields)
+        return inventory["uuid"]
 
-    async def no_drift(self) -> None:
-        self.assertEqual(await self.store.audit_capacity(), [])
+    async def stopped_vm(self, **fields: Any) -> str:
+        """
+        Create a Stopped VM (strategy C{CreateStopped}) on NFS; its uuid.
+        """
+        return await self.running_vm(strategy="CreateStopped", **fields)
 
     def hv(self, host_uuid: str) -> Any:
         """
@@ -147,109 +119,6 @@ class VmScenario:
                                                     f"apiName={api_name}"))
         return sorted(page.inventories, key=lambda j: j["createDate"])
 
-    # --- the cloud --------------------------------------------------------------------
-
-    async def build(self) -> None:
-        """
-        Zone; cluster A with hosts 1..3, NFS and LocalStorage, the L2 and two L3s; cluster
-        B with host 4 and nothing attached; a 2-CPU 2 GiB offering.
-        """
-        await self.start_node()
-        z = (await self.ok(CreateZoneMsg(name="zone-vm"), ZONE_SERVICE)).inventory["uuid"]
-        self.zone = z
-        self.cluster_a = (await self.ok(CreateClusterMsg(
-            zone_uuid=z, name="a", hypervisor_type="KVM"), CLUSTER_SERVICE)).inventory["uuid"]
-        self.cluster_b = (await self.ok(CreateClusterMsg(
-            zone_uuid=z, name="b", hypervisor_type="KVM"), CLUSTER_SERVICE)).inventory["uuid"]
-        self.hosts: dict[int, str] = {}
-        for slot in (*SLOTS_A, SLOT_B):
-            cluster = self.cluster_a if slot in SLOTS_A else self.cluster_b
-            host = (await self.ok(AddHostMsg(name=f"host-{slot}", zone_uuid=z,
-                                             cluster_uuid=cluster,
-                                             management_ip=self.base(slot)),
-                                  HOST_SERVICE)).inventory
-            self.hosts[slot] = host["uuid"]
-        self.nfs_url = f"nfs.example:/export/vm-{secrets.token_hex(3)}"
-        self.nfs = (await self.ok(AddNfsPrimaryStorageMsg(name="nfs", zone_uuid=z,
-                                                          url=self.nfs_url),
-                                  PRIMARY)).inventory["uuid"]
-        await self.ok(AttachPrimaryStorageToClusterMsg(primary_storage_uuid=self.nfs,
-                                                       cluster_uuid=self.cluster_a),
-                      PRIMARY, self.nfs)
-        self.local = (await self.ok(AddLocalPrimaryStorageMsg(name="local", zone_uuid=z,
-                                                              url="/zstack_ps"),
-                                    PRIMARY)).inventory["uuid"]
-        await self.ok(AttachPrimaryStorageToClusterMsg(primary_storage_uuid=self.local,
-                                                       cluster_uuid=self.cluster_a),
-                      PRIMARY, self.local)
-        l2 = (await self.ok(CreateL2NoVlanNetworkMsg(name="l2", zone_uuid=z,
-                                                     physical_interface="eth0"),
-                            L2_SERVICE_ID)).inventory["uuid"]
-        self.l2 = l2
-        await self.ok(AttachL2NetworkToClusterMsg(l2_network_uuid=l2,
-                                                  cluster_uuid=self.cluster_a),
-                      L2_SERVICE_ID, l2)
-        self.l3s = []
-        for i in range(2):
-            l3 = (await self.ok(CreateL3NetworkMsg(name=f"l3-{i}", l2_network_uuid=l2),
-                                L3_SERVICE_ID)).inventory["uuid"]
-            await self.ok(AddIpRangeMsg(l3_network_uuid=l3, name="r",
-                                        start_ip=f"10.0.{i}.10", end_ip=f"10.0.{i}.200",
-                                        netmask="255.255.255.0", gateway=f"10.0.{i}.1"),
-                          L3_SERVICE_ID, l3)
-            self.l3s.append(l3)
-        self.offering = (await self.ok(CreateInstanceOfferingMsg(
-            name="small", cpu_num=VM_CPU, memory_size=VM_MEMORY),
-            OFFERING_SERVICE)).inventory["uuid"]
-        await self.no_drift()
-
-    async def seed_vm(self, slot: int | None, ps: str | None = None,
-                      l3s: list[str] | None = None) -> str:
-        """
-        A VM as a create leaves it, made directly: Running on the host of C{slot} (its
-        capacity held by the VM, started on the agent) or Stopped (C{slot} None); a root
-        volume on C{ps} (default NFS) holding its size; one NIC with an address on each of
-        C{l3s} (default the first L3).
-        """
-        store = self.store
-        vm = uuidlib.uuid4().hex
-        host = None if slot is None else self.hosts[slot]
-        ps = ps or self.nfs
-        l3s = [self.l3s[0]] if l3s is None else l3s
-        root = uuidlib.uuid4().hex
-        await store.insert("vmInstance", {
-            "uuid": vm, "name": f"vm-{vm[:6]}", "zoneUuid": self.zone,
-            "clusterUuid": self.cluster_a, "hostUuid": host, "lastHostUuid": host,
-            "instanceOfferingUuid": self.offering, "rootVolumeUuid": root,
-            "defaultL3NetworkUuid": l3s[0] if l3s else None, "type": "UserVm",
-            "hypervisorType": "KVM", "cpuNum": VM_CPU, "memorySize": VM_MEMORY,
-            "state": "Running" if host else "Stopped"})
-        local_host = self.hosts[slot or SLOTS_A[0]] if ps == self.local else None
-        await store.reserve_primary_storage_capacity(ps, ROOT_SIZE, ("VolumeVO", root),
-                                                     host_uuid=local_host)
-        await store.insert("volume", {
-            "uuid": root, "name": f"root-{vm[:6]}", "primaryStorageUuid": ps,
-            "vmInstanceUuid": vm, "type": "Root", "size": ROOT_SIZE, "deviceId": 0,
-            "status": "Ready", "installPath": f"/rootVolumes/{root}.qcow2"})
-        nics = []
-        for i, l3 in enumerate(l3s):
-            nic = uuidlib.uuid4().hex
-            ip = await store.allocate_ip(l3, ("VmNicVO", nic))
-            row = await store.insert("vmNic", {
-                "uuid": nic, "vmInstanceUuid": vm, "l3NetworkUuid": l3,
-                "usedIpUuid": ip["uuid"], "ip": ip["ip"], "netmask": ip["netmask"],
-                "gateway": ip["gateway"], "mac": f"fa:00:{secrets.token_hex(4)[:2]}:"
-                f"{secrets.token_hex(1)}:{secrets.token_hex(1)}:{i:02x}", "deviceId": i})
-            nics.append(row)
-        if host is not None:
-            await store.reserve_host_capacity(host, VM_CPU, VM_MEMORY, ("VmInstanceVO", vm))
-            await self.vms.host_call(host, p.StartVmCmd(
-                vm_instance_uuid=vm, cpu_num=VM_CPU, memory_size=VM_MEMORY,
-                nics=[p.NicTO(mac=n["mac"], ip=n["ip"], device_id=n["deviceId"])
-                      for n in nics], root_volume_install_path=f"/rootVolumes/{root}.qcow2"))
-        await self.no_drift()
-        return vm
-
     async def assert_running_on(self, vm: str, host: str, last: str | None = None) -> None:
         """
         The VM is Running on C{host} in the store (C{lastHostUuid} C{last} when given) and
@@ -268,7 +137,7 @@ class VmScenario:
             else:
                 self.assertIsNone(there, f"the VM is also on host {other}'s agent")
         self.assertEqual(await self.held(vm), {host: (VM_CPU, VM_MEMORY)})
-        await self.no_drift()
+        await self.consistent()
 
     # --- fault injection ------------------------------------------------------------------
 
@@ -277,7 +146,7 @@ class VmScenario:
         Make the VM service's C{method} fail (C{SYS.1006}, C{text}) the first time
         C{when(*args)} holds.
         """
-        real = getattr(self.vms, method)
+        real = getattr(self.vm_service, method)
         fired = []
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -286,14 +155,14 @@ class VmScenario:
                 raise OperationError.of(SYS.OPERATION_ERROR, text)
             return real(*args, **kwargs)
 
-        setattr(self.vms, method, wrapper)
-        self.addCleanup(delattr, self.vms, method)
+        setattr(self.vm_service, method, wrapper)
+        self.addCleanup(delattr, self.vm_service, method)
 
     def fail_send_once(self, when: Any, text: str) -> None:
         """
         Make the first message the VM service sends for which C{when(msg)} holds fail.
         """
-        real = self.vms.send
+        real = self.vm_service.send
         fired = []
 
         def send(msg: Any, timeout: float | None = None) -> Any:
@@ -302,16 +171,14 @@ class VmScenario:
                 return fail(OperationError.of(SYS.OPERATION_ERROR, text))
             return real(msg, timeout)
 
-        self.vms.send = send
-        self.addCleanup(delattr, self.vms, "send")
+        self.vm_service.send = send
+        self.addCleanup(delattr, self.vm_service, "send")
 
     def migrate(self, vm: str, host: str | None = None) -> MigrateVmMsg:
         return MigrateVmMsg(vm_instance_uuid=vm, host_uuid=host)
 
 
-def _query(*conditions: str) -> Any:
-    from zcontrol.db.query import Query
-
+def _query(*conditions: str) -> Query:
     return Query(conditions=list(conditions))
 
 
@@ -329,7 +196,7 @@ class MigrateScenario(VmScenario):
         """
         await self.build()
         h1, h2 = self.hosts[1], self.hosts[2]
-        vm = await self.seed_vm(1)
+        vm = await self.running_vm(1)
         reply = await self.ok(self.migrate(vm, h2), VM_SERVICE, vm)
         self.assertEqual((reply.inventory["uuid"], reply.inventory["hostUuid"],
                           reply.inventory["state"]), (vm, h2, "Running"))
@@ -359,19 +226,19 @@ class MigrateScenario(VmScenario):
         """
         await self.build()
         h1, h2 = self.hosts[1], self.hosts[2]
-        running = await self.seed_vm(1)
-        stopped = await self.seed_vm(None)
+        running = await self.running_vm(1)
+        stopped = await self.stopped_vm()
         await self.refused(self.migrate(stopped), VM_SERVICE, stopped,
                            VM.NOT_IN_CORRECT_STATE, "Stopped")
-        local = await self.seed_vm(1, ps=self.local)
+        local = await self.running_vm(1, ps=self.cloud.local)
         [root] = (await self.store.query("volume", _query(f"vmInstanceUuid={local}"))
                   ).inventories
         await self.refused(self.migrate(local, h2), VM_SERVICE, local, VM.MIGRATE_ERROR,
-                           "LocalStorage", root["uuid"], self.local)
+                           "LocalStorage", root["uuid"], self.cloud.local)
         await self.refused(self.migrate(running, h1), VM_SERVICE, running, VM.MIGRATE_ERROR,
                            "already runs there")
         await self.refused(self.migrate(running, self.hosts[SLOT_B]), VM_SERVICE, running,
-                           VM.MIGRATE_ERROR, self.nfs, self.l2)
+                           VM.MIGRATE_ERROR, self.cloud.nfs, self.cloud.l2)
         await self.store.update_host_status(h2, "Disconnected")
         await self.refused(self.migrate(running, h2), VM_SERVICE, running, VM.MIGRATE_ERROR,
                            "Disconnected")
@@ -413,7 +280,7 @@ class MigrateScenario(VmScenario):
         Fault at C{vm-migrating}: its state swap fails; nothing else ran.
         """
         await self.build()
-        vm = await self.seed_vm(1)
+        vm = await self.running_vm(1)
         self.fail_once("change_state", lambda *a, **k: a[1] == "migrating",
                        "injected: the state swap failed")
         await self.rolled_back(vm, self.hosts[1], "vm-migrating", "injected: the state swap")
@@ -424,7 +291,7 @@ class MigrateScenario(VmScenario):
         allocator's reasoned error is in the cause chain; nothing was reserved.
         """
         await self.build()
-        vm = await self.seed_vm(1)
+        vm = await self.running_vm(1)
         for slot in (2, 3):
             host = await self.store.get("host", self.hosts[slot])
             await self.store.reserve_host_capacity(
@@ -442,7 +309,7 @@ class MigrateScenario(VmScenario):
         allocator's C{state} filter); nothing was reserved.
         """
         await self.build()
-        vm = await self.seed_vm(1)
+        vm = await self.running_vm(1)
         for slot in (2, 3):
             await self.store.update_host_status(self.hosts[slot], "Disconnected")
         await self.rolled_back(vm, self.hosts[1], "allocate-destination",
@@ -454,7 +321,7 @@ class MigrateScenario(VmScenario):
         error text is in the cause chain; the destination's reservation is given back.
         """
         await self.build()
-        vm = await self.seed_vm(1)
+        vm = await self.running_vm(1)
         hv = self.hv(self.hosts[1])
         hv.migrate_vm = lambda uuid, dest: fail(HypervisorError("injected migrate failure"))
         await self.rolled_back(vm, self.hosts[1], "migrate-on-hypervisor",
@@ -466,7 +333,7 @@ class MigrateScenario(VmScenario):
         rollback migrates it back to the source and gives back the destination.
         """
         await self.build()
-        vm = await self.seed_vm(1)
+        vm = await self.running_vm(1)
         source = self.hosts[1]
         self.fail_send_once(lambda m: isinstance(m, ReturnHostCapacityMsg)
                             and m.host_uuid == source, "injected: return failed")
@@ -478,7 +345,7 @@ class MigrateScenario(VmScenario):
         the guest migrated back, the destination given back.
         """
         await self.build()
-        vm = await self.seed_vm(1)
+        vm = await self.running_vm(1)
         self.fail_once("change_state", lambda *a, **k: a[1] == "migrated",
                        "injected: the last swap failed")
         await self.rolled_back(vm, self.hosts[1], "vm-migrated", "injected: the last swap")
@@ -491,7 +358,7 @@ class MigrateScenario(VmScenario):
         the destination's agent works again moves the guest back and finishes the rollback.
         """
         await self.build()
-        vm = await self.seed_vm(1)
+        vm = await self.running_vm(1)
         h1 = self.hosts[1]
         self.fail_once("change_state", lambda *a, **k: a[1] == "migrated",
                        "injected: the last swap failed")
@@ -530,11 +397,29 @@ class MigrateScenario(VmScenario):
         original[h1] = real
         for host, fn in original.items():
             self.hv(host).migrate_vm = fn
-        outcomes = await self.vms.recover_job(job)
+        outcomes = await self.vm_service.recover_job(job)
         self.assertEqual([o["outcome"] for o in outcomes], ["rolled-back"])
         await self.assert_running_on(vm, h1)
         [job] = await self.jobs(vm, "MigrateVm")
         self.assertEqual(job["state"], "Failed")
+
+    async def interrupted(self, vm: str, flows: int) -> tuple[dict, dict]:
+        """
+        A C{MigrateVm} job of C{vm} whose first C{flows} flows ran and were recorded, as a
+        node that stopped then leaves it; its row and the context its flows ran with.
+        """
+        svc = self.vm_service
+        kind = svc.kinds["MigrateVm"]
+        body = await svc.migrate_body(self.migrate(vm))
+        job_uuid = uuidlib.uuid4().hex
+        await self.store.create_job(job_uuid, "MigrateVm", body, svc.node_id, vm)
+        ctx: dict[str, Any] = {"resource": vm, "message": body, "took": {}, "job": job_uuid}
+        for flow in kind.flows[:flows]:
+            took = await defer.ensureDeferred(flow.run(ctx))
+            ctx["took"][flow.name] = took
+            await self.store.record_job_flow(job_uuid, svc.node_id, flow.name, took)
+        [job] = await self.jobs(vm, "MigrateVm")
+        return job, ctx
 
     async def test_recovery_forward_after_the_move(self) -> None:
         """
@@ -543,68 +428,43 @@ class MigrateScenario(VmScenario):
         source and marking the VM Running there.
         """
         await self.build()
-        vm = await self.seed_vm(1)
+        vm = await self.running_vm(1)
         h1 = self.hosts[1]
-        kind = self.vms.kinds["MigrateVm"]
-        ctx: dict[str, Any] = {"resource": vm, "message": {"vmInstanceUuid": vm,
-                                                            "hostUuid": None},
-                               "took": {}, "job": "j"}
-        job_uuid = uuidlib.uuid4().hex
-        await self.store.create_job(job_uuid, "MigrateVm", {"vmInstanceUuid": vm},
-                                    self.vms.node_id, vm)
-        for flow in kind.flows[:3]:
-            took = await defer.ensureDeferred(flow.run(ctx))
-            ctx["took"][flow.name] = took
-            await self.store.record_job_flow(job_uuid, self.vms.node_id, flow.name, took)
+        job, ctx = await self.interrupted(vm, 3)
         dest = ctx["took"]["allocate-destination"]["host"]
         self.assertEqual(sorted(await self.held(vm)), sorted([h1, dest]))
-        [job] = await self.jobs(vm, "MigrateVm")
-        outcomes = await self.vms.recover_job(job)
+        outcomes = await self.vm_service.recover_job(job)
         self.assertEqual([o["outcome"] for o in outcomes], ["forward"])
         await self.assert_running_on(vm, dest, last=h1)
+        [job] = await self.jobs(vm, "MigrateVm")
+        self.assertEqual(job["state"], "Succeeded")
+
+    async def test_recovery_back_before_the_move(self) -> None:
+        """
+        A node that stopped while C{migrate-on-hypervisor} was in flight and the guest had
+        not moved (the probe: Running on the source, not on the destination): the recovery
+        rolls the job back (C{JOB.1000}), the VM Running on its source, the destination's
+        reservation given back.
+        """
+        await self.build()
+        vm = await self.running_vm(1)
+        h1 = self.hosts[1]
+        job, ctx = await self.interrupted(vm, 2)
+        self.assertEqual(len(await self.held(vm)), 2)
+        self.assertEqual((await self.store.get("vmInstance", vm))["state"], "Migrating")
+        outcomes = await self.vm_service.recover_job(job)
+        self.assertEqual([(o["outcome"], o["error"].code) for o in outcomes],
+                         [("rolled-back", "JOB.1000")])
+        await self.assert_running_on(vm, h1)
 
 
-class EmbeddedMigrateTests(MigrateScenario, LoopbackTestCase):
+class EmbeddedMigrateTests(MigrateScenario, EmbeddedBackends, LoopbackTestCase):
     """
     On the embedded defaults: SQLite in the node's data dir, the LocalBus.
     """
 
-    async def node_overrides(self) -> dict[str, Any]:
-        return {}
 
-
-class RabbitPostgres:
+class RabbitPostgresMigrateTests(MigrateScenario, RabbitPostgresBackends, LoopbackTestCase):
     """
-    On PostgreSQL (a scratch database, dropped at cleanup) and RabbitMQ (the AMQP bus on a
-    random prefix, its exchanges deleted at cleanup). Fails when either is missing.
+    On PostgreSQL and RabbitMQ.
     """
-
-    async def node_overrides(self) -> dict[str, Any]:
-        name = await threads.deferToThread(pg_create_database_sync)
-        self.addCleanup(threads.deferToThread, pg_drop_database_sync, name)
-        prefix = f"vm{secrets.token_hex(5)}."
-        self.addCleanup(self.delete_exchanges, prefix)
-        return {"store": {"url": pg_dsn(name)},
-                "bus": {"backend": "amqp", "prefix": prefix}}
-
-    async def delete_exchanges(self, prefix: str) -> None:
-        from tests.test_bus_amqp import Admin
-        from zcontrol.bus.amqp import Topology
-
-        admin = await Admin.connect()
-        try:
-            topo = Topology(prefix)
-            await admin.ch.queue_delete(queue=topo.no_route_queue)
-            for exchange in (topo.p2p, topo.broadcast, topo.no_route):
-                await admin.ch.exchange_delete(exchange=exchange)
-        finally:
-            await admin.close()
-
-
-class RabbitPostgresMigrateTests(RabbitPostgres, MigrateScenario, LoopbackTestCase):
-    """
-    The migration tests on PostgreSQL and RabbitMQ.
-    """
-
-
-__all__ = ["MigrateScenario", "RabbitPostgres", "VmScenario"]

@@ -34,11 +34,16 @@ capacity moves only on success):
     happened; Running on the source (and not on the destination) -> did not; else cannot
     tell. See Note [migration rollback] for its rollback.
  4. C{return-source}: C{ReturnHostCapacityMsg} for the source and, in one compare-and-swap
-    on C{Migrating}, C{hostUuid} = destination, C{lastHostUuid} = source; took C{{"host":
-    source, "cpu", "memory", "lastHostUuid": the previous one}}. Rollback: the source's
-    capacity reserved again for the holder (idempotent) and C{hostUuid} = source.
+    on C{Migrating}, C{hostUuid} = destination, C{lastHostUuid} = source, C{clusterUuid} the
+    destination's; took C{{"host": source, "cpu", "memory"}}. Rollback: the source's
+    capacity reserved again for the holder (idempotent) and the three columns as the plan
+    found them.
  5. C{vm-migrated}: C{Migrating} -> C{Running}. Rollback: back to C{Migrating} (the
     earlier rollbacks then move it).
+
+The job's C{apiMessage} carries the C{plan} the checks made (the source, the VM's CPUs and
+memory, its storages and networks, the destination asked for), so that every flow, and a
+recovery, works from what the VM was when the migration began.
 
 Recovery (L{JobKind.forward}): once C{migrate-on-hypervisor} is recorded, or when it was in
 flight and its probe says the VM runs on the destination, the job is finished forward
@@ -69,23 +74,23 @@ from typing import Any, Iterable, MutableMapping
 from twisted.logger import Logger
 
 from agent import protocol as p
-from zcontrol.core.errors import SYS, OperationError, from_failure
+from zcontrol.core.errors import OperationError, from_failure
 from zcontrol.core.journal import JobKind, JournaledFlow
-from zcontrol.core.trace import new_trace_id
 from zcontrol.db.query import Query
 from zcontrol.scheduler.messages import SERVICE_ID as ALLOCATOR_SERVICE
 from zcontrol.scheduler.messages import AllocateHostMsg, ReturnHostCapacityMsg
+from zcontrol.services import inventory as inv
 from zcontrol.services import validate
 from zcontrol.services.agenturls import HOST_AGENT_PORT
 from zcontrol.services.base import handles
 from zcontrol.services.host.messages import HOST
 from zcontrol.services.host.service import agent_base_url
 from zcontrol.services.vm import states
-from zcontrol.services.vm.base import VM_HOLDER, VmServiceBase, job_kinds
+from zcontrol.services.vm.base import VM_HOLDER, VmServiceBase, job_kinds, message_body
 from zcontrol.services.vm.errors import VM
 from zcontrol.services.vm.messages import MigrateVmMsg, VmInstanceReply
 
-__all__ = ["MIGRATE_VM", "MigrateVmMixin", "vm_inventory"]
+__all__ = ["MIGRATE_VM", "MigrateVmMixin"]
 
 log = Logger()
 
@@ -95,10 +100,6 @@ LOCAL_STORAGE = "LocalStorage"
 _S = states.VmInstanceState
 _E = states.Event
 
-#: Codes a migration's refusal carries as they are (not wrapped in C{VM.1008}).
-_AS_IS = frozenset({VM.NOT_FOUND, VM.NOT_IN_CORRECT_STATE, VM.MIGRATE_ERROR, HOST.NOT_FOUND,
-                   SYS.INVALID_ARGUMENT_ERROR})
-
 
 async def _all(store: Any, resource: str, *conditions: str) -> list[dict[str, Any]]:
     """
@@ -107,21 +108,6 @@ async def _all(store: Any, resource: str, *conditions: str) -> list[dict[str, An
     page = await store.query(resource, Query(conditions=list(conditions), sort="createDate",
                                              limit=1000))
     return list(page.inventories)
-
-
-async def vm_inventory(store: Any, vm_uuid: str) -> dict[str, Any] | None:
-    """
-    ZStack's C{VmInstanceInventory}: the VM's row plus C{vmNics} and C{allVolumes} (by
-    device id), or None when there is no such VM.
-    """
-    row = await store.get("vmInstance", vm_uuid)
-    if row is None:
-        return None
-    nics = await _all(store, "vmNic", f"vmInstanceUuid={vm_uuid}")
-    volumes = await _all(store, "volume", f"vmInstanceUuid={vm_uuid}")
-    return {**row, "vmNics": sorted(nics, key=lambda n: n["deviceId"]),
-            "allVolumes": sorted(volumes, key=lambda v: (v.get("deviceId") is None,
-                                                         v.get("deviceId") or 0))}
 
 
 class _MigrateFlow(JournaledFlow):
@@ -137,8 +123,12 @@ class _MigrateFlow(JournaledFlow):
         return ctx["resource"]
 
     @staticmethod
-    def source(ctx: MutableMapping[str, Any]) -> str:
-        return ctx["took"]["vm-migrating"]["host"]
+    def plan(ctx: MutableMapping[str, Any]) -> dict[str, Any]:
+        return ctx["message"]["plan"]
+
+    @classmethod
+    def source(cls, ctx: MutableMapping[str, Any]) -> str:
+        return cls.plan(ctx)["sourceHostUuid"]
 
     @staticmethod
     def destination(ctx: MutableMapping[str, Any]) -> str | None:
@@ -171,9 +161,8 @@ class VmMigratingFlow(_MigrateFlow):
         row = await self.svc.store.get("vmInstance", self.vm(ctx))
         if row is None or row["state"] != _S.Migrating:
             return  # the swap never happened (took None), or was undone already
-        source = took["host"] if took else row["hostUuid"]
-        await self.svc.change_state(self.vm(ctx), _E.running, {"hostUuid": source},
-                                    expected=[_S.Migrating])
+        await self.svc.change_state(self.vm(ctx), _E.running,
+                                    {"hostUuid": self.source(ctx)}, expected=[_S.Migrating])
 
 
 class AllocateDestinationFlow(_MigrateFlow):
@@ -185,20 +174,17 @@ class AllocateDestinationFlow(_MigrateFlow):
     name = "allocate-destination"
 
     async def run(self, ctx: MutableMapping[str, Any]) -> dict:
-        vm_uuid, source = self.vm(ctx), self.source(ctx)
-        vm = await self.svc.vm_row(vm_uuid)
-        plan = await self.svc.migration_plan(vm)
-        wanted = (ctx.get("message") or {}).get("hostUuid")
+        vm_uuid, source, plan = self.vm(ctx), self.source(ctx), self.plan(ctx)
         reply = await self.svc.send(AllocateHostMsg(
-            service_id=ALLOCATOR_SERVICE, vm_instance_uuid=vm_uuid, cpu_num=vm["cpuNum"],
-            memory_size=vm["memorySize"], l3_network_uuids=plan["l3NetworkUuids"],
-            zone_uuid=vm.get("zoneUuid"), host_uuid=wanted, avoid_host_uuids=[source],
-            primary_storage_uuid=plan["rootPrimaryStorageUuid"],
-            allocator_strategy=vm.get("allocatorStrategy")))
+            service_id=ALLOCATOR_SERVICE, vm_instance_uuid=vm_uuid, cpu_num=plan["cpuNum"],
+            memory_size=plan["memorySize"], l3_network_uuids=plan["l3NetworkUuids"],
+            zone_uuid=plan["zoneUuid"], host_uuid=plan["hostUuid"],
+            avoid_host_uuids=[source], primary_storage_uuid=plan["rootPrimaryStorageUuid"],
+            allocator_strategy=plan["allocatorStrategy"]))
         host = reply.inventory
-        took = {"host": host["uuid"], "cpu": vm["cpuNum"], "memory": vm["memorySize"]}
-        # Recorded in the context at once: a failing check below rolls this flow back
-        # with took=None, which releases by holder anyway.
+        took = {"host": host["uuid"], "cpu": plan["cpuNum"], "memory": plan["memorySize"]}
+        # A failing check below rolls this flow back with took=None, which releases by
+        # holder anyway.
         missing = await self.svc.unattached(host, plan)
         if missing:
             raise OperationError.of(
@@ -231,6 +217,9 @@ class MigrateOnHypervisorFlow(_MigrateFlow):
     async def run(self, ctx: MutableMapping[str, Any]) -> dict:
         vm_uuid, source, dest = self.vm(ctx), self.source(ctx), self.destination(ctx)
         assert dest is not None
+        if (ctx.get("recovering")
+                and await self.svc.vm_state_on(dest, vm_uuid) == p.VmState.RUNNING):
+            return {"source": source, "destination": dest}
         url = await self.svc.agent_url(dest)
         try:
             await self.svc.host_call(source, p.MigrateVmCmd(vm_uuid=vm_uuid,
@@ -290,27 +279,22 @@ class ReturnSourceFlow(_MigrateFlow):
 
     async def run(self, ctx: MutableMapping[str, Any]) -> dict:
         vm_uuid, source, dest = self.vm(ctx), self.source(ctx), self.destination(ctx)
-        vm = await self.svc.vm_row(vm_uuid)
-        took = {"host": source, "cpu": vm["cpuNum"], "memory": vm["memorySize"],
-                "lastHostUuid": vm.get("lastHostUuid")}
+        plan = self.plan(ctx)
+        host = await self.svc.must_get("host", dest, HOST.NOT_FOUND, field="hostUuid")
         await self.svc.send(ReturnHostCapacityMsg(
             service_id=ALLOCATOR_SERVICE, host_uuid=source, vm_instance_uuid=vm_uuid))
-        await self.svc.store.update("vmInstance", vm_uuid,
-                                    {"hostUuid": dest, "lastHostUuid": source},
-                                    expected={"state": _S.Migrating})
-        return took
+        await self.svc.store.update("vmInstance", vm_uuid, {
+            "hostUuid": dest, "lastHostUuid": source, "clusterUuid": host["clusterUuid"]},
+            expected={"state": _S.Migrating})
+        return {"host": source, "cpu": plan["cpuNum"], "memory": plan["memorySize"]}
 
     async def rollback(self, ctx: MutableMapping[str, Any], took: dict | None) -> None:
-        vm_uuid, source = self.vm(ctx), self.source(ctx)
-        vm = await self.svc.vm_row(vm_uuid)
-        cpu = took["cpu"] if took else vm["cpuNum"]
-        memory = took["memory"] if took else vm["memorySize"]
-        await self.svc.store.reserve_host_capacity(source, cpu, memory, (VM_HOLDER, vm_uuid))
-        changes: dict[str, Any] = {"hostUuid": source}
-        if took is not None:
-            changes["lastHostUuid"] = took["lastHostUuid"]
-        await self.svc.store.update("vmInstance", vm_uuid, changes,
-                                    expected={"state": _S.Migrating})
+        vm_uuid, source, plan = self.vm(ctx), self.source(ctx), self.plan(ctx)
+        await self.svc.store.reserve_host_capacity(source, plan["cpuNum"], plan["memorySize"],
+                                                   (VM_HOLDER, vm_uuid))
+        await self.svc.store.update("vmInstance", vm_uuid, {
+            "hostUuid": source, "lastHostUuid": plan["lastHostUuid"],
+            "clusterUuid": plan["clusterUuid"]}, expected={"state": _S.Migrating})
 
 
 class VmMigratedFlow(_MigrateFlow):
@@ -321,6 +305,10 @@ class VmMigratedFlow(_MigrateFlow):
     name = "vm-migrated"
 
     async def run(self, ctx: MutableMapping[str, Any]) -> dict:
+        if ctx.get("recovering"):
+            row = await self.svc.vm_row(self.vm(ctx))
+            if row["state"] == _S.Running and row["hostUuid"] == self.destination(ctx):
+                return {"state": row["state"], "host": row["hostUuid"]}  # done before
         row = await self.svc.change_state(self.vm(ctx), _E.migrated, expected=[_S.Migrating])
         return {"state": row["state"], "host": row["hostUuid"]}
 
@@ -364,33 +352,37 @@ class MigrateVmMixin(VmServiceBase):
         vm_uuid = validate.uuid(msg.vm_instance_uuid, "vmInstanceUuid")
         if msg.host_uuid is not None:
             validate.uuid(msg.host_uuid, "hostUuid")
-        job_uuid = new_trace_id()
-        started = []
+        job = await self.run_job(MIGRATE_VM, vm_uuid, lambda: self.migrate_body(msg),
+                                 VM.MIGRATE_ERROR)
+        return VmInstanceReply(inventory=await inv.inventory(self.store, "vmInstance", vm_uuid),
+                               job_uuid=job["uuid"])
 
-        async def before() -> None:
-            vm = await self.check(vm_uuid, states.Operation.migrate, "vmInstanceUuid")
-            if vm["state"] != _S.Running:
-                raise OperationError.of(
-                    VM.NOT_IN_CORRECT_STATE,
-                    f"the VM instance in state {vm['state']} cannot be live-migrated: only a"
-                    f" Running VM can", state=vm["state"], operation="migrate",
-                    allowedStates=[_S.Running])
-            plan = await self.migration_plan(vm)
-            if msg.host_uuid is not None:
-                await self.check_destination(vm, msg.host_uuid, plan)
-            started.append(True)
-
-        try:
-            await self.run_job(MIGRATE_VM, msg, vm_uuid, before=before, job_uuid=job_uuid)
-        except OperationError as e:
-            if not started and e.error.code in _AS_IS:
-                raise
+    async def migrate_body(self, msg: MigrateVmMsg) -> dict[str, Any]:
+        """
+        Check a migration (the refusals of the module docstring) on the VM as it is now and
+        return the job's C{apiMessage}: the message's fields and the C{plan}
+        (C{sourceHostUuid}, C{hostUuid} asked for or None, C{cpuNum}, C{memorySize},
+        C{zoneUuid}, C{clusterUuid}, C{lastHostUuid}, C{allocatorStrategy} and
+        L{migration_plan}'s storages and networks).
+        """
+        vm_uuid = msg.vm_instance_uuid
+        vm = await self.check(vm_uuid, states.Operation.migrate, "vmInstanceUuid")
+        if vm["state"] != _S.Running:
             raise OperationError.of(
-                VM.MIGRATE_ERROR, f"failed to migrate VM {vm_uuid}"
-                + (f" to host {msg.host_uuid}" if msg.host_uuid else ""), e.error,
-                uuid=vm_uuid, job=job_uuid) from None
-        return VmInstanceReply(inventory=await vm_inventory(self.store, vm_uuid),
-                               job_uuid=job_uuid)
+                VM.NOT_IN_CORRECT_STATE,
+                f"the VM instance in state {vm['state']} cannot be live-migrated: only a"
+                f" Running VM can", state=vm["state"], operation="migrate",
+                allowedStates=[_S.Running])
+        plan = await self.migration_plan(vm)
+        if msg.host_uuid is not None:
+            await self.check_destination(vm, msg.host_uuid, plan)
+        plan.update(sourceHostUuid=vm["hostUuid"], hostUuid=msg.host_uuid,
+                    lastHostUuid=vm.get("lastHostUuid"), clusterUuid=vm.get("clusterUuid"),
+                    zoneUuid=vm.get("zoneUuid"), cpuNum=vm["cpuNum"],
+                    memorySize=vm["memorySize"], allocatorStrategy=vm.get("allocatorStrategy"))
+        body = message_body(msg)
+        body["plan"] = plan
+        return body
 
     # --- helpers ------------------------------------------------------------------------
 

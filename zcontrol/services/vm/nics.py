@@ -6,8 +6,9 @@ change the instance offering while Stopped (C{APIChangeInstanceOfferingMsg}).
 
 Attach (journaled job C{AttachL3NetworkToVm}, in the VM's chain):
  1. C{create-nic}: a C{vmNic} row on the L3 with a fresh MAC (unique: the table's unique key
-    arbitrates, a clash draws again) and the lowest free device id; its uuid is derived from
-    the job's uuid, so a rollback without a record finds it. Rollback: the row deleted.
+    arbitrates, a clash draws again) and the lowest free device id; its uuid is the plan's
+    (the job's C{apiMessage}), so a rollback without a record finds it. Rollback: the row
+    deleted.
  2. C{allocate-ip}: C{AllocateIpMsg} for the holder C{("VmNicVO", nic)} (C{static_ip} when
     given), written into the NIC (C{usedIpUuid}, C{ip}, C{netmask}, C{gateway}). Rollback:
     the NIC let go of the address, C{ReturnIpMsg} for the holder (idempotent).
@@ -24,8 +25,8 @@ service's codes (C{L3.1003} Disabled, C{L3.1005} no free address, C{L3.1007} the
 taken), wrapped in C{VM.1007}.
 
 Detach (journaled job C{DetachL3NetworkFromVm}): the NIC's VM is found from the NIC.
- 1. C{detach-on-hypervisor}: C{DetachNicCmd} when the VM is C{Running}; took the NIC's row
-    and the VM's default L3. Rollback: C{AttachNicCmd} again.
+ 1. C{detach-on-hypervisor}: C{DetachNicCmd} when the VM is C{Running} (the plan records the
+    NIC's row, the VM's host and its default L3). Rollback: C{AttachNicCmd} again.
  2. C{change-default-l3}: when the NIC is on the VM's default L3 network, the default moves
     to the L3 of the VM's other NIC with the lowest device id, or to none when it was the
     last NIC (ZStack's C{VmInstanceBase.selectDefaultL3}; ZStack lets the last NIC go too).
@@ -51,7 +52,6 @@ store is never left with a NIC the VM does not have.
 
 from __future__ import annotations
 
-import random
 import uuid as uuidlib
 from typing import Any, Iterable, MutableMapping
 
@@ -60,24 +60,25 @@ from twisted.logger import Logger
 from agent import protocol as p
 from zcontrol.core.errors import SYS, OperationError
 from zcontrol.core.journal import JobKind, JournaledFlow
-from zcontrol.core.trace import new_trace_id
 from zcontrol.db.interfaces import DB
+from zcontrol.services import inventory as inv
 from zcontrol.services import validate
 from zcontrol.services.base import handles
 from zcontrol.services.network.messages import L3, L3_SERVICE_ID, AllocateIpMsg, ReturnIpMsg
 from zcontrol.services.offering.messages import OFFERING
 from zcontrol.services.vm import states
-from zcontrol.services.vm.base import NIC_HOLDER, VmServiceBase, job_kinds
+from zcontrol.services.vm.base import NIC_HOLDER, VmServiceBase, job_kinds, message_body
 from zcontrol.services.vm.errors import VM
+from zcontrol.services.vm.lifecycle import new_mac
 from zcontrol.services.vm.messages import (
     AttachL3NetworkToVmMsg,
     ChangeInstanceOfferingMsg,
     DetachL3NetworkFromVmMsg,
     VmInstanceReply,
 )
-from zcontrol.services.vm.migrate import _all, vm_inventory
+from zcontrol.services.vm.migrate import _all
 
-__all__ = ["ATTACH_L3", "DETACH_L3", "VmNicsMixin", "new_mac", "nic_uuid_of_job"]
+__all__ = ["ATTACH_L3", "DETACH_L3", "VmNicsMixin"]
 
 log = Logger()
 
@@ -87,28 +88,6 @@ DETACH_L3 = "DetachL3NetworkFromVm"
 MAC_ATTEMPTS = 8
 _S = states.VmInstanceState
 _NIC_IP_FIELDS = ("usedIpUuid", "ip", "netmask", "gateway")
-#: Codes a NIC operation's refusal carries as they are (not wrapped in C{VM.1007}).
-_AS_IS = frozenset({VM.NOT_FOUND, VM.NOT_IN_CORRECT_STATE, VM.ATTACH_NETWORK_ERROR,
-                   L3.NOT_FOUND, SYS.INVALID_ARGUMENT_ERROR, SYS.RESOURCE_NOT_FOUND})
-
-
-def new_mac(rng: random.Random | None = None) -> str:
-    """
-    A random MAC address in ZStack's form (C{MacOperator}: C{fa:} then five random bytes;
-    C{0xfa} is a locally administered unicast prefix).
-    """
-    rng = rng or random.SystemRandom()
-    return "fa:" + ":".join(f"{rng.randrange(256):02x}" for _ in range(5))
-
-
-def nic_uuid_of_job(job_uuid: str) -> str:
-    """
-    The uuid of the NIC an attach job creates: derived from the job's uuid, so that a
-    rollback at recovery finds the NIC its in-flight run may have created.
-    """
-    return uuidlib.uuid5(uuidlib.UUID(job_uuid), "vmNic").hex
-
-
 def nic_to(nic: dict[str, Any]) -> p.NicTO:
     """
     The agent's view of a NIC row.
@@ -131,8 +110,8 @@ class _NicFlow(JournaledFlow):
         return ctx["resource"]
 
     @staticmethod
-    def message(ctx: MutableMapping[str, Any]) -> dict[str, Any]:
-        return ctx.get("message") or {}
+    def plan(ctx: MutableMapping[str, Any]) -> dict[str, Any]:
+        return ctx["message"]["plan"]
 
     async def running_on(self, ctx: MutableMapping[str, Any]) -> str | None:
         """
@@ -169,21 +148,19 @@ class CreateNicFlow(_NicFlow):
     name = "create-nic"
 
     async def run(self, ctx: MutableMapping[str, Any]) -> dict:
-        vm_uuid, nic_uuid = self.vm(ctx), nic_uuid_of_job(ctx["job"])
+        vm_uuid, plan = self.vm(ctx), self.plan(ctx)
+        nic_uuid = plan["nicUuid"]
         existing = await self.svc.store.get("vmNic", nic_uuid)
-        if existing is not None:  # a retry after a lost acknowledgement
+        if existing is not None:  # re-run at recovery: it was made before
             return {"nic": nic_uuid, "mac": existing["mac"]}
-        l3 = self.message(ctx)["l3NetworkUuid"]
         last = None
         for _ in range(MAC_ATTEMPTS):
-            nics = await _all(self.svc.store, "vmNic", f"vmInstanceUuid={vm_uuid}")
-            used = {n["deviceId"] for n in nics}
-            device = next(i for i in range(len(used) + 1) if i not in used)
             mac = new_mac()
             try:
                 await self.svc.store.insert("vmNic", {
-                    "uuid": nic_uuid, "vmInstanceUuid": vm_uuid, "l3NetworkUuid": l3,
-                    "mac": mac, "deviceId": device, "internalName": f"vnic{device}"})
+                    "uuid": nic_uuid, "vmInstanceUuid": vm_uuid,
+                    "l3NetworkUuid": plan["l3NetworkUuid"], "mac": mac,
+                    "deviceId": plan["deviceId"], "internalName": plan["internalName"]})
             except OperationError as e:
                 if e.error.code != DB.DUPLICATE:
                     raise
@@ -191,11 +168,11 @@ class CreateNicFlow(_NicFlow):
                 continue
             return {"nic": nic_uuid, "mac": mac}
         raise OperationError.of(VM.ALLOCATE_MAC_ERROR,
-                                f"no free MAC address or device id for VM {vm_uuid} after"
+                                f"no free MAC address for a NIC of VM {vm_uuid} after"
                                 f" {MAC_ATTEMPTS} draws", last, uuid=vm_uuid)
 
     async def rollback(self, ctx: MutableMapping[str, Any], took: dict | None) -> None:
-        await self.svc.store.delete("vmNic", nic_uuid_of_job(ctx["job"]))
+        await self.svc.store.delete("vmNic", self.plan(ctx)["nicUuid"])
 
 
 class AllocateNicIpFlow(_NicFlow):
@@ -206,8 +183,8 @@ class AllocateNicIpFlow(_NicFlow):
     name = "allocate-ip"
 
     async def run(self, ctx: MutableMapping[str, Any]) -> dict:
-        nic_uuid = nic_uuid_of_job(ctx["job"])
-        msg = self.message(ctx)
+        nic_uuid = self.plan(ctx)["nicUuid"]
+        msg = self.plan(ctx)
         ip = await self.svc.take_ip(msg["l3NetworkUuid"], nic_uuid, msg.get("staticIp"))
         await self.svc.store.update("vmNic", nic_uuid, {
             "usedIpUuid": ip["uuid"], "ip": ip["ip"], "netmask": ip["netmask"],
@@ -215,10 +192,10 @@ class AllocateNicIpFlow(_NicFlow):
         return {"l3": msg["l3NetworkUuid"], "ip": ip["ip"], "usedIpUuid": ip["uuid"]}
 
     async def rollback(self, ctx: MutableMapping[str, Any], took: dict | None) -> None:
-        nic_uuid = nic_uuid_of_job(ctx["job"])
+        nic_uuid = self.plan(ctx)["nicUuid"]
         if await self.svc.store.get("vmNic", nic_uuid) is not None:
             await self.svc.store.update("vmNic", nic_uuid, dict.fromkeys(_NIC_IP_FIELDS))
-        await self.svc.give_ip(self.message(ctx)["l3NetworkUuid"], nic_uuid)
+        await self.svc.give_ip(self.plan(ctx)["l3NetworkUuid"], nic_uuid)
 
 
 class AttachOnHypervisorFlow(_NicFlow):
@@ -231,13 +208,13 @@ class AttachOnHypervisorFlow(_NicFlow):
     async def run(self, ctx: MutableMapping[str, Any]) -> dict:
         host = await self.running_on(ctx)
         if host is not None:
-            nic = await self.svc.store.get("vmNic", nic_uuid_of_job(ctx["job"]))
+            nic = await self.svc.store.get("vmNic", self.plan(ctx)["nicUuid"])
             await self.plug(host, self.vm(ctx), nic, attach=True, best_effort=False)
         return {"host": host}
 
     async def rollback(self, ctx: MutableMapping[str, Any], took: dict | None) -> None:
         host = took["host"] if took is not None else await self.running_on(ctx)
-        nic = await self.svc.store.get("vmNic", nic_uuid_of_job(ctx["job"]))
+        nic = await self.svc.store.get("vmNic", self.plan(ctx)["nicUuid"])
         if host is None or nic is None:
             return
         await self.plug(host, self.vm(ctx), nic, attach=False, best_effort=took is None)
@@ -251,7 +228,7 @@ class SetDefaultL3Flow(_NicFlow):
     name = "set-default-l3"
 
     async def run(self, ctx: MutableMapping[str, Any]) -> dict:
-        l3 = self.message(ctx)["l3NetworkUuid"]
+        l3 = self.plan(ctx)["l3NetworkUuid"]
         vm = await self.svc.vm_row(self.vm(ctx))
         if vm.get("defaultL3NetworkUuid") is not None:
             return {"set": False}
@@ -264,7 +241,7 @@ class SetDefaultL3Flow(_NicFlow):
             return
         # Without a record: the VM had no NIC on this L3 before (refused otherwise), so a
         # default on it can only be this job's.
-        l3 = self.message(ctx)["l3NetworkUuid"]
+        l3 = self.plan(ctx)["l3NetworkUuid"]
         vm = await self.svc.vm_row(self.vm(ctx))
         if vm.get("defaultL3NetworkUuid") == l3:
             await self.svc.store.update("vmInstance", self.vm(ctx),
@@ -277,28 +254,24 @@ class SetDefaultL3Flow(_NicFlow):
 
 class DetachOnHypervisorFlow(_NicFlow):
     """
-    Unplug the NIC when the VM runs; records the NIC and the VM's default L3.
+    Unplug the NIC when the VM runs (the plan names the NIC and the VM's host).
     """
 
     name = "detach-on-hypervisor"
 
     async def run(self, ctx: MutableMapping[str, Any]) -> dict:
-        nic = await self.svc.nic_row(self.message(ctx)["vmNicUuid"])
-        vm = await self.svc.vm_row(self.vm(ctx))
-        host = vm["hostUuid"] if vm["state"] == _S.Running else None
+        plan = self.plan(ctx)
+        host = plan["hostUuid"]
         if host is not None:
-            await self.plug(host, self.vm(ctx), nic, attach=False, best_effort=False)
-        return {"host": host, "nic": nic, "defaultL3": vm.get("defaultL3NetworkUuid")}
+            await self.plug(host, self.vm(ctx), plan["nic"], attach=False, best_effort=False)
+        return {"host": host}
 
     async def rollback(self, ctx: MutableMapping[str, Any], took: dict | None) -> None:
-        if took is not None:
-            host, nic = took["host"], took["nic"]
-        else:
-            host = await self.running_on(ctx)
-            nic = await self.svc.store.get("vmNic", self.message(ctx)["vmNicUuid"])
-        if host is None or nic is None:
+        plan = self.plan(ctx)
+        if plan["hostUuid"] is None:
             return
-        await self.plug(host, self.vm(ctx), nic, attach=True, best_effort=took is None)
+        await self.plug(plan["hostUuid"], self.vm(ctx), plan["nic"], attach=True,
+                        best_effort=took is None)
 
 
 class ChangeDefaultL3Flow(_NicFlow):
@@ -309,7 +282,7 @@ class ChangeDefaultL3Flow(_NicFlow):
     name = "change-default-l3"
 
     async def run(self, ctx: MutableMapping[str, Any]) -> dict:
-        nic = ctx["took"]["detach-on-hypervisor"]["nic"]
+        nic = self.plan(ctx)["nic"]
         vm = await self.svc.vm_row(self.vm(ctx))
         old = vm.get("defaultL3NetworkUuid")
         if old != nic["l3NetworkUuid"]:
@@ -325,7 +298,7 @@ class ChangeDefaultL3Flow(_NicFlow):
     async def rollback(self, ctx: MutableMapping[str, Any], took: dict | None) -> None:
         if took is not None and not took["changed"]:
             return
-        old = ctx["took"]["detach-on-hypervisor"]["defaultL3"]
+        old = self.plan(ctx)["defaultL3NetworkUuid"]
         await self.svc.store.update("vmInstance", self.vm(ctx), {"defaultL3NetworkUuid": old})
 
 
@@ -337,13 +310,13 @@ class DeleteNicFlow(_NicFlow):
     name = "delete-nic"
 
     async def run(self, ctx: MutableMapping[str, Any]) -> dict:
-        nic = ctx["took"]["detach-on-hypervisor"]["nic"]
+        nic = self.plan(ctx)["nic"]
         await self.svc.store.delete("vmNic", nic["uuid"])
         await self.svc.give_ip(nic["l3NetworkUuid"], nic["uuid"])
         return {"nic": nic["uuid"], "ip": nic.get("ip")}
 
     async def rollback(self, ctx: MutableMapping[str, Any], took: dict | None) -> None:
-        nic = ctx["took"]["detach-on-hypervisor"]["nic"]
+        nic = self.plan(ctx)["nic"]
         ip = None
         if nic.get("ip") is not None:
             ip = await self.svc.take_ip(nic["l3NetworkUuid"], nic["uuid"], nic["ip"])
@@ -383,7 +356,7 @@ class VmNicsMixin(VmServiceBase):
         if msg.static_ip is not None:
             validate.ipv4(msg.static_ip, "staticIp")
 
-        async def before() -> None:
+        async def prepare() -> dict:
             vm = await self.check(vm_uuid, states.Operation.attachNic, "vmInstanceUuid")
             l3 = await self.must_get("l3Network", l3_uuid, L3.NOT_FOUND, field="l3NetworkUuid")
             nics = await _all(self.store, "vmNic", f"vmInstanceUuid={vm_uuid}")
@@ -402,9 +375,15 @@ class VmNicsMixin(VmServiceBase):
                         f" {host['clusterUuid']}, which is not attached to L2 network"
                         f" {l3['l2NetworkUuid']} of L3 network {l3_uuid}",
                         uuid=vm_uuid, field="l3NetworkUuid")
+            used = {n["deviceId"] for n in nics}
+            device = next(i for i in range(len(used) + 1) if i not in used)
+            body = message_body(msg)
+            body["plan"] = {"nicUuid": uuidlib.uuid4().hex, "deviceId": device,
+                            "internalName": f"vnic{device}", "l3NetworkUuid": l3_uuid,
+                            "staticIp": msg.static_ip}
+            return body
 
-        return await self._nic_job(ATTACH_L3, msg, vm_uuid, before,
-                                   f"failed to attach L3 network {l3_uuid} to VM {vm_uuid}")
+        return await self._nic_job(ATTACH_L3, vm_uuid, prepare)
 
     @handles(DetachL3NetworkFromVmMsg)
     async def detach_l3_network(self, msg: DetachL3NetworkFromVmMsg) -> VmInstanceReply:
@@ -421,16 +400,20 @@ class VmNicsMixin(VmServiceBase):
             raise validate.invalid("vmInstanceUuid", msg.vm_instance_uuid,
                                    f"is not the VM of NIC {nic_uuid} ({vm_uuid})")
 
-        async def before() -> None:
-            again = await self.nic_row(nic_uuid)
-            if again["vmInstanceUuid"] != vm_uuid:  # pragma: no cover - NICs never move
-                raise validate.invalid("vmNicUuid", nic_uuid, "moved to another VM")
-            await self.check(vm_uuid, states.Operation.detachNic)
+        async def prepare() -> dict:
+            # Read again in the VM's chain: an earlier operation may have removed it.
+            nic = await self.nic_row(nic_uuid)
+            vm = await self.check(vm_uuid, states.Operation.detachNic)
+            body = message_body(msg)
+            body["plan"] = {
+                "nic": {k: v for k, v in nic.items() if k not in ("createDate", "lastOpDate")},
+                "hostUuid": vm["hostUuid"] if vm["state"] == _S.Running else None,
+                "defaultL3NetworkUuid": vm.get("defaultL3NetworkUuid")}
+            return body
 
         # The message routes by the NIC's VM only when the sender knew it; the job runs in
         # the VM's chain here either way (the job's resourceUuid is the VM).
-        return await self._nic_job(DETACH_L3, msg, vm_uuid, before,
-                                   f"failed to detach NIC {nic_uuid} from VM {vm_uuid}")
+        return await self._nic_job(DETACH_L3, vm_uuid, prepare)
 
     @handles(ChangeInstanceOfferingMsg)
     async def change_instance_offering(self, msg: ChangeInstanceOfferingMsg
@@ -468,28 +451,15 @@ class VmNicsMixin(VmServiceBase):
                 raise
 
         await self.in_vm_chain(vm_uuid, lambda: _deferred(change()))
-        return VmInstanceReply(inventory=await vm_inventory(self.store, vm_uuid))
+        return VmInstanceReply(inventory=await inv.inventory(self.store, "vmInstance",
+                                                             vm_uuid))
 
     # --- helpers ------------------------------------------------------------------------
 
-    async def _nic_job(self, kind: str, msg: Any, vm_uuid: str, before: Any,
-                       what: str) -> VmInstanceReply:
-        job_uuid = new_trace_id()
-        started: list[bool] = []
-
-        async def checked() -> None:
-            await before()
-            started.append(True)
-
-        try:
-            await self.run_job(kind, msg, vm_uuid, before=checked, job_uuid=job_uuid)
-        except OperationError as e:
-            if not started and e.error.code in _AS_IS:
-                raise
-            raise OperationError.of(VM.ATTACH_NETWORK_ERROR, what, e.error, uuid=vm_uuid,
-                                    job=job_uuid) from None
-        return VmInstanceReply(inventory=await vm_inventory(self.store, vm_uuid),
-                               job_uuid=job_uuid)
+    async def _nic_job(self, kind: str, vm_uuid: str, prepare: Any) -> VmInstanceReply:
+        job = await self.run_job(kind, vm_uuid, prepare, VM.ATTACH_NETWORK_ERROR)
+        return VmInstanceReply(inventory=await inv.inventory(self.store, "vmInstance", vm_uuid),
+                               job_uuid=job["uuid"])
 
     async def nic_row(self, nic_uuid: str) -> dict[str, Any]:
         """
