@@ -1,7 +1,8 @@
 """
 A VM's NICs and its instance offering end to end (issue 10): attach an L3 network, detach a
 NIC, change the instance offering, through the bus of a whole management node with a real
-simulated agent over loopback HTTP (the scenario of L{tests.test_vm_migrate}).
+simulated agent over loopback HTTP (the cloud of L{tests.test_vm_migrate.VmScenario}, VMs made by
+L{CreateVmInstanceMsg}).
 
 After each operation the store (the NIC rows, their addresses and their holders, the VM's
 default L3), the simulated hypervisor (the NICs plugged into the guest) and the capacity
@@ -18,7 +19,8 @@ from twisted.internet.defer import fail
 from agent.hypervisor.interfaces import HypervisorError
 from agent.hypervisor.simulator import GiB
 from tests.test_agent_loopback import LoopbackTestCase
-from tests.test_vm_migrate import VM_CPU, VM_MEMORY, RabbitPostgres, VmScenario, _query
+from tests.test_vm_migrate import VM_CPU, VM_MEMORY, VmScenario, _query
+from tests.vm_scenario import EmbeddedBackends, RabbitPostgresBackends
 from zcontrol.core.errors import SYS
 from zcontrol.services.network.messages import (
     L2_SERVICE_ID,
@@ -32,13 +34,14 @@ from zcontrol.services.network.messages import (
 from zcontrol.services.offering.messages import OFFERING, CreateInstanceOfferingMsg
 from zcontrol.services.offering.messages import SERVICE_ID as OFFERING_SERVICE
 from zcontrol.services.vm.errors import VM
+from zcontrol.services.vm.lifecycle import new_mac
 from zcontrol.services.vm.messages import SERVICE_ID as VM_SERVICE
 from zcontrol.services.vm.messages import (
     AttachL3NetworkToVmMsg,
     ChangeInstanceOfferingMsg,
     DetachL3NetworkFromVmMsg,
+    StartVmInstanceMsg,
 )
-from zcontrol.services.vm.nics import new_mac
 
 
 class NicScenario(VmScenario):
@@ -71,7 +74,7 @@ class NicScenario(VmScenario):
         if row["state"] == "Running":
             guest = self.hv(row["hostUuid"]).vms[vm]
             self.assertEqual(sorted(guest.nics), sorted(n["mac"] for n in nics))
-        await self.no_drift()
+        await self.consistent()
         return nics
 
     def attach(self, vm: str, l3: str, ip: str | None = None) -> AttachL3NetworkToVmMsg:
@@ -91,7 +94,7 @@ class NicScenario(VmScenario):
         """
         await self.build()
         l3a, l3b = self.l3s
-        vm = await self.seed_vm(1)
+        vm = await self.running_vm(1)
         reply = await self.ok(self.attach(vm, l3b), VM_SERVICE, vm)
         self.assertEqual([n["l3NetworkUuid"] for n in reply.inventory["vmNics"]], [l3a, l3b])
         nics = await self.assert_nics(vm, [l3a, l3b], l3a)
@@ -99,11 +102,14 @@ class NicScenario(VmScenario):
         self.assertEqual(new["deviceId"], 1)
         self.assertTrue(new["mac"].startswith("fa:"))
         self.assertNotEqual(new["mac"], nics[0]["mac"])
-        self.assertTrue(new["ip"].startswith("10.0.1."))
+        self.assertTrue(new["ip"].startswith("10.1.0."))
         [job] = await self.jobs(vm, "AttachL3NetworkToVm")
         self.assertEqual((job["uuid"], job["state"]), (reply.job_uuid, "Succeeded"))
 
-        stopped = await self.seed_vm(None, l3s=[])
+        stopped = await self.stopped_vm()
+        [only] = await self.nics(stopped)
+        await self.ok(self.detach(only["uuid"], stopped), VM_SERVICE, stopped)
+        await self.assert_nics(stopped, [], None)
         reply = await self.ok(self.attach(stopped, l3a, "10.0.0.50"), VM_SERVICE, stopped)
         [nic] = await self.assert_nics(stopped, [l3a], l3a)
         self.assertEqual((nic["ip"], nic["deviceId"]), ("10.0.0.50", 0))
@@ -118,14 +124,14 @@ class NicScenario(VmScenario):
         """
         await self.build()
         l3a = self.l3s[0]
-        vm = await self.seed_vm(1)
+        vm = await self.running_vm(1)
         await self.refused(self.attach(vm, l3a), VM_SERVICE, vm, VM.ATTACH_NETWORK_ERROR,
                            "already has a NIC")
         await self.refused(self.attach(vm, "no-such-l3"), VM_SERVICE, vm, L3.NOT_FOUND,
                            "l3NetworkUuid")
-        await self.refused(self.attach(vm, self.l3s[1], "10.0.1.x"), VM_SERVICE, vm,
+        await self.refused(self.attach(vm, self.l3s[1], "10.1.0.x"), VM_SERVICE, vm,
                            SYS.INVALID_ARGUMENT_ERROR, "staticIp")
-        l2 = (await self.ok(CreateL2NoVlanNetworkMsg(name="far", zone_uuid=self.zone,
+        l2 = (await self.ok(CreateL2NoVlanNetworkMsg(name="far", zone_uuid=self.cloud.zone,
                                                      physical_interface="eth9"),
                             L2_SERVICE_ID)).inventory["uuid"]
         far = (await self.ok(CreateL3NetworkMsg(name="far", l2_network_uuid=l2),
@@ -134,7 +140,7 @@ class NicScenario(VmScenario):
                                     end_ip="10.9.0.20", netmask="255.255.255.0",
                                     gateway="10.9.0.1"), L3_SERVICE_ID, far)
         await self.refused(self.attach(vm, far), VM_SERVICE, vm, VM.ATTACH_NETWORK_ERROR, l2)
-        paused = await self.seed_vm(None)
+        paused = await self.stopped_vm()
         await self.store.update("vmInstance", paused, {"state": "Error"})
         await self.refused(self.attach(paused, self.l3s[1]), VM_SERVICE, paused,
                            VM.NOT_IN_CORRECT_STATE, "Error")
@@ -152,7 +158,7 @@ class NicScenario(VmScenario):
         """
         await self.build()
         l3a, l3b = self.l3s
-        vm = await self.seed_vm(1)
+        vm = await self.running_vm(1)
         hv = self.hv(self.hosts[1])
         real = hv.attach_nic
         hv.attach_nic = lambda uuid, nic: fail(HypervisorError("injected attach failure"))
@@ -169,13 +175,13 @@ class NicScenario(VmScenario):
         page = await self.store.query("usedIp", _query(f"l3NetworkUuid={l3b}"))
         self.assertEqual(page.inventories, [])
 
-        other = await self.seed_vm(None, l3s=[])
-        await self.ok(self.attach(other, l3b, "10.0.1.77"), VM_SERVICE, other)
-        err = await self.refused(self.attach(vm, l3b, "10.0.1.77"), VM_SERVICE, vm,
+        other = await self.stopped_vm()
+        await self.ok(self.attach(other, l3b, "10.1.0.77"), VM_SERVICE, other)
+        err = await self.refused(self.attach(vm, l3b, "10.1.0.77"), VM_SERVICE, vm,
                                  VM.ATTACH_NETWORK_ERROR, L3.IP_IN_USE)
         self.assertEqual(err.cause.location, "allocate-ip")
         await self.assert_nics(vm, [l3a], l3a)
-        await self.assert_nics(other, [l3b], l3b)
+        await self.assert_nics(other, [l3a, l3b], l3a)
 
     # --- detach ---------------------------------------------------------------------------
 
@@ -188,7 +194,7 @@ class NicScenario(VmScenario):
         """
         await self.build()
         l3a, l3b = self.l3s
-        vm = await self.seed_vm(1, l3s=[l3a, l3b])
+        vm = await self.running_vm(1, l3s=[l3a, l3b])
         first, second = await self.assert_nics(vm, [l3a, l3b], l3a)
         reply = await self.ok(self.detach(first["uuid"], vm), VM_SERVICE, vm)
         self.assertEqual([n["uuid"] for n in reply.inventory["vmNics"]], [second["uuid"]])
@@ -200,7 +206,7 @@ class NicScenario(VmScenario):
         await self.ok(self.detach(second["uuid"]), VM_SERVICE, vm)
         await self.assert_nics(vm, [], None)
 
-        stopped = await self.seed_vm(None, l3s=[l3a, l3b])
+        stopped = await self.stopped_vm(l3s=[l3a, l3b])
         _, nic = await self.nics(stopped)
         await self.ok(self.detach(nic["uuid"], stopped), VM_SERVICE, stopped)
         await self.assert_nics(stopped, [l3a], l3a)
@@ -211,13 +217,13 @@ class NicScenario(VmScenario):
         (C{SYS.1007}); a VM neither Running nor Stopped (C{VM.1010}). Nothing changed.
         """
         await self.build()
-        vm = await self.seed_vm(1)
+        vm = await self.running_vm(1)
         [nic] = await self.nics(vm)
         await self.refused(self.detach("no-such-nic"), VM_SERVICE, None,
                            SYS.RESOURCE_NOT_FOUND, "vmNicUuid")
         await self.refused(self.detach(nic["uuid"], "another-vm"), VM_SERVICE, vm,
                            SYS.INVALID_ARGUMENT_ERROR, "vmInstanceUuid")
-        other = await self.seed_vm(None)
+        other = await self.stopped_vm()
         [other_nic] = await self.nics(other)
         await self.store.update("vmInstance", other, {"state": "Error"})
         await self.refused(self.detach(other_nic["uuid"]), VM_SERVICE, other,
@@ -233,7 +239,7 @@ class NicScenario(VmScenario):
         """
         await self.build()
         l3a, l3b = self.l3s
-        vm = await self.seed_vm(1, l3s=[l3a, l3b])
+        vm = await self.running_vm(1, l3s=[l3a, l3b])
         first, _ = await self.assert_nics(vm, [l3a, l3b], l3a)
         hv = self.hv(self.hosts[1])
         real = hv.detach_nic
@@ -259,7 +265,8 @@ class NicScenario(VmScenario):
 
     async def test_change_instance_offering(self) -> None:
         """
-        A Stopped VM takes the offering's CPUs and memory (its next start allocates them);
+        A Stopped VM takes the offering's CPUs and memory, and its next start holds and boots
+        with them;
         a Running VM is refused (C{VM.1010} naming Running), an unknown offering too
         (C{OFFERING.1000}); nothing changes on a refusal.
         """
@@ -267,7 +274,7 @@ class NicScenario(VmScenario):
         big = (await self.ok(CreateInstanceOfferingMsg(name="big", cpu_num=4,
                                                        memory_size=8 * GiB),
                              OFFERING_SERVICE)).inventory["uuid"]
-        stopped = await self.seed_vm(None)
+        stopped = await self.stopped_vm()
         reply = await self.ok(ChangeInstanceOfferingMsg(vm_instance_uuid=stopped,
                                                         instance_offering_uuid=big),
                               VM_SERVICE, stopped)
@@ -276,18 +283,26 @@ class NicScenario(VmScenario):
         row = await self.store.get("vmInstance", stopped)
         self.assertEqual((row["cpuNum"], row["memorySize"], row["state"]),
                          (4, 8 * GiB, "Stopped"))
-        running = await self.seed_vm(1)
-        await self.refused(ChangeInstanceOfferingMsg(vm_instance_uuid=running,
-                                                     instance_offering_uuid=big),
-                           VM_SERVICE, running, VM.NOT_IN_CORRECT_STATE, "Running")
         await self.refused(ChangeInstanceOfferingMsg(vm_instance_uuid=stopped,
                                                      instance_offering_uuid="no-such"),
                            VM_SERVICE, stopped, OFFERING.INSTANCE_OFFERING_NOT_FOUND,
                            "instanceOfferingUuid")
+        self.assertEqual((await self.store.get("vmInstance", stopped))["cpuNum"], 4)
+        started = (await self.ok(StartVmInstanceMsg(uuid=stopped), VM_SERVICE,
+                                 stopped)).inventory
+        host = started["hostUuid"]
+        self.assertEqual(await self.held(stopped), {host: (4, 8 * GiB)})
+        guest = self.hv(host).vms[stopped]
+        self.assertEqual((guest.cpu_num, guest.memory_size), (4, 8 * GiB))
+        await self.consistent()
+        running = await self.running_vm(1)
+        await self.refused(ChangeInstanceOfferingMsg(vm_instance_uuid=running,
+                                                     instance_offering_uuid=big),
+                           VM_SERVICE, running, VM.NOT_IN_CORRECT_STATE, "Running")
         row = await self.store.get("vmInstance", running)
         self.assertEqual((row["cpuNum"], row["memorySize"]), (VM_CPU, VM_MEMORY))
         self.assertEqual(await self.held(running), {self.hosts[1]: (VM_CPU, VM_MEMORY)})
-        await self.no_drift()
+        await self.consistent()
 
     def test_new_mac(self) -> None:
         """
@@ -302,16 +317,13 @@ class NicScenario(VmScenario):
                                 for x in parts))
 
 
-class EmbeddedNicTests(NicScenario, LoopbackTestCase):
+class EmbeddedNicTests(NicScenario, EmbeddedBackends, LoopbackTestCase):
     """
     On the embedded defaults: SQLite in the node's data dir, the LocalBus.
     """
 
-    async def node_overrides(self) -> dict[str, Any]:
-        return {}
 
-
-class RabbitPostgresNicTests(RabbitPostgres, NicScenario, LoopbackTestCase):
+class RabbitPostgresNicTests(NicScenario, RabbitPostgresBackends, LoopbackTestCase):
     """
     The NIC and offering tests on PostgreSQL and RabbitMQ.
     """
