@@ -321,6 +321,8 @@ class VmConfig:
     @ivar rollback_timeout: at recovery, the bound of one flow's rollback.
     @ivar recovery_parallelism: how many interrupted jobs are resolved at once at start.
     @ivar create_timeout: the bound of a whole create (every flow, waits included).
+    @ivar recovery_interval: how often this node retries the resolution of its jobs that a
+        recovery left C{Running} (a rollback that failed: the agent was unreachable).
     """
 
     deletion_policy: str = "Delay"
@@ -332,6 +334,7 @@ class VmConfig:
     rollback_timeout: float = 300.0
     recovery_parallelism: int = 8
     create_timeout: float = 1800.0
+    recovery_interval: float = 60.0
 
     def __attrs_post_init__(self) -> None:
         if self.deletion_policy not in ("Delay", "Direct", "Never"):
@@ -339,7 +342,7 @@ class VmConfig:
                               f"{self.deletion_policy!r}")
         for name in ("expunge_period", "expunge_interval", "stop_timeout", "command_timeout",
                      "probe_timeout", "rollback_timeout", "recovery_parallelism",
-                     "create_timeout"):
+                     "create_timeout", "recovery_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"vm.{name} must be positive, not {getattr(self, name)!r}")
 

@@ -50,7 +50,7 @@ import functools
 from typing import Any, Callable, ClassVar, Iterable
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -147,6 +147,10 @@ class VmServiceBase(Service):
                         self.kinds[kind.name] = kind
         self.recovered: Deferred = Deferred()
         self._periodic: list[LoopingCall] = []
+        #: the uuids of the jobs this node runs now (never resolved as interrupted)
+        self.live_jobs: set[str] = set()
+        self._recovering: set[str] = set()
+        self._recovery_slots = DeferredSemaphore(self.config.recovery_parallelism)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -158,7 +162,27 @@ class VmServiceBase(Service):
         """
         d = Deferred.fromCoroutine(self._queue_recovery())
         d.addCallback(lambda _: super(VmServiceBase, self).start())
-        return d
+
+        def periodic(result: Any) -> Any:
+            self.every(self.config.recovery_interval, self.retry_interrupted,
+                       "retrying interrupted VM jobs")
+            return result
+
+        return d.addCallback(periodic)
+
+    async def retry_interrupted(self) -> int:
+        """
+        Resolve again this node's C{Running} jobs that no chain of this node runs or resolves
+        now (a recovery left them C{Running}: a rollback could not reach an agent).
+
+        @return: how many were queued.
+        """
+        jobs = [j for j in await self.store.running_jobs(self.node_id)
+                if j.get("apiName") in self.kinds and j["uuid"] not in self.live_jobs
+                and j["uuid"] not in self._recovering]
+        for j in jobs:
+            self.background(self.recover_job(j), f"resolving job {j['uuid']}")
+        return len(jobs)
 
     async def _queue_recovery(self) -> None:
         jobs = [j for j in await self.store.running_jobs(self.node_id)
@@ -184,14 +208,22 @@ class VmServiceBase(Service):
         @return: a Deferred firing with L{recover_jobs}' list of outcomes.
         """
         vm_uuid = job.get("resourceUuid") or job["uuid"]
+        self._recovering.add(job["uuid"])
 
         def run() -> Deferred:
-            return Deferred.fromCoroutine(recover_jobs(
+            # At most recovery_parallelism jobs are resolved at once (their probes and
+            # rollbacks reach agents); the others wait in their VM's chain.
+            return self._recovery_slots.run(lambda: Deferred.fromCoroutine(recover_jobs(
                 self.store, self.node_id, self.kinds, [job], clock=self.clock,
                 probe_timeout=self.config.probe_timeout,
-                rollback_timeout=self.config.rollback_timeout, parallelism=1))
+                rollback_timeout=self.config.rollback_timeout, parallelism=1)))
 
-        return trace_scope(job["uuid"], self.serialized, vm_chain(vm_uuid), run)
+        def done(result: Any) -> Any:
+            self._recovering.discard(job["uuid"])
+            return result
+
+        return trace_scope(job["uuid"], self.serialized, vm_chain(vm_uuid), run
+                           ).addBoth(done)
 
     def stop(self) -> Deferred[None]:
         for loop in self._periodic:
@@ -228,6 +260,7 @@ class VmServiceBase(Service):
             if isinstance(body, tuple):
                 name, body = body
             kind = self.kinds[name]
+            self.live_jobs.add(job_uuid)
             try:
                 return await JournaledFlowChain(self.store, self.node_id, kind,
                                                 job_uuid=job_uuid).run(body, vm_uuid)
@@ -237,6 +270,8 @@ class VmServiceBase(Service):
                 raise OperationError(error_code(
                     fail_code, f"{kind.name} job {job_uuid} of VM {vm_uuid} failed",
                     e.error, uuid=vm_uuid, job=job_uuid)) from None
+            finally:
+                self.live_jobs.discard(job_uuid)
 
         return trace_scope(job_uuid, self.in_vm_chain, vm_uuid,
                            lambda: Deferred.fromCoroutine(run()))

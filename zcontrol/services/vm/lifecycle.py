@@ -163,14 +163,11 @@ class InsertVm(_Flow):
         vm = ctx["resource"]
         if await self.svc.store.get("vmInstance", vm) is None:
             await self.svc.store.insert("vmInstance", dict(plan["row"]))
-            for tag in plan.get("systemTags") or []:
-                await self.svc.store.insert("tag", {"resourceUuid": vm,
-                                                    "resourceType": "VmInstanceVO",
-                                                    "tag": tag, "type": "System"})
-            for tag in plan.get("userTags") or []:
-                await self.svc.store.insert("tag", {"resourceUuid": vm,
-                                                    "resourceType": "VmInstanceVO",
-                                                    "tag": tag, "type": "User"})
+        for tag in plan.get("tags") or []:
+            if await self.svc.store.get("tag", tag["uuid"]) is None:
+                await self.svc.store.insert("tag", {
+                    "uuid": tag["uuid"], "resourceUuid": vm, "resourceType": "VmInstanceVO",
+                    "tag": tag["tag"], "type": tag["type"]})
         if plan.get("final") != S.Created:
             row = await self.svc.store.get("vmInstance", vm)
             if row["state"] == S.Created:
@@ -203,9 +200,44 @@ class StateFlow(_Flow):
 
     async def rollback(self, ctx: MutableMapping[str, Any], took: dict | None) -> None:
         back = (took or {}).get("from") or _plan(ctx).get("fromState")
-        if back is None:
-            return
+        row = await self.svc.store.get("vmInstance", ctx["resource"])
+        if back is None or row is None or row["state"] != self.into:
+            return  # never moved (it failed, or stopped, before the swap), or removed
         await self.svc.set_state(ctx["resource"], [self.into], back, missing_ok=True)
+
+
+class SettleFlow(StateFlow):
+    """
+    A state flow of an operation on a VM that is on a host (stop, reboot, destroy), whose
+    rollback settles the VM to what its host says rather than to the state it left: once
+    the hypervisor acted, "back" may be a lie. The agent is asked (C{/vm/checkstate}):
+    running there, the VM goes back to the state it left (C{Running} if that was not a state
+    on a host) holding its host capacity again; not running, C{Stopped} with its host
+    capacity given back; the host cannot tell, C{Unknown} on that host (its VM sync settles
+    it later). A VM that had no host goes back to the state it left.
+    """
+
+    async def rollback(self, ctx: MutableMapping[str, Any], took: dict | None) -> None:
+        vm = ctx["resource"]
+        row = await self.svc.store.get("vmInstance", vm)
+        if row is None or row["state"] != self.into:
+            return
+        back = (took or {}).get("from") or _plan(ctx).get("fromState") or S.Stopped
+        host = _plan(ctx).get("currentHostUuid")
+        if host is None:
+            await self.svc.set_state(vm, [self.into], back, missing_ok=True)
+            return
+        runs = await self.svc.runs_on(vm, host)
+        if runs is False:
+            await self.svc.return_host_capacity(vm)
+            await self.svc.set_state(vm, [self.into], S.Stopped,
+                                     {"hostUuid": None, "lastHostUuid": host},
+                                     missing_ok=True)
+            return
+        await self.svc.hold_host_capacity(vm, host, row)
+        target = (back if back in ON_HOST else S.Running) if runs else S.Unknown
+        await self.svc.set_state(vm, [self.into], target, {"hostUuid": host},
+                                 missing_ok=True)
 
 
 class FinalState(_Flow):
@@ -233,8 +265,19 @@ class FinalState(_Flow):
         row = await self.svc.vm_row(vm)
         if row["state"] == self.into:
             return {"state": self.into}
+        # Known to the rollback should the journal refuse to record this flow after the
+        # swap (the chain then rolls it back with took=None).
+        ctx[f"{self.name}:from"] = (row["state"], row.get("hostUuid"))
         await self.svc.set_state(vm, self.sources, self.into, changes)
         return {"state": self.into}
+
+    async def rollback(self, ctx: MutableMapping[str, Any], took: dict | None) -> None:
+        before = ctx.get(f"{self.name}:from")
+        row = await self.svc.store.get("vmInstance", ctx["resource"])
+        if before is None or row is None or row["state"] != self.into:
+            return
+        await self.svc.set_state(ctx["resource"], [self.into], before[0],
+                                 {"hostUuid": before[1]}, missing_ok=True)
 
 
 class AllocateHost(_Flow):
@@ -267,7 +310,10 @@ class AllocateHost(_Flow):
                 "primaryStorageUuids": list(reply.primary_storage_uuids)}
 
     async def rollback(self, ctx: MutableMapping[str, Any], took: dict | None) -> None:
-        await self.svc.return_host_capacity(ctx["resource"])
+        vm = ctx["resource"]
+        await self.svc.return_host_capacity(vm)
+        if await self.svc.store.get("vmInstance", vm) is not None:
+            await self.svc.store.update("vmInstance", vm, {"hostUuid": None})
 
 
 class ReturnHost(_Flow):
@@ -631,8 +677,8 @@ class LifecycleMixin:
         running = FinalState(self, "vm-running", [S.Starting, S.Rebooting], S.Running, True)
         ret = ReturnHost(self)
         stopped = FinalState(self, "vm-stopped", [S.Starting, S.Stopping], S.Stopped, False)
-        destroying = StateFlow(self, "vm-destroying", states.OPERATIONS[Op.destroy],
-                               S.Destroying)
+        destroying = SettleFlow(self, "vm-destroying", states.OPERATIONS[Op.destroy],
+                                S.Destroying)
         destroyed = FinalState(self, "vm-destroyed", [S.Destroying], S.Destroyed, False)
         release = ReleaseNics(self)
         delete = DeleteVolumes(self)
@@ -664,13 +710,13 @@ class LifecycleMixin:
                      host, nic_ips, start, running],
                     forward=started, context=ctx_of("start-on-hypervisor")),
             JobKind("StopVm",
-                    [StateFlow(self, "vm-stopping", states.OPERATIONS[Op.stop], S.Stopping),
+                    [SettleFlow(self, "vm-stopping", states.OPERATIONS[Op.stop], S.Stopping),
                      StopOnHypervisor(self), ret, stopped],
                     forward=_forward_when("return-host", "vm-stopped"),
                     context=ctx_of("stop-on-hypervisor")),
             JobKind("RebootVm",
-                    [StateFlow(self, "vm-rebooting", states.OPERATIONS[Op.reboot],
-                               S.Rebooting), RebootOnHypervisor(self), running],
+                    [SettleFlow(self, "vm-rebooting", states.OPERATIONS[Op.reboot],
+                                S.Rebooting), RebootOnHypervisor(self), running],
                     forward=_forward_when("vm-running"), context=ctx_of("reboot-on-hypervisor")),
             JobKind("DestroyVm", [destroying, DestroyOnHypervisor(self), ret, release,
                                   destroyed], forward=always, context=ctx_of()),
@@ -681,6 +727,49 @@ class LifecycleMixin:
             JobKind("ExpungeVm", [expunging, ret, release, delete, remove], forward=always,
                     context=ctx_of()),
         ]
+
+    def start(self) -> Any:
+        """
+        Serve (L{zcontrol.services.vm.base.VmServiceBase.start}), then, with the deletion
+        policy C{Delay}, expunge every C{vm.expunge_interval} seconds the VMs destroyed more
+        than C{vm.expunge_period} seconds ago (ZStack's C{VmExpungeTask}).
+        """
+        d = super().start()  # type: ignore[misc]
+
+        def loops(result: Any) -> Any:
+            if self.config.deletion_policy == "Delay":
+                self.every(self.config.expunge_interval, self.expunge_expired,
+                           "expunging destroyed VMs")
+            return result
+
+        return d.addCallback(loops)
+
+    async def expunge_expired(self, now: float | None = None) -> list[str]:
+        """
+        Expunge (one at a time, each in its chain) the VMs this node owns that were
+        destroyed more than C{vm.expunge_period} seconds before C{now} (default: the
+        clock's time, in seconds since the epoch as the store's dates); at most 1,000 a
+        round.
+
+        @return: the uuids expunged.
+        """
+        now = self.clock.seconds() if now is None else now
+        cutoff = now - self.config.expunge_period
+        page = await self.store.query("vmInstance", Query(
+            conditions=[Condition("state", "=", S.Destroyed),
+                        Condition("lastOpDate", "<", cutoff)],
+            fields=["uuid"], sort="lastOpDate", limit=1000))
+        done = []
+        for row in page.inventories:
+            if self.bus.owner_of(row["uuid"]) != self.bus.node_id:
+                continue
+            try:
+                await self.expunge_vm(ExpungeVmInstanceMsg(uuid=row["uuid"]))
+            except OperationError as e:
+                log.warn("VM {vm}: expunge failed: {error}", vm=row["uuid"], error=str(e.error))
+                continue
+            done.append(row["uuid"])
+        return done
 
     # --- handlers -------------------------------------------------------------------------
 
@@ -928,7 +1017,10 @@ class LifecycleMixin:
             "accountUuid": msg.account_uuid}
         body = message_body(msg)
         body["plan"] = {
-            "row": row, "systemTags": tags, "userTags": list(msg.user_tags or []),
+            "row": row,
+            "tags": [{"uuid": validate_new_uuid(), "tag": t, "type": kind}
+                     for kind, group in (("System", tags), ("User", msg.user_tags or []))
+                     for t in group],
             "final": S.Created if msg.strategy == "JustCreate" else None,
             "cpuNum": offering["cpuNum"], "memorySize": offering["memorySize"],
             "cpuSpeed": offering.get("cpuSpeed") or 0,
@@ -1050,6 +1142,18 @@ class LifecycleMixin:
             await self.send(ReturnHostCapacityMsg(service_id=ALLOCATOR, host_uuid=h,
                                                   vm_instance_uuid=vm))
         return hosts
+
+    async def hold_host_capacity(self, vm: str, host: str, row: dict) -> None:
+        """
+        Make the VM hold its CPU and memory on C{host} again (idempotent: a holder holds
+        once); a host without the room is logged (the VM runs there all the same).
+        """
+        try:
+            await self.store.reserve_host_capacity(host, row["cpuNum"], row["memorySize"],
+                                                   (VM_HOLDER, vm))
+        except OperationError as e:
+            log.warn("VM {vm} runs on host {host}, which has no room left for it: {error}",
+                     vm=vm, host=host, error=str(e.error))
 
     async def release_nic_ip(self, nic: str, l3: str, delete: bool) -> None:
         """
