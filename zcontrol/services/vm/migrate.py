@@ -61,8 +61,9 @@ source's). When that fails, or when neither host can be asked, the VM is I{stran
 rollback fails and, through the context (C{ctx["stranded"]}), makes the rollbacks of
 C{allocate-destination} and C{vm-migrating} fail too instead of releasing what the VM
 still uses. The job then stays C{Running}, rolling back, and the VM C{Migrating} with its
-capacity held on both hosts, until a recovery (the next start of the node) moves it back
-and finishes the rollbacks: an intermediate state that says the truth, never a C{Running}
+capacity held on both hosts, until a recovery (the node's periodic retry of its interrupted
+jobs, L{VmServiceBase.retry_interrupted}, or its next start) moves it back and finishes the
+rollbacks: an intermediate state that says the truth, never a C{Running}
 VM recorded on a host it is not on. (ZStack's C{VmMigrateOnHypervisorFlow} has no rollback
 at all: a VM that moved before a later flow failed is recorded on its source.)
 """
