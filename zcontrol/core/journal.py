@@ -13,11 +13,12 @@ C{apiName}) and an ordered list of journaled flows (L{IJournaledFlow}). Running 
        C{{"ip": "10.0.0.3", "l3": uuid}}, C{{"holder": [type, uuid]}}), which is appended to
        the job row's C{flows} (C{store.record_job_flow}, a compare-and-swap on the job being
        C{Running} and owned by this node) I{before} the next flow runs;
-    3. C{store.finish_job}: C{Succeeded} (result C{{"flows": [names]}}), or, after the
-       chain rolled back in reverse order every flow that ran (each C{rollback(ctx, took)}
-       with its recorded C{took}; the failing flow itself with C{took=None}), C{Failed} with
-       the chain's error (C{SYS.1006}, C{location} the failing flow's name, C{cause} its
-       error). The rollbacks are journaled: before them the job is marked I{rolling back}
+    3. C{store.finish_job}: C{Succeeded} (result C{{"flows": [names]}}, or the kind's
+       C{job_result(ctx)}), or, after the chain rolled back in reverse order every flow that
+       ran (each C{rollback(ctx, took)} with its recorded C{took}; the failing flow itself
+       with C{took=None}), C{Failed} with the chain's error (C{SYS.1006}, C{location} the
+       failing flow's name, C{cause} its error), or the kind's C{job_error(ctx, error)} (an
+       operation's own code, e.g. C{IMAGE.1000}; the run still fails with the chain's). The rollbacks are journaled: before them the job is marked I{rolling back}
        (C{store.begin_job_rollback}: its C{rollbackError}, a compare-and-swap), and each
        completed rollback is recorded (C{store.record_job_rollback}, C{rolledBack}); when a
        rollback fails the job stays C{Running}, rolling back, for the next recovery, and the
@@ -68,13 +69,20 @@ after a compute restart (the recover-stuck-state blueprint; bug 1276214, MIGRATI
 CloudStack's MN restart left VMs, volumes and networks in transitional states that needed
 database edits (PR #8394, PR #2163: volumes stuck in Creating).
 
-The add-image job of L{zcontrol.services.image.service.ImageService}
-(C{resolve_add_image_jobs}) is an ad-hoc form of this mechanism written before it; it should
-move onto a L{JobKind} whose flows are the downloads.
+Two services run their operations as kinds of this one mechanism: the VM service
+(L{zcontrol.services.vm.base.VmServiceBase}: create, start, stop, ... of ZSTACK_FACTS §4)
+and the image service's add (L{zcontrol.services.image.service}, Note [add jobs]: insert the
+image, download to every backup storage in parallel, the final status; finished forward at
+recovery from what the image's refs recorded, as the Sftp agent cannot tell whether a
+download ended; the job row keeps C{IMAGE.1000} / C{IMAGE.1001} through C{job_error}). Each
+resolves its jobs at start with L{recover_jobs}, in the resource's chain, the job uuid as the
+trace id; the multi-node issue applies the same call to the rows C{store.claim_jobs(dead,
+self)} returns.
 """
 
 from __future__ import annotations
 
+import contextvars
 import uuid as uuidlib
 from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
 
@@ -193,17 +201,60 @@ class JobKind:
     @ivar context: C{context(job_row)} -> the extra context of a run or a recovery (e.g.
         the VM uuid from the message); None: nothing more than L{JournaledFlowChain}'s
         keys.
+    @ivar job_result: C{job_result(ctx)} -> the C{result} (JSON) a C{Succeeded} job is
+        finished with; None: C{{"flows": [names]}} (plus C{"recovered": True} when a
+        recovery found every flow recorded).
+    @ivar job_error: C{job_error(ctx, error)} -> the L{ErrorCode} a C{Failed} job is
+        finished with, given the journal's C{error} (the chain's C{SYS.1006}, the
+        recovery's C{JOB.1000}, or the C{rollbackError} of a job that was rolling back),
+        e.g. the failing flow's own error, which is the operation's (C{IMAGE.1000}); None:
+        C{error} itself. Called after the rollbacks (they may leave what it needs in
+        C{ctx}). Only the job row's error changes: L{JournaledFlowChain.run} still fails
+        with the chain's. A hook that raises is logged and the default is used.
     """
 
     name: str
     flows: tuple[IJournaledFlow, ...] = attrs.field(converter=tuple)
     forward: Callable[[MutableMapping[str, Any], list, bool | None], bool] | None = None
     context: Callable[[dict], Mapping[str, Any]] | None = None
+    job_result: Callable[[MutableMapping[str, Any]], Any] | None = None
+    job_error: Callable[[MutableMapping[str, Any], ErrorCode], ErrorCode] | None = None
 
     def __attrs_post_init__(self) -> None:
         names = [f.name for f in self.flows]
         if len(set(names)) != len(names):
             raise ValueError(f"job kind {self.name!r}: flow names are not unique: {names}")
+
+
+def _job_result(kind: JobKind, ctx: MutableMapping[str, Any], default: Any) -> Any:
+    """
+    The result a succeeded job of C{kind} is finished with (L{JobKind.job_result}).
+    """
+    if kind.job_result is None:
+        return default
+    try:
+        return kind.job_result(ctx)
+    except Exception as e:
+        log.error("job {job} ({kind}): its job_result hook failed: {error}", job=ctx.get("job"),
+                  kind=kind.name, error=str(from_failure(e)))
+        return default
+
+
+def _job_error(kind: JobKind, ctx: MutableMapping[str, Any] | None, err: ErrorCode
+               ) -> ErrorCode:
+    """
+    The error a failed job of C{kind} is finished with (L{JobKind.job_error}); C{err} when
+    there is no hook or no context (the context itself failed).
+    """
+    if kind.job_error is None or ctx is None:
+        return err
+    try:
+        out = kind.job_error(ctx, err)
+    except Exception as e:
+        log.error("job {job} ({kind}): its job_error hook failed: {error}", job=ctx.get("job"),
+                  kind=kind.name, error=str(from_failure(e)))
+        return err
+    return out if isinstance(out, ErrorCode) else err
 
 
 def _context(kind: JobKind, job: dict) -> dict[str, Any]:
@@ -235,6 +286,16 @@ class _Journaling:
         self.replay = replay
 
     def run(self, ctx: MutableMapping[str, Any]) -> Deferred:
+        # The FlowChain starts a flow from the callback of the previous one, i.e. in the
+        # context of whatever fired it (a store's thread result, an HTTP response): each flow
+        # runs in (a copy of) the job's own context instead, so that its trace id (and any
+        # other context variable) rides what every flow does, not only the first one.
+        context = self.chain.context
+        if context is None:
+            return self._run(ctx)
+        return context.copy().run(self._run, ctx)
+
+    def _run(self, ctx: MutableMapping[str, Any]) -> Deferred:
         if self.replay:
             ctx["took"][self.name] = self.recorded
             return maybe_deferred(lambda: None)
@@ -290,6 +351,8 @@ class JournaledFlowChain:
         self.job_uuid = job_uuid or uuidlib.uuid4().hex
         self.recorded: list[str] = []
         self.chain: FlowChain | None = None
+        #: The context the flows run in: the caller's, as the run started.
+        self.context: contextvars.Context | None = None
         #: True once a journal write was refused because another node owns the job.
         self.abandoned = False
 
@@ -346,6 +409,7 @@ class JournaledFlowChain:
         # The rollbacks are ours (journaled, see _roll_back), not the FlowChain's.
         self.chain = FlowChain(f"{self.kind.name}:{self.job_uuid}", steps, allow_empty=True,
                                no_rollback=True)
+        self.context = contextvars.copy_context()
         try:
             await self.chain.run(ctx)
         except OperationError as e:
@@ -354,7 +418,8 @@ class JournaledFlowChain:
             await self._roll_back(ctx, e.error)
             raise
         return await self.store.finish_job(
-            self.job_uuid, result={"flows": [f.name for f in self.kind.flows]},
+            self.job_uuid,
+            result=_job_result(self.kind, ctx, {"flows": [f.name for f in self.kind.flows]}),
             management_node_uuid=self.node_id)
 
     def _taken_over_error(self, cause: ErrorCode) -> ErrorCode:
@@ -363,9 +428,10 @@ class JournaledFlowChain:
             f"{self.kind.name} job {self.job_uuid} was taken over by another management node;"
             " this node abandoned it (nothing rolled back)", cause=cause, job=self.job_uuid)
 
-    async def _finish_failed(self, err: ErrorCode) -> None:
+    async def _finish_failed(self, err: ErrorCode,
+                             ctx: MutableMapping[str, Any] | None = None) -> None:
         try:
-            await self.store.finish_job(self.job_uuid, error=err,
+            await self.store.finish_job(self.job_uuid, error=_job_error(self.kind, ctx, err),
                                         management_node_uuid=self.node_id)
         except Exception as fe:
             log.error("job {job} ({kind}): cannot record its failure: {error}",
@@ -403,7 +469,7 @@ class JournaledFlowChain:
         if errors:
             raise OperationError(attrs.evolve(
                 err, opaque={**err.opaque, "rollback_errors": errors})) from None
-        await self._finish_failed(err)
+        await self._finish_failed(err, ctx)
 
 
 class _TakenOver(Exception):
@@ -490,6 +556,7 @@ async def _finish_rollback(store: Any, node_id: str, kind: JobKind, job: dict,
     if errors:
         return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "rollback failed",
                 "errors": errors}
+    err = _job_error(kind, ctx, err)
     await store.finish_job(job["uuid"], error=err, management_node_uuid=node_id)
     return {"job": job["uuid"], "outcome": ROLLED_BACK, "error": err}
 
@@ -505,14 +572,15 @@ async def _recover_one(store: Any, node_id: str, kind: JobKind, job: dict, clock
         return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "flows differ"}
     if job.get("rollbackError") is not None:
         return await _finish_rollback(store, node_id, kind, job, clock, rollback_timeout)
-    if len(recorded) == len(names):
-        await store.finish_job(job["uuid"], result={"flows": names, "recovered": True},
-                               management_node_uuid=node_id)
-        return {"job": job["uuid"], "outcome": SUCCEEDED}
     ctx = _context(kind, job)
     ctx["recovering"] = True
     for r in recorded:
         ctx["took"][r["name"]] = r["took"]
+    if len(recorded) == len(names):
+        await store.finish_job(
+            job["uuid"], result=_job_result(kind, ctx, {"flows": names, "recovered": True}),
+            management_node_uuid=node_id)
+        return {"job": job["uuid"], "outcome": SUCCEEDED}
     in_flight = kind.flows[len(recorded)]
     try:
         happened = await _timed(in_flight.probe, (ctx,), clock, probe_timeout)
@@ -559,6 +627,7 @@ async def _recover_one(store: Any, node_id: str, kind: JobKind, job: dict, clock
     if errors:
         return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "rollback failed",
                 "errors": errors}
+    err = _job_error(kind, ctx, err)
     await store.finish_job(job["uuid"], error=err, management_node_uuid=node_id)
     return {"job": job["uuid"], "outcome": ROLLED_BACK, "error": err}
 
