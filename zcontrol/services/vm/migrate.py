@@ -80,7 +80,6 @@ from zcontrol.core.journal import JobKind, JournaledFlow
 from zcontrol.db.query import Query
 from zcontrol.scheduler.messages import SERVICE_ID as ALLOCATOR_SERVICE
 from zcontrol.scheduler.messages import AllocateHostMsg, ReturnHostCapacityMsg
-from zcontrol.services import inventory as inv
 from zcontrol.services import validate
 from zcontrol.services.agenturls import HOST_AGENT_PORT
 from zcontrol.services.base import handles
@@ -353,10 +352,9 @@ class MigrateVmMixin(VmServiceBase):
         vm_uuid = validate.uuid(msg.vm_instance_uuid, "vmInstanceUuid")
         if msg.host_uuid is not None:
             validate.uuid(msg.host_uuid, "hostUuid")
-        job = await self.run_job(MIGRATE_VM, vm_uuid, lambda: self.migrate_body(msg),
-                                 VM.MIGRATE_ERROR)
-        return VmInstanceReply(inventory=await inv.inventory(self.store, "vmInstance", vm_uuid),
-                               job_uuid=job["uuid"])
+        return await self.run_job(MIGRATE_VM, vm_uuid, lambda: self.migrate_body(msg),
+                                  VM.MIGRATE_ERROR,
+                                  reply=lambda job: self.vm_reply(vm_uuid, job))
 
     async def migrate_body(self, msg: MigrateVmMsg) -> dict[str, Any]:
         """

@@ -457,9 +457,8 @@ class VmNicsMixin(VmServiceBase):
     # --- helpers ------------------------------------------------------------------------
 
     async def _nic_job(self, kind: str, vm_uuid: str, prepare: Any) -> VmInstanceReply:
-        job = await self.run_job(kind, vm_uuid, prepare, VM.ATTACH_NETWORK_ERROR)
-        return VmInstanceReply(inventory=await inv.inventory(self.store, "vmInstance", vm_uuid),
-                               job_uuid=job["uuid"])
+        return await self.run_job(kind, vm_uuid, prepare, VM.ATTACH_NETWORK_ERROR,
+                                  reply=lambda job: self.vm_reply(vm_uuid, job))
 
     async def nic_row(self, nic_uuid: str) -> dict[str, Any]:
         """
