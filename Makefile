@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint run run-agent demo bench bench-core bench-bus bench-db bench-agent bench-alloc clean
+.PHONY: venv test lint run run-agent demo bench bench-core bench-bus bench-db bench-agent bench-alloc \
+	bench-vm clean
 
 venv: $(STAMP)
 
@@ -38,7 +39,7 @@ run-agent: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m zcontrol.demo
 
-bench: bench-core bench-bus bench-db bench-agent bench-alloc
+bench: bench-core bench-bus bench-db bench-agent bench-alloc bench-vm
 	$(BIN)/python -m bench.summary
 
 bench-core: $(STAMP)
@@ -65,6 +66,12 @@ bench-agent: $(STAMP)
 # PostgreSQL (127.0.0.1:5432), 1 and 50 concurrent allocators.
 bench-alloc: $(STAMP)
 	$(BIN)/python -m bench.bench_alloc
+
+# VM creates/s through the bus and the node's CPU per VM (split bus/store/agent HTTP/rest from
+# a profile) on 1,000 simulated hosts in an agent process: embedded, then PostgreSQL + RabbitMQ.
+# BENCH_VM_ARGS passes options (python -m bench.bench_vm --help), e.g. BENCH_VM_ARGS="--vms 200".
+bench-vm: $(STAMP)
+	$(BIN)/python -m bench.bench_vm $(BENCH_VM_ARGS)
 
 clean:
 	rm -rf $(VENV) _trial_temp* var build *.egg-info

@@ -15,7 +15,9 @@ from tests.test_agent_loopback import LoopbackTestCase
 from zcontrol.agentclient import SEND_COMMAND_PATH
 from zcontrol.bus.local import LocalBus
 from zcontrol.db.sqlite import SQLiteStore
+from zcontrol.scheduler.service import HostAllocatorService
 from zcontrol.services.host import SERVICE_ID, AddHostMsg, HostConfig, HostService, PingHostMsg
+from zcontrol.services.vm.service import VmService
 
 
 class HostIntegrationTests(LoopbackTestCase):
@@ -37,16 +39,23 @@ class HostIntegrationTests(LoopbackTestCase):
                                               send_command_url=send_command_url))
         for path, handler in self.service.report_handlers().items():
             self.endpoint.on_report(path, handler)
+        # The VM service decides on what the host reports (Note [VM states]).
+        self.vms = VmService(reactor, self.bus, self.store)
+        self.allocator = HostAllocatorService(reactor, self.bus, self.store)
 
         async def start() -> None:
             await self.store.start()
             await self.bus.start()
             self.service.start(track=False)
+            self.allocator.start()
+            await self.vms.start()
             await self.store.insert("zone", {"uuid": "z", "name": "zone"})
             await self.store.insert("cluster", {"uuid": "c", "name": "cluster", "zoneUuid": "z",
                                                 "hypervisorType": "KVM"})
 
         async def stop() -> None:
+            await self.vms.stop()
+            await self.allocator.stop()
             await self.service.stop()
             await self.bus.stop()
             await self.store.stop()
@@ -57,8 +66,8 @@ class HostIntegrationTests(LoopbackTestCase):
     def test_lifecycle(self) -> defer.Deferred:
         """
         The added host is Connected with the agent's capacity in SQLite; the VM sync fixes a
-        stale VM state; the agent's signed VM state report reaches the store; a restarted
-        agent (ping with no uuid) is reconnected.
+        stale VM state (through the VM service); the agent's signed VM state report reaches
+        the store; a restarted agent (ping with no uuid) is reconnected.
         """
 
         async def go() -> None:

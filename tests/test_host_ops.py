@@ -94,8 +94,9 @@ class ChangeStateTests(HostOpsTestCase):
 
     def test_maintain_refused_with_running_vms(self) -> None:
         """
-        With Running VMs, maintain is HOST.1005 naming them and the host returns to the
-        state it had.
+        With Running VMs that can be neither migrated nor stopped (here no VM service
+        answers: each migrate and stop fails with no route), maintain is HOST.1005 naming
+        them and why, and the host returns to the state it had.
         """
         self.ok(self.state("disable"))
         self.seed_vm("vm-b", "h1", "Running")
@@ -105,6 +106,11 @@ class ChangeStateTests(HostOpsTestCase):
         self.assertEqual(err.opaque["vmUuids"], ["vm-a", "vm-b"])
         self.assertEqual((err.opaque["vmCount"], err.opaque["operation"]), (2, "maintain"))
         self.assertIn("vm-a", err.details)
+        self.assertIn("could neither migrate nor stop VM vm-a", err.details)
+        self.assertEqual(sorted(err.opaque["failures"]), ["vm-a", "vm-b"])
+        self.assertEqual([e["code"] for e in err.opaque["failures"]["vm-a"]],
+                         [SYS.NO_ROUTE_ERROR, SYS.NO_ROUTE_ERROR])
+        self.assertEqual(err.cause.code, SYS.NO_ROUTE_ERROR)
         self.assertEqual(self.row("host", "h1")["state"], "Disabled")
         self.pump()
         self.assertEqual(self.transitions()[-2:], [("Disabled", "PreMaintenance"),

@@ -863,11 +863,19 @@ class TakeOverTests(HostServiceTestCase):
 
 class VmSyncTests(HostServiceTestCase):
     """
-    VM state reconciliation.
+    VM state reconciliation, with the VM service deciding (Note [VM states]): a VM service
+    and the host allocator run on the same bus and store.
     """
 
     def setUp(self) -> None:
         super().setUp()
+        from zcontrol.scheduler.service import HostAllocatorService
+        from zcontrol.services.vm.service import VmService
+
+        self.vms = VmService(self.clock, self.bus, self.store)
+        self.allocator = HostAllocatorService(self.clock, self.bus, self.store)
+        self.allocator.start()
+        self.result(self.vms.start())
         self.successResultOf(self.add(1))
         hv = self.pair.cluster.backends("1").hypervisor
         from agent.hypervisor.interfaces import VmSpec
@@ -880,17 +888,36 @@ class VmSyncTests(HostServiceTestCase):
 
     def test_sync(self) -> None:
         """
-        The store follows the host for stable states; a VM in an operation is left alone.
+        The VM service makes the store follow the host for stable states (the Stopped VM
+        the host runs takes its capacity, the Running one it does not gives it back and
+        leaves the host); a VM in an operation is left alone; each change is an event.
         """
         d = self.service.sync_vms("h1")
         self.pump()
         self.assertEqual(self.successResultOf(d), 2)
         self.assertEqual(self.vm_states(),
                          {"vm-a": "Running", "vm-b": "Stopped", "vm-c": "Starting"})
+        b = self.row("vmInstance", "vm-b")
+        self.assertEqual((b["hostUuid"], b["lastHostUuid"]), (None, "h1"))
+        held = self.result(self.store.host_capacity_holders("h1"))
+        self.assertEqual([h["holderUuid"] for h in held["holders"]], ["vm-a"])
+        self.assertEqual(self.result(self.store.audit_capacity()), [])
         changes = {(e.vm_uuid, e.from_state, e.to_state) for e in self.events
                    if isinstance(e, VmStateChangedOnHostEvent)}
         self.assertEqual(changes, {("vm-a", "Stopped", "Running"),
                                    ("vm-b", "Running", "Stopped")})
+
+    def test_sync_without_vm_service(self) -> None:
+        """
+        The host service never writes a VM's state itself: with no VM service to decide,
+        the sync changes nothing (the reports fail, logged) and says so.
+        """
+        self.result(self.vms.stop())
+        d = self.service.sync_vms("h1")
+        self.pump()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.vm_states(),
+                         {"vm-a": "Stopped", "vm-b": "Running", "vm-c": "Starting"})
 
     def test_sync_on_ping(self) -> None:
         """
@@ -903,13 +930,25 @@ class VmSyncTests(HostServiceTestCase):
 
     def test_report(self) -> None:
         """
-        An agent's VM state report changes the store once; unknown VMs are ignored.
+        An agent's VM state report changes the store once; a Stopped report of an unknown
+        VM is ignored; a Running one is a stranger, reported (an event), not adopted.
         """
+        from zcontrol.services.vm.hoststate import StrangerVmFoundEvent
+
+        strangers: list[Any] = []
+        self.bus.subscribe(StrangerVmFoundEvent.topic, strangers.append)
         cmd = p.ReportVmStateCmd(host_uuid="h1", vm_uuid="vm-b", vm_state="Stopped")
         self.assertTrue(self.result(self.service.report_vm_state(cmd)))
         self.assertFalse(self.result(self.service.report_vm_state(cmd)))
         ghost = p.ReportVmStateCmd(host_uuid="h1", vm_uuid="ghost", vm_state="Stopped")
         self.assertFalse(self.result(self.service.report_vm_state(ghost)))
+        self.assertEqual(strangers, [])
+        ghost = p.ReportVmStateCmd(host_uuid="h1", vm_uuid="ghost", vm_state="Running")
+        self.assertFalse(self.result(self.service.report_vm_state(ghost)))
+        self.pump()
+        self.assertEqual([(e.vm_uuid, e.host_uuid, e.known_state) for e in strangers],
+                         [("ghost", "h1", None)])
+        self.assertIsNone(self.row("vmInstance", "ghost"))
 
     def test_sync_queries_exactly_its_host(self) -> None:
         """

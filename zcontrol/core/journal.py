@@ -13,11 +13,12 @@ C{apiName}) and an ordered list of journaled flows (L{IJournaledFlow}). Running 
        C{{"ip": "10.0.0.3", "l3": uuid}}, C{{"holder": [type, uuid]}}), which is appended to
        the job row's C{flows} (C{store.record_job_flow}, a compare-and-swap on the job being
        C{Running} and owned by this node) I{before} the next flow runs;
-    3. C{store.finish_job}: C{Succeeded} (result C{{"flows": [names]}}), or, after the
-       chain rolled back in reverse order every flow that ran (each C{rollback(ctx, took)}
-       with its recorded C{took}; the failing flow itself with C{took=None}), C{Failed} with
-       the chain's error (C{SYS.1006}, C{location} the failing flow's name, C{cause} its
-       error). The rollbacks are journaled: before them the job is marked I{rolling back}
+    3. C{store.finish_job}: C{Succeeded} (result C{{"flows": [names]}}, or the kind's
+       C{job_result(ctx)}), or, after the chain rolled back in reverse order every flow that
+       ran (each C{rollback(ctx, took)} with its recorded C{took}; the failing flow itself
+       with C{took=None}), C{Failed} with the chain's error (C{SYS.1006}, C{location} the
+       failing flow's name, C{cause} its error), or the kind's C{job_error(ctx, error)} (an
+       operation's own code, e.g. C{IMAGE.1000}; the run still fails with the chain's). The rollbacks are journaled: before them the job is marked I{rolling back}
        (C{store.begin_job_rollback}: its C{rollbackError}, a compare-and-swap), and each
        completed rollback is recorded (C{store.record_job_rollback}, C{rolledBack}); when a
        rollback fails the job stays C{Running}, rolling back, for the next recovery, and the
@@ -61,14 +62,6 @@ named in the message, or by what its probe found. A flow that I{chooses} a resou
 allocator's host) must make its probe find the choice (e.g. by the holder's rows) or its
 rollback release by holder everywhere.
 
-Note [flow context]
-===================
-A L{FlowChain} starts each flow from the callback of the previous one, that is in the
-context of whoever fired it (a store reply, an agent callback: no trace id, no deadline).
-So each journaled flow's run and rollback run in a copy of the context the job started in
-(L{JournaledFlowChain.in_job_context}): the job's trace id (L{zcontrol.core.trace}) and
-deadline ride every message and agent command of every flow, not only the first one's.
-
 ZStack, Nova and CloudStack have no such thing (ZSTACK_FACTS §8): ZStack's FlowChain state
 lives only in the memory of the node that runs it (PR #1160: a restart during a batch create
 left half-made VMs that could not be deleted); Nova leaves the instance's task_state stuck
@@ -76,9 +69,15 @@ after a compute restart (the recover-stuck-state blueprint; bug 1276214, MIGRATI
 CloudStack's MN restart left VMs, volumes and networks in transitional states that needed
 database edits (PR #8394, PR #2163: volumes stuck in Creating).
 
-The add-image job of L{zcontrol.services.image.service.ImageService}
-(C{resolve_add_image_jobs}) is an ad-hoc form of this mechanism written before it; it should
-move onto a L{JobKind} whose flows are the downloads.
+Two services run their operations as kinds of this one mechanism: the VM service
+(L{zcontrol.services.vm.base.VmServiceBase}: create, start, stop, ... of ZSTACK_FACTS §4)
+and the image service's add (L{zcontrol.services.image.service}, Note [add jobs]: insert the
+image, download to every backup storage in parallel, the final status; finished forward at
+recovery from what the image's refs recorded, as the Sftp agent cannot tell whether a
+download ended; the job row keeps C{IMAGE.1000} / C{IMAGE.1001} through C{job_error}). Each
+resolves its jobs at start with L{recover_jobs}, in the resource's chain, the job uuid as the
+trace id; the multi-node issue applies the same call to the rows C{store.claim_jobs(dead,
+self)} returns.
 """
 
 from __future__ import annotations
@@ -202,17 +201,60 @@ class JobKind:
     @ivar context: C{context(job_row)} -> the extra context of a run or a recovery (e.g.
         the VM uuid from the message); None: nothing more than L{JournaledFlowChain}'s
         keys.
+    @ivar job_result: C{job_result(ctx)} -> the C{result} (JSON) a C{Succeeded} job is
+        finished with; None: C{{"flows": [names]}} (plus C{"recovered": True} when a
+        recovery found every flow recorded).
+    @ivar job_error: C{job_error(ctx, error)} -> the L{ErrorCode} a C{Failed} job is
+        finished with, given the journal's C{error} (the chain's C{SYS.1006}, the
+        recovery's C{JOB.1000}, or the C{rollbackError} of a job that was rolling back),
+        e.g. the failing flow's own error, which is the operation's (C{IMAGE.1000}); None:
+        C{error} itself. Called after the rollbacks (they may leave what it needs in
+        C{ctx}). Only the job row's error changes: L{JournaledFlowChain.run} still fails
+        with the chain's. A hook that raises is logged and the default is used.
     """
 
     name: str
     flows: tuple[IJournaledFlow, ...] = attrs.field(converter=tuple)
     forward: Callable[[MutableMapping[str, Any], list, bool | None], bool] | None = None
     context: Callable[[dict], Mapping[str, Any]] | None = None
+    job_result: Callable[[MutableMapping[str, Any]], Any] | None = None
+    job_error: Callable[[MutableMapping[str, Any], ErrorCode], ErrorCode] | None = None
 
     def __attrs_post_init__(self) -> None:
         names = [f.name for f in self.flows]
         if len(set(names)) != len(names):
             raise ValueError(f"job kind {self.name!r}: flow names are not unique: {names}")
+
+
+def _job_result(kind: JobKind, ctx: MutableMapping[str, Any], default: Any) -> Any:
+    """
+    The result a succeeded job of C{kind} is finished with (L{JobKind.job_result}).
+    """
+    if kind.job_result is None:
+        return default
+    try:
+        return kind.job_result(ctx)
+    except Exception as e:
+        log.error("job {job} ({kind}): its job_result hook failed: {error}", job=ctx.get("job"),
+                  kind=kind.name, error=str(from_failure(e)))
+        return default
+
+
+def _job_error(kind: JobKind, ctx: MutableMapping[str, Any] | None, err: ErrorCode
+               ) -> ErrorCode:
+    """
+    The error a failed job of C{kind} is finished with (L{JobKind.job_error}); C{err} when
+    there is no hook or no context (the context itself failed).
+    """
+    if kind.job_error is None or ctx is None:
+        return err
+    try:
+        out = kind.job_error(ctx, err)
+    except Exception as e:
+        log.error("job {job} ({kind}): its job_error hook failed: {error}", job=ctx.get("job"),
+                  kind=kind.name, error=str(from_failure(e)))
+        return err
+    return out if isinstance(out, ErrorCode) else err
 
 
 def _context(kind: JobKind, job: dict) -> dict[str, Any]:
@@ -244,6 +286,16 @@ class _Journaling:
         self.replay = replay
 
     def run(self, ctx: MutableMapping[str, Any]) -> Deferred:
+        # The FlowChain starts a flow from the callback of the previous one, i.e. in the
+        # context of whatever fired it (a store's thread result, an HTTP response): each flow
+        # runs in (a copy of) the job's own context instead, so that its trace id (and any
+        # other context variable) rides what every flow does, not only the first one.
+        context = self.chain.context
+        if context is None:
+            return self._run(ctx)
+        return context.copy().run(self._run, ctx)
+
+    def _run(self, ctx: MutableMapping[str, Any]) -> Deferred:
         if self.replay:
             ctx["took"][self.name] = self.recorded
             return maybe_deferred(lambda: None)
@@ -268,10 +320,10 @@ class _Journaling:
 
             return d.addCallbacks(recorded, refused)
 
-        return self.chain.in_job_context(self.flow.run, ctx).addCallback(record)
+        return maybe_deferred(self.flow.run, ctx).addCallback(record)
 
     def rollback(self, ctx: MutableMapping[str, Any]) -> Deferred:
-        return self.chain.in_job_context(self.flow.rollback, ctx, ctx["took"].get(self.name))
+        return maybe_deferred(self.flow.rollback, ctx, ctx["took"].get(self.name))
 
 
 class JournaledFlowChain:
@@ -299,8 +351,7 @@ class JournaledFlowChain:
         self.job_uuid = job_uuid or uuidlib.uuid4().hex
         self.recorded: list[str] = []
         self.chain: FlowChain | None = None
-        #: The context variables of the job (its trace id, its deadline), captured when it
-        #: starts: each flow runs in a copy (Note [flow context]).
+        #: The context the flows run in: the caller's, as the run started.
         self.context: contextvars.Context | None = None
         #: True once a journal write was refused because another node owns the job.
         self.abandoned = False
@@ -349,7 +400,6 @@ class JournaledFlowChain:
                              cause=from_failure(e), job=self.job_uuid)
             await self._finish_failed(err)
             raise OperationError(err) from None
-        self.context = contextvars.copy_context()
         steps: list[IFlow] = []
         for i, f in enumerate(self.kind.flows):
             if i < len(recorded):
@@ -359,6 +409,7 @@ class JournaledFlowChain:
         # The rollbacks are ours (journaled, see _roll_back), not the FlowChain's.
         self.chain = FlowChain(f"{self.kind.name}:{self.job_uuid}", steps, allow_empty=True,
                                no_rollback=True)
+        self.context = contextvars.copy_context()
         try:
             await self.chain.run(ctx)
         except OperationError as e:
@@ -367,19 +418,12 @@ class JournaledFlowChain:
             await self._roll_back(ctx, e.error)
             raise
         row = await self.store.finish_job(
-            self.job_uuid, result={"flows": [f.name for f in self.kind.flows]},
+            self.job_uuid,
+            result=_job_result(self.kind, ctx, {"flows": [f.name for f in self.kind.flows]}),
             management_node_uuid=self.node_id)
         log.info("job {job} ({kind}) of {resource} succeeded", job=self.job_uuid,
                  kind=self.kind.name, resource=job.get("resourceUuid"))
         return row
-
-    def in_job_context(self, fn: Callable[..., Any], *args: Any) -> Deferred:
-        """
-        C{maybe_deferred(fn, *args)} in a copy of the job's context (Note [flow context]).
-        """
-        if self.context is None:
-            return maybe_deferred(fn, *args)
-        return self.context.copy().run(maybe_deferred, fn, *args)
 
     def _taken_over_error(self, cause: ErrorCode) -> ErrorCode:
         return error_code(
@@ -387,9 +431,10 @@ class JournaledFlowChain:
             f"{self.kind.name} job {self.job_uuid} was taken over by another management node;"
             " this node abandoned it (nothing rolled back)", cause=cause, job=self.job_uuid)
 
-    async def _finish_failed(self, err: ErrorCode) -> None:
+    async def _finish_failed(self, err: ErrorCode,
+                             ctx: MutableMapping[str, Any] | None = None) -> None:
         try:
-            await self.store.finish_job(self.job_uuid, error=err,
+            await self.store.finish_job(self.job_uuid, error=_job_error(self.kind, ctx, err),
                                         management_node_uuid=self.node_id)
         except Exception as fe:
             log.error("job {job} ({kind}): cannot record its failure: {error}",
@@ -427,7 +472,7 @@ class JournaledFlowChain:
         if errors:
             raise OperationError(attrs.evolve(
                 err, opaque={**err.opaque, "rollback_errors": errors})) from None
-        await self._finish_failed(err)
+        await self._finish_failed(err, ctx)
         log.info("job {job} ({kind}) failed at flow {flow!r} and was rolled back: {error}",
                  job=self.job_uuid, kind=self.kind.name, flow=err.location,
                  error=str(err.cause or err))
@@ -517,6 +562,7 @@ async def _finish_rollback(store: Any, node_id: str, kind: JobKind, job: dict,
     if errors:
         return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "rollback failed",
                 "errors": errors}
+    err = _job_error(kind, ctx, err)
     await store.finish_job(job["uuid"], error=err, management_node_uuid=node_id)
     return {"job": job["uuid"], "outcome": ROLLED_BACK, "error": err}
 
@@ -532,14 +578,15 @@ async def _recover_one(store: Any, node_id: str, kind: JobKind, job: dict, clock
         return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "flows differ"}
     if job.get("rollbackError") is not None:
         return await _finish_rollback(store, node_id, kind, job, clock, rollback_timeout)
-    if len(recorded) == len(names):
-        await store.finish_job(job["uuid"], result={"flows": names, "recovered": True},
-                               management_node_uuid=node_id)
-        return {"job": job["uuid"], "outcome": SUCCEEDED}
     ctx = _context(kind, job)
     ctx["recovering"] = True
     for r in recorded:
         ctx["took"][r["name"]] = r["took"]
+    if len(recorded) == len(names):
+        await store.finish_job(
+            job["uuid"], result=_job_result(kind, ctx, {"flows": names, "recovered": True}),
+            management_node_uuid=node_id)
+        return {"job": job["uuid"], "outcome": SUCCEEDED}
     in_flight = kind.flows[len(recorded)]
     try:
         happened = await _timed(in_flight.probe, (ctx,), clock, probe_timeout)
@@ -586,6 +633,7 @@ async def _recover_one(store: Any, node_id: str, kind: JobKind, job: dict, clock
     if errors:
         return {"job": job["uuid"], "outcome": LEFT_RUNNING, "reason": "rollback failed",
                 "errors": errors}
+    err = _job_error(kind, ctx, err)
     await store.finish_job(job["uuid"], error=err, management_node_uuid=node_id)
     return {"job": job["uuid"], "outcome": ROLLED_BACK, "error": err}
 

@@ -127,6 +127,9 @@ class Allocator:
         strategy = strategy_named(req.allocator_strategy)
         held, snap = await self.store.allocation_start(req, strategy.order, self.page_size,
                                                        holder)
+        # A reservation on an avoided host is not an earlier answer to this request: a
+        # migrating VM holds its source (avoided) while it asks for a destination.
+        held = [h for h in held if h[0] not in req.avoid_host_uuids]
         if held:
             return await self._again(req, holder, held)
         attempts = lost = 0

@@ -238,12 +238,13 @@ class ChangeHostStateMsg(NeedReplyMessage):
     C{state_event} C{enable} -> C{Enabled}, C{disable} -> C{Disabled}, C{maintain} ->
     C{PreMaintenance} -> C{Maintenance}. Send with C{resource_uuid} = C{uuid}.
 
-    Only an C{Enabled} host gets new VMs (the allocator filters on the state). Moving VMs
-    away before maintenance comes with migration (the VM issue): until then C{maintain}
-    passes through C{PreMaintenance} (no new VMs) and reaches C{Maintenance} at once when
-    no VM on the host is active (any state but C{Stopped}, C{Created}, C{Destroyed},
-    C{Error}); otherwise the host returns to its previous state and the reply fails with
-    C{HOST.1005} naming the VMs.
+    Only an C{Enabled} host gets new VMs (the allocator filters on the state). C{maintain}
+    (ZStack's maintenance) passes through C{PreMaintenance} (no new VMs), live-migrates
+    the active VMs away where their storage allows (not LocalStorage) and stops the others
+    (and those whose migration failed), then reaches C{Maintenance}; when a VM could be
+    neither migrated nor stopped (or capacity is still held on the host), the host returns
+    to its previous state and the reply fails with C{HOST.1005} naming the VMs and why (see
+    Note [maintenance] in L{zcontrol.services.host.operations}).
     """
 
     reply_type: ClassVar[type[Reply]] = HostReply

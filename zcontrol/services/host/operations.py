@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_host_ops -*-
 """
-The host service's administrative operations (issue 9): change state, update, reconnect
-and delete, mixed into L{zcontrol.services.host.service.HostService}.
+The host service's administrative operations (issue 9): change state (with the
+maintenance of issue 10), update, reconnect and delete, mixed into
+L{zcontrol.services.host.service.HostService}.
 
 They run in the host's connect chain (C{host-connect-<uuid>}), one at a time with connects
 and pings of the same host, so a delete never interleaves with a reconnect. State changes
@@ -10,14 +11,27 @@ are compare-and-swaps on C{state} (Note [host states]).
 Note [host states]: C{Enabled} hosts get new VMs; C{Disabled}, C{PreMaintenance} and
 C{Maintenance} ones do not (the allocator filters on the state, and its reservation,
 C{reserve_host_capacity_for_allocation}, requires C{Enabled} in the same statement, so
-nothing is reserved on a host once its state change committed). C{maintain} first moves
-the host to C{PreMaintenance} (from then on no new VM lands there), then looks for active
-VMs on it (any state but C{Stopped}, C{Created}, C{Destroyed}, C{Error}) and for capacity
-held on it (C{host_capacity_holders}: VMs being created hold the host's CPU and memory
-before their row names the host): with neither, the host goes on to C{Maintenance}; else
-it returns to the state it had and the reply is C{HOST.1005} naming them (C{vmUuids},
-C{holders}). Migrating them away, as ZStack's maintenance does, comes with the VM issue.
-Every committed transition publishes a L{HostStateChangedEvent}.
+nothing is reserved on a host once its state change committed). Every committed transition
+publishes a L{HostStateChangedEvent}.
+
+Note [maintenance]: C{maintain} (ZStack's C{HostBase.maintenanceHook}), one at a time per
+host (chain C{host-maintain-<uuid>}; the state changes themselves run in the connect chain,
+the VMs' moves outside it, so pings and commands go on meanwhile):
+ 1. the host goes C{PreMaintenance}: from then on no new VM lands on it;
+ 2. every active VM on it (any state but C{Stopped}, C{Created}, C{Destroyed}, C{Error})
+    is B{live-migrated} away with a C{MigrateVmMsg} (the allocator picks the destination),
+    at most L{MIGRATE_PARALLELISM} at a time (ZStack's C{kvm.vm.migrationQuantity}), unless
+    a volume of it is on B{LocalStorage}, which cannot migrate live (ZStack's LocalStorage
+    maintenance policy: C{StopVm}); a VM that is not migrated (local storage, or its
+    migration failed: no other host, the VM service refused, ...) is B{stopped} with a
+    C{StopVmInstanceMsg} (ZStack's C{stop-vm-not-migrated}). The messages queue in each
+    VM's chain, so a VM in the middle of an operation is moved once that operation ended;
+ 3. the host is looked at again: with no active VM on it and no capacity held on it
+    (C{host_capacity_holders}: a VM being created holds the host's CPU and memory before
+    its row names the host), it goes C{Maintenance}; otherwise it returns to the state it
+    had (C{Enabled} when it was C{PreMaintenance}) and the reply is C{HOST.1005} naming the
+    VMs (C{vmUuids}) and holders, with why each VM could not be moved (C{failures}: VM uuid
+    -> the migrate and stop errors; the first stop error is the cause).
 
 Note [host delete]: the steps, in order, so that a refusal at any of them leaves the host
 as it was:
@@ -45,11 +59,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, gatherResults
 from twisted.logger import Logger
 
 from zcontrol.bus.publishing import publish_after_commit
-from zcontrol.core.errors import SYS, OperationError, error_code
+from zcontrol.core.errors import SYS, ErrorCode, OperationError, error_code
 from zcontrol.db.interfaces import DB
 from zcontrol.db.query import Condition, Query
 from zcontrol.services import validate
@@ -64,8 +78,13 @@ from zcontrol.services.host.messages import (
     ReconnectHostMsg,
     UpdateHostMsg,
 )
+from zcontrol.services.primarystorage.messages import (
+    LOCAL_STORAGE_TYPE,
+    RemoveHostFromPrimaryStorageMsg,
+)
 from zcontrol.services.primarystorage.messages import SERVICE_ID as PS_SERVICE_ID
-from zcontrol.services.primarystorage.messages import RemoveHostFromPrimaryStorageMsg
+from zcontrol.services.vm.messages import SERVICE_ID as VM_SERVICE_ID
+from zcontrol.services.vm.messages import MigrateVmMsg, StopVmInstanceMsg
 
 __all__ = ["HostOperations", "INACTIVE_VM_STATES", "PRE_MAINTENANCE", "MAINTENANCE"]
 
@@ -76,6 +95,12 @@ PRE_MAINTENANCE, MAINTENANCE = "PreMaintenance", "Maintenance"
 INACTIVE_VM_STATES = ("Stopped", "Created", "Destroyed", "Error")
 #: At most this many VM uuids are named in an error.
 VMS_SHOWN = 20
+#: How many VMs a maintenance migrates (or stops) at once (ZStack's
+#: C{kvm.vm.migrationQuantity}).
+MIGRATE_PARALLELISM = 2
+#: The bound (seconds) of one VM's migrate or stop during a maintenance (the maintain
+#: message's own deadline caps it).
+MOVE_TIMEOUT = 1800.0
 
 
 class HostOperations:
@@ -159,27 +184,38 @@ class HostOperations:
 
     @staticmethod
     def _has_vms(uuid: str, operation: str, count: int, vms: list[str],
-                 held: dict[str, Any] | None = None) -> OperationError:
-        parts, extra = [], {}
+                 held: dict[str, Any] | None = None,
+                 failures: dict[str, list[ErrorCode]] | None = None) -> OperationError:
+        parts: list[str] = []
+        extra: dict[str, Any] = {}
+        cause = None
         if count:
             more = ", ..." if count > len(vms) else ""
             parts.append(f"{count} VM(s) on it ({', '.join(vms)}{more})")
+        if failures:
+            shown = sorted(failures)[:VMS_SHOWN]
+            parts.append("could neither migrate nor stop " + "; ".join(
+                f"VM {vm} ({' / then: '.join(str(e) for e in failures[vm])})"
+                for vm in shown))
+            extra["failures"] = {vm: [e.to_dict() for e in failures[vm]] for vm in shown}
+            cause = failures[shown[0]][-1]
         if held and held["total"]:
             parts.append(_held_text(held))
-            extra = {"holders": held["holders"], "holderCount": held["total"]}
-        return OperationError.of(
-            HOST.HAS_VMS, f"cannot {operation} host {uuid}: {'; '.join(parts)}",
-            hostUuid=uuid, vmUuids=vms, vmCount=count, operation=operation, **extra)
+            extra.update(holders=held["holders"], holderCount=held["total"])
+        return OperationError(error_code(
+            HOST.HAS_VMS, f"cannot {operation} host {uuid}: {'; '.join(parts)}", cause,
+            hostUuid=uuid, vmUuids=vms, vmCount=count, operation=operation, **extra))
 
     # --- operations -----------------------------------------------------------------------
 
     def change_state(self, uuid: Any, state_event: Any) -> Deferred[dict[str, Any]]:
         """
-        See L{ChangeHostStateMsg} and Note [host states].
+        See L{ChangeHostStateMsg}, Note [host states] and Note [maintenance].
 
         @return: a Deferred firing with the host row; fails with C{SYS.1007} (field
-            C{uuid} or C{stateEvent}), C{HOST.1003}, C{HOST.1005}, or C{SYS.1005} when
-            another node changed the state meanwhile.
+            C{uuid} or C{stateEvent}), C{HOST.1003}, C{HOST.1005} (a maintenance that could
+            not move every VM away), or C{SYS.1005} when another node (or an C{enable}
+            during a maintenance) changed the state meanwhile.
         """
         try:
             validate.uuid(uuid, "uuid")
@@ -188,24 +224,110 @@ class HostOperations:
         except OperationError as e:
             return fail(e)
 
+        if target == MAINTENANCE:
+            return self._run(f"host-maintain-{uuid}", lambda: self._maintain(uuid))
+
         async def change() -> dict[str, Any]:
             row = await self._must_host(uuid)
             old = row["state"]
             if old == target:
                 return row
-            if target != MAINTENANCE:
-                return await self._set_state(uuid, old, target)
-            if old != PRE_MAINTENANCE:
+            return await self._set_state(uuid, old, target)
+
+        return self._run(f"host-connect-{uuid}", change)
+
+    async def _maintain(self, uuid: str) -> dict[str, Any]:
+        """
+        Note [maintenance].
+        """
+        async def enter() -> tuple[dict[str, Any], str]:
+            row = await self._must_host(uuid)
+            old = row["state"]
+            if old not in (PRE_MAINTENANCE, MAINTENANCE):
                 row = await self._set_state(uuid, old, PRE_MAINTENANCE)
+            return row, old
+
+        row, old = await self._run(f"host-connect-{uuid}", enter)
+        if old == MAINTENANCE:
+            return row
+        back = old if old != PRE_MAINTENANCE else "Enabled"
+        try:
+            failures = await self._evacuate(uuid)
+        except BaseException:
+            await self._run(f"host-connect-{uuid}",
+                            lambda: self._set_state(uuid, PRE_MAINTENANCE, back))
+            raise
+
+        async def finish() -> dict[str, Any]:
             count, vms = await self._vms_on(uuid, INACTIVE_VM_STATES)
             held = await self._store.host_capacity_holders(uuid, VMS_SHOWN)
             if count or held["total"]:
-                back = old if old != PRE_MAINTENANCE else "Enabled"
                 await self._set_state(uuid, PRE_MAINTENANCE, back)
-                raise self._has_vms(uuid, "maintain", count, vms, held)
+                raise self._has_vms(uuid, "maintain", count, vms, held, failures)
             return await self._set_state(uuid, PRE_MAINTENANCE, MAINTENANCE)
 
-        return self._run(f"host-connect-{uuid}", change)
+        return await self._run(f"host-connect-{uuid}", finish)
+
+    async def _evacuate(self, uuid: str) -> dict[str, list[ErrorCode]]:
+        """
+        Step 2 of Note [maintenance]: migrate or stop every active VM on the host.
+
+        @return: VM uuid -> the errors of the VMs that could not be moved (a migrate error
+            before a stop error).
+        """
+        page = await self._store.query("vmInstance", Query(
+            conditions=[Condition("hostUuid", "=", uuid),
+                        Condition("state", "!?=", list(INACTIVE_VM_STATES))],
+            fields=["uuid"], sort="uuid", limit=100_000))
+        vms = [r["uuid"] for r in page.inventories]
+        if not vms:
+            return {}
+        local = await self._on_local_storage(vms)
+        errors: dict[str, list[ErrorCode]] = {}
+
+        async def migrate(vm: str) -> None:
+            try:
+                await self._send(MigrateVmMsg(service_id=VM_SERVICE_ID, resource_uuid=vm,
+                                              vm_instance_uuid=vm), MOVE_TIMEOUT)
+            except OperationError as e:
+                log.warn("host {host}: VM {vm} could not be migrated away ({error}); "
+                         "stopping it", host=uuid, vm=vm, error=e.error)
+                errors.setdefault(vm, []).append(e.error)
+
+        await _each([vm for vm in vms if vm not in local], MIGRATE_PARALLELISM, migrate)
+        to_stop = [vm for vm in vms if vm in local or vm in errors]
+        stop_errors: dict[str, ErrorCode] = {}
+
+        async def stop(vm: str) -> None:
+            try:
+                await self._send(StopVmInstanceMsg(service_id=VM_SERVICE_ID,
+                                                   resource_uuid=vm, uuid=vm), MOVE_TIMEOUT)
+            except OperationError as e:
+                if await self._store.get("vmInstance", vm) is None:
+                    return  # gone meanwhile: nothing to stop (ZStack the same)
+                log.warn("host {host}: VM {vm} could not be stopped: {error}", host=uuid,
+                         vm=vm, error=e.error)
+                errors.setdefault(vm, []).append(e.error)
+                stop_errors[vm] = e.error
+
+        await _each(to_stop, MIGRATE_PARALLELISM, stop)
+        return {vm: errors[vm] for vm in stop_errors}
+
+    async def _on_local_storage(self, vm_uuids: list[str]) -> set[str]:
+        """
+        The VMs of C{vm_uuids} with a volume on LocalStorage (which cannot migrate live).
+        """
+        volumes = (await self._store.query("volume", Query(
+            conditions=[Condition("vmInstanceUuid", "?=", vm_uuids)],
+            fields=["vmInstanceUuid", "primaryStorageUuid"], limit=100_000))).inventories
+        storages = sorted({v["primaryStorageUuid"] for v in volumes
+                           if v["primaryStorageUuid"] is not None})
+        if not storages:
+            return set()
+        local = {ps["uuid"] for ps in (await self._store.query("primaryStorage", Query(
+            conditions=[Condition("uuid", "?=", storages)], fields=["uuid", "type"],
+            limit=len(storages)))).inventories if ps["type"] == LOCAL_STORAGE_TYPE}
+        return {v["vmInstanceUuid"] for v in volumes if v["primaryStorageUuid"] in local}
 
     def update_host(self, uuid: Any, name: Any = None, description: Any = None
                     ) -> Deferred[dict[str, Any]]:
@@ -316,8 +438,8 @@ class HostOperations:
         if not deleted:
             raise self._host_not_found(uuid)
 
-    async def _send(self, msg: Any) -> Any:
-        reply = await self._bus.send(msg, 300.0)
+    async def _send(self, msg: Any, timeout: float = 300.0) -> Any:
+        reply = await self._bus.send(msg, timeout)
         if not reply.success:
             raise OperationError(reply.error)
         return reply
@@ -335,6 +457,15 @@ class HostOperations:
             holders["hostCapacity"] = [f"{h['holderType']} {h['holderUuid']}"
                                        for h in held["holders"]]
         return holders
+
+
+async def _each(items: list[str], parallelism: int, fn: Any) -> None:
+    """
+    Run C{await fn(item)} for every item, at most C{parallelism} at a time.
+    """
+    sem = DeferredSemaphore(parallelism)
+    await gatherResults([sem.run(lambda i=i: Deferred.fromCoroutine(fn(i))) for i in items],
+                        consumeErrors=True)
 
 
 def _held_text(held: dict[str, Any]) -> str:

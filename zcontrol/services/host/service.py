@@ -19,8 +19,20 @@ Lifecycle (ZStack's C{KVMHost} and C{HostTrackImpl})
    agent restarted or was taken over) forces a reconnect; so does a successful ping of a
    Disconnected host. With C{vm_sync_on_ping}, a successful ping is followed by a VM sync.
  - B{VM states}: the VM sync (C{/vm/vmsync}) and the agent's C{/kvm/reportvmstate} are
-   reconciled against the store: a VM whose stable state differs is compare-and-swapped to
-   what the host says and a L{VmStateChangedOnHostEvent} is published.
+   reconciled B{with the VM service} (Note [VM states]). With C{vm_sync_on_ping}, the
+   connect of a host that was Disconnected, or has VMs recorded Unknown, is followed by a
+   VM sync too, so that those VMs come back to what it runs at once rather than at the
+   next ping.
+
+Note [VM states]: the host service observes and the VM service decides. It never writes a
+VM's state: every difference between the host and the store becomes a
+L{zcontrol.services.vm.messages.VmStateChangedOnHostMsg} routed by the VM's uuid to its
+owner, which decides in the VM's chain C{vm-<uuid>}, so that a report never races an
+operation on the VM (L{zcontrol.services.vm.hoststate}: a Running VM its host reports
+Stopped becomes Stopped and gives back its capacity, strangers are reported, not adopted,
+...). The sync reads the store's VMs before it asks the agent, and sends the state it read
+(ZStack's C{vmStateAtTracingMoment}): a VM whose state changed meanwhile was changed by an
+operation, and the report about it is stale.
 
 Note [chain tasks per host]: commands to one host go through the chain-task queue under
 C{host-<uuid>} with C{host_sync_level} (ZStack: 10) slots, so no host gets more than that many
@@ -91,9 +103,11 @@ from zcontrol.services.host.messages import (
     KVMHostAsyncHttpCallReply,
     PingHostMsg,
     PingHostReply,
-    VmStateChangedOnHostEvent,
 )
 from zcontrol.services.host.operations import HostOperations
+from zcontrol.services.vm.messages import SERVICE_ID as VM_SERVICE_ID
+from zcontrol.services.vm.messages import VmStateChangedOnHostMsg
+from zcontrol.services.vm.states import INTERMEDIATE_STATES
 from zcontrol.services.zone.messages import ZONE
 
 __all__ = ["HostConfig", "HostService", "agent_base_url", "canonical_agent_url"]
@@ -101,9 +115,9 @@ __all__ = ["HostConfig", "HostService", "agent_base_url", "canonical_agent_url"]
 log = Logger()
 
 CONNECTING, CONNECTED, DISCONNECTED = "Connecting", "Connected", "Disconnected"
-#: VM states the agent reports and the sync reconciles (transitional states are left alone:
-#: an operation in progress owns them).
-_STABLE = {"Running", "Stopped", "Unknown"}
+_STOPPED = "Stopped"
+#: States in which a VM the store does not place on the host is reported by the sync.
+_RUNNING = ("Running", "Paused")
 
 
 def agent_base_url(management_ip: str, agent_port: int) -> str:
@@ -611,6 +625,7 @@ class HostService(HostOperations):
 
     async def _connect(self, host_uuid: str) -> dict[str, Any]:
         row = await self._host(host_uuid)
+        was = row["status"]
         base = self._base(row)
         row = await self._set_status(row, CONNECTING, "connecting")
         try:
@@ -635,7 +650,20 @@ class HostService(HostOperations):
                                             e.error, hostUuid=host_uuid)) from None
         self._facts[host_uuid] = fact
         self._failures[host_uuid] = 0
-        return await self._set_status(row, CONNECTED, "connected")
+        row = await self._set_status(row, CONNECTED, "connected")
+        if self.config.vm_sync_on_ping and (was == DISCONNECTED
+                                            or await self._has_unknown_vms(host_uuid)):
+            # New work, not bounded by the connect's deadline (Note [deadlines]).
+            self._background(deadline_scope(None, self.sync_vms, host_uuid),
+                             f"VM sync of host {host_uuid} after its reconnect")
+        return row
+
+    async def _has_unknown_vms(self, host_uuid: str) -> bool:
+        page = await self._store.query("vmInstance", Query(
+            conditions=[Condition("hostUuid", "=", host_uuid), Condition("state", "=",
+                                                                         "Unknown")],
+            fields=["uuid"], limit=1))
+        return bool(page.inventories)
 
     async def _echo_until_up(self, host_uuid: str, base: str) -> None:
         """
@@ -784,47 +812,73 @@ class HostService(HostOperations):
     @async_to_deferred
     async def sync_vms(self, host_uuid: str) -> int:
         """
-        Reconcile the store's VMs on the host with the host's own list (C{/vm/vmsync}).
+        Reconcile the store's VMs on the host with the host's own list (C{/vm/vmsync}), with
+        the VM service deciding (Note [VM states]): the store's VMs on the host are read
+        first, then the agent's list; each VM whose stable state differs, and each VM the
+        host runs that the store does not place on it, becomes a L{VmStateChangedOnHostMsg}
+        to the VM's owner (at most C{ping_parallelism} in flight), which decides in the VM's
+        chain. A VM the store has on the host and the host does not list is reported
+        C{Stopped} (ZStack's C{VmTracer.handleMissingVm}).
 
-        @return: a Deferred firing with the number of VMs whose state was changed.
+        @return: a Deferred firing with the number of VMs whose record the VM service
+            changed; fails as L{call} when the host cannot be asked.
         """
-        rsp = await self.call(host_uuid, p.VmSyncCmd(), timeout=self.config.ping_timeout * 3)
+        # The store before the agent (ZStack's vmStateAtTracingMoment): a VM whose state
+        # changes between the two reads is one an operation changed, and the VM service
+        # ignores the report about it.
         page = await self._store.query("vmInstance", Query(
             # A Condition, not the text "hostUuid=<uuid>": the parser trims text, which
             # would make the sync of host "h1 " read the VMs of host "h1".
             conditions=[Condition("hostUuid", "=", host_uuid)], fields=["uuid", "state"],
             limit=100_000))
-        changed = 0
-        for vm in page.inventories:
-            actual = rsp.states.get(vm["uuid"], "Stopped")
-            if await self._reconcile(host_uuid, vm["uuid"], vm["state"], actual):
-                changed += 1
-        return changed
+        known = {vm["uuid"]: vm["state"] for vm in page.inventories}
+        rsp = await self.call(host_uuid, p.VmSyncCmd(), timeout=self.config.ping_timeout * 3)
+        reports: list[VmStateChangedOnHostMsg] = []
+        for vm_uuid, state in known.items():
+            actual = rsp.states.get(vm_uuid, _STOPPED)
+            if state == actual or state in INTERMEDIATE_STATES:
+                continue
+            reports.append(self._vm_report(host_uuid, vm_uuid, actual, state))
+        for vm_uuid, actual in rsp.states.items():
+            if vm_uuid not in known and actual in _RUNNING:
+                reports.append(self._vm_report(host_uuid, vm_uuid, actual, None))
+        changed: list[str] = []
+
+        def on_reply(msg: VmStateChangedOnHostMsg, reply: Reply) -> None:
+            if not reply.success:
+                log.warn("host {host}: the VM service did not take the report of VM {vm} "
+                         "({state}): {error}", host=host_uuid, vm=msg.vm_instance_uuid,
+                         state=msg.state, error=str(reply.error))
+            elif getattr(reply, "changed", False):
+                changed.append(msg.vm_instance_uuid)
+
+        if reports:
+            await self._bus.send_stepping(reports, self.config.ping_parallelism, on_reply)
+        return len(changed)
+
+    def _vm_report(self, host_uuid: str, vm_uuid: str, state: str, expected: str | None,
+                   from_sync: bool = True) -> VmStateChangedOnHostMsg:
+        return VmStateChangedOnHostMsg(
+            service_id=VM_SERVICE_ID, resource_uuid=vm_uuid, vm_instance_uuid=vm_uuid,
+            host_uuid=host_uuid, state=state, from_host_sync=from_sync,
+            vm_state_at_tracing_moment=expected, timeout=self.config.ping_timeout * 3)
 
     @async_to_deferred
     async def report_vm_state(self, cmd: p.ReportVmStateCmd) -> bool:
         """
-        Handle the agent's C{/kvm/reportvmstate}.
+        Handle the agent's C{/kvm/reportvmstate}: tell the VM's owner (a
+        L{VmStateChangedOnHostMsg}) and wait for its decision (Note [VM states]).
 
-        @return: a Deferred firing with whether the store was changed.
+        @return: a Deferred firing with whether the VM's record was changed; fails (the
+            agent is answered 500 and retries) when the VM service could not be reached.
         """
-        vm = await self._store.get("vmInstance", cmd.vm_uuid)
-        if vm is None or vm.get("hostUuid") != cmd.host_uuid:
-            log.info("host {host} reports unknown VM {vm} as {state}", host=cmd.host_uuid,
-                     vm=cmd.vm_uuid, state=cmd.vm_state)
-            return False
-        return await self._reconcile(cmd.host_uuid, cmd.vm_uuid, vm["state"], cmd.vm_state)
-
-    async def _reconcile(self, host_uuid: str, vm_uuid: str, known: str, actual: str) -> bool:
-        if known == actual or known not in _STABLE or actual not in _STABLE:
-            return False
-        try:
-            await self._store.change_vm_state(vm_uuid, known, actual)
-        except OperationError as e:
-            if e.error.code in (SYS.CHANGE_RESOURCE_STATE_ERROR, SYS.RESOURCE_NOT_FOUND):
-                return False  # an operation changed it meanwhile: it wins
-            raise
-        self._background(publish_after_commit(self._bus, VmStateChangedOnHostEvent(
-            host_uuid=host_uuid, vm_uuid=vm_uuid, from_state=known, to_state=actual),
-            self._clock), "publishing a VM state change")
-        return True
+        reply = await self._bus.send(self._vm_report(cmd.host_uuid, cmd.vm_uuid,
+                                                     cmd.vm_state, None, from_sync=False))
+        if not reply.success:
+            if reply.error.code == SYS.INVALID_ARGUMENT_ERROR:
+                log.warn("host {host} reports VM {vm} as {state}: refused ({error})",
+                         host=cmd.host_uuid, vm=cmd.vm_uuid, state=cmd.vm_state,
+                         error=str(reply.error))
+                return False
+            raise OperationError(reply.error)
+        return bool(getattr(reply, "changed", False))

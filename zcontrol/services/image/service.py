@@ -4,12 +4,12 @@ The image service (C{image}): images registered from a URL and downloaded to bac
 on the bus.
 
  - B{add}: checks every field and every backup storage (known, C{Connected}, C{Enabled},
-   attached to a zone), creates its job (Note [add jobs]), inserts the image
-   C{Downloading} with one ref per backup storage,
-   sends C{DownloadImageMsg} to each backup storage in parallel, then records the outcome
-   atomically (L{zcontrol.db.components.images.finish_image_download_thd}): C{Ready} when
-   one download succeeded at least (failed refs removed), else C{Error} with each ref's
-   C{lastError} the agent's reason, and the reply fails with C{IMAGE.1000}.
+   attached to a zone), then runs as a journaled job (Note [add jobs]): inserts the image
+   C{Downloading} with one ref per backup storage, sends C{DownloadImageMsg} to each backup
+   storage in parallel, then records the outcome atomically
+   (L{zcontrol.db.components.images.finish_image_download_thd}): C{Ready} when one download
+   succeeded at least (failed refs removed), else C{Error} with each ref's C{lastError} the
+   agent's reason, and the reply fails with C{IMAGE.1000}.
  - B{delete}: refused while a VM not Destroyed (nor Expunging) has it as its template; the
    bits are deleted on each backup storage (one that cannot be reached is logged and
    skipped: ZStack's delete leaves such bits to a garbage collector), then the refs and the
@@ -30,14 +30,37 @@ node that received it) would run in two chains on two nodes at once. Should the 
 the same while it downloads, the add deletes the bits it downloaded (best effort) and fails
 with C{IMAGE.1001} naming the image.
 
-Note [add jobs]: an add is a job of the store's jobs table (C{apiName} L{ADD_IMAGE_JOB},
-C{apiMessage} the message's fields, owned by this node, C{resourceUuid} the image), created
-before the image row (so a row C{Downloading} always has a job) and finished when the add
-ends. Each download's outcome is recorded as it comes. A management node that stops during
-an add leaves the job C{Running}; when it starts again, nothing downloads any more, so
-L{ImageService.resolve_add_image_jobs} resolves it (no image stays C{Downloading}, ZStack's
-"no stuck task"). A node that dies does not come back: the node that takes over its
-resources claims its jobs (C{claim_jobs}) and resolves them with the same function.
+Note [add jobs]: an add is a job of L{zcontrol.core.journal} (kind L{ADD_IMAGE_JOB}, the
+C{apiName} of the jobs this service wrote before the journal, so that their rows resolve
+too; C{apiMessage} the checked fields, C{resourceUuid} the image, owned by this node; its
+uuid is the trace id of everything the add causes). Its flows (L{ADD_IMAGE_FLOWS}):
+
+    1. C{insert}: the image C{Downloading} and its refs (so a row C{Downloading} always has
+       a job); its rollback never deletes the image but I{settles} it
+       (L{ImageService.settle}: the refs still C{Downloading} C{Error}, the image C{Ready}
+       when a copy arrived, else C{Error}; the partial bits deleted);
+    2. C{download}: all the downloads in parallel, each ref recorded as its download ends;
+    3. C{finish}: the final status; C{Error} fails the job with C{IMAGE.1000}.
+
+The job row keeps the add's own outcome (L{JobKind.job_result}, L{JobKind.job_error}):
+C{Succeeded} with C{{"imageUuid": uuid}}, or C{Failed} with the failing flow's error
+(C{IMAGE.1000}, C{IMAGE.1001}, the store's refusal of the insert), not the journal's
+C{SYS.1006} around it.
+
+A management node that stops during an add leaves the job C{Running}; when it starts, it
+resolves it with L{zcontrol.core.journal.recover_jobs} (L{ImageService.recover_job}, in the
+image's chain, before it serves), so that no image stays C{Downloading} (ZStack's "no stuck
+task"). Nothing downloads any more (the agent's callback went to the node that stopped), and
+the Sftp agent cannot tell whether a download ended (its probe says None), but the refs say
+which downloads ended before the stop. So the job is finished I{forward} unless its image
+row was never inserted, each flow re-run with C{ctx["recovering"]}: C{insert} adopts the
+row; C{download} settles it (the interrupted refs C{Error} with L{RESTARTED}, their partial
+bits deleted in the background, best effort); C{finish} then ends the job C{Succeeded} when
+the image is C{Ready} (a copy had arrived), else C{Failed} with C{IMAGE.1000} saying why. A
+job whose image row was never inserted is finished C{Failed} with C{IMAGE.1001} (caused by
+C{JOB.1000}); a job that was rolling back finishes its rollbacks and fails with its error. A
+node that dies does not come back: the node that takes over its resources claims its jobs
+(C{claim_jobs}) and resolves them with L{ImageService.resolve_add_image_jobs}.
 """
 
 from __future__ import annotations
@@ -51,6 +74,14 @@ from twisted.logger import Logger
 
 from zcontrol.bus.message import new_id
 from zcontrol.core.errors import SYS, ErrorCode, OperationError, error_code, from_failure
+from zcontrol.core.journal import (
+    JOB_NODE_RESTARTED,
+    JobKind,
+    JournaledFlow,
+    JournaledFlowChain,
+    recover_jobs,
+)
+from zcontrol.core.trace import new_trace_id, trace_scope
 from zcontrol.db.query import Condition, Query
 from zcontrol.services import validate
 from zcontrol.services.backupstorage.messages import (
@@ -80,7 +111,8 @@ from zcontrol.services.image.messages import (
 )
 from zcontrol.services.inventory import inventory, register_inventory
 
-__all__ = ["ADD_IMAGE_JOB", "RESTARTED", "ImageService", "make"]
+__all__ = ["ADD_FAILED", "ADD_IMAGE_JOB", "ADD_IMAGE_FLOWS", "RESTARTED", "ImageService",
+           "make"]
 
 log = Logger()
 
@@ -91,9 +123,10 @@ _GONE_VM_STATES = ["Destroyed", "Expunging"]
 ADD_IMAGE_JOB = AddImageMsg.type_name
 #: The C{lastError} of a download its management node's restart interrupted.
 RESTARTED = "the management node restarted during the download"
-#: The fields of an L{AddImageMsg} recorded as its job's C{apiMessage} (not the envelope).
-_ADD_FIELDS = ("name", "url", "backup_storage_uuids", "media_type", "format", "platform",
-               "guest_os_type", "system", "description", "uuid")
+#: The C{lastError} of a download whose outcome was never recorded because the add failed.
+ADD_FAILED = "the add failed before the download's outcome was recorded"
+#: The flows of an add job, in order (Note [add jobs]).
+ADD_IMAGE_FLOWS = ("insert", "download", "finish")
 _REF_FIELDS = ["uuid", "imageUuid", "backupStorageUuid", "installPath", "status", "size",
                "lastError", "createDate", "lastOpDate"]
 
@@ -112,6 +145,178 @@ async def _expand_images(store: Any, rows: list[dict[str, Any]]) -> list[dict[st
     return rows
 
 
+def _gone(uuid: str, why: str, cause: ErrorCode | None = None) -> ErrorCode:
+    return error_code(IMAGE.NOT_FOUND, f"image {uuid} {why}", cause, resource="image",
+                      uuid=uuid)
+
+
+def _flow_error(err: ErrorCode) -> ErrorCode:
+    """
+    The add's own error from its chain's: the failing flow's (C{IMAGE.1000}, C{IMAGE.1001},
+    the store's refusal of the insert), not the chain's C{SYS.1006} around it.
+    """
+    if (err.code == SYS.OPERATION_ERROR and err.location in ADD_IMAGE_FLOWS
+            and err.cause is not None):
+        return err.cause
+    return err
+
+
+def _job_error(ctx: dict[str, Any], err: ErrorCode) -> ErrorCode:
+    """
+    The error an add job is finished with (L{JobKind.job_error}): the failing flow's own
+    (L{_flow_error}); C{IMAGE.1001} caused by C{JOB.1000} when a recovery rolled the job
+    back, which happens only when its image row was never inserted (Note [add jobs]).
+    """
+    if err.code == JOB_NODE_RESTARTED:
+        return _gone(ctx["image_uuid"], "is gone: its add was interrupted by a restart of the"
+                     " management node", err)
+    return _flow_error(err)
+
+
+class _InsertImage(JournaledFlow):
+    """
+    Insert the image C{Downloading} with one C{Downloading} ref per backup storage of the
+    plan, atomically (L{zcontrol.db.components.images.add_image_thd}).
+
+    took: C{{"image": uuid, "backupStorageUuids": [uuids]}}. Re-run at recovery (the row
+    exists, the probe said so), it adopts the row (C{"adopted": True}, the refs' backup
+    storages). Rollback: never deletes the image (a failed add leaves it C{Error}, or
+    C{Ready} with the copies that arrived, as ZStack's semantics here; a delete removes it):
+    it settles it (L{ImageService.settle}), which a failed insert (nothing inserted, or the
+    uuid is another image's, which is not C{Downloading}) leaves unchanged. Probe: the image
+    row exists.
+    """
+
+    name = ADD_IMAGE_FLOWS[0]
+
+    def __init__(self, service: ImageService) -> None:
+        self.service = service
+
+    async def run(self, ctx: Any) -> dict[str, Any]:
+        uuid = ctx["image_uuid"]
+        store = self.service.store
+        if ctx.get("recovering"):
+            if await store.get("image", uuid) is None:
+                raise OperationError(_gone(uuid, "is gone: its add was interrupted by a "
+                                          "restart of the management node"))
+            refs = await self.service._refs(uuid)
+            return {"image": uuid, "adopted": True,
+                    "backupStorageUuids": [r["backupStorageUuid"] for r in refs]}
+        plan = ctx["message"]
+        await store.add_image({
+            "uuid": uuid, "name": plan["name"], "description": plan["description"],
+            "url": plan["url"], "status": "Downloading", "mediaType": plan["media_type"],
+            "format": plan["format"], "platform": plan["platform"],
+            "guestOsType": plan["guest_os_type"], "system": plan["system"],
+        }, plan["backup_storage_uuids"])
+        return {"image": uuid, "backupStorageUuids": list(plan["backup_storage_uuids"])}
+
+    async def rollback(self, ctx: Any, took: Any) -> None:
+        await self.service.settle(ctx)
+
+    async def probe(self, ctx: Any) -> bool:
+        return await self.service.store.get("image", ctx["image_uuid"]) is not None
+
+
+class _Download(JournaledFlow):
+    """
+    Download to every backup storage of the plan in parallel, each outcome recorded in its
+    ref as it ends (L{ImageService.download_all}). One flow for all the downloads, not one
+    per backup storage: a L{JobKind}'s flows are a fixed list while the backup storages are
+    the message's, the downloads run in parallel (ZStack's), and the refs are the per-copy
+    journal (each written as its download ends, so a restart knows which ended).
+
+    took: C{{"results": [one per backup storage: C{backupStorageUuid} and C{installPath},
+    C{size}, C{actualSize}, C{md5sum}, or C{error}]}}. Re-run at recovery (nothing
+    downloads any more: the agent's callback went to the node that stopped), it settles the
+    image (L{ImageService.settle}: the refs still C{Downloading} C{Error} L{RESTARTED}, their
+    partial bits deleted) and reports the refs (C{"settled": True}).
+
+    Rollback: C{took=None} (its outcome never recorded): settle, as above. Else the copies
+    that arrived are kept while the image row exists (any copy makes the image C{Ready}),
+    and deleted (best effort) when the row went meanwhile: nobody can use them.
+
+    Probe: cannot tell (None): the Sftp backup storage agent answers connect, download and
+    delete only (L{agent.protocol}), nothing that says whether a download ended.
+    """
+
+    name = ADD_IMAGE_FLOWS[1]
+
+    def __init__(self, service: ImageService) -> None:
+        self.service = service
+
+    async def run(self, ctx: Any) -> dict[str, Any]:
+        uuid = ctx["image_uuid"]
+        if ctx.get("recovering"):
+            if await self.service.settle(ctx) is None:
+                raise OperationError(_gone(uuid, "is gone: its add was interrupted by a "
+                                          "restart of the management node"))
+            results = []
+            for ref in await self.service._refs(uuid):
+                if ref["status"] == "Ready":
+                    results.append({"backupStorageUuid": ref["backupStorageUuid"],
+                                    "installPath": ref["installPath"]})
+                else:
+                    results.append({"backupStorageUuid": ref["backupStorageUuid"],
+                                    "error": ref["lastError"] or ref["status"]})
+            return {"results": results, "settled": True}
+        return {"results": await self.service.download_all(ctx)}
+
+    async def rollback(self, ctx: Any, took: Any) -> None:
+        if took is None:
+            await self.service.settle(ctx)
+            return
+        uuid = ctx["image_uuid"]
+        if await self.service.store.get("image", uuid) is not None:
+            return
+        for r in took["results"]:
+            if r.get("error") is None:
+                await self.service._delete_bits(uuid, r["backupStorageUuid"],
+                                                r["installPath"])
+
+
+class _FinishDownload(JournaledFlow):
+    """
+    The image's final status. After live downloads, recorded atomically
+    (L{zcontrol.db.components.images.finish_image_download_thd}, idempotent): C{Ready} with
+    the first success's sizes when one download succeeded (the failed refs removed), else
+    C{Error} with each ref's C{lastError}. After a recovery's settlement, the status the
+    settlement gave. C{Ready}: took C{{"status", "size", "actualSize"}}. C{Error}: fails
+    with C{IMAGE.1000} (caused by the first failure's ErrorCode when it is known, details
+    its reason, C{failures} every backup storage's); the image row gone: C{IMAGE.1001}.
+    Nothing to roll back (a final status stays).
+    """
+
+    name = ADD_IMAGE_FLOWS[2]
+
+    def __init__(self, service: ImageService) -> None:
+        self.service = service
+
+    async def run(self, ctx: Any) -> dict[str, Any]:
+        uuid = ctx["image_uuid"]
+        store = self.service.store
+        downloaded = ctx["took"][ADD_IMAGE_FLOWS[1]]
+        results = downloaded["results"]
+        if downloaded.get("settled"):
+            row = await store.get("image", uuid)
+        else:
+            row = await store.finish_image_download(uuid, results)
+        if row is None:
+            raise OperationError(_gone(uuid, "was deleted while it downloaded"))
+        errors = [r for r in results if r.get("error") is not None]
+        for r in errors:
+            log.warn("image {uuid}: download to backup storage {bs} failed: {error}",
+                     uuid=uuid, bs=r["backupStorageUuid"], error=r["error"])
+        if row["status"] == "Ready":
+            return {"status": "Ready", "size": row["size"], "actualSize": row["actualSize"]}
+        first = errors[0] if errors else {"backupStorageUuid": None, "error": row["status"]}
+        raise OperationError(error_code(
+            IMAGE.ADD_ERROR, f"image {uuid} ({row['name']!r}) could not be downloaded from "
+            f"{row['url']} to any backup storage: {first['error']}",
+            ctx["causes"].get(first["backupStorageUuid"]), imageUuid=uuid,
+            failures={r["backupStorageUuid"]: r["error"] for r in errors}))
+
+
 class ImageService(Service):
     """
     The image service on one management node.
@@ -122,10 +327,15 @@ class ImageService(Service):
     service_id = SERVICE_ID
 
     def __init__(self, clock: Any, bus: Any, store: Any, download_timeout: float = 3 * 3600.0,
-                 **kwargs: Any) -> None:
+                 node_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(clock, bus, store, **kwargs)
         self.download_timeout = download_timeout
-        #: Fires once L{start}'s resolution of the interrupted adds is done.
+        #: This management node's uuid (the owner of the add jobs it runs).
+        self.node_id = node_id or bus.node_id
+        #: The add's job kind (Note [add jobs]).
+        self.add_image_kind = self._add_image_kind()
+        #: Fires with L{recover_jobs}' outcomes once L{start}'s resolution of the
+        #: interrupted adds is done.
         self.recovered: Deferred[Any] = Deferred()
 
     async def _get(self, uuid: Any, field: str = "uuid") -> dict[str, Any]:
@@ -164,8 +374,9 @@ class ImageService(Service):
     @handles(AddImageMsg)
     async def add(self, msg: AddImageMsg) -> ImageReply:
         """
-        Add and download (see the module docstring). Runs on the image's owner node (Note
-        [add on the owner]); C{IMAGE.1001} naming the image when it was deleted meanwhile.
+        Add and download (see the module docstring and Note [add jobs]). Runs on the image's
+        owner node (Note [add on the owner]); C{IMAGE.1001} naming the image when it was
+        deleted meanwhile.
         """
         name = validate.name(msg.name)
         description = validate.optional_text(msg.description, "description")
@@ -188,69 +399,99 @@ class ImageService(Service):
                                    timeout=self.download_timeout + self.send_timeout)
         for bs in bs_uuids:
             await self._check_backup_storage(bs)
-        api_message = {f: getattr(msg, f) for f in _ADD_FIELDS}
-        api_message["uuid"] = uuid
+        # The job's plan: the checked fields (the flows read them, not the message).
+        plan = {"name": name, "url": url, "backup_storage_uuids": bs_uuids,
+                "media_type": media_type, "format": fmt, "platform": platform,
+                "guest_os_type": guest_os_type, "system": msg.system,
+                "description": description, "uuid": uuid}
+        job_uuid = new_trace_id()
 
         async def add() -> ImageReply:
-            job = uuidlib.uuid4().hex
-            await self.store.create_job(job, ADD_IMAGE_JOB, api_message, self.bus.node_id,
-                                        resource_uuid=uuid)
+            chain = JournaledFlowChain(self.store, self.node_id, self.add_image_kind,
+                                       job_uuid=job_uuid)
             try:
-                await self.store.add_image({
-                    "uuid": uuid, "name": name, "description": description, "url": url,
-                    "status": "Downloading", "mediaType": media_type, "format": fmt,
-                    "platform": platform, "guestOsType": guest_os_type, "system": msg.system,
-                }, bs_uuids)
+                await chain.run(plan, uuid)
             except OperationError as e:
-                await self._finish_job(job, error=e.error)
-                raise
-            results = await self._download_all(uuid, url, fmt, media_type, bs_uuids)
-            # A failure to record the outcome leaves the job Running: the next start of this
-            # node (or the node claiming its jobs) resolves it.
-            row = await self.store.finish_image_download(uuid, results)
-            if row is None:
-                err = await self._deleted_meanwhile(uuid, results)
-                await self._finish_job(job, error=err)
-                raise OperationError(err)
-            errors = [r for r in results if r.get("error") is not None]
-            for r in errors:
-                log.warn("image {uuid}: download to backup storage {bs} failed: {error}",
-                         uuid=uuid, bs=r["backupStorageUuid"], error=str(r["cause"]))
-            if len(errors) == len(bs_uuids):
-                err = error_code(
-                    IMAGE.ADD_ERROR, f"image {uuid} ({name!r}) could not be downloaded from "
-                    f"{url} to any backup storage: {errors[0]['error']}", errors[0]["cause"],
-                    imageUuid=uuid,
-                    failures={r["backupStorageUuid"]: r["error"] for r in errors})
-                await self._finish_job(job, error=err)
-                raise OperationError(err)
-            await self._finish_job(job, result={"imageUuid": uuid})
+                raise OperationError(_flow_error(e.error)) from None
             return await self._reply(uuid)
 
-        return await self.serialized(f"image-{uuid}", add)
+        # The job uuid is the trace id of everything the add causes (Note [add jobs]).
+        return await trace_scope(job_uuid, self.serialized, f"image-{uuid}", add)
 
-    async def _download_all(self, uuid: str, url: str, fmt: str, media_type: str,
-                            bs_uuids: Sequence[str]) -> list[dict[str, Any]]:
+    def _add_image_kind(self) -> JobKind:
         """
-        Download to every backup storage in parallel, each outcome recorded as it comes
-        (L{zcontrol.db.components.images.record_image_ref_download_thd}).
+        The add's L{JobKind} (Note [add jobs]).
+        """
+        def context(job: dict[str, Any]) -> dict[str, Any]:
+            message = job.get("apiMessage") or {}
+            return {"image_uuid": job.get("resourceUuid") or message.get("uuid"),
+                    "causes": {}}
+
+        return JobKind(
+            ADD_IMAGE_JOB, [_InsertImage(self), _Download(self), _FinishDownload(self)],
+            # At recovery, finish forward unless the image row was never inserted: the
+            # flows re-run with ctx["recovering"] settle what is known (Note [add jobs]).
+            forward=lambda ctx, recorded, happened: happened is not False,
+            context=context,
+            job_result=lambda ctx: {"imageUuid": ctx["image_uuid"]},
+            job_error=_job_error)
+
+    async def settle(self, ctx: dict[str, Any]) -> dict[str, Any] | None:
+        """
+        Settle the image of an add whose downloads no longer run (a failed add's rollback,
+        or a recovery), atomically
+        (L{zcontrol.db.components.images.resolve_interrupted_image_download_thd}): every ref
+        still C{Downloading} becomes C{Error} (C{lastError} L{RESTARTED} at recovery, else
+        L{ADD_FAILED}), an image still C{Downloading} becomes C{Ready} when a download ended
+        (its ref C{Ready}), else C{Error}; the partial bits on the interrupted backup storages
+        are deleted in the background, best effort. Idempotent (a settled image does not
+        change, and no delete is sent again). The image row (or None: it is gone) is left in
+        C{ctx["settled"]}.
+
+        @return: C{{"image": row, "interrupted": [backup storage uuids]}}, or None when the
+            image row is gone.
+        """
+        uuid = ctx["image_uuid"]
+        reason = RESTARTED if ctx.get("recovering") else ADD_FAILED
+        out = await self.store.resolve_interrupted_image_download(uuid, reason)
+        ctx["settled"] = None if out is None else out["image"]
+        if out is None:
+            return None
+        image = out["image"]
+        if out["interrupted"]:
+            log.warn("image {uuid}: downloads to {bs} interrupted ({reason}); the image is"
+                     " {status}", uuid=uuid, bs=", ".join(out["interrupted"]), reason=reason,
+                     status=image["status"])
+        for bs in out["interrupted"]:
+            self.background(Deferred.fromCoroutine(
+                self._delete_partial(uuid, bs, image["mediaType"])),
+                f"deleting the partial bits of image {uuid} on backup storage {bs}")
+        return out
+
+    async def download_all(self, ctx: dict[str, Any]) -> list[dict[str, Any]]:
+        """
+        Download to every backup storage of the plan in parallel, each outcome recorded in
+        its ref as it comes (L{zcontrol.db.components.images.record_image_ref_download_thd}),
+        each failure's ErrorCode kept in C{ctx["causes"]} (by backup storage uuid).
 
         @return: one result per backup storage, in order (the shape of
-            L{zcontrol.db.components.images.finish_image_download_thd}'s, a failure also
-            with its ErrorCode as C{cause}).
+            L{zcontrol.db.components.images.finish_image_download_thd}'s).
         """
+        plan = ctx["message"]
+        uuid = ctx["image_uuid"]
+
         async def one(bs: str) -> dict[str, Any]:
-            cause = None
             try:
                 reply = await self.send(DownloadImageMsg(
                     service_id=BS_SERVICE, resource_uuid=bs, backup_storage_uuid=bs,
-                    image_uuid=uuid, url=url, format=fmt, media_type=media_type),
-                    timeout=self.download_timeout)
+                    image_uuid=uuid, url=plan["url"], format=plan["format"],
+                    media_type=plan["media_type"]), timeout=self.download_timeout)
                 result = {"backupStorageUuid": bs, "installPath": reply.install_path,
                           "size": reply.size, "actualSize": reply.actual_size,
                           "md5sum": reply.md5sum}
             except Exception as e:
                 cause = from_failure(e)
+                ctx["causes"][bs] = cause
                 result = {"backupStorageUuid": bs,
                           "error": cause.opaque.get("reason") or str(cause)}
             try:
@@ -259,23 +500,11 @@ class ImageService(Service):
                 log.warn("image {uuid}: recording the download to {bs} failed (the outcome "
                          "is recorded when all end): {error}", uuid=uuid, bs=bs,
                          error=str(from_failure(e)))
-            if cause is not None:
-                result["cause"] = cause
             return result
 
-        outcomes = await DeferredList([Deferred.fromCoroutine(one(bs)) for bs in bs_uuids])
+        outcomes = await DeferredList([Deferred.fromCoroutine(one(bs))
+                                       for bs in plan["backup_storage_uuids"]])
         return [value for _, value in outcomes]
-
-    async def _deleted_meanwhile(self, uuid: str, results: list[dict[str, Any]]) -> ErrorCode:
-        """
-        The image's rows went while it downloaded: delete the bits downloaded (best effort)
-        and say so.
-        """
-        for r in results:
-            if r.get("error") is None:
-                await self._delete_bits(uuid, r["backupStorageUuid"], r["installPath"])
-        return error_code(IMAGE.NOT_FOUND, f"image {uuid} was deleted while it downloaded",
-                          resource="image", uuid=uuid)
 
     async def _delete_bits(self, image_uuid: str, bs: str, path: str) -> None:
         """
@@ -290,84 +519,77 @@ class ImageService(Service):
             log.warn("image {uuid}: bits {path} left on backup storage {bs}: {error}",
                      uuid=image_uuid, path=path, bs=bs, error=str(from_failure(e)))
 
-    async def _finish_job(self, job: str, result: Any = None,
-                          error: ErrorCode | None = None) -> None:
-        try:
-            await self.store.finish_job(job, result=result, error=error)
-        except Exception as e:
-            log.error("job {job}: cannot record its end: {error}", job=job,
-                      error=str(from_failure(e)))
+    async def _delete_partial(self, uuid: str, bs: str, media_type: str) -> None:
+        row = await self.store.get("backupStorage", bs)
+        if row is not None:
+            await self._delete_bits(uuid, bs, install_path(row["url"], uuid, media_type))
 
     # --- restart --------------------------------------------------------------------------
 
     def start(self) -> Any:
         """
-        Serve, then resolve in the background the adds this node was running when it
-        stopped (L{resolve_add_image_jobs} on its C{Running} jobs); L{recovered} fires once
-        they are.
+        Queue the recovery of the adds this node was running when it stopped (each in its
+        image's chain, so no new operation on that image runs before it), then serve.
+        L{recovered} fires once they are resolved.
         """
-        started = super().start()
-        self.background(Deferred.fromCoroutine(self._recover()),
+        d = Deferred.fromCoroutine(self._queue_recovery())
+        d.addCallback(lambda _: super(ImageService, self).start())
+        return d
+
+    async def _queue_recovery(self) -> None:
+        try:
+            jobs = await self.store.running_jobs(self.node_id)
+        except Exception as e:
+            log.error("image: cannot list the jobs to recover: {error}; none recovered",
+                      error=str(from_failure(e)))
+            self.recovered.callback([])
+            return
+        self.background(self.resolve_add_image_jobs(jobs),
                         "resolving interrupted image adds").chainDeferred(self.recovered)
-        return started
 
-    async def _recover(self) -> None:
-        jobs = await self.store.running_jobs(self.bus.node_id)
-        await self.resolve_add_image_jobs(jobs)
-
-    async def resolve_add_image_jobs(self, jobs: Sequence[dict[str, Any]]) -> None:
+    def resolve_add_image_jobs(self, jobs: Sequence[dict[str, Any]]) -> Deferred[list[dict]]:
         """
-        Resolve the C{Running} add jobs (L{ADD_IMAGE_JOB}) among C{jobs} (rows of the jobs
-        table; other jobs are left alone): their node restarted, so nothing downloads any
-        more. Each image in turn, in its chain C{image-<uuid>}: every ref still
-        C{Downloading} becomes C{Error} with C{lastError} L{RESTARTED}; the image becomes
-        C{Ready} when a download ended before the restart, else C{Error}
-        (L{zcontrol.db.components.images.resolve_interrupted_image_download_thd}); the job
-        ends C{Succeeded} or C{Failed} (C{IMAGE.1000}; C{IMAGE.1001} when the image row is
-        gone); the partial bits on the interrupted backup storages are deleted in the
-        background, best effort.
+        Resolve the C{Running} add jobs (L{ADD_IMAGE_JOB}) of this node among C{jobs} (rows
+        of the jobs table; other jobs are left alone), each with L{recover_job}. The jobs
+        are queued in their images' chains at once (before this returns).
 
         Called at start with this node's own jobs. A node that dies does not restart its
         jobs: the node that takes over its resources (the multi-node issue) takes its jobs
         with C{store.claim_jobs(dead, self)} and passes the rows it got here.
+
+        @return: a Deferred firing with L{recover_jobs}' outcomes (one per job resolved).
         """
-        for job in jobs:
-            if job.get("apiName") != ADD_IMAGE_JOB or job.get("state") != "Running":
-                continue
-            uuid = job["resourceUuid"]
-            try:
-                await self.serialized(f"image-{uuid}", lambda job=job: self._resolve(job))
-            except Exception as e:
-                log.error("image {uuid}: cannot resolve the add job {job}: {error}",
-                          uuid=uuid, job=job["uuid"], error=str(from_failure(e)))
+        queued = [(j, self.recover_job(j)) for j in jobs
+                  if j.get("apiName") == ADD_IMAGE_JOB and j.get("state") == "Running"]
 
-    async def _resolve(self, job: dict[str, Any]) -> None:
-        uuid = job["resourceUuid"]
-        out = await self.store.resolve_interrupted_image_download(uuid, RESTARTED)
-        if out is None:
-            await self._finish_job(job["uuid"], error=error_code(
-                IMAGE.NOT_FOUND, f"image {uuid} is gone: its add was interrupted by a "
-                "restart of the management node", resource="image", uuid=uuid))
-            return
-        image = out["image"]
-        log.warn("image {uuid}: add interrupted by a restart: {status} (downloads "
-                 "interrupted to {bs})", uuid=uuid, status=image["status"],
-                 bs=", ".join(out["interrupted"]) or "none")
-        if image["status"] == "Ready":
-            await self._finish_job(job["uuid"], result={"imageUuid": uuid})
-        else:
-            await self._finish_job(job["uuid"], error=error_code(
-                IMAGE.ADD_ERROR, f"image {uuid} ({image['name']!r}): {RESTARTED}",
-                imageUuid=uuid, failures={bs: RESTARTED for bs in out["interrupted"]}))
-        for bs in out["interrupted"]:
-            self.background(Deferred.fromCoroutine(
-                self._delete_partial(uuid, bs, image["mediaType"])),
-                f"deleting the partial bits of image {uuid} on backup storage {bs}")
+        async def gather() -> list[dict]:
+            out: list[dict] = []
+            for job, d in queued:
+                try:
+                    out.extend(await d)
+                except Exception as e:
+                    log.error("image {uuid}: cannot resolve the add job {job}: {error}",
+                              uuid=job.get("resourceUuid"), job=job["uuid"],
+                              error=str(from_failure(e)))
+            return out
 
-    async def _delete_partial(self, uuid: str, bs: str, media_type: str) -> None:
-        row = await self.store.get("backupStorage", bs)
-        if row is not None:
-            await self._delete_bits(uuid, bs, install_path(row["url"], uuid, media_type))
+        return Deferred.fromCoroutine(gather())
+
+    def recover_job(self, job: dict[str, Any]) -> Deferred[list[dict]]:
+        """
+        Resolve one interrupted add job of this node in its image's chain, as the job's
+        trace (L{recover_jobs}; Note [add jobs] says how each point of the add ends).
+
+        @return: a Deferred firing with L{recover_jobs}' list of outcomes.
+        """
+        uuid = job.get("resourceUuid") or job["uuid"]
+
+        def run() -> Deferred:
+            return Deferred.fromCoroutine(recover_jobs(
+                self.store, self.node_id, [self.add_image_kind], [job], clock=self.clock,
+                parallelism=1))
+
+        return trace_scope(job["uuid"], self.serialized, f"image-{uuid}", run)
 
     # --- delete ---------------------------------------------------------------------------
 

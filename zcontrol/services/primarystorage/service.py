@@ -738,8 +738,14 @@ class PrimaryStorageService(Service):
             if host_uuid is None:
                 raise validate.invalid("hostUuid", None, "is needed for LocalStorage")
             return host_uuid
-        refs = await self._query("primaryStorageHostRef", f"primaryStorageUuid={ps['uuid']}",
-                                 f"status={CONNECTED}")
+        if host_uuid is not None:
+            # One ref, not every host's: this runs for every volume a VM creates.
+            refs = await self._query("primaryStorageHostRef",
+                                     f"primaryStorageUuid={ps['uuid']}",
+                                     f"hostUuid={host_uuid}", f"status={CONNECTED}")
+        else:
+            refs = await self._query("primaryStorageHostRef",
+                                     f"primaryStorageUuid={ps['uuid']}", f"status={CONNECTED}")
         mounted = sorted(r["hostUuid"] for r in refs)
         if host_uuid is not None:
             if host_uuid not in mounted:

@@ -268,7 +268,8 @@ class VmServiceBase(Service):
     # --- jobs ---------------------------------------------------------------------------
 
     def run_job(self, kind_name: str, vm_uuid: str, prepare: Callable[[], Any],
-                fail_code: str | None = None, job_uuid: str | None = None) -> Deferred[Any]:
+                fail_code: str | None = None, job_uuid: str | None = None,
+                reply: Callable[[Any], Any] | None = None) -> Deferred[Any]:
         """
         Run a job of kind C{kind_name} about VM C{vm_uuid} in the VM's chain, with the job
         uuid as the trace id. C{prepare()} runs first, in the chain (so it sees the state the
@@ -281,6 +282,9 @@ class VmServiceBase(Service):
         @param fail_code: the operation's error code (e.g. C{VM.1000}); a job that failed
             fails with it, naming the VM and the job, its cause the job's error (the failing
             flow's, down to the agent's own words).
+        @param reply: C{reply(job)} (the finished row or L{NO_JOB}) builds the answer still
+            in the VM's chain, so that it shows the VM as this job left it, not as an
+            operation queued behind it is making it; the run then fires with it.
         @return: a Deferred firing with the finished job row (L{NO_JOB} when prepare said
             so), or failing as said.
         """
@@ -289,15 +293,16 @@ class VmServiceBase(Service):
         async def run() -> Any:
             body = await maybe_deferred(prepare)
             if body is NO_JOB:
-                return NO_JOB
+                return NO_JOB if reply is None else await maybe_deferred(reply, NO_JOB)
             name = kind_name
             if isinstance(body, tuple):
                 name, body = body
             kind = self.kinds[name]
             self.live_jobs.add(job_uuid)
             try:
-                return await JournaledFlowChain(self.store, self.node_id, kind,
-                                                job_uuid=job_uuid).run(body, vm_uuid)
+                job = await JournaledFlowChain(self.store, self.node_id, kind,
+                                               job_uuid=job_uuid).run(body, vm_uuid)
+                return job if reply is None else await maybe_deferred(reply, job)
             except OperationError as e:
                 if fail_code is None:
                     raise

@@ -88,6 +88,7 @@ from zcontrol.services.vm.messages import (
     StopVmInstanceMsg,
     VmInstanceReply,
 )
+from zcontrol.services.vm.volumes import data_volume_tos
 from zcontrol.services.zone.messages import ZONE
 
 __all__ = ["LifecycleMixin", "new_mac"]
@@ -517,7 +518,8 @@ class StartOnHypervisor(_Flow):
             nics=[p.NicTO(mac=n["mac"], ip=n["ip"], netmask=n["netmask"],
                           gateway=n["gateway"], device_id=n["deviceId"],
                           l3_network_uuid=n["l3NetworkUuid"]) for n in nics.inventories],
-            root_volume_install_path=root["installPath"] if root else None))
+            root_volume_install_path=root["installPath"] if root else None,
+            data_volumes=await data_volume_tos(self.svc.store, vm)))
         return {"host": host, "vncPort": rsp.vnc_port}
 
     async def probe(self, ctx: MutableMapping[str, Any]) -> bool | None:
@@ -796,8 +798,8 @@ class LifecycleMixin:
                 raise validate.invalid("uuid", vm, "is the uuid of an existing VM instance")
             return await self.create_plan(msg, vm)
 
-        job = await self.run_job(kind, vm, prepare, VM.CREATE_ERROR)
-        return await self.vm_reply(vm, job)
+        return await self.run_job(kind, vm, prepare, VM.CREATE_ERROR,
+                                  reply=lambda job: self.vm_reply(vm, job))
 
     @handles(StartVmInstanceMsg)
     async def start_vm(self, msg: StartVmInstanceMsg) -> VmInstanceReply:
@@ -810,8 +812,8 @@ class LifecycleMixin:
             kind = "StartNewCreatedVm" if row["state"] == S.Created else "StartVm"
             return kind, await self.start_plan(msg, row)
 
-        job = await self.run_job("StartVm", vm, prepare, VM.START_ERROR)
-        return await self.vm_reply(vm, job)
+        return await self.run_job("StartVm", vm, prepare, VM.START_ERROR,
+                                  reply=lambda job: self.vm_reply(vm, job))
 
     @handles(StopVmInstanceMsg)
     async def stop_vm(self, msg: StopVmInstanceMsg) -> VmInstanceReply:
@@ -831,8 +833,8 @@ class LifecycleMixin:
             body["plan"] = {"currentHostUuid": row["hostUuid"], "fromState": row["state"]}
             return body
 
-        job = await self.run_job("StopVm", vm, prepare, VM.STOP_ERROR)
-        return await self.vm_reply(vm, job)
+        return await self.run_job("StopVm", vm, prepare, VM.STOP_ERROR,
+                                  reply=lambda job: self.vm_reply(vm, job))
 
     @handles(RebootVmInstanceMsg)
     async def reboot_vm(self, msg: RebootVmInstanceMsg) -> VmInstanceReply:
@@ -844,8 +846,8 @@ class LifecycleMixin:
             body["plan"] = {"currentHostUuid": row["hostUuid"], "fromState": row["state"]}
             return body
 
-        job = await self.run_job("RebootVm", vm, prepare, VM.REBOOT_ERROR)
-        return await self.vm_reply(vm, job)
+        return await self.run_job("RebootVm", vm, prepare, VM.REBOOT_ERROR,
+                                  reply=lambda job: self.vm_reply(vm, job))
 
     @handles(DestroyVmInstanceMsg)
     async def destroy_vm(self, msg: DestroyVmInstanceMsg) -> VmInstanceReply:
@@ -864,8 +866,8 @@ class LifecycleMixin:
             return body
 
         kind = "DestroyAndExpungeVm" if direct else "DestroyVm"
-        job = await self.run_job(kind, vm, prepare, VM.DESTROY_ERROR)
-        return await self.vm_reply(vm, job)
+        return await self.run_job(kind, vm, prepare, VM.DESTROY_ERROR,
+                                  reply=lambda job: self.vm_reply(vm, job))
 
     @handles(RecoverVmInstanceMsg)
     async def recover_vm(self, msg: RecoverVmInstanceMsg) -> VmInstanceReply:
@@ -877,8 +879,8 @@ class LifecycleMixin:
             body["plan"] = {"fromState": row["state"]}
             return body
 
-        job = await self.run_job("RecoverVm", vm, prepare, VM.DESTROY_ERROR)
-        return await self.vm_reply(vm, job)
+        return await self.run_job("RecoverVm", vm, prepare, VM.DESTROY_ERROR,
+                                  reply=lambda job: self.vm_reply(vm, job))
 
     @handles(ExpungeVmInstanceMsg)
     async def expunge_vm(self, msg: ExpungeVmInstanceMsg) -> VmInstanceReply:
@@ -891,8 +893,8 @@ class LifecycleMixin:
             states.check_operation(row["state"], Op.expunge)
             return self.expunge_body(msg, row)
 
-        job = await self.run_job("ExpungeVm", vm, prepare, VM.DESTROY_ERROR)
-        return await self.vm_reply(vm, job)
+        return await self.run_job("ExpungeVm", vm, prepare, VM.DESTROY_ERROR,
+                                  reply=lambda job: self.vm_reply(vm, job))
 
     # --- plans ----------------------------------------------------------------------------
 

@@ -353,6 +353,9 @@ class VmStateChangedOnHostMsg(NeedReplyMessage):
     (ZStack's C{VmStateChangedOnHostMsg}); the VM service reconciles in the VM's chain
     (a Running VM its host reports Stopped becomes Stopped and gives back its host capacity).
     C{from_host_sync}: from a full VM sync rather than the agent's own report.
+    C{vm_state_at_tracing_moment}: the VM's state in the store when the sync read it, before
+    it asked the agent (ZStack's C{vmStateAtTracingMoment}); a VM whose state has changed
+    since is left alone (the report is older than the operation that changed it).
     """
 
     reply_type: ClassVar[type[Reply]] = Reply
@@ -361,6 +364,7 @@ class VmStateChangedOnHostMsg(NeedReplyMessage):
     host_uuid: str
     state: str
     from_host_sync: bool = False
+    vm_state_at_tracing_moment: str | None = None
 
 
 # --- volume operations -----------------------------------------------------------------------

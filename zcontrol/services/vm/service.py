@@ -12,12 +12,17 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from zcontrol.services.vm.base import VmServiceBase
+from zcontrol.services.vm.hoststate import HostStateMixin
 from zcontrol.services.vm.lifecycle import LifecycleMixin
+from zcontrol.services.vm.migrate import MigrateVmMixin
+from zcontrol.services.vm.nics import VmNicsMixin
+from zcontrol.services.vm.volumes import VolumeAttachMixin
 
 __all__ = ["VmService", "make"]
 
 
-class VmService(LifecycleMixin, VmServiceBase):
+class VmService(HostStateMixin, LifecycleMixin, VolumeAttachMixin, MigrateVmMixin,
+                VmNicsMixin, VmServiceBase):
     """
     The VM service: every VM operation (see the mixins' modules).
     """
