@@ -42,6 +42,8 @@ class KvmPlugin:
             "/vm/migrate": self.migrate,
             "/vm/attachnic": self.attach_nic,
             "/vm/detachnic": self.detach_nic,
+            "/vm/attachdatavolume": self.attach_volume,
+            "/vm/detachdatavolume": self.detach_volume,
             "/vm/vmsync": self.vmsync,
             "/vm/checkstate": self.checkstate,
             "/vm/getvncport": self.vncport,
@@ -73,6 +75,7 @@ class KvmPlugin:
             memory_size=cmd.memory_size,
             nics=tuple(cmd.nics),
             root_volume_install_path=cmd.root_volume_install_path,
+            data_volumes=tuple(cmd.data_volumes),
         )
         return _hv(host).start_vm(spec).addCallback(lambda port: p.StartVmRsp(vnc_port=port))
 
@@ -101,6 +104,20 @@ class KvmPlugin:
 
     def detach_nic(self, host: HostState, cmd: p.DetachNicCmd) -> Any:
         return _hv(host).detach_nic(cmd.vm_uuid, cmd.nic).addCallback(lambda _: p.DetachNicRsp())
+
+    def attach_volume(self, host: HostState, cmd: p.AttachDataVolumeCmd) -> Any:
+        return (
+            _hv(host)
+            .attach_volume(cmd.vm_instance_uuid, cmd.volume)
+            .addCallback(lambda _: p.AttachDataVolumeRsp())
+        )
+
+    def detach_volume(self, host: HostState, cmd: p.DetachDataVolumeCmd) -> Any:
+        return (
+            _hv(host)
+            .detach_volume(cmd.vm_instance_uuid, cmd.volume)
+            .addCallback(lambda _: p.DetachDataVolumeRsp())
+        )
 
     def vmsync(self, host: HostState, cmd: p.VmSyncCmd) -> Any:
         return _hv(host).vm_states().addCallback(lambda states: p.VmSyncRsp(states=states))

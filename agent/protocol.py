@@ -344,6 +344,22 @@ class NicTO(Message):
 
 
 @message
+class VolumeTO(Message):
+    """
+    A volume as the hypervisor sees it (ZStack's C{KVMAgentCommands.VolumeTO}): C{device_id}
+    0 is the root volume, data volumes 1 and up (the guest's C{vdb}, C{vdc}, ...).
+    """
+
+    volume_uuid: str
+    install_path: str
+    device_id: int
+    device_type: str = "file"
+    use_virtio: bool = True
+    cache_mode: str = "none"
+    wwn: str | None = None
+
+
+@message
 class Response(Message):
     """
     Base of every agent response (ZStack's C{AgentResponse}).
@@ -460,6 +476,9 @@ class StartVmCmd(Message):
     nics: list[NicTO] = attrs.Factory(list)
     root_volume_install_path: str | None = None
     boot_dev: list[str] = attrs.Factory(lambda: ["hd"])
+    #: the data volumes attached to the VM (ZStack's C{StartVmCmd.dataVolumes}): the VM is
+    #: defined with exactly these.
+    data_volumes: list[VolumeTO] = attrs.Factory(list)
 
 
 @message
@@ -545,6 +564,40 @@ class DetachNicCmd(Message):
 @message
 class DetachNicRsp(Response):
     """Answer to L{DetachNicCmd}."""
+
+
+@message
+class AttachDataVolumeCmd(Message):
+    """
+    C{/vm/attachdatavolume} (ZStack's C{AttachDataVolumeCmd}, without its C{addons}, which
+    this agent has no use for; a sender's C{addons} is ignored as any unknown field): hot-plug
+    a data volume into a running VM at C{volume.device_id}.
+    """
+
+    vm_instance_uuid: str
+    volume: VolumeTO
+
+
+@message
+class AttachDataVolumeRsp(Response):
+    """Answer to L{AttachDataVolumeCmd}."""
+
+
+@message
+class DetachDataVolumeCmd(Message):
+    """
+    C{/vm/detachdatavolume} (ZStack's C{DetachDataVolumeCmd}): unplug a data volume from a
+    running VM (one that is not attached: success, as ZStack's agent answers for a volume it
+    detached before).
+    """
+
+    vm_instance_uuid: str
+    volume: VolumeTO
+
+
+@message
+class DetachDataVolumeRsp(Response):
+    """Answer to L{DetachDataVolumeCmd}."""
 
 
 @message
@@ -1060,6 +1113,8 @@ _DEFS = [
     CommandDef("/vm/migrate", MigrateVmCmd, MigrateVmRsp),
     CommandDef("/vm/attachnic", AttachNicCmd, AttachNicRsp),
     CommandDef("/vm/detachnic", DetachNicCmd, DetachNicRsp),
+    CommandDef("/vm/attachdatavolume", AttachDataVolumeCmd, AttachDataVolumeRsp),
+    CommandDef("/vm/detachdatavolume", DetachDataVolumeCmd, DetachDataVolumeRsp),
     CommandDef("/vm/vmsync", VmSyncCmd, VmSyncRsp),
     CommandDef("/vm/checkstate", CheckVmStateCmd, CheckVmStateRsp),
     CommandDef("/vm/getvncport", GetVncPortCmd, GetVncPortRsp),

@@ -202,6 +202,36 @@ class AsyncUriTests(AgentTestCase):
         self.assertTrue(self.run_async(p.DestroyVmCmd(uuid="vm"), taskuuid="10").success)
         self.assertEqual(self.run_async(p.VmSyncCmd(), taskuuid="11").states, {})
 
+    def test_data_volumes(self) -> None:
+        """
+        C{/vm/attachdatavolume} and C{/vm/detachdatavolume} (ZStack's field names on the
+        wire: C{vmInstanceUuid}, C{volume.installPath}, C{volume.deviceId}) reach the host's
+        hypervisor; refusals come back as C{success=false} with the reason.
+        """
+        vol = p.VolumeTO(volume_uuid="v1", install_path="/ps/v1.qcow2", device_id=1)
+        wire = p.AttachDataVolumeCmd(vm_instance_uuid="vm", volume=vol).to_dict()
+        self.assertEqual((wire["vmInstanceUuid"], wire["volume"]["installPath"],
+                          wire["volume"]["deviceId"]), ("vm", "/ps/v1.qcow2", 1))
+        unknown = self.run_async(p.AttachDataVolumeCmd(vm_instance_uuid="vm", volume=vol),
+                                 taskuuid="1")
+        self.assertFalse(unknown.success)
+        self.assertIn("VM vm is not on host", unknown.error)
+        self.assertTrue(self.run_async(p.StartVmCmd(vm_instance_uuid="vm", cpu_num=1,
+                                                    memory_size=1024), taskuuid="2").success)
+        self.assertTrue(self.run_async(p.AttachDataVolumeCmd(vm_instance_uuid="vm", volume=vol),
+                                       taskuuid="3").success)
+        hv = self.cluster.backends("0").hypervisor
+        self.assertEqual(self.successResultOf(hv.attached_volumes("vm")), {"v1": vol})
+        twice = self.run_async(p.AttachDataVolumeCmd(vm_instance_uuid="vm", volume=vol),
+                               taskuuid="4")
+        self.assertFalse(twice.success)
+        self.assertIn("already attached", twice.error)
+        self.assertTrue(self.run_async(p.DetachDataVolumeCmd(vm_instance_uuid="vm", volume=vol),
+                                       taskuuid="5").success)
+        self.assertEqual(self.successResultOf(hv.attached_volumes("vm")), {})
+        self.assertTrue(self.run_async(p.DetachDataVolumeCmd(vm_instance_uuid="vm", volume=vol),
+                                       taskuuid="6").success)
+
     def test_migrate(self) -> None:
         """
         A running VM migrates to another host of the same agent; an unknown destination is

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+import attrs
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -99,6 +100,49 @@ class HypervisorTests(SimulatorTestCase):
         self.failureResultOf(self.hv.attach_nic("ghost", p.NicTO(mac="m")), UnknownVm)
         self.failureResultOf(self.hv.detach_nic("vm", p.NicTO(mac="m")), WrongState)
         self.successResultOf(self.hv.destroy_vm("ghost"))
+
+    def test_data_volumes(self) -> None:
+        """
+        A data volume is hot-plugged into a running VM at its device id and unplugged again;
+        a VM the host does not have is L{UnknownVm}; a stopped VM, a second attach, a taken
+        or root device id are L{WrongState}; detaching a volume that is not attached
+        succeeds (idempotent, as ZStack's kvmagent for a volume it detached before).
+        """
+        vol = p.VolumeTO(volume_uuid="v1", install_path="/ps/v1.qcow2", device_id=1)
+        self.failureResultOf(self.hv.attach_volume("ghost", vol), UnknownVm)
+        self.failureResultOf(self.hv.detach_volume("ghost", vol), UnknownVm)
+        self.successResultOf(self.hv.start_vm(spec()))
+        self.successResultOf(self.hv.attach_volume("vm", vol))
+        self.assertEqual(self.successResultOf(self.hv.attached_volumes("vm")), {"v1": vol})
+        self.failureResultOf(self.hv.attach_volume("vm", vol), WrongState)
+        other = p.VolumeTO(volume_uuid="v2", install_path="/ps/v2.qcow2", device_id=1)
+        f = self.failureResultOf(self.hv.attach_volume("vm", other), WrongState)
+        self.assertIn("taken by volume v1", str(f.value))
+        root = p.VolumeTO(volume_uuid="v2", install_path="/ps/v2.qcow2", device_id=0)
+        self.failureResultOf(self.hv.attach_volume("vm", root), WrongState)
+        self.successResultOf(self.hv.detach_volume("vm", vol))
+        self.assertEqual(self.successResultOf(self.hv.attached_volumes("vm")), {})
+        self.successResultOf(self.hv.detach_volume("vm", vol))
+        self.successResultOf(self.hv.attach_volume("vm", other))
+        self.successResultOf(self.hv.stop_vm("vm"))
+        self.failureResultOf(self.hv.attach_volume("vm", vol), WrongState)
+        self.failureResultOf(self.hv.detach_volume("vm", other), WrongState)
+        self.failureResultOf(self.hv.attached_volumes("ghost"), UnknownVm)
+
+    def test_start_defines_data_volumes(self) -> None:
+        """
+        A start defines the VM with exactly the data volumes it names (ZStack's
+        C{StartVmCmd.dataVolumes}); a live migration takes them along.
+        """
+        other = self.cluster.backends("1").hypervisor
+        vol = p.VolumeTO(volume_uuid="v1", install_path="/ps/v1.qcow2", device_id=1)
+        self.successResultOf(self.hv.start_vm(attrs.evolve(spec(), data_volumes=(vol,))))
+        self.assertEqual(self.successResultOf(self.hv.attached_volumes("vm")), {"v1": vol})
+        self.successResultOf(self.hv.migrate_vm("vm", "http://a:7070/hosts/1"))
+        self.assertEqual(self.successResultOf(other.attached_volumes("vm")), {"v1": vol})
+        self.successResultOf(other.stop_vm("vm"))
+        self.successResultOf(other.start_vm(spec()))
+        self.assertEqual(self.successResultOf(other.attached_volumes("vm")), {})
 
     def test_restart_keeps_vnc_port(self) -> None:
         """

@@ -31,6 +31,11 @@ class DemoTests(TestCase):
                      "AddImageMsg [image] uuid=", "status=Ready", "AllocateHostMsg [host.allocator]",
                      "host-3 connected later: NFS mount Connected",
                      "20 root volumes on NFS: 1 image cache entry (one download)",
+                     "CreateVmInstanceMsg [vmInstance] uuid=", "state=Running",
+                     "StopVmInstanceMsg [vmInstance]", "state=Stopped",
+                     "DestroyVmInstanceMsg [vmInstance]", "state=Destroyed",
+                     "ExpungeVmInstanceMsg [vmInstance] gone",
+                     "20 concurrent creates: 20 Running, 0 failed",
                      "capacity audit: 0 drifted figure(s)", "done: every step succeeded"):
             self.assertIn(line, text)
         self.assertNotIn("FAILED", text)

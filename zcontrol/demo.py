@@ -12,7 +12,8 @@ AddNfsPrimaryStorage attached to the cluster, AddSftpBackupStorage attached to t
 AddImage, CreateInstanceOffering, CreateL2NoVlanNetwork attached to the cluster,
 CreateL3Network with an IP range and DNS, AllocateHost and ReturnHostCapacity, a third host
 that mounts the NFS storage when it connects, and 20 concurrent root volumes from the image
-on the NFS storage (one download). Each line shows the message, the bus service id it was
+on the NFS storage (one download); then a VM's life (CreateVmInstance, Stop, Start, Reboot,
+Destroy, Recover, Start, Destroy, Expunge) and 20 concurrent creates. Each line shows the message, the bus service id it was
 sent to, and the inventory fields that matter. It stops everything (and deletes the data
 dir) at the end; C{--keep} leaves the data dir (with its SQLite store) to look at.
 
@@ -210,6 +211,41 @@ class _Demo:
         caches = await self.query("imageCache", f"primaryStorageUuid={nfs}")
         say(f"  20 root volumes on NFS: {len(caches)} image cache entry (one download), "
             f"status {caches[0]['status'] if caches else '-'}")
+        # VMs: the lifecycle, each operation a journaled job in the VM's chain.
+        from zcontrol.services.vm.messages import (
+            CreateVmInstanceMsg,
+            DestroyVmInstanceMsg,
+            ExpungeVmInstanceMsg,
+            RebootVmInstanceMsg,
+            RecoverVmInstanceMsg,
+            StartVmInstanceMsg,
+            StopVmInstanceMsg,
+        )
+
+        def vm_show(r: Any) -> str:
+            v = r.inventory
+            if v is None:
+                return f"gone job={r.job_uuid}"
+            ips = ",".join(str(n["ip"]) for n in v["vmNics"])
+            return (f"uuid={v['uuid']} state={v['state']} hostUuid={v['hostUuid']} ip={ips}"
+                    f" job={r.job_uuid}")
+
+        vm = (await self.send(CreateVmInstanceMsg(
+            name="vm-1", instance_offering_uuid=offering["uuid"], image_uuid=image["uuid"],
+            l3_network_uuids=[l3], primary_storage_uuid_for_root_volume=nfs),
+            "vmInstance", show=vm_show)).inventory["uuid"]
+        for op in (StopVmInstanceMsg, StartVmInstanceMsg, RebootVmInstanceMsg,
+                   DestroyVmInstanceMsg, RecoverVmInstanceMsg, StartVmInstanceMsg,
+                   DestroyVmInstanceMsg, ExpungeVmInstanceMsg):
+            await self.send(op(uuid=vm), "vmInstance", vm, show=vm_show)
+        batch = [defer.Deferred.fromCoroutine(self.send(CreateVmInstanceMsg(
+            name=f"batch-{i}", instance_offering_uuid=offering["uuid"],
+            image_uuid=image["uuid"], l3_network_uuids=[l3]), "vmInstance", quiet=True))
+            for i in range(20)]
+        replies = await defer.gatherResults(batch, consumeErrors=True)
+        running = await self.query("vmInstance", "state=Running")
+        say(f"  20 concurrent creates: {len(running)} Running, "
+            f"{sum(1 for r in replies if not r.success)} failed")
         audit = await self.node.store.audit_capacity()
         say(f"  capacity audit: {len(audit)} drifted figure(s)")
         if audit:

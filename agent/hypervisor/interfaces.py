@@ -94,6 +94,8 @@ class VmSpec:
     memory_size: int
     nics: tuple = ()
     root_volume_install_path: str | None = None
+    #: protocol C{VolumeTO} values: the data volumes the VM is defined with
+    data_volumes: tuple = ()
 
 
 class IHypervisor(Interface):
@@ -164,6 +166,32 @@ class IHypervisor(Interface):
         attached.
 
         @return: a Deferred firing with None.
+        """
+
+    def attach_volume(uuid, volume):
+        """
+        Hot-plug a data volume (a protocol C{VolumeTO}) into a running VM at
+        C{volume.device_id} (ZStack's kvmagent C{attach_data_volume}). Fails with
+        L{UnknownVm}, or L{WrongState} if the VM is not running, the volume is already
+        attached, or another volume has that device id (0 is the root volume's).
+
+        @return: a Deferred firing with None.
+        """
+
+    def detach_volume(uuid, volume):
+        """
+        Unplug the data volume C{volume.volume_uuid} from a running VM. A volume that is not
+        attached succeeds (as ZStack's kvmagent answers for a volume it detached before), so
+        that a retried or rolled-back detach is idempotent. Fails with L{UnknownVm}, or
+        L{WrongState} if the VM is not running.
+
+        @return: a Deferred firing with None.
+        """
+
+    def attached_volumes(uuid):
+        """
+        @return: a Deferred firing with the VM's attached data volumes, a dict of volume uuid
+            to protocol C{VolumeTO}; fails with L{UnknownVm}.
         """
 
     def vm_states():

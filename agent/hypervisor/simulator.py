@@ -176,6 +176,8 @@ class _Vm:
     vnc_port: int
     nics: dict[str, Any] = attrs.Factory(dict)
     root_volume_install_path: str | None = None
+    #: attached data volumes: volume uuid -> protocol C{VolumeTO}
+    volumes: dict[str, Any] = attrs.Factory(dict)
 
 
 @implementer(IHypervisor)
@@ -274,6 +276,9 @@ class SimulatedHypervisor(_Simulated):
                 )
             else:
                 vm.cpu_num, vm.memory_size = spec.cpu_num, spec.memory_size
+            # The start defines the VM with exactly the data volumes it names (ZStack's
+            # StartVmCmd.dataVolumes), as libvirt defines the domain anew.
+            vm.volumes = {v.volume_uuid: v for v in spec.data_volumes}
             vm.state = VmState.RUNNING
             return vm.vnc_port
 
@@ -327,6 +332,33 @@ class SimulatedHypervisor(_Simulated):
                 raise WrongState(f"NIC {nic.mac} is not attached to VM {uuid}")
 
         return self._op("/vm/detachnic", do)
+
+    def attach_volume(self, uuid: str, volume: Any) -> Deferred[None]:
+        def do() -> None:
+            vm = self._running(uuid)
+            if volume.volume_uuid in vm.volumes:
+                raise WrongState(f"volume {volume.volume_uuid} is already attached to VM {uuid}")
+            if volume.device_id < 1:
+                raise WrongState(f"device id {volume.device_id} of VM {uuid} is its root"
+                                 f" volume's, not a data volume's")
+            taken = [v.volume_uuid for v in vm.volumes.values()
+                     if v.device_id == volume.device_id]
+            if taken:
+                raise WrongState(f"device id {volume.device_id} of VM {uuid} is taken by"
+                                 f" volume {taken[0]}")
+            vm.volumes[volume.volume_uuid] = volume
+
+        return self._op("/vm/attachdatavolume", do)
+
+    def detach_volume(self, uuid: str, volume: Any) -> Deferred[None]:
+        def do() -> None:
+            vm = self._running(uuid)
+            vm.volumes.pop(volume.volume_uuid, None)
+
+        return self._op("/vm/detachdatavolume", do)
+
+    def attached_volumes(self, uuid: str) -> Deferred[dict[str, Any]]:
+        return self._op("/vm/attachedvolumes", lambda: dict(self._vm(uuid).volumes))
 
     def vm_states(self) -> Deferred[dict[str, str]]:
         return self._op("/vm/vmsync", lambda: {u: vm.state for u, vm in self.vms.items()})

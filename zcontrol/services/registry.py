@@ -28,4 +28,5 @@ SERVICE_FACTORIES: list[str] = [
     "zcontrol.scheduler.service.make",
     # VMs and their volumes (issue 10)
     "zcontrol.services.vm.service.make",
+    "zcontrol.services.vm.volumes.make",
 ]

@@ -88,6 +88,7 @@ from zcontrol.services.vm.messages import (
     StopVmInstanceMsg,
     VmInstanceReply,
 )
+from zcontrol.services.vm.volumes import data_volume_tos
 from zcontrol.services.zone.messages import ZONE
 
 __all__ = ["LifecycleMixin", "new_mac"]
@@ -517,7 +518,8 @@ class StartOnHypervisor(_Flow):
             nics=[p.NicTO(mac=n["mac"], ip=n["ip"], netmask=n["netmask"],
                           gateway=n["gateway"], device_id=n["deviceId"],
                           l3_network_uuid=n["l3NetworkUuid"]) for n in nics.inventories],
-            root_volume_install_path=root["installPath"] if root else None))
+            root_volume_install_path=root["installPath"] if root else None,
+            data_volumes=await data_volume_tos(self.svc.store, vm)))
         return {"host": host, "vncPort": rsp.vnc_port}
 
     async def probe(self, ctx: MutableMapping[str, Any]) -> bool | None:

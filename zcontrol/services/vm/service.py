@@ -11,11 +11,12 @@ from typing import Any
 
 from zcontrol.services.vm.base import VmServiceBase
 from zcontrol.services.vm.lifecycle import LifecycleMixin
+from zcontrol.services.vm.volumes import VolumeAttachMixin
 
 __all__ = ["VmService", "make"]
 
 
-class VmService(LifecycleMixin, VmServiceBase):
+class VmService(LifecycleMixin, VolumeAttachMixin, VmServiceBase):
     """
     The VM service: every VM operation (see the mixins' modules).
     """
