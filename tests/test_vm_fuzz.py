@@ -89,7 +89,7 @@ WATCHED = ("vmInstance", "volume", "vmNic", "tag", "job", "usedIp", "host",
            "primaryStorage", "imageCache")
 
 #: How many JSON-like values L{FuzzScenario.test_any_junk} sends.
-ANY_EXAMPLES = 300
+ANY_EXAMPLES = 200
 
 
 def _is_uuid(value: Any) -> bool:
