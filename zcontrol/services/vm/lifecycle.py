@@ -104,6 +104,9 @@ ON_HOST = frozenset({S.Running, S.Paused, S.Unknown, S.Crashed})
 #: System tag prefixes the create understands (ZStack's C{VmSystemTags}).
 STATIC_IP_TAG = "staticIp::"
 HOSTNAME_TAG = "hostname::"
+#: ZStack's C{APIDeleteMessage.DeletionMode}: C{Permissive} (refused while something depends
+#: on the resource), C{Enforcing} (deleted all the same).
+DELETE_MODES = ("Permissive", "Enforcing")
 
 
 def new_mac() -> str:
@@ -852,6 +855,7 @@ class LifecycleMixin:
     @handles(DestroyVmInstanceMsg)
     async def destroy_vm(self, msg: DestroyVmInstanceMsg) -> VmInstanceReply:
         vm = validate.uuid(msg.uuid, "uuid")
+        validate.one_of(msg.delete_mode, "deleteMode", DELETE_MODES)
         direct = self.config.deletion_policy == "Direct"
 
         async def prepare() -> Any:
@@ -963,11 +967,15 @@ class LifecycleMixin:
                                            msg.primary_storage_uuid_for_root_volume,
                                            PS.NOT_FOUND,
                                            field="primaryStorageUuidForRootVolume"))["uuid"]
+        account = None
+        if msg.account_uuid is not None:
+            account = (await self.must_get("account", msg.account_uuid, SYS.RESOURCE_NOT_FOUND,
+                                           field="accountUuid"))["uuid"]
         static: dict[str, str] = {}
         hostname = None
-        tags = list(msg.system_tags or [])
+        tags = _tags(msg.system_tags, "systemTags")
+        user_tags = _tags(msg.user_tags, "userTags")
         for i, tag in enumerate(tags):
-            validate.optional_text(tag, f"systemTags[{i}]")
             if tag.startswith(STATIC_IP_TAG):
                 parts = tag[len(STATIC_IP_TAG):].split("::")
                 if len(parts) != 2 or parts[0] not in l3s:
@@ -980,8 +988,6 @@ class LifecycleMixin:
                         c.isalnum() or c == "-" for c in hostname):
                     raise validate.invalid(f"systemTags[{i}]", tag,
                                            "must be hostname::<a DNS label>")
-        for i, tag in enumerate(msg.user_tags or []):
-            validate.optional_text(tag, f"userTags[{i}]")
         root_size = image["size"]
         volumes = [{"uuid": validate_new_uuid(), "type": "Root", "size": root_size,
                     "deviceId": 0}]
@@ -991,7 +997,11 @@ class LifecycleMixin:
                                        field="rootDiskOfferingUuid")
             volumes[0]["size"] = max(root_size, disk["diskSize"])
             volumes[0]["diskOfferingUuid"] = disk["uuid"]
-        for i, d in enumerate(msg.data_disk_offering_uuids or []):
+        data_disks = msg.data_disk_offering_uuids
+        if not isinstance(data_disks, list):
+            raise validate.invalid("dataDiskOfferingUuids", data_disks,
+                                   "must be a list of disk offering uuids")
+        for i, d in enumerate(data_disks):
             disk = await self.must_get("diskOffering", d, OFFERING.DISK_OFFERING_NOT_FOUND,
                                        field=f"dataDiskOfferingUuids[{i}]")
             volumes.append({"uuid": validate_new_uuid(), "type": "Data",
@@ -1006,7 +1016,7 @@ class LifecycleMixin:
                 else None, "diskOfferingUuid": v.get("diskOfferingUuid"), "type": v["type"],
                 "format": image.get("format") or "qcow2", "size": v["size"],
                 "deviceId": v["deviceId"], "status": "NotInstantiated",
-                "accountUuid": msg.account_uuid}
+                "accountUuid": account}
         nics = [{"uuid": validate_new_uuid(), "l3NetworkUuid": l3, "mac": new_mac(),
                  "deviceId": i, "staticIp": static.get(l3),
                  "internalName": f"vnic{vm[:8]}.{i}"} for i, l3 in enumerate(l3s)]
@@ -1019,12 +1029,12 @@ class LifecycleMixin:
             "allocatorStrategy": offering.get("allocatorStrategy"),
             "cpuNum": offering["cpuNum"], "cpuSpeed": offering.get("cpuSpeed") or 0,
             "memorySize": offering["memorySize"], "state": S.Created,
-            "accountUuid": msg.account_uuid}
+            "accountUuid": account}
         body = message_body(msg)
         body["plan"] = {
             "row": row,
             "tags": [{"uuid": validate_new_uuid(), "tag": t, "type": kind}
-                     for kind, group in (("System", tags), ("User", msg.user_tags or []))
+                     for kind, group in (("System", tags), ("User", user_tags))
                      for t in group],
             "final": S.Created if msg.strategy == "JustCreate" else None,
             "cpuNum": offering["cpuNum"], "memorySize": offering["memorySize"],
@@ -1044,7 +1054,10 @@ class LifecycleMixin:
         vm = row["uuid"]
         host = cluster = None
         if msg.cluster_uuid is not None:
-            cluster = validate.uuid(msg.cluster_uuid, "clusterUuid")
+            from zcontrol.services.cluster.messages import CLUSTER
+
+            cluster = (await self.must_get("cluster", msg.cluster_uuid, CLUSTER.NOT_FOUND,
+                                           field="clusterUuid"))["uuid"]
         if msg.host_uuid is not None:
             host = (await self.must_get("host", msg.host_uuid, HOST.NOT_FOUND,
                                         field="hostUuid"))["uuid"]
@@ -1312,6 +1325,23 @@ class LifecycleMixin:
         forwarded = _attrs.evolve(msg, id=new_id(), resource_uuid=vm, deadline=None,
                                   reply_to=None, timeout=self.config.create_timeout)
         return self.bus.send(forwarded, self.config.create_timeout)
+
+
+def _tags(value: Any, field: str) -> list[str]:
+    """
+    A create's C{systemTags} or C{userTags}: a list of distinct non-blank strings of at most
+    2,048 characters (the C{tags.tag} column), else C{SYS.1007} naming the field (and the
+    index of the tag at fault).
+    """
+    if not isinstance(value, list):
+        raise validate.invalid(field, value, "must be a list of tags")
+    out: list[str] = []
+    for i, tag in enumerate(value):
+        validate.name(tag, f"{field}[{i}]", 2048)
+        if tag in out:
+            raise validate.invalid(field, value, f"names the tag {tag!r} twice")
+        out.append(tag)
+    return out
 
 
 def validate_new_uuid() -> str:
