@@ -22,7 +22,7 @@ import os
 import secrets
 from typing import Any
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from agent.console import ConsolePlugin
@@ -31,8 +31,8 @@ from agent.kvm import KvmPlugin
 from agent.sftpbackupstorage import DOWNLOAD_PATH, SftpBackupStoragePlugin
 from agent.storage import StoragePlugin
 from agent.vrouter import VRouterPlugin
-from tests.db_support import pg_create_database_sync, pg_drop_database_sync, pg_dsn
 from tests.test_agent_loopback import LoopbackTestCase
+from tests.vm_scenario import EmbeddedBackends, RabbitPostgresBackends
 from zcontrol.bus.message import registry
 from zcontrol.config import load_config
 from zcontrol.db.query import RESOURCES, Query
@@ -511,41 +511,18 @@ class InventoryScenario:
         return fired.addTimeout(TIMEOUT, reactor)
 
 
-class EmbeddedInventoryTests(InventoryScenario, LoopbackTestCase):
+class EmbeddedInventoryTests(EmbeddedBackends, InventoryScenario, LoopbackTestCase):
     """
     On the embedded defaults: SQLite in the node's data dir, the LocalBus.
     """
 
-    async def node_overrides(self) -> dict[str, Any]:
-        return {}
 
-
-class RabbitPostgresInventoryTests(InventoryScenario, LoopbackTestCase):
+class RabbitPostgresInventoryTests(RabbitPostgresBackends, InventoryScenario,
+                                   LoopbackTestCase):
     """
     On PostgreSQL (a scratch database, dropped at cleanup) and RabbitMQ (the AMQP bus on a
     random prefix, its exchanges deleted at cleanup). Fails when either is missing.
     """
-
-    async def node_overrides(self) -> dict[str, Any]:
-        name = await threads.deferToThread(pg_create_database_sync)
-        self.addCleanup(threads.deferToThread, pg_drop_database_sync, name)
-        prefix = f"e2e{secrets.token_hex(5)}."
-        self.addCleanup(self.delete_exchanges, prefix)
-        return {"store": {"url": pg_dsn(name)},
-                "bus": {"backend": "amqp", "prefix": prefix}}
-
-    async def delete_exchanges(self, prefix: str) -> None:
-        from tests.test_bus_amqp import Admin
-        from zcontrol.bus.amqp import Topology
-
-        admin = await Admin.connect()
-        try:
-            topo = Topology(prefix)
-            await admin.ch.queue_delete(queue=topo.no_route_queue)
-            for exchange in (topo.p2p, topo.broadcast, topo.no_route):
-                await admin.ch.exchange_delete(exchange=exchange)
-        finally:
-            await admin.close()
 
 
 class MessageCodecTests(SynchronousTestCase):

@@ -20,13 +20,12 @@ import os
 import secrets
 from typing import Any
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor
 
 from agent.hypervisor.interfaces import HypervisorError, VmSpec
 from agent.hypervisor.simulator import GiB
 from agent.kvm import KvmPlugin
 from agent.storage import StoragePlugin
-from tests.db_support import pg_create_database_sync, pg_drop_database_sync, pg_dsn
 from tests.test_agent_loopback import LoopbackTestCase
 from tests.vm_scenario import CloudScenario, EmbeddedBackends, RabbitPostgresBackends
 from zcontrol.config import load_config
@@ -820,38 +819,14 @@ class RabbitPostgresRealVmTests(RealVmScenario, RabbitPostgresBackends, Loopback
     """
 
 
-class EmbeddedVolumeTests(VolumeScenario, LoopbackTestCase):
+class EmbeddedVolumeTests(EmbeddedBackends, VolumeScenario, LoopbackTestCase):
     """
     On the embedded defaults: SQLite in the node's data dir, the LocalBus.
     """
 
-    async def node_overrides(self) -> dict[str, Any]:
-        return {}
 
-
-class RabbitPostgresVolumeTests(VolumeScenario, LoopbackTestCase):
+class RabbitPostgresVolumeTests(RabbitPostgresBackends, VolumeScenario, LoopbackTestCase):
     """
-    On PostgreSQL (a scratch database, dropped at cleanup) and RabbitMQ (the AMQP bus on a
-    random prefix, its exchanges deleted at cleanup). Fails when either is missing.
+    On PostgreSQL (a scratch database) and RabbitMQ (a random prefix); fails when either is
+    missing.
     """
-
-    async def node_overrides(self) -> dict[str, Any]:
-        name = await threads.deferToThread(pg_create_database_sync)
-        self.addCleanup(threads.deferToThread, pg_drop_database_sync, name)
-        prefix = f"vol{secrets.token_hex(5)}."
-        self.addCleanup(self.delete_exchanges, prefix)
-        return {"store": {"url": pg_dsn(name)},
-                "bus": {"backend": "amqp", "prefix": prefix}}
-
-    async def delete_exchanges(self, prefix: str) -> None:
-        from tests.test_bus_amqp import Admin
-        from zcontrol.bus.amqp import Topology
-
-        admin = await Admin.connect()
-        try:
-            topo = Topology(prefix)
-            await admin.ch.queue_delete(queue=topo.no_route_queue)
-            for exchange in (topo.p2p, topo.broadcast, topo.no_route):
-                await admin.ch.exchange_delete(exchange=exchange)
-        finally:
-            await admin.close()
