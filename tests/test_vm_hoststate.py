@@ -23,12 +23,11 @@ import os
 import secrets
 from typing import Any
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from agent.hypervisor.interfaces import VmSpec
 from agent.hypervisor.simulator import GiB
-from tests.db_support import pg_create_database_sync, pg_drop_database_sync, pg_dsn
 from tests.test_agent_loopback import LoopbackTestCase
 from tests.test_host_service import HostServiceTestCase
 from tests.vm_scenario import CloudScenario, EmbeddedBackends, RabbitPostgresBackends
@@ -769,27 +768,16 @@ class RabbitPostgresRealVmTests(RealVmScenario, RabbitPostgresBackends, Loopback
     """
 
 
-class EmbeddedHostStateTests(HostStateScenario, LoopbackTestCase):
+class EmbeddedHostStateTests(EmbeddedBackends, HostStateScenario, LoopbackTestCase):
     """
     On the embedded defaults: SQLite in the node's data dir, the LocalBus.
     """
 
-    async def node_overrides(self) -> dict[str, Any]:
-        return {}
 
-
-class RabbitPostgresHostStateTests(HostStateScenario, LoopbackTestCase):
+class RabbitPostgresHostStateTests(RabbitPostgresBackends, HostStateScenario,
+                                   LoopbackTestCase):
     """
     On PostgreSQL (a scratch database) and RabbitMQ (the AMQP bus on a random prefix).
     Fails when either is missing.
     """
-
-    async def node_overrides(self) -> dict[str, Any]:
-        from tests.test_inventory_e2e import RabbitPostgresInventoryTests
-
-        name = await threads.deferToThread(pg_create_database_sync)
-        self.addCleanup(threads.deferToThread, pg_drop_database_sync, name)
-        prefix = f"hs{secrets.token_hex(5)}."
-        self.addCleanup(RabbitPostgresInventoryTests.delete_exchanges, self, prefix)
-        return {"store": {"url": pg_dsn(name)}, "bus": {"backend": "amqp", "prefix": prefix}}
 
