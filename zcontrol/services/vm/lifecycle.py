@@ -801,8 +801,7 @@ class LifecycleMixin:
                 raise validate.invalid("uuid", vm, "is the uuid of an existing VM instance")
             return await self.create_plan(msg, vm)
 
-        return await self.run_job(kind, vm, prepare, VM.CREATE_ERROR,
-                                  reply=lambda job: self.vm_reply(vm, job))
+        return await self.vm_job(kind, vm, prepare, VM.CREATE_ERROR)
 
     @handles(StartVmInstanceMsg)
     async def start_vm(self, msg: StartVmInstanceMsg) -> VmInstanceReply:
@@ -815,8 +814,7 @@ class LifecycleMixin:
             kind = "StartNewCreatedVm" if row["state"] == S.Created else "StartVm"
             return kind, await self.start_plan(msg, row)
 
-        return await self.run_job("StartVm", vm, prepare, VM.START_ERROR,
-                                  reply=lambda job: self.vm_reply(vm, job))
+        return await self.vm_job("StartVm", vm, prepare, VM.START_ERROR)
 
     @handles(StopVmInstanceMsg)
     async def stop_vm(self, msg: StopVmInstanceMsg) -> VmInstanceReply:
@@ -831,26 +829,20 @@ class LifecycleMixin:
                 # Unknown with no host, or Crashed without one: nothing runs anywhere.
                 raise OperationError.of(VM.STOP_ERROR, f"VM {vm} has no host to stop it on",
                                         uuid=vm, state=row["state"])
-            body = message_body(msg)
+            body = self.state_body(msg, row)
             body["type"] = kind
-            body["plan"] = {"currentHostUuid": row["hostUuid"], "fromState": row["state"]}
             return body
 
-        return await self.run_job("StopVm", vm, prepare, VM.STOP_ERROR,
-                                  reply=lambda job: self.vm_reply(vm, job))
+        return await self.vm_job("StopVm", vm, prepare, VM.STOP_ERROR)
 
     @handles(RebootVmInstanceMsg)
     async def reboot_vm(self, msg: RebootVmInstanceMsg) -> VmInstanceReply:
         vm = validate.uuid(msg.uuid, "uuid")
 
         async def prepare() -> Any:
-            row = await self.check(vm, Op.reboot)
-            body = message_body(msg)
-            body["plan"] = {"currentHostUuid": row["hostUuid"], "fromState": row["state"]}
-            return body
+            return self.state_body(msg, await self.check(vm, Op.reboot))
 
-        return await self.run_job("RebootVm", vm, prepare, VM.REBOOT_ERROR,
-                                  reply=lambda job: self.vm_reply(vm, job))
+        return await self.vm_job("RebootVm", vm, prepare, VM.REBOOT_ERROR)
 
     @handles(DestroyVmInstanceMsg)
     async def destroy_vm(self, msg: DestroyVmInstanceMsg) -> VmInstanceReply:
@@ -863,28 +855,21 @@ class LifecycleMixin:
             if row is None or (row["state"] == S.Destroyed and not direct):
                 return NO_JOB  # idempotent, as ZStack's successIfResourceNotExisting
             if row["state"] == S.Destroyed:
-                return "ExpungeVm", self.expunge_body(msg, row)
+                return "ExpungeVm", self.state_body(msg, row)
             states.check_operation(row["state"], Op.destroy)
-            body = message_body(msg)
-            body["plan"] = {"currentHostUuid": row.get("hostUuid"), "fromState": row["state"]}
-            return body
+            return self.state_body(msg, row)
 
         kind = "DestroyAndExpungeVm" if direct else "DestroyVm"
-        return await self.run_job(kind, vm, prepare, VM.DESTROY_ERROR,
-                                  reply=lambda job: self.vm_reply(vm, job))
+        return await self.vm_job(kind, vm, prepare, VM.DESTROY_ERROR)
 
     @handles(RecoverVmInstanceMsg)
     async def recover_vm(self, msg: RecoverVmInstanceMsg) -> VmInstanceReply:
         vm = validate.uuid(msg.uuid, "uuid")
 
         async def prepare() -> Any:
-            row = await self.check(vm, Op.recover)
-            body = message_body(msg)
-            body["plan"] = {"fromState": row["state"]}
-            return body
+            return self.state_body(msg, await self.check(vm, Op.recover))
 
-        return await self.run_job("RecoverVm", vm, prepare, VM.DESTROY_ERROR,
-                                  reply=lambda job: self.vm_reply(vm, job))
+        return await self.vm_job("RecoverVm", vm, prepare, VM.DESTROY_ERROR)
 
     @handles(ExpungeVmInstanceMsg)
     async def expunge_vm(self, msg: ExpungeVmInstanceMsg) -> VmInstanceReply:
@@ -895,14 +880,17 @@ class LifecycleMixin:
             if row is None:
                 return NO_JOB
             states.check_operation(row["state"], Op.expunge)
-            return self.expunge_body(msg, row)
+            return self.state_body(msg, row)
 
-        return await self.run_job("ExpungeVm", vm, prepare, VM.DESTROY_ERROR,
-                                  reply=lambda job: self.vm_reply(vm, job))
+        return await self.vm_job("ExpungeVm", vm, prepare, VM.DESTROY_ERROR)
 
     # --- plans ----------------------------------------------------------------------------
 
-    def expunge_body(self, msg: Any, row: dict) -> dict:
+    def state_body(self, msg: Any, row: dict) -> dict:
+        """
+        The job's apiMessage for an operation on an existing VM: the message's fields and the
+        plan every such kind reads (the VM's host and the state it leaves).
+        """
         body = message_body(msg)
         body["plan"] = {"currentHostUuid": row.get("hostUuid"), "fromState": row["state"]}
         return body
@@ -1110,6 +1098,13 @@ class LifecycleMixin:
         return jobs.inventories[0]["apiMessage"]
 
     # --- helpers the flows use ------------------------------------------------------------
+
+    def vm_job(self, kind: str, vm: str, prepare: Any, fail_code: str) -> Deferred:
+        """
+        L{run_job} answering the VM's inventory as the job left it (a L{VmInstanceReply}).
+        """
+        return self.run_job(kind, vm, prepare, fail_code,
+                            reply=lambda job: self.vm_reply(vm, job))
 
     async def vm_reply(self, vm: str, job: Any) -> VmInstanceReply:
         inventory = await inv.inventory(self.store, "vmInstance", vm)
