@@ -735,11 +735,23 @@ class RealVmScenario(CloudScenario):
         b = (await self.create("vm-b", host_uuid=h1))["uuid"]
         await self.settle()
         await self.consistent()
+        # The Disconnected handling reaches the VM service as an event (through the broker
+        # on AMQP): wait for each VM's own state-change event, not only for work in flight.
+        unknown = {u: defer.Deferred() for u in (a, b)}
+
+        def on_state(event: Any) -> None:
+            d = unknown.get(event.vm_uuid)
+            if d is not None and not d.called and event.new_state == "Unknown":
+                d.callback(None)
+
+        subscription = self.node.bus.subscribe("vm.state", on_state)
         good_ip = (await self.node.store.get("host", h1))["managementIp"]
         await self.node.store.update("host", h1,
                                      {"managementIp": "http://127.0.0.1:1/hosts/1"})
         for _ in range(3):
             await self.ok(PingHostMsg(host_uuid=h1), HOST_SERVICE, h1)
+        await defer.gatherResults([d.addTimeout(TIMEOUT, reactor) for d in unknown.values()])
+        subscription.cancel()
         await self.settle()
         self.assertEqual((await self.node.store.get("host", h1))["status"], "Disconnected")
         for uuid in (a, b):
